@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:  make demo  |  make test
+# torch 2.13.0 is installed first: it is a local CPU wheel here, and any later
+# requirement on torch is then already met (otherwise pip pulls CUDA builds, several GB).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install torch==2.13.0
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m pipeline demo-assets runs/tiny-assets
+	$(PY) -m pipeline run configs/tiny.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs

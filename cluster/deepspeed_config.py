@@ -1,0 +1,31 @@
+"""The DeepSpeed config, built from the train settings in one place.
+
+The optimizer and LR scheduler are client objects (see stages/train.py) so that weight
+decay can skip norms and biases and the schedules match TRL's; DeepSpeed owns gradient
+accumulation, clipping, mixed precision and ZeRO partitioning.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import PipelineConfig
+
+
+def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
+    t = cfg.train
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # the pipeline logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    return ds

@@ -1,0 +1,337 @@
+"""Typed run configuration: one YAML, grouped by stage, overridable as ``key.sub=value``.
+
+Every value is read from here and nowhere else. Unknown keys and values of the wrong type
+are errors that name the full key (``train.beta``), so a typo never silently falls back to
+a default. ``model`` is a group of its own because the policy/reference paths, dtype and
+attention implementation are shared by score and train (both must use the same numerics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # HF checkpoint (directory) the policy starts from.
+    path: str = ""
+    # Reference model for the score stage; null = the policy's starting checkpoint.
+    reference_path: Optional[str] = None
+    # Tokenizer directory; null = the policy checkpoint.
+    tokenizer_path: Optional[str] = None
+    # Numerics shared by score and train (DESIGN: one log-prob function, one dtype policy).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    # Completion tokens per LM-head chunk in the log-prob pass (bounds the fp32 logits).
+    logp_chunk_tokens: int = 1024
+
+
+@dataclass
+class DataConfig:
+    # Files, globs or directories of JSONL / Parquet preference pairs.
+    train_files: list[str] = field(default_factory=list)
+    # Fraction of prompts held out for eval (pairs sharing a prompt stay on one side).
+    eval_fraction: float = 0.05
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+
+
+@dataclass
+class TokenizeConfig:
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = None
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    max_tokens_per_row: int = 4096
+    rows_per_shard: int = 256
+    # JSONL lines / Parquet rows read by one tokenize task.
+    rows_per_task: int = 20000
+    # Ray actors that tokenize (fractional CPUs each, see ENVIRONMENT.md's deadlock).
+    actors: int = 1
+    num_cpus_per_actor: float = 0.5
+    # Stage fails when more than this fraction of input rows is quarantined.
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
+class ScoreConfig:
+    actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.5
+    # torch intra-op threads per actor on CPU.
+    cpu_threads: int = 1
+
+
+@dataclass
+class TrainConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    # Cosine floor as a fraction of learning_rate (seed minimind uses 0.1).
+    min_lr_ratio: float = 0.0
+    num_train_epochs: int = 1
+    # > 0 overrides num_train_epochs.
+    max_steps: int = -1
+    # Packed rows per rank per optimizer step.
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int = 50
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 3
+
+
+@dataclass
+class ClusterConfig:
+    # Ray address: null = RAY_ADDRESS if set, else start a private local cluster.
+    # "auto" joins the cluster on this machine; "local" always starts a new one.
+    address: Optional[str] = None
+    # Local cluster only.
+    num_cpus: Optional[int] = None
+    object_store_memory: int = 512 * 1024**2
+    # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    # Derived values live here so each is computed in one place.
+    @property
+    def reference_path(self) -> str:
+        return self.model.reference_path or self.model.path
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.model.tokenizer_path or self.model.path
+
+
+# ----------------------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value in args and type(value) is type(next(a for a in args if a == value)):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; valid keys"
+            f"{' of ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: PipelineConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(bool(cfg.model.path), "model.path: required (the policy's HF checkpoint directory)")
+    need(bool(cfg.data.train_files), "data.train_files: required (JSONL/Parquet files)")
+    need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
+    t = cfg.tokenize
+    need(t.max_length >= 2, "tokenize.max_length: must be >= 2")
+    need(
+        t.max_tokens_per_row >= 2 * t.max_length,
+        f"tokenize.max_tokens_per_row ({t.max_tokens_per_row}) must be >= 2 * tokenize.max_length "
+        f"({2 * t.max_length}): both sides of a pair go in one row",
+    )
+    if t.max_prompt_length is not None:
+        need(
+            0 < t.max_prompt_length < t.max_length,
+            "tokenize.max_prompt_length: must be in (0, tokenize.max_length)",
+        )
+    need(t.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
+    need(t.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
+    need(t.actors >= 1, "tokenize.actors: must be >= 1")
+    need(0.0 <= t.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
+    need(cfg.score.actors >= 1, "score.actors: must be >= 1")
+    need(cfg.model.logp_chunk_tokens >= 1, "model.logp_chunk_tokens: must be >= 1")
+    tr = cfg.train
+    from pipeline.losses import LOSSES  # the registry is the list of valid names
+
+    need(tr.loss_type in LOSSES, f"train.loss_type: {tr.loss_type!r} is not one of {sorted(LOSSES)}")
+    need(tr.beta > 0, "train.beta: must be > 0")
+    need(0.0 <= tr.label_smoothing < 0.5, "train.label_smoothing: must be in [0, 0.5)")
+    need(tr.learning_rate > 0, "train.learning_rate: must be > 0")
+    need(0.0 <= tr.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
+    need(tr.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
+    need(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio: must be in [0, 1]")
+    need(tr.num_train_epochs >= 1 or tr.max_steps > 0, "train.num_train_epochs: must be >= 1")
+    need(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
+    need(tr.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0 (0 disables clipping)")
+    need(tr.num_workers >= 1, "train.num_workers: must be >= 1")
+    need(tr.logging_steps >= 1, "train.logging_steps: must be >= 1")
+    need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    # YAML parsing gives numbers, booleans, null and lists ([a, b]) their types.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {text!r}: {part} is not a group")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = _build(PipelineConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> PipelineConfig:
+    cfg = _build(PipelineConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def for_workers(cfg: PipelineConfig) -> dict:
+    """The config as a dict with local paths made absolute: Ray workers do not share the
+    driver's working directory (Ray Train runs them in its storage directory)."""
+    out = to_dict(cfg)
+    out["run_dir"] = _absolute(cfg.run_dir)
+    for key in ("path", "reference_path", "tokenizer_path"):
+        out["model"][key] = _absolute(out["model"][key])
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

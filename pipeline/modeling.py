@@ -1,0 +1,59 @@
+"""Loading causal LMs with the pipeline's numerics policy (one place for score and train).
+
+Dropout is off in every model the pipeline runs (as TRL's ``disable_dropout=True``): the
+reference is scored once, so policy and reference must be deterministic functions of the
+weights, or the step-0 invariant (policy == reference => loss ln 2) cannot hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.logps import check_model_supported
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def disable_dropout_in_config(config) -> None:
+    for name, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(path: str, mcfg: ModelConfig) -> torch.nn.Module:
+    """``from_pretrained`` with the configured dtype and attention, dropout disabled.
+
+    Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive first, so the weights are
+    partitioned while they load instead of materialising on every rank.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code)
+    disable_dropout_in_config(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        config=config,
+        dtype=DTYPES[mcfg.dtype],
+        attn_implementation=mcfg.attn_implementation,
+        trust_remote_code=mcfg.trust_remote_code,
+    )
+    disable_dropout(model)
+    check_model_supported(model)
+    return model
+
+
+def row_tensors(row: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A packed row (dict of lists) as tensors on ``device``."""
+    return {
+        "input_ids": torch.tensor(row["input_ids"], dtype=torch.long, device=device),
+        "position_ids": torch.tensor(row["position_ids"], dtype=torch.long, device=device),
+        "seq_lens": torch.tensor(row["seq_lens"], dtype=torch.long, device=device),
+        "prompt_lens": torch.tensor(row["prompt_lens"], dtype=torch.long, device=device),
+    }

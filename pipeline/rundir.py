@@ -1,0 +1,196 @@
+"""Run directory layout, content fingerprints and manifests.
+
+``<run_dir>/<stage>/<fingerprint>/`` holds a stage's shards and, written last, its
+``_MANIFEST.json``: the only commit marker. A stage is done when its manifest exists and
+every shard it lists has the recorded size. Files are written to a temporary name and
+renamed, so a reader never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "_MANIFEST.json"
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HashCache:
+    """Content hashes of large files cached by (path, size, mtime_ns).
+
+    A rerun does not re-read gigabytes of weights; any change of size or mtime re-hashes.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.entries: dict[str, Any] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.entries = {}
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.entries.get(key)
+        if hit and hit["stamp"] == stamp:
+            return hit["sha256"]
+        digest = sha256_file(path)
+        self.entries[key] = {"stamp": stamp, "sha256": digest}
+        self.save()
+        return digest
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
+
+
+def hash_tree(paths: Iterable[Path], cache: HashCache) -> dict[str, str]:
+    """{name: sha256} of files; directories are walked (names relative to the directory,
+    hidden files skipped), plain files are named by their path as given."""
+    out = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+                rel = f.relative_to(p)
+                if not any(part.startswith(".") for part in rel.parts):
+                    out[str(rel)] = cache.file(f)
+        else:
+            out[str(p)] = cache.file(p)
+    return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_files(directory: str, kind: str) -> list[Path]:
+    """Files of an HF checkpoint directory that define its tokenizer or its model.
+
+    kind "tokenizer": the tokenizer files and chat template; kind "model": config and
+    weights (the tokenizer does not change log-probs of given token ids)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if kind == "tokenizer":
+        files = [d / n for n in TOKENIZER_FILES if (d / n).is_file()]
+    else:
+        files = [
+            f for f in sorted(d.iterdir())
+            if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
+                                or f.name.endswith(".index.json"))
+        ]
+    if not files:
+        raise FileNotFoundError(f"no {kind} files in {directory}")
+    return files
+
+
+def hash_checkpoint(directory: str, kind: str, cache: HashCache) -> dict[str, str]:
+    """{file name: sha256} of a checkpoint's tokenizer or model files: content, not path."""
+    return {f.name: cache.file(f) for f in checkpoint_files(directory, kind)}
+
+
+def fingerprint(payload: Any) -> str:
+    """A short content hash of a JSON-able payload (16 hex chars = 64 bits)."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def tmp_name(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, rows: int, base: Path | None = None) -> "ShardInfo":
+        """``name`` is relative to the stage directory (``base``, default the parent)."""
+        name = str(path.relative_to(base)) if base else path.name
+        return cls(name, rows, path.stat().st_size, sha256_file(path))
+
+
+def shard_ok(stage_dir: Path, shard: dict) -> bool:
+    p = stage_dir / shard["name"]
+    return p.is_file() and p.stat().st_size == shard["bytes"]
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def stage_state(stage_dir: Path) -> str:
+    """done | partial | missing."""
+    manifest = read_manifest(stage_dir)
+    if manifest is not None and all(shard_ok(stage_dir, s) for s in manifest["shards"]):
+        return "done"
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        return "partial"
+    return "missing"
+
+
+def write_manifest(
+    stage_dir: Path,
+    *,
+    stage: str,
+    fp: str,
+    inputs: dict,
+    settings: dict,
+    shards: list[ShardInfo],
+    stats: dict,
+    seconds: float,
+) -> dict:
+    manifest = {
+        "stage": stage,
+        "fingerprint": fp,
+        "inputs": inputs,
+        "settings": settings,
+        "shards": [s.__dict__ for s in shards],
+        "stats": stats,
+        "seconds": round(seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(stage_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False))
+    return manifest

@@ -1,0 +1,185 @@
+"""The stage runner: fingerprint every stage, skip what is done, run the rest in order.
+
+Fingerprints are computed up front from the config and the input files' contents, so
+``status`` needs no Ray and a rerun with unchanged inputs touches nothing. Each stage
+writes ``<run_dir>/<stage>/<fingerprint>/`` and commits it with ``_MANIFEST.json``.
+A partial tokenize or train output is cleared and redone; a partial score output keeps
+its committed shards and scores only the missing ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import PipelineConfig, dump_yaml, to_dict
+from pipeline.rundir import (
+    HashCache,
+    atomic_write_text,
+    fingerprint,
+    read_manifest,
+    stage_state,
+    write_manifest,
+)
+
+STAGES = ("tokenize", "score", "train")
+
+
+@dataclass
+class StagePlan:
+    name: str
+    fingerprint: str
+    dir: Path
+    inputs: dict
+
+
+def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
+    from stages import score, tokenize, train
+
+    run_dir = Path(cfg.run_dir)
+    cache = HashCache(run_dir / ".hash_cache.json")
+    plans: dict[str, StagePlan] = {}
+
+    def add(name: str, inputs: dict) -> str:
+        fp = fingerprint(inputs)
+        plans[name] = StagePlan(name, fp, run_dir / name / fp, inputs)
+        return fp
+
+    tok_fp = add("tokenize", tokenize.fingerprint_inputs(cfg, cache))
+    score_fp = add("score", score.fingerprint_inputs(cfg, cache, tok_fp))
+    add("train", train.fingerprint_inputs(cfg, cache, score_fp))
+    return plans
+
+
+def select_stages(stages: list[str] | None, from_stage: str | None) -> list[str]:
+    if stages and from_stage:
+        raise ValueError("use --stages or --from, not both")
+    if from_stage:
+        if from_stage not in STAGES:
+            raise ValueError(f"--from {from_stage!r}: not one of {list(STAGES)}")
+        return list(STAGES[STAGES.index(from_stage):])
+    if stages:
+        for s in stages:
+            if s not in STAGES:
+                raise ValueError(f"--stages: {s!r} is not one of {list(STAGES)}")
+        return [s for s in STAGES if s in stages]
+    return list(STAGES)
+
+
+def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool):
+    """Run one stage's core; returns (shards, stats)."""
+    from stages import score, tokenize, train
+
+    plan = plans[name]
+    if name == "tokenize":
+        return (tokenize.run if use_ray else tokenize.run_local)(cfg, plan.dir)
+    if name == "score":
+        upstream = plans["tokenize"]
+        manifest = read_manifest(upstream.dir)
+        return (score.run if use_ray else score.run_local)(cfg, upstream.dir, manifest, plan.dir)
+    info = {
+        "fingerprints": {s: p.fingerprint for s, p in plans.items()},
+        "config": to_dict(cfg),
+    }
+    return (train.run if use_ray else train.run_local)(cfg, plans["score"].dir, plan.dir, info)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    stages: list[str] | None = None,
+    from_stage: str | None = None,
+    force: bool = False,
+    use_ray: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    selected = select_stages(stages, from_stage)
+    plans = plan_stages(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    results: dict[str, dict] = {}
+    connected = False
+    for name in STAGES:
+        plan = plans[name]
+        state = stage_state(plan.dir)
+        if name not in selected:
+            if state != "done" and any(STAGES.index(s) > STAGES.index(name) for s in selected):
+                raise RuntimeError(
+                    f"stage {name} ({plan.fingerprint}) is {state}; "
+                    f"run it first (--from {name})"
+                )
+            continue
+        if state == "done" and not force:
+            manifest = read_manifest(plan.dir)
+            log(f"[{name}] done already ({plan.dir}), skipped")
+            results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
+            continue
+        if plan.dir.exists() and (force or name != "score"):
+            shutil.rmtree(plan.dir)  # a stale or partial output is never appended to
+        plan.dir.mkdir(parents=True, exist_ok=True)
+        if use_ray and not connected:
+            from cluster.ray_cluster import connect
+
+            connect(cfg.cluster, log)
+            connected = True
+        log(f"[{name}] running -> {plan.dir}")
+        start = time.time()
+        shards, stats = _run_stage(name, cfg, plans, use_ray)
+        seconds = time.time() - start
+        manifest = write_manifest(
+            plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
+            settings=to_dict(cfg), shards=shards, stats=stats, seconds=seconds,
+        )
+        results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
+        log(f"[{name}] done in {seconds:.1f}s")
+    return results
+
+
+def _figures(manifest: dict) -> dict:
+    stats = manifest["stats"]
+    return {"rows": stats["rows"], "tokens": stats["tokens"], "seconds": manifest["seconds"],
+            "stats": stats}
+
+
+def status(cfg: PipelineConfig) -> list[dict]:
+    table = []
+    for name, plan in plan_stages(cfg).items():
+        state = stage_state(plan.dir)
+        manifest = read_manifest(plan.dir) if state == "done" else None
+        figures = _figures(manifest) if manifest else {}
+        if state == "partial" and name == "score":
+            figures = {"rows": f"{len(list(plan.dir.glob('*.parquet')))} shards"}
+        table.append({"stage": name, "fingerprint": plan.fingerprint, "state": state,
+                      "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
+                      "seconds": figures.get("seconds", "-"), "dir": str(plan.dir)})
+    return table
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def format_summary(results: dict[str, dict]) -> str:
+    rows = [
+        {"stage": name, "state": "ran" if r["ran"] else "skipped", "rows": r["rows"],
+         "tokens": r["tokens"], "seconds": r["seconds"], "output": r["dir"]}
+        for name, r in results.items()
+    ]
+    text = format_table(rows, ["stage", "state", "rows", "tokens", "seconds", "output"])
+    train = results.get("train")
+    if train:
+        s = train["stats"]
+        final = s.get("final_eval", {})
+        text += (
+            f"\ntrain: {s['steps']} steps, step-0 loss {s['step0_loss']:.6f} (ln 2 = 0.693147), "
+            f"final eval rewards/accuracies {final.get('eval_rewards/accuracies', float('nan')):.3f}, "
+            f"eval loss {final.get('eval_loss', float('nan')):.4f}\nmodel: {s['export']}"
+        )
+    return text

@@ -1,0 +1,163 @@
+"""score: packed rows -> the same rows plus reference log-prob columns.
+
+Each input shard maps to one output shard of the same name, written to a temporary name
+and renamed when complete, so a crashed run leaves only whole shards and the next run
+scores only the missing ones. The scorer is a callable class (Ray's batch-inference
+shape): the reference model is loaded once in ``__init__``, in eval mode with dropout
+off, and ``__call__`` scores one shard per call.
+
+Columns added: ``ref_logps`` (float32 per token, aligned with ``input_ids``, 0 outside
+completions) and ``ref_seq_logps`` (float32 per segment: the completion's sum), so the
+trainer can change the aggregation without re-scoring.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
+from pipeline.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.modeling import load_causal_lm, row_tensors
+from pipeline.rundir import HashCache, ShardInfo, commit_file, hash_checkpoint, tmp_name
+from stages.tokenize import ROW_GROUP_ROWS
+
+STAGE_VERSION = 1
+
+SCORE_FIELDS = [
+    pa.field("ref_logps", pa.list_(pa.float32())),
+    pa.field("ref_seq_logps", pa.list_(pa.float32())),
+]
+
+
+class ShardScorer:
+    def __init__(self, cfg_dict: dict):
+        self.cfg = config_from_dict(cfg_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.score.cpu_threads)
+        self.model = load_causal_lm(self.cfg.reference_path, self.cfg.model).to(self.device)
+        self.model.eval()
+
+    @torch.inference_mode()
+    def score_row(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
+        t = row_tensors(row, self.device)
+        layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+        per_token = packed_token_logps(
+            self.model, t["input_ids"], t["position_ids"], layout, self.cfg.model.logp_chunk_tokens
+        )
+        sums = segment_sums(per_token, layout)
+        return per_token.cpu().numpy(), sums.cpu().numpy()
+
+    def score_table(self, table: pa.Table) -> pa.Table:
+        per_token, per_seg = [], []
+        for row in table.to_pylist():
+            tok, seg = self.score_row(row)
+            bad = ~np.isfinite(tok) | (tok > 0)
+            if bad.any():
+                raise ValueError(
+                    f"score: row {row['row_id']} has {int(bad.sum())} reference log-probs that "
+                    "are NaN, inf or positive; the reference model or dtype is broken"
+                )
+            per_token.append(tok)
+            per_seg.append(seg)
+        return table.append_column(
+            SCORE_FIELDS[0], pa.array(per_token, type=SCORE_FIELDS[0].type)
+        ).append_column(SCORE_FIELDS[1], pa.array(per_seg, type=SCORE_FIELDS[1].type))
+
+    def score_shard(self, src: str, dst: str) -> dict:
+        table = pq.read_table(src)
+        scored = self.score_table(table)
+        final = Path(dst)
+        tmp = tmp_name(final)
+        pq.write_table(scored, tmp, row_group_size=ROW_GROUP_ROWS)
+        commit_file(tmp, final)
+        return {"name": final.name, "rows": scored.num_rows}
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.score_shard(s, d) for s, d in zip(batch["src"], batch["dst"])]
+        return {"name": [r["name"] for r in results], "rows": [r["rows"] for r in results]}
+
+
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
+    return {
+        "version": STAGE_VERSION,
+        "upstream": upstream,
+        "reference_model": hash_checkpoint(cfg.reference_path, "model", cache),
+        "dtype": cfg.model.dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+
+
+def _is_complete(path: Path, rows: int) -> bool:
+    """A committed shard: readable Parquet footer with the input's row count."""
+    try:
+        return path.is_file() and pq.ParquetFile(path).metadata.num_rows == rows
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+def _todo(in_dir: Path, in_manifest: dict, out_dir: Path) -> list[dict]:
+    todo = []
+    for shard in in_manifest["shards"]:
+        if shard["name"] == "quarantine.parquet":
+            continue
+        dst = out_dir / shard["name"]
+        if not _is_complete(dst, shard["rows"]):
+            todo.append({"src": str(in_dir / shard["name"]), "dst": str(dst)})
+    return todo
+
+
+def _finish(in_manifest: dict, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+    shards, rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0.0
+    for shard in in_manifest["shards"]:
+        if shard["name"] == "quarantine.parquet":
+            continue
+        path = out_dir / shard["name"]
+        table = pq.read_table(path, columns=["num_tokens", "ref_seq_logps", "seq_lens", "prompt_lens"])
+        rows += table.num_rows
+        tokens += int(pa.compute.sum(table.column("num_tokens")).as_py() or 0)
+        seq = pa.compute.list_flatten(table.column("seq_lens")).to_numpy()
+        prm = pa.compute.list_flatten(table.column("prompt_lens")).to_numpy()
+        completion_tokens += int((seq - prm).sum())
+        logp_sum += float(pa.compute.list_flatten(table.column("ref_seq_logps")).to_numpy().astype(np.float64).sum())
+        shards.append(ShardInfo.of(path, table.num_rows))
+    stats = {
+        "rows": rows,
+        "tokens": tokens,
+        "completion_tokens": completion_tokens,
+        "mean_ref_logp_per_token": logp_sum / completion_tokens if completion_tokens else math.nan,
+    }
+    return shards, stats
+
+
+def run_local(cfg: PipelineConfig, in_dir: Path, in_manifest: dict, out_dir: Path):
+    todo = _todo(in_dir, in_manifest, out_dir)
+    if todo:
+        scorer = ShardScorer(to_dict(cfg))
+        for item in todo:
+            scorer.score_shard(item["src"], item["dst"])
+    return _finish(in_manifest, out_dir)
+
+
+def run(cfg: PipelineConfig, in_dir: Path, in_manifest: dict, out_dir: Path):
+    import ray
+
+    todo = _todo(in_dir, in_manifest, out_dir)
+    if todo:
+        s = cfg.score
+        ds = ray.data.from_items(todo).map_batches(
+            ShardScorer,
+            fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(s.actors, len(todo))),
+            num_cpus=s.num_cpus_per_actor,
+            num_gpus=s.num_gpus_per_actor,
+        )
+        ds.take_all()  # shards are committed by the actors; this only drives the pipeline
+    return _finish(in_manifest, out_dir)

@@ -1,0 +1,399 @@
+"""train: the policy against the precomputed reference columns, DeepSpeed ZeRO-3 on Ray Train.
+
+``train_worker`` is the per-rank loop (Ray Train calls it on every worker; it also runs
+in-process with one rank). It reads top to bottom: build the engine, then for each step
+of a seeded plan: forward a packed row, ``pipeline.logps``, ``pipeline.losses``,
+``engine.backward``, ``engine.step``, metrics; eval at step 0, every ``eval_steps`` and at
+the end; export the consolidated model.
+
+Loss scaling: a step's loss is the sum of per-pair losses over every pair of the step (all
+micro-batches, all ranks) divided by that pair count, which every rank knows from the
+plan. DeepSpeed divides each micro-batch loss by the accumulation steps and averages the
+gradients over ranks; each micro-batch loss is multiplied by ``world * accum`` to undo it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import losses as losses_mod
+from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
+from pipeline.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.modeling import load_causal_lm, row_tensors
+from pipeline.packing import MicroBatch, epoch_plan, eval_plan
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+
+STAGE_VERSION = 1
+EXPORT_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class RowReader:
+    """Random access to packed rows across Parquet shards, one row group at a time.
+
+    Ranks read only the rows their plan names (no full copy of the dataset per worker)."""
+
+    COLUMNS = ["input_ids", "position_ids", "seq_lens", "prompt_lens", "ref_logps", "num_tokens"]
+
+    def __init__(self, files: list[Path], columns: list[str] | None = None):
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.columns = columns or self.COLUMNS
+        self.groups: list[tuple[int, int]] = []  # (file, row group) in row order
+        self.starts: list[int] = []
+        n = 0
+        for fi, pf in enumerate(self.files):
+            for g in range(pf.metadata.num_row_groups):
+                self.groups.append((fi, g))
+                self.starts.append(n)
+                n += pf.metadata.row_group(g).num_rows
+        self.num_rows = n
+        self.pairs_per_row = np.array(
+            [len(s) // 2 for pf in self.files for s in pf.read(columns=["seq_lens"]).column(0).to_pylist()],
+            dtype=np.int64,
+        )
+        self._group = lru_cache(maxsize=4)(self._read_group)
+
+    def _read_group(self, k: int) -> list[dict]:
+        fi, g = self.groups[k]
+        return self.files[fi].read_row_group(g, columns=self.columns).to_pylist()
+
+    def __getitem__(self, row: int) -> dict:
+        k = bisect.bisect_right(self.starts, row) - 1
+        return self._group(k)[row - self.starts[k]]
+
+
+def split_files(scored_dir: Path, split: str) -> list[Path]:
+    return sorted(scored_dir.glob(f"{split}-*.parquet"))
+
+
+# ----------------------------------------------------------------------------- optim
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    """LR multiplier per optimizer step, as transformers' schedules (lr 0 at step 0 of a
+    warmup); cosine decays to ``min_ratio`` (seed minimind's floor) instead of 0."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 placeholders keep the real shape here
+        is_1d = len(shape) < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if is_1d else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PipelineConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "rmsprop":  # the DPO paper's optimizer
+        return torch.optim.RMSprop(groups, lr=t.learning_rate, eps=t.adam_epsilon)
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+    )
+
+
+# ----------------------------------------------------------------------------- math
+
+
+@dataclass
+class PairBatch:
+    """Per-pair sequence log-probs of one packed row, (B,) each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    tokens: int
+
+
+def row_logps(model, row: dict, device, chunk: int) -> PairBatch:
+    t = row_tensors(row, device)
+    layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+    seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout, chunk), layout)
+    ref = segment_sums(torch.tensor(row["ref_logps"], dtype=torch.float32, device=device), layout)
+    return PairBatch(seq[0::2], seq[1::2], ref[0::2], ref[1::2], int(row["num_tokens"]))
+
+
+METRIC_KEYS = ("rows", "pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+               "rewards/margins", "logps/chosen", "logps/rejected", "tokens")
+
+
+@dataclass
+class MetricSums:
+    """Sums over pairs; all-reduced across ranks before they become means."""
+
+    values: dict = field(default_factory=lambda: dict.fromkeys(METRIC_KEYS, 0.0))
+
+    def add(self, batch: PairBatch, out: losses_mod.LossOutput, weight: float) -> None:
+        if weight == 0.0:
+            return
+        v = self.values
+        v["rows"] += 1
+        v["pairs"] += batch.chosen.numel()
+        v["tokens"] += batch.tokens
+        v["loss"] += out.losses.detach().double().sum().item()
+        v["rewards/chosen"] += out.chosen_rewards.double().sum().item()
+        v["rewards/rejected"] += out.rejected_rewards.double().sum().item()
+        v["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).double().sum().item()
+        v["rewards/margins"] += (out.chosen_rewards - out.rejected_rewards).double().sum().item()
+        v["logps/chosen"] += batch.chosen.detach().double().sum().item()
+        v["logps/rejected"] += batch.rejected.detach().double().sum().item()
+
+    def reduce(self, prefix: str = "") -> dict:
+        import torch.distributed as dist
+
+        vec = torch.tensor([self.values[k] for k in METRIC_KEYS], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        total = dict(zip(METRIC_KEYS, vec.tolist()))
+        n = max(total["pairs"], 1.0)
+        counts = ("rows", "pairs", "tokens")
+        out = {f"{prefix}{k}": total[k] / n for k in METRIC_KEYS if k not in counts}
+        out.update({f"{prefix}{k}": int(total[k]) for k in counts})
+        return out
+
+
+def loss_options(cfg: PipelineConfig) -> dict:
+    return {"beta": cfg.train.beta, "label_smoothing": cfg.train.label_smoothing}
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _init_distributed(backend: str) -> tuple[int, int]:
+    import deepspeed
+
+    # Skip DeepSpeed's shared-memory comm op: a g++ JIT build we do not need (ENVIRONMENT.md).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)
+    deepspeed.init_distributed(dist_backend=backend)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate(engine, reader: RowReader, cfg, rank: int, world: int, device) -> dict:
+    sums = MetricSums()
+    engine.module.eval()
+    with torch.no_grad():
+        for mb in eval_plan(reader.num_rows, world)[rank]:
+            batch = row_logps(engine.module, reader[mb.row], device, cfg.model.logp_chunk_tokens)
+            out = losses_mod.preference_loss(
+                batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
+                loss_type=cfg.train.loss_type, **loss_options(cfg))
+            sums.add(batch, out, mb.weight)
+    engine.module.train()
+    return sums.reduce("eval_")
+
+
+def export_model(engine, cfg: PipelineConfig, out_dir: Path, rank: int, info: dict) -> None:
+    """Consolidated weights + tokenizer, loadable with ``from_pretrained``."""
+    from transformers import AutoTokenizer
+
+    if cfg.train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
+    else:
+        state = engine.module.state_dict()
+    if rank == 0:
+        export = out_dir / EXPORT_DIR
+        engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(cfg.tokenizer_path).save_pretrained(export)
+        (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
+
+
+def train_worker(config: dict) -> None:
+    """One rank of training. ``config``: {"cfg": dict, "scored_dir", "out_dir", "info"}."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cluster.deepspeed_config import build_ds_config
+
+    # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
+    cfg = config_from_dict(config["cfg"])
+    t = cfg.train
+    scored_dir, out_dir = Path(config["scored_dir"]), Path(config["out_dir"])
+    use_cuda = t.use_gpu and torch.cuda.is_available()
+    rank, world = _init_distributed("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed)
+
+    train_rows = RowReader(split_files(scored_dir, "train"))
+    eval_rows = RowReader(split_files(scored_dir, "eval"))
+    ga = t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(train_rows.num_rows / (world * ga))
+    total_steps = t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+
+    ds_config = build_ds_config(cfg, world)
+    hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841 (keeps zero.Init on)
+    model = load_causal_lm(cfg.model.path, cfg.model)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, cfg)
+    schedule = lr_lambda(t.lr_scheduler_type, warmup, total_steps, t.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    engine.train()
+
+    log = MetricsLog(out_dir / METRICS_FILE, enabled=rank == 0)
+    chunk = cfg.model.logp_chunk_tokens
+    step, start = 0, time.time()
+    log.write({"step": 0, **evaluate(engine, eval_rows, cfg, rank, world, device)})
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        for step_plan in epoch_plan(train_rows.num_rows, world, ga, t.seed, epoch):
+            if step >= total_steps:
+                break
+            step_pairs = sum(train_rows.pairs_per_row[mb.row] * mb.weight
+                             for rank_plan in step_plan for mb in rank_plan)
+            scale = world * ga / step_pairs
+            lr = engine.get_lr()[0]
+            sums, t0 = MetricSums(), time.time()
+            for mb in step_plan[rank]:
+                batch = row_logps(engine.module, train_rows[mb.row], device, chunk)
+                out = losses_mod.preference_loss(
+                    batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
+                    loss_type=t.loss_type, **loss_options(cfg))
+                engine.backward(out.losses.sum() * (mb.weight * scale))
+                engine.step()
+                sums.add(batch, out, mb.weight)
+            step += 1
+            metrics = sums.reduce()
+            metrics.update(step=step, epoch=epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
+                           learning_rate=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                           tokens_per_second=metrics["tokens"] / max(time.time() - t0, 1e-9))
+            if step % t.logging_steps == 0 or step == 1 or step == total_steps:
+                log.write(metrics)
+                if rank == 0:
+                    eta = (time.time() - start) / step * (total_steps - step)
+                    print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
+                          f"acc {metrics['rewards/accuracies']:.3f} "
+                          f"tok/s {metrics['tokens_per_second']:.0f} eta {eta:.0f}s", flush=True)
+            if step % t.eval_steps == 0 and step < total_steps:
+                log.write({"step": step, **evaluate(engine, eval_rows, cfg, rank, world, device)})
+    log.write({"step": step, **evaluate(engine, eval_rows, cfg, rank, world, device)})
+    export_model(engine, cfg, out_dir, rank, config["info"])
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
+    return {
+        "version": STAGE_VERSION,
+        "upstream": upstream,
+        "policy_model": hash_checkpoint(cfg.model.path, "model", cache),
+        "model_settings": asdict(cfg.model) | {"path": None, "reference_path": None,
+                                               "tokenizer_path": None},
+        "train_settings": asdict(cfg.train),
+    }
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def summarize(out_dir: Path) -> dict:
+    records = read_metrics(out_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "step0_loss": train[0]["loss"] if train else None,
+        "final_loss": train[-1]["loss"] if train else None,
+        "eval_step0_loss": evals[0]["eval_loss"] if evals else None,
+        "final_eval": {k: v for k, v in evals[-1].items()} if evals else {},
+        "rows": int(sum(r["rows"] for r in train)),
+        "tokens": int(sum(r["tokens"] for r in train)),
+        "export": str(out_dir / EXPORT_DIR),
+    }
+
+
+def _worker_config(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict) -> dict:
+    return {"cfg": for_workers(cfg), "scored_dir": str(scored_dir.resolve()),
+            "out_dir": str(out_dir.resolve()), "info": info}
+
+
+def outputs(out_dir: Path) -> tuple[list[ShardInfo], dict]:
+    """The files the manifest commits (metrics and the exported model) and the summary."""
+    files = [out_dir / METRICS_FILE] + sorted((out_dir / EXPORT_DIR).iterdir())
+    return [ShardInfo.of(f, 0, base=out_dir) for f in files], summarize(out_dir)
+
+
+def run_local(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict):
+    """One rank in this process (no Ray): the benchmarks' and the GPU machine's path."""
+    train_worker(_worker_config(cfg, scored_dir, out_dir, info))
+    return outputs(out_dir)
+
+
+def run(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=_worker_config(cfg, scored_dir, out_dir, info),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=str((out_dir / "ray_train").resolve()), name="train"),
+    )
+    trainer.fit()
+    return outputs(out_dir)

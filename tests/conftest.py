@@ -1,0 +1,62 @@
+"""Shared fixtures: demo assets built once, one Ray cluster per test session.
+
+The cluster is started with ``address="local"`` (a private cluster, never a leftover one
+on the machine) and every pipeline run in the session reuses it.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.demo import make_assets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets["model"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def tiny_config(assets, run_dir, data=None, **groups) -> "PipelineConfig":  # noqa: F821
+    """The demo config, pointed at the session's assets; ``groups`` update sub-configs."""
+    raw = {
+        "run_dir": str(run_dir),
+        "model": {"path": str(assets["model"])},
+        "data": {"train_files": [str(data or assets["data"])], "eval_fraction": 0.1},
+        "tokenize": {"max_length": 64, "max_tokens_per_row": 1024, "rows_per_shard": 32,
+                     "rows_per_task": 1000, "actors": 2},
+        "score": {"actors": 2},
+        "train": {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.1,
+                  "warmup_ratio": 0.05, "eval_steps": 20, "num_workers": 2},
+        "cluster": {"num_cpus": 2},
+    }
+    for group, values in groups.items():
+        raw[group].update(values)
+    return config_from_dict(raw)
