@@ -23,6 +23,9 @@ def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": True,
         },
+        # ZeRO wraps any torch optimizer; DeepSpeed only whitelists Adam-family ones, so
+        # RMSprop (the DPO paper's) needs this flag.
+        "zero_allow_untested_optimizer": t.optimizer != "adamw",
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # the pipeline logs its own metrics

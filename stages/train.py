@@ -206,57 +206,24 @@ def _init_distributed(backend: str) -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+@dataclass
+class Run:
+    """What one rank knows about the run; built once, read by the loop's helpers."""
 
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def evaluate(engine, reader: RowReader, cfg, rank: int, world: int, device) -> dict:
-    sums = MetricSums()
-    engine.module.eval()
-    with torch.no_grad():
-        for mb in eval_plan(reader.num_rows, world)[rank]:
-            batch = row_logps(engine.module, reader[mb.row], device, cfg.model.logp_chunk_tokens)
-            out = losses_mod.preference_loss(
-                batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
-                loss_type=cfg.train.loss_type, **loss_options(cfg))
-            sums.add(batch, out, mb.weight)
-    engine.module.train()
-    return sums.reduce("eval_")
+    cfg: PipelineConfig
+    rank: int
+    world: int
+    device: torch.device
+    train_rows: RowReader
+    eval_rows: RowReader
+    steps_per_epoch: int
+    total_steps: int
+    out_dir: Path
 
 
-def export_model(engine, cfg: PipelineConfig, out_dir: Path, rank: int, info: dict) -> None:
-    """Consolidated weights + tokenizer, loadable with ``from_pretrained``."""
-    from transformers import AutoTokenizer
-
-    if cfg.train.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
-    else:
-        state = engine.module.state_dict()
-    if rank == 0:
-        export = out_dir / EXPORT_DIR
-        engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(cfg.tokenizer_path).save_pretrained(export)
-        (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
-
-
-def train_worker(config: dict) -> None:
-    """One rank of training. ``config``: {"cfg": dict, "scored_dir", "out_dir", "info"}."""
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from cluster.deepspeed_config import build_ds_config
-
-    # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
-    warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
+def setup_run(config: dict) -> Run:
     cfg = config_from_dict(config["cfg"])
     t = cfg.train
-    scored_dir, out_dir = Path(config["scored_dir"]), Path(config["out_dir"])
     use_cuda = t.use_gpu and torch.cuda.is_available()
     rank, world = _init_distributed("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
@@ -265,66 +232,150 @@ def train_worker(config: dict) -> None:
     else:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-
+    scored_dir = Path(config["scored_dir"])
     train_rows = RowReader(split_files(scored_dir, "train"))
-    eval_rows = RowReader(split_files(scored_dir, "eval"))
-    ga = t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(train_rows.num_rows / (world * ga))
+    steps_per_epoch = math.ceil(train_rows.num_rows / (world * t.gradient_accumulation_steps))
     total_steps = t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    return Run(cfg, rank, world, device, train_rows, RowReader(split_files(scored_dir, "eval")),
+               steps_per_epoch, total_steps, Path(config["out_dir"]))
 
-    ds_config = build_ds_config(cfg, world)
-    hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841 (keeps zero.Init on)
-    model = load_causal_lm(cfg.model.path, cfg.model)
+
+def build_engine(run: Run):
+    """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cluster.deepspeed_config import build_ds_config
+
+    t = run.cfg.train
+    ds_config = build_ds_config(run.cfg, run.world)
+    # zero.Init is on while this object lives, so from_pretrained partitions the weights.
+    hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
+    model = load_causal_lm(run.cfg.model.path, run.cfg.model)
+    if hf_ds is not None and not hasattr(next(model.parameters()), "ds_id"):
+        raise RuntimeError("ZeRO-3: the policy was not partitioned while loading "
+                           "(HfDeepSpeedConfig was not active during from_pretrained)")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(model, cfg)
-    schedule = lr_lambda(t.lr_scheduler_type, warmup, total_steps, t.min_lr_ratio)
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * run.total_steps)
+    schedule = lr_lambda(t.lr_scheduler_type, warmup, run.total_steps, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=optimizer,
+        optimizer=build_optimizer(model, run.cfg),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
     engine.train()
+    return engine
 
-    log = MetricsLog(out_dir / METRICS_FILE, enabled=rank == 0)
-    chunk = cfg.model.logp_chunk_tokens
-    step, start = 0, time.time()
-    log.write({"step": 0, **evaluate(engine, eval_rows, cfg, rank, world, device)})
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        for step_plan in epoch_plan(train_rows.num_rows, world, ga, t.seed, epoch):
-            if step >= total_steps:
-                break
-            step_pairs = sum(train_rows.pairs_per_row[mb.row] * mb.weight
-                             for rank_plan in step_plan for mb in rank_plan)
-            scale = world * ga / step_pairs
-            lr = engine.get_lr()[0]
-            sums, t0 = MetricSums(), time.time()
-            for mb in step_plan[rank]:
-                batch = row_logps(engine.module, train_rows[mb.row], device, chunk)
-                out = losses_mod.preference_loss(
-                    batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
-                    loss_type=t.loss_type, **loss_options(cfg))
-                engine.backward(out.losses.sum() * (mb.weight * scale))
-                engine.step()
-                sums.add(batch, out, mb.weight)
+
+def planned_steps(run: Run):
+    """(step number from 1, the step's plan) for every step of the run, epoch after epoch."""
+    t = run.cfg.train
+    step = 0
+    for epoch in range(math.ceil(run.total_steps / run.steps_per_epoch)):
+        for step_plan in epoch_plan(run.train_rows.num_rows, run.world,
+                                    t.gradient_accumulation_steps, t.seed, epoch):
+            if step == run.total_steps:
+                return
             step += 1
-            metrics = sums.reduce()
-            metrics.update(step=step, epoch=epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
-                           learning_rate=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                           tokens_per_second=metrics["tokens"] / max(time.time() - t0, 1e-9))
-            if step % t.logging_steps == 0 or step == 1 or step == total_steps:
-                log.write(metrics)
-                if rank == 0:
-                    eta = (time.time() - start) / step * (total_steps - step)
-                    print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} "
-                          f"acc {metrics['rewards/accuracies']:.3f} "
-                          f"tok/s {metrics['tokens_per_second']:.0f} eta {eta:.0f}s", flush=True)
-            if step % t.eval_steps == 0 and step < total_steps:
-                log.write({"step": step, **evaluate(engine, eval_rows, cfg, rank, world, device)})
-    log.write({"step": step, **evaluate(engine, eval_rows, cfg, rank, world, device)})
-    export_model(engine, cfg, out_dir, rank, config["info"])
+            yield step, step_plan
+
+
+def pair_loss(model, row: dict, run: Run) -> tuple[PairBatch, losses_mod.LossOutput]:
+    batch = row_logps(model, row, run.device, run.cfg.model.logp_chunk_tokens)
+    out = losses_mod.preference_loss(
+        batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
+        loss_type=run.cfg.train.loss_type, **loss_options(run.cfg))
+    return batch, out
+
+
+def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -> dict:
+    """One optimizer step: this rank's micro-batches, each scaled so the step's gradient is
+    that of sum(per-pair loss) / (pairs in the step over all ranks)."""
+    step_pairs = sum(run.train_rows.pairs_per_row[mb.row] * mb.weight
+                     for rank_plan in step_plan for mb in rank_plan)
+    scale = run.world * run.cfg.train.gradient_accumulation_steps / step_pairs
+    lr = engine.get_lr()[0]
+    sums, t0 = MetricSums(), time.time()
+    for mb in step_plan[run.rank]:
+        batch, out = pair_loss(engine.module, run.train_rows[mb.row], run)
+        engine.backward(out.losses.sum() * (mb.weight * scale))
+        engine.step()
+        sums.add(batch, out, mb.weight)
+    metrics = sums.reduce()
+    metrics.update(step=step, epoch=step / run.steps_per_epoch, learning_rate=lr,
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                   tokens_per_second=metrics["tokens"] / max(time.time() - t0, 1e-9))
+    return metrics
+
+
+def evaluate(engine, run: Run, step: int) -> dict:
+    sums = MetricSums()
+    engine.module.eval()
+    with torch.no_grad():
+        for mb in eval_plan(run.eval_rows.num_rows, run.world)[run.rank]:
+            batch, out = pair_loss(engine.module, run.eval_rows[mb.row], run)
+            sums.add(batch, out, mb.weight)
+    engine.module.train()
+    return {"step": step, **sums.reduce("eval_")}
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0) and a progress line per logged step."""
+
+    def __init__(self, run: Run):
+        self.run, self.start = run, time.time()
+        self.path = run.out_dir / METRICS_FILE
+
+    def write(self, record: dict) -> None:
+        if self.run.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, m: dict) -> None:
+        every, total = self.run.cfg.train.logging_steps, self.run.total_steps
+        if m["step"] % every and m["step"] not in (1, total):
+            return
+        self.write(m)
+        if self.run.rank == 0:
+            eta = (time.time() - self.start) / m["step"] * (total - m["step"])
+            print(f"[train] step {m['step']}/{total} loss {m['loss']:.4f} "
+                  f"acc {m['rewards/accuracies']:.3f} tok/s {m['tokens_per_second']:.0f} "
+                  f"eta {eta:.0f}s", flush=True)
+
+
+def export_model(engine, run: Run, info: dict) -> None:
+    """Consolidated weights + tokenizer, loadable with ``from_pretrained``."""
+    from transformers import AutoTokenizer
+
+    if run.cfg.train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
+    else:
+        state = engine.module.state_dict()
+    if run.rank == 0:
+        export = run.out_dir / EXPORT_DIR
+        engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(run.cfg.tokenizer_path).save_pretrained(export)
+        (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
+
+
+def train_worker(config: dict) -> None:
+    """One rank of training. ``config``: {"cfg": dict, "scored_dir", "out_dir", "info"}."""
+    # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
+    run = setup_run(config)
+    engine = build_engine(run)
+    log = MetricsLog(run)
+    eval_steps = run.cfg.train.eval_steps
+
+    log.write(evaluate(engine, run, step=0))
+    for step, step_plan in planned_steps(run):
+        log.step(train_step(engine, run, step, step_plan))
+        if step % eval_steps == 0 and step < run.total_steps:
+            log.write(evaluate(engine, run, step))
+    log.write(evaluate(engine, run, run.total_steps))
+    export_model(engine, run, config["info"])
 
 
 # ----------------------------------------------------------------------------- driver

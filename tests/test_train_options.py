@@ -1,0 +1,68 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from pipeline.config import dump_yaml
+from pipeline.demo import make_pairs, write_jsonl
+from stages.train import lr_lambda, param_groups
+
+
+def test_linear_schedule_with_warmup_worked_numbers():
+    f = lr_lambda("linear", warmup=2, total=10, min_ratio=0.0)
+    assert [f(s) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_cosine_schedule_decays_to_its_floor():
+    f = lr_lambda("cosine", warmup=0, total=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(1.0)
+    assert f(5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(10) == pytest.approx(0.1)
+
+
+def test_constant_schedule_after_warmup():
+    f = lr_lambda("constant", warmup=4, total=10, min_ratio=0.0)
+    assert [f(s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3  # linear bias, norm weight, norm bias
+
+
+@pytest.mark.timeout(600)
+def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
+    """The in-process path (no Ray, one rank) with the non-default numerics options."""
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(400, seed=3), data)
+    cfg = tiny_config(assets, tmp_path / "run", data=data,
+                      tokenize={"max_tokens_per_row": 256},
+                      train={"optimizer": "rmsprop", "gradient_checkpointing": True,
+                             "gradient_accumulation_steps": 2, "max_steps": 3,
+                             "lr_scheduler_type": "linear", "warmup_steps": 1,
+                             "learning_rate": 1e-3, "eval_steps": 100})
+    cfg.model.dtype = "bfloat16"
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_dir = next((tmp_path / "run" / "train").iterdir())
+    records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # bf16 policy == bf16 reference
+    # linear with 1 warmup step over 3 steps: multipliers 0, 1, 0.5
+    assert [r["learning_rate"] for r in steps] == pytest.approx([0.0, 1e-3, 5e-4])
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    assert steps[0]["rows"] == 2  # two packed rows per step (accumulation 2, one rank)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["dtype"] == "bfloat16"
