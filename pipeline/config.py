@@ -76,9 +76,29 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    loss_type: str = "sigmoid"
+    # One name or a list combined with loss_weights (TRL's DPOConfig names and defaults).
+    loss_type: Union[str, list[str]] = "sigmoid"
+    loss_weights: Optional[list[float]] = None
     beta: float = 0.1
     label_smoothing: float = 0.0
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    # RPO: adds TRL's "sft" loss (chosen NLL) with this weight.
+    rpo_alpha: Optional[float] = None
+    # WPO weighting (policy's per-token log sum p^2 from the same log-prob pass).
+    use_weighting: bool = False
+    # LD-DPO: tokens past the shorter side's length weigh ld_alpha (policy and stored reference).
+    ld_alpha: Optional[float] = None
+    # Per-sequence aggregation of token log-probs: sum (DPO) or mean over completion tokens.
+    aggregation: Literal["sum", "mean"] = "sum"
+    # Treat the reference log-probs as 0: no score stage.
+    reference_free: bool = False
+    # Options that need a live reference model; named here so they fail with the reason.
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: Optional[float] = None
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
@@ -242,11 +262,7 @@ def _validate(cfg: PipelineConfig) -> None:
     need(cfg.score.actors >= 1, "score.actors: must be >= 1")
     need(cfg.model.logp_chunk_tokens >= 1, "model.logp_chunk_tokens: must be >= 1")
     tr = cfg.train
-    from pipeline.losses import LOSSES  # the registry is the list of valid names
-
-    need(tr.loss_type in LOSSES, f"train.loss_type: {tr.loss_type!r} is not one of {sorted(LOSSES)}")
-    need(tr.beta > 0, "train.beta: must be > 0")
-    need(0.0 <= tr.label_smoothing < 0.5, "train.label_smoothing: must be in [0, 0.5)")
+    _validate_losses(tr)
     need(tr.learning_rate > 0, "train.learning_rate: must be > 0")
     need(0.0 <= tr.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
     need(tr.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
@@ -259,6 +275,69 @@ def _validate(cfg: PipelineConfig) -> None:
     need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
+
+
+def loss_plan(t: TrainConfig) -> tuple[list[str], list[float]]:
+    """The loss types and weights a run uses: loss_type/loss_weights, plus RPO's "sft"."""
+    from pipeline.losses import as_list
+
+    names = as_list(t.loss_type)
+    weights = list(t.loss_weights) if t.loss_weights is not None else [1.0] * len(names)
+    if t.rpo_alpha is not None:
+        names, weights = names + ["sft"], weights + [t.rpo_alpha]
+    return names, weights
+
+
+def needs_reference(cfg: PipelineConfig) -> bool:
+    """False when no loss uses reference log-probs: the score stage is skipped."""
+    from pipeline.losses import is_reference_free
+
+    return not (cfg.train.reference_free or is_reference_free(loss_plan(cfg.train)[0]))
+
+
+def _validate_losses(t: TrainConfig) -> None:
+    from pipeline.losses import ALIASES, LOSSES, as_list
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for name in as_list(t.loss_type):
+        need(name in LOSSES, f"train.loss_type: {name!r} is not one of {sorted(LOSSES) + sorted(ALIASES)}")
+    n = len(as_list(t.loss_type))
+    need(t.loss_weights is None or len(t.loss_weights) == n,
+         f"train.loss_weights: {len(t.loss_weights or [])} weights for {n} loss types")
+    names, _ = loss_plan(t)
+    need(t.beta > 0, "train.beta: must be > 0")
+    need(0.0 <= t.label_smoothing < 0.5, "train.label_smoothing: must be in [0, 0.5)")
+    if t.label_smoothing > 0:
+        ignoring = [x for x in names if not LOSSES[x].label_smoothing]
+        need(not ignoring, f"train.label_smoothing: {t.label_smoothing} has no effect on {ignoring} "
+                           "(used by sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, simpo, cpo)")
+    need("exo_pair" not in names or t.label_smoothing > 0,
+         "train.label_smoothing: exo_pair needs epsilon > 0 (the EXO paper and TRL recommend 1e-3)")
+    if t.f_divergence_type != "reverse_kl":
+        bad = [x for x in names if not LOSSES[x].f_divergence]
+        need(not bad, f"train.f_divergence_type: {t.f_divergence_type} has no valid generalisation for {bad} "
+                      "(only losses built on the chosen-rejected score difference)")
+    need(t.f_divergence_type == "alpha_divergence" or t.f_alpha_divergence_coef == 0.5,
+         "train.f_alpha_divergence_coef: only used with f_divergence_type: alpha_divergence")
+    need(t.discopop_tau > 0, "train.discopop_tau: must be > 0")
+    if t.ld_alpha is not None:
+        need(0.0 <= t.ld_alpha <= 1.0, "train.ld_alpha: must be in [0, 1]")
+        need(t.aggregation == "sum", "train.ld_alpha: LD-DPO re-weights summed log-probs; "
+                                     "use train.aggregation: sum")
+    if t.aggregation == "mean":
+        normed = [x for x in names if x in ("ipo", "sigmoid_norm", "simpo", "orpo")]
+        need(not normed, f"train.aggregation: mean would length-normalise {normed} twice")
+    need(not (t.use_weighting and {"aot", "aot_unpaired"} & set(names)),
+         "train.use_weighting: WPO weights are per pair and aot/aot_unpaired sort pairs")
+    need(not t.sync_ref_model,
+         "train.sync_ref_model: TR-DPO updates the reference during training; this pipeline scores "
+         "the reference once, offline (no reference model at train time)")
+    need(t.ref_model_mixup_alpha is None,
+         "train.ref_model_mixup_alpha: mixing policy into the reference needs a live reference "
+         "model; this pipeline scores the reference once, offline")
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -50,22 +51,84 @@ def segment_layout(seq_lens: torch.Tensor, prompt_lens: torch.Tensor) -> Segment
     return SegmentLayout(seg_ids, targets, seg_ids[targets], num_segments)
 
 
-def chunked_target_logps(
-    hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """log p(target_i | hidden_i) for each row of ``hidden``; (N, H) -> (N,) fp32.
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] chunk by chunk; backward recomputes each chunk's logits.
 
-    ``lm_head`` maps (n, H) hidden states to (n, V) logits in the model's dtype; each chunk
-    is upcast to fp32 before logsumexp, so bf16 models still accumulate in fp32.
+    Saved for backward: the inputs and one fp32 logsumexp per token, never the logits, so
+    the extra memory is O(chunk x vocab) in forward and backward alike. Optionally also
+    returns log(sum_v p_v^2) per token (WPO's weights), without gradient.
     """
-    out = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start : start + chunk]).float()
-        tgt = targets[start : start + chunk].unsqueeze(-1)
-        out.append(logits.gather(-1, tgt).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    if not out:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, want_sq):
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        sq = torch.empty_like(logps) if want_sq else None
+        for s in range(0, n, chunk):
+            logits = F.linear(hidden[s : s + chunk], weight, bias).float()
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            logps[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+            if want_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 lse
+                sq[s : s + chunk] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        if sq is None:
+            return logps, None
+        ctx.mark_non_differentiable(sq)
+        return logps, sq
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sq):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (
+            need_b and bias is not None) else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            g = grad_logps[s : s + ctx.chunk].float()
+            probs = torch.exp(F.linear(h, weight, bias).float() - lse[s : s + ctx.chunk, None])
+            # d logp / d z = onehot(target) - softmax(z)
+            grad_z = (-g[:, None] * probs).scatter_add_(-1, targets[s : s + ctx.chunk, None], g[:, None])
+            grad_z = grad_z.to(weight.dtype)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = grad_z @ weight
+            if need_w:
+                grad_w += (grad_z.t() @ h).float()
+            if grad_b is not None:
+                grad_b += grad_z.float().sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def lm_head_target_logps(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+    log_sum_sq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, H) hidden states -> ((N,) fp32 target log-probs, (N,) log sum p^2 or None).
+
+    The chunked function runs *as the LM head module's forward* (its forward is swapped for
+    the call), so whatever wraps that module still sees a module call: DeepSpeed ZeRO-3
+    gathers the partitioned (possibly tied) weight before it and again before its backward,
+    exactly as for an ``nn.Linear``.
+    """
+
+    def fused(h):
+        return _ChunkedTargetLogps.apply(h, lm_head.weight, lm_head.bias, targets, chunk, log_sum_sq)
+
+    lm_head.forward = fused
+    try:
+        return lm_head(hidden)
+    finally:
+        del lm_head.forward
+
+
+@dataclass
+class TokenLogps:
+    logps: torch.Tensor  # (T,) fp32, completion positions only, 0 elsewhere
+    log_sum_sq: torch.Tensor | None  # (T,) log sum_v p_v^2 at completion positions (WPO)
 
 
 def packed_token_logps(
@@ -74,7 +137,8 @@ def packed_token_logps(
     position_ids: torch.Tensor,
     layout: SegmentLayout,
     chunk: int = 1024,
-) -> torch.Tensor:
+    log_sum_sq: bool = False,
+) -> TokenLogps:
     """Per-token log-probs of one packed row, aligned with ``input_ids``: (T,) fp32.
 
     Completion tokens hold log p(token | its own segment's prefix); prompt tokens hold 0.
@@ -84,11 +148,13 @@ def packed_token_logps(
         input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False
     ).last_hidden_state[0]
     # Token t is predicted by the hidden state at t - 1 (same segment since P_s >= 1).
-    target_logps = chunked_target_logps(
-        hidden[layout.targets - 1], model.get_output_embeddings(), input_ids[layout.targets], chunk
+    logps, sq = lm_head_target_logps(
+        model.get_output_embeddings(), hidden[layout.targets - 1], input_ids[layout.targets], chunk,
+        log_sum_sq,
     )
-    per_token = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return per_token.index_put((layout.targets,), target_logps)
+    zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return TokenLogps(zeros.index_put((layout.targets,), logps),
+                      None if sq is None else zeros.index_put((layout.targets,), sq))
 
 
 def segment_sums(per_token: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
@@ -97,9 +163,48 @@ def segment_sums(per_token: torch.Tensor, layout: SegmentLayout) -> torch.Tensor
     return sums.index_add(0, layout.target_seg, per_token[layout.targets])
 
 
+def sequence_logps(
+    per_token: torch.Tensor, layout: SegmentLayout, aggregation: str = "sum",
+    ld_alpha: float | None = None,
+) -> torch.Tensor:
+    """Per-segment log-probs from per-token values: (T,) -> (S,).
+
+    ``sum`` is DPO's sequence log-prob; ``mean`` divides by the completion length. With
+    ``ld_alpha`` (LD-DPO) the tokens of a pair's longer side past the shorter side's length
+    weigh ``ld_alpha``. Segments 2i and 2i+1 are a pair's chosen and rejected sides.
+    """
+    values = per_token[layout.targets]
+    lengths = segment_token_counts(layout)
+    if ld_alpha is not None:
+        shared = torch.minimum(lengths[0::2], lengths[1::2]).repeat_interleave(2)
+        values = values * ld_token_weights(lengths, shared, ld_alpha).to(values.dtype)
+    sums = torch.zeros(layout.num_segments, dtype=per_token.dtype, device=per_token.device)
+    sums = sums.index_add(0, layout.target_seg, values)
+    return sums / lengths.to(sums.dtype) if aggregation == "mean" else sums
+
+
 def segment_token_counts(layout: SegmentLayout) -> torch.Tensor:
     """Completion tokens per segment: (S,)."""
     return torch.bincount(layout.target_seg, minlength=layout.num_segments)
+
+
+def wpo_pair_weights(aligned_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """WPO (Zhou et al. 2024, arXiv:2406.11827, eq. 2) per-sequence weight
+    exp(mean over completion tokens of (log p - log sum_v p_v^2)), detached; (S,) -> (S,).
+    A pair's weight is its chosen weight times its rejected weight."""
+    return torch.exp(aligned_sum / lengths.clamp(min=1)).detach()
+
+
+def ld_token_weights(lengths: torch.Tensor, shared: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411) weights of the completion tokens of
+    segments with ``lengths`` (S,), in order: 1 for the first ``shared`` (S,) tokens (the
+    shorter side's length of the pair), ``alpha`` after; (S,) -> (sum lengths,)."""
+    lengths = lengths.long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    k = torch.arange(seg.numel(), device=lengths.device) - offsets[seg] + 1
+    one = torch.ones((), dtype=torch.float64, device=lengths.device)
+    return torch.where(k <= shared[seg], one, one * alpha)
 
 
 def check_model_supported(model) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import PipelineConfig, dump_yaml, to_dict
+from pipeline.config import PipelineConfig, dump_yaml, needs_reference, to_dict
 from pipeline.rundir import (
     HashCache,
     atomic_write_text,
@@ -49,8 +49,10 @@ def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
         return fp
 
     tok_fp = add("tokenize", tokenize.fingerprint_inputs(cfg, cache))
-    score_fp = add("score", score.fingerprint_inputs(cfg, cache, tok_fp))
-    add("train", train.fingerprint_inputs(cfg, cache, score_fp))
+    if needs_reference(cfg):
+        add("train", train.fingerprint_inputs(cfg, cache, add("score", score.fingerprint_inputs(cfg, cache, tok_fp))))
+    else:  # a reference-free loss trains on the tokenized rows: no score stage at all
+        add("train", train.fingerprint_inputs(cfg, cache, tok_fp))
     return plans
 
 
@@ -84,7 +86,8 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
         "config": to_dict(cfg),
     }
-    return (train.run if use_ray else train.run_local)(cfg, plans["score"].dir, plan.dir, info)
+    rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
+    return (train.run if use_ray else train.run_local)(cfg, rows_dir, plan.dir, info)
 
 
 def run_pipeline(
@@ -104,6 +107,10 @@ def run_pipeline(
     results: dict[str, dict] = {}
     connected = False
     for name in STAGES:
+        if name not in plans:
+            if name in selected:
+                log(f"[{name}] not needed: the loss is reference-free")
+            continue
         plan = plans[name]
         state = stage_state(plan.dir)
         if name not in selected:
@@ -147,7 +154,12 @@ def _figures(manifest: dict) -> dict:
 
 def status(cfg: PipelineConfig) -> list[dict]:
     table = []
-    for name, plan in plan_stages(cfg).items():
+    plans = plan_stages(cfg)
+    for name in STAGES:
+        if name not in plans:
+            table.append({"stage": name, "fingerprint": "-", "state": "not needed"})
+            continue
+        plan = plans[name]
         state = stage_state(plan.dir)
         manifest = read_manifest(plan.dir) if state == "done" else None
         figures = _figures(manifest) if manifest else {}
@@ -160,9 +172,9 @@ def status(cfg: PipelineConfig) -> list[dict]:
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
 
 

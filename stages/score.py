@@ -50,7 +50,7 @@ class ShardScorer:
         layout = segment_layout(t["seq_lens"], t["prompt_lens"])
         per_token = packed_token_logps(
             self.model, t["input_ids"], t["position_ids"], layout, self.cfg.model.logp_chunk_tokens
-        )
+        ).logps
         sums = segment_sums(per_token, layout)
         return per_token.cpu().numpy(), sums.cpu().numpy()
 

@@ -29,8 +29,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import losses as losses_mod
-from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
-from pipeline.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.config import (PipelineConfig, config_from_dict, for_workers, loss_plan,
+                             needs_reference, to_dict)
+from pipeline.logps import (packed_token_logps, segment_layout, segment_sums, segment_token_counts,
+                            sequence_logps, wpo_pair_weights)
 from pipeline.modeling import load_causal_lm, row_tensors
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
@@ -131,21 +133,40 @@ def build_optimizer(model: torch.nn.Module, cfg: PipelineConfig) -> torch.optim.
 
 @dataclass
 class PairBatch:
-    """Per-pair sequence log-probs of one packed row, (B,) each."""
+    """Per-pair inputs of the loss for one packed row, (B,) each."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    chosen_nll_sum: torch.Tensor  # plain sum of chosen token log-probs (NLL terms)
+    pair_weights: torch.Tensor | None  # WPO
     tokens: int
 
 
-def row_logps(model, row: dict, device, chunk: int) -> PairBatch:
+def row_logps(model, row: dict, run: "Run") -> PairBatch:
+    """The policy's log-prob pass over one packed row, aggregated with the stored
+    reference columns the same way (sum / mean / LD-DPO)."""
+    tr, device = run.cfg.train, run.device
     t = row_tensors(row, device)
     layout = segment_layout(t["seq_lens"], t["prompt_lens"])
-    seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout, chunk), layout)
-    ref = segment_sums(torch.tensor(row["ref_logps"], dtype=torch.float32, device=device), layout)
-    return PairBatch(seq[0::2], seq[1::2], ref[0::2], ref[1::2], int(row["num_tokens"]))
+    tok = packed_token_logps(model, t["input_ids"], t["position_ids"], layout,
+                             run.cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting)
+    seq = sequence_logps(tok.logps, layout, tr.aggregation, tr.ld_alpha)
+    if run.reference_free:
+        ref = torch.zeros_like(seq)
+    else:
+        ref_tok = torch.tensor(row["ref_logps"], dtype=torch.float32, device=device)
+        ref = sequence_logps(ref_tok, layout, tr.aggregation, tr.ld_alpha)
+    lengths = segment_token_counts(layout).float()
+    weights = None
+    if tr.use_weighting:
+        w = wpo_pair_weights(segment_sums(tok.logps - tok.log_sum_sq, layout), lengths)
+        weights = w[0::2] * w[1::2]
+    return PairBatch(seq[0::2], seq[1::2], ref[0::2], ref[1::2], lengths[0::2], lengths[1::2],
+                     segment_sums(tok.logps, layout)[0::2], weights, int(row["num_tokens"]))
 
 
 METRIC_KEYS = ("rows", "pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -188,7 +209,12 @@ class MetricSums:
 
 
 def loss_options(cfg: PipelineConfig) -> dict:
-    return {"beta": cfg.train.beta, "label_smoothing": cfg.train.label_smoothing}
+    """preference_loss keyword arguments from the train config (read here only)."""
+    t = cfg.train
+    names, weights = loss_plan(t)
+    return dict(loss_type=names, loss_weights=weights, beta=t.beta, label_smoothing=t.label_smoothing,
+                f_divergence_type=t.f_divergence_type, f_alpha_divergence_coef=t.f_alpha_divergence_coef,
+                discopop_tau=t.discopop_tau, simpo_gamma=t.simpo_gamma, cpo_alpha=t.cpo_alpha)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -219,6 +245,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     out_dir: Path
+    reference_free: bool  # no reference columns: the reference log-probs are 0
+    loss_options: dict
 
 
 def setup_run(config: dict) -> Run:
@@ -232,12 +260,14 @@ def setup_run(config: dict) -> Run:
     else:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    scored_dir = Path(config["scored_dir"])
-    train_rows = RowReader(split_files(scored_dir, "train"))
+    rows_dir = Path(config["rows_dir"])
+    reference_free = not needs_reference(cfg)
+    columns = [c for c in RowReader.COLUMNS if not (reference_free and c == "ref_logps")]
+    train_rows = RowReader(split_files(rows_dir, "train"), columns)
     steps_per_epoch = math.ceil(train_rows.num_rows / (world * t.gradient_accumulation_steps))
     total_steps = t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
-    return Run(cfg, rank, world, device, train_rows, RowReader(split_files(scored_dir, "eval")),
-               steps_per_epoch, total_steps, Path(config["out_dir"]))
+    return Run(cfg, rank, world, device, train_rows, RowReader(split_files(rows_dir, "eval"), columns),
+               steps_per_epoch, total_steps, Path(config["out_dir"]), reference_free, loss_options(cfg))
 
 
 def build_engine(run: Run):
@@ -283,11 +313,12 @@ def planned_steps(run: Run):
 
 
 def pair_loss(model, row: dict, run: Run) -> tuple[PairBatch, losses_mod.LossOutput]:
-    batch = row_logps(model, row, run.device, run.cfg.model.logp_chunk_tokens)
+    b = row_logps(model, row, run)
     out = losses_mod.preference_loss(
-        batch.chosen, batch.rejected, batch.ref_chosen, batch.ref_rejected,
-        loss_type=run.cfg.train.loss_type, **loss_options(run.cfg))
-    return batch, out
+        b.chosen, b.rejected, b.ref_chosen, b.ref_rejected,
+        chosen_lengths=b.chosen_lengths, rejected_lengths=b.rejected_lengths,
+        pair_weights=b.pair_weights, chosen_nll_sum=b.chosen_nll_sum, **run.loss_options)
+    return b, out
 
 
 def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -> dict:
@@ -361,7 +392,7 @@ def export_model(engine, run: Run, info: dict) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """One rank of training. ``config``: {"cfg": dict, "scored_dir", "out_dir", "info"}."""
+    """One rank of training. ``config``: {"cfg": dict, "rows_dir", "out_dir", "info"}."""
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
     warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
     run = setup_run(config)
@@ -413,8 +444,8 @@ def summarize(out_dir: Path) -> dict:
     }
 
 
-def _worker_config(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict) -> dict:
-    return {"cfg": for_workers(cfg), "scored_dir": str(scored_dir.resolve()),
+def _worker_config(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict) -> dict:
+    return {"cfg": for_workers(cfg), "rows_dir": str(rows_dir.resolve()),
             "out_dir": str(out_dir.resolve()), "info": info}
 
 
@@ -424,13 +455,14 @@ def outputs(out_dir: Path) -> tuple[list[ShardInfo], dict]:
     return [ShardInfo.of(f, 0, base=out_dir) for f in files], summarize(out_dir)
 
 
-def run_local(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict):
-    """One rank in this process (no Ray): the benchmarks' and the GPU machine's path."""
-    train_worker(_worker_config(cfg, scored_dir, out_dir, info))
+def run_local(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
+    """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
+    ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
+    train_worker(_worker_config(cfg, rows_dir, out_dir, info))
     return outputs(out_dir)
 
 
-def run(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict) -> dict:
+def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -440,7 +472,7 @@ def run(cfg: PipelineConfig, scored_dir: Path, out_dir: Path, info: dict) -> dic
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=_worker_config(cfg, scored_dir, out_dir, info),
+        train_loop_config=_worker_config(cfg, rows_dir, out_dir, info),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),

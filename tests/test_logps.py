@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pipeline.logps import (
-    chunked_target_logps,
+    lm_head_target_logps,
+    sequence_logps,
     packed_token_logps,
     segment_layout,
     segment_sums,
@@ -27,18 +28,39 @@ def test_segment_layout_needs_a_prompt_token():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
-def test_chunked_equals_naive_log_softmax_with_grads(chunk):
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_naive_log_softmax_with_grads(chunk, bias):
+    """Values, log sum p^2 and the gradients of hidden, weight and bias, in float32 against
+    a float64 log_softmax + gather."""
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(17, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    head = torch.nn.Linear(8, 50, bias=False).double()
+    hidden = torch.randn(17, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=bias)
     targets = torch.randint(0, 50, (17,), generator=g)
-    ours = chunked_target_logps(hidden, head, targets, chunk)
-    naive = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
-    assert torch.allclose(ours, naive.float(), atol=1e-6)
-    w = torch.randn(17, dtype=torch.float32, generator=g)
-    (gh,) = torch.autograd.grad((ours * w).sum(), hidden)
-    (gn,) = torch.autograd.grad((naive * w.double()).sum(), hidden)
-    assert torch.allclose(gh, gn, atol=1e-6)
+    ours, sq = lm_head_target_logps(head, hidden, targets, chunk, log_sum_sq=True)
+    assert "forward" not in vars(head)  # the module's own forward is back
+    h64 = hidden.detach().double().requires_grad_()
+    head64 = torch.nn.Linear(8, 50, bias=bias).double()
+    head64.load_state_dict(head.state_dict())
+    logp64 = torch.log_softmax(head64(h64), -1)
+    naive = logp64.gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(ours.double(), naive, atol=1e-6)
+    assert torch.allclose(sq.double(), torch.logsumexp(2 * logp64, -1), atol=1e-6)
+    w = torch.randn(17, generator=g)
+    (ours * w).sum().backward()
+    (naive * w.double()).sum().backward()
+    assert torch.allclose(hidden.grad.double(), h64.grad, atol=1e-6)
+    assert torch.allclose(head.weight.grad.double(), head64.weight.grad, atol=1e-6)
+    if bias:
+        assert torch.allclose(head.bias.grad.double(), head64.bias.grad, atol=1e-6)
+
+
+def test_sequence_logps_sum_mean_and_ld_weights():
+    # one pair: chosen 3 completion tokens, rejected 1 -> LD keeps chosen's first token at 1
+    layout = segment_layout(torch.tensor([5, 3]), torch.tensor([2, 2]))
+    per_token = torch.tensor([0, 0, -1.0, -2.0, -4.0, 0, 0, -8.0], dtype=torch.float64)
+    assert sequence_logps(per_token, layout).tolist() == [-7.0, -8.0]
+    assert sequence_logps(per_token, layout, "mean").tolist() == [-7.0 / 3, -8.0]
+    assert sequence_logps(per_token, layout, ld_alpha=0.5).tolist() == [-1.0 - 0.5 * 6.0, -8.0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -54,7 +76,7 @@ def test_packed_row_equals_separate_forwards(assets, attn):
     position_ids = torch.cat([torch.arange(n) for n in lens])
     layout = segment_layout(torch.tensor(lens), torch.tensor(prompts))
     with torch.no_grad():
-        packed = packed_token_logps(model, input_ids, position_ids, layout, chunk=16)
+        packed = packed_token_logps(model, input_ids, position_ids, layout, chunk=16).logps
         offset = 0
         for seg, p in zip(segs, prompts):
             logits = model(seg[None], use_cache=False).logits[0].double()

@@ -62,7 +62,7 @@ def test_step_loss_is_mean_over_all_pairs_of_the_step(first_run, assets):
             row = reader[mb.row]
             t = row_tensors(row)
             layout = segment_layout(t["seq_lens"], t["prompt_lens"])
-            seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout), layout)
+            seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout).logps, layout)
             ref = segment_sums(torch.tensor(row["ref_logps"]), layout)
             out = preference_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=cfg.train.beta)
             total = total + out.losses.sum()
@@ -89,7 +89,7 @@ def test_export_reloads_and_reproduces_the_trained_logps(first_run):
         for i in range(reader.num_rows):
             t = row_tensors(reader[i])
             layout = segment_layout(t["seq_lens"], t["prompt_lens"])
-            seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout), layout)
+            seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout).logps, layout)
             chosen += float(seq[0::2].double().sum())
             pairs += seq.numel() // 2
     final = [r for r in read_metrics(out) if "eval_loss" in r][-1]
