@@ -146,16 +146,16 @@ class PairBatch:
     tokens: int
 
 
-def row_logps(model, row: dict, run: "Run") -> PairBatch:
+def row_logps(model, row: dict, cfg: PipelineConfig, device) -> PairBatch:
     """The policy's log-prob pass over one packed row, aggregated with the stored
     reference columns the same way (sum / mean / LD-DPO)."""
-    tr, device = run.cfg.train, run.device
+    tr = cfg.train
     t = row_tensors(row, device)
     layout = segment_layout(t["seq_lens"], t["prompt_lens"])
     tok = packed_token_logps(model, t["input_ids"], t["position_ids"], layout,
-                             run.cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting)
+                             cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting)
     seq = sequence_logps(tok.logps, layout, tr.aggregation, tr.ld_alpha)
-    if run.reference_free:
+    if not needs_reference(cfg):
         ref = torch.zeros_like(seq)
     else:
         ref_tok = torch.tensor(row["ref_logps"], dtype=torch.float32, device=device)
@@ -245,8 +245,6 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     out_dir: Path
-    reference_free: bool  # no reference columns: the reference log-probs are 0
-    loss_options: dict
 
 
 def setup_run(config: dict) -> Run:
@@ -267,7 +265,7 @@ def setup_run(config: dict) -> Run:
     steps_per_epoch = math.ceil(train_rows.num_rows / (world * t.gradient_accumulation_steps))
     total_steps = t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
     return Run(cfg, rank, world, device, train_rows, RowReader(split_files(rows_dir, "eval"), columns),
-               steps_per_epoch, total_steps, Path(config["out_dir"]), reference_free, loss_options(cfg))
+               steps_per_epoch, total_steps, Path(config["out_dir"]))
 
 
 def build_engine(run: Run):
@@ -312,12 +310,13 @@ def planned_steps(run: Run):
             yield step, step_plan
 
 
-def pair_loss(model, row: dict, run: Run) -> tuple[PairBatch, losses_mod.LossOutput]:
-    b = row_logps(model, row, run)
+def pair_loss(model, row: dict, cfg: PipelineConfig, device) -> tuple[PairBatch, losses_mod.LossOutput]:
+    """Per-pair losses of one packed row: the log-prob pass, then ``pipeline.losses``."""
+    b = row_logps(model, row, cfg, device)
     out = losses_mod.preference_loss(
         b.chosen, b.rejected, b.ref_chosen, b.ref_rejected,
         chosen_lengths=b.chosen_lengths, rejected_lengths=b.rejected_lengths,
-        pair_weights=b.pair_weights, chosen_nll_sum=b.chosen_nll_sum, **run.loss_options)
+        pair_weights=b.pair_weights, chosen_nll_sum=b.chosen_nll_sum, **loss_options(cfg))
     return b, out
 
 
@@ -330,7 +329,7 @@ def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(), time.time()
     for mb in step_plan[run.rank]:
-        batch, out = pair_loss(engine.module, run.train_rows[mb.row], run)
+        batch, out = pair_loss(engine.module, run.train_rows[mb.row], run.cfg, run.device)
         engine.backward(out.losses.sum() * (mb.weight * scale))
         engine.step()
         sums.add(batch, out, mb.weight)
@@ -346,7 +345,7 @@ def evaluate(engine, run: Run, step: int) -> dict:
     engine.module.eval()
     with torch.no_grad():
         for mb in eval_plan(run.eval_rows.num_rows, run.world)[run.rank]:
-            batch, out = pair_loss(engine.module, run.eval_rows[mb.row], run)
+            batch, out = pair_loss(engine.module, run.eval_rows[mb.row], run.cfg, run.device)
             sums.add(batch, out, mb.weight)
     engine.module.train()
     return {"step": step, **sums.reduce("eval_")}

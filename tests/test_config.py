@@ -64,3 +64,34 @@ def test_cli_reports_a_typo_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "error: unknown config key train.bta" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.loss_type=exo_pair"], "train.label_smoothing: exo_pair needs epsilon > 0 .*1e-3"),
+        (["train.loss_type=hinge", "train.label_smoothing=0.1"], r"train.label_smoothing: 0.1 has no effect on \['hinge'\]"),
+        (["train.loss_type=bco_pair", "train.f_divergence_type=forward_kl"], "train.f_divergence_type: forward_kl has no valid"),
+        (["train.f_alpha_divergence_coef=0.3"], "train.f_alpha_divergence_coef: only used with"),
+        (["train.loss_type=[sigmoid, sft]", "train.loss_weights=[1.0]"], "train.loss_weights: 1 weights for 2"),
+        (["train.loss_type=ipo", "train.aggregation=mean"], r"train.aggregation: mean would length-normalise \['ipo'\]"),
+        (["train.ld_alpha=1.5"], r"train.ld_alpha: must be in \[0, 1\]"),
+        (["train.loss_type=aot", "train.use_weighting=true"], "train.use_weighting: WPO weights are per pair"),
+        (["train.sync_ref_model=true"], "train.sync_ref_model: TR-DPO .* scores the reference once, offline"),
+        (["train.ref_model_mixup_alpha=0.6"], "train.ref_model_mixup_alpha: .* needs a live reference"),
+        (["train.loss_type=simpo_v2"], "train.loss_type: 'simpo_v2' is not one of"),
+    ],
+)
+def test_impossible_loss_settings_name_the_setting(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+def test_reference_free_losses_skip_scoring(tmp_path):
+    from pipeline.config import loss_plan, needs_reference
+
+    assert not needs_reference(load_config(write(tmp_path, BASE), ["train.loss_type=simpo"]))
+    assert not needs_reference(load_config(write(tmp_path, BASE), ["train.reference_free=true"]))
+    assert needs_reference(load_config(write(tmp_path, BASE), ["train.loss_type=[simpo, sigmoid]"]))
+    cfg = load_config(write(tmp_path, BASE), ["train.rpo_alpha=0.3", "train.loss_type=aot_pair"])
+    assert loss_plan(cfg.train) == (["aot_unpaired", "sft"], [1.0, 0.3])

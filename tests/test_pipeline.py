@@ -1,6 +1,7 @@
 """End to end on the session's Ray cluster: real Ray Data, real Ray Train, real DeepSpeed
 ZeRO-3 on 2 CPU workers. Kept few: each run costs about a minute."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from conftest import tiny_config
 from pipeline import cli, runner
-from pipeline.config import dump_yaml
+from pipeline.config import dump_yaml, load_config
 from pipeline.logps import packed_token_logps, segment_layout, segment_sums
 from pipeline.losses import preference_loss
 from pipeline.modeling import row_tensors
@@ -97,20 +98,36 @@ def test_export_reloads_and_reproduces_the_trained_logps(first_run):
     assert chosen / pairs == pytest.approx(final["eval_logps/chosen"], abs=1e-4)
 
 
-def test_rerun_skips_and_a_train_setting_reruns_only_train(first_run, tmp_path, capsys):
+def test_rerun_skips_everything(first_run):
     cfg, results = first_run
     again = runner.run_pipeline(cfg)
     assert [r["ran"] for r in again.values()] == [False, False, False]
     assert {k: r["dir"] for k, r in again.items()} == {k: r["dir"] for k, r in results.items()}
 
+
+def test_changed_beta_reruns_only_train(first_run):
+    cfg, results = first_run
+    cfg = copy.deepcopy(cfg)
+    cfg.train.beta, cfg.train.max_steps = 0.2, 3
+    again = runner.run_pipeline(cfg)
+    assert [r["ran"] for r in again.values()] == [False, False, True]
+    assert again["score"]["dir"] == results["score"]["dir"]
+    assert again["train"]["dir"] != results["train"]["dir"]
+
+
+def test_cli_with_another_loss_reruns_only_train(first_run, tmp_path, capsys):
+    cfg, results = first_run
     config_file = tmp_path / "run.yaml"
     config_file.write_text(dump_yaml(cfg))
-    assert cli.main(["run", str(config_file), "train.beta=0.2", "train.max_steps=3"]) == 0
+    overrides = ["train.loss_type=ipo", "train.max_steps=3"]
+    assert cli.main(["run", str(config_file), *overrides]) == 0
     printed = capsys.readouterr().out
     assert f"[tokenize] done already ({results['tokenize']['dir']}), skipped" in printed
     assert f"[score] done already ({results['score']['dir']}), skipped" in printed
     assert "[train] running" in printed
-    assert "step-0 loss 0.693147" in printed
-    assert cli.main(["status", str(config_file), "train.beta=0.2", "train.max_steps=3"]) == 0
+    train_dir = Path(runner.plan_stages(load_config(config_file, overrides))["train"].dir)
+    first = [r for r in read_metrics(train_dir) if "loss" in r][0]
+    assert first["loss"] == pytest.approx(25.0, abs=1e-5)  # IPO at policy == reference: (1 / (2 beta))^2
+    assert cli.main(["status", str(config_file), *overrides]) == 0
     status = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in status[1:]] == ["done", "done", "done"]

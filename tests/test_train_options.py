@@ -66,3 +66,25 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     assert steps[0]["rows"] == 2  # two packed rows per step (accumulation 2, one rank)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.timeout(600)
+def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(300, seed=4), data)
+    cfg = tiny_config(assets, tmp_path / "run", data=data, tokenize={"max_tokens_per_row": 256},
+                      train={"loss_type": "simpo", "cpo_alpha": 0.0, "max_steps": 2, "eval_steps": 100})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[score] not needed: the loss is reference-free" in proc.stdout
+    assert not (tmp_path / "run" / "score").exists()
+    train_dir = next((tmp_path / "run" / "train").iterdir())
+    steps = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(path)],
+                            capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert [line.split()[0:3] for line in status[1:]] == [
+        ["tokenize", status[1].split()[1], "done"], ["score", "-", "not"], ["train", status[3].split()[1], "done"]]
