@@ -66,11 +66,16 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         lse = torch.empty_like(logps)
         sq = torch.empty_like(logps) if want_sq else None
         for s in range(0, n, chunk):
-            logits = F.linear(hidden[s : s + chunk], weight, bias).float()
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            logps[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+            z = F.linear(hidden[s : s + chunk], weight, bias).float()
+            target_z = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
             if want_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 lse
-                sq[s : s + chunk] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse[s : s + chunk]
+                sq_z = torch.logsumexp(2 * z, dim=-1)
+            # logsumexp in place: one chunk-sized buffer, no second temporary
+            m = z.max(dim=-1).values
+            lse[s : s + chunk] = z.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
+            logps[s : s + chunk] = target_z - lse[s : s + chunk]
+            if want_sq:
+                sq[s : s + chunk] = sq_z - 2 * lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         if sq is None:
@@ -89,14 +94,17 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk]
             g = grad_logps[s : s + ctx.chunk].float()
-            probs = torch.exp(F.linear(h, weight, bias).float() - lse[s : s + ctx.chunk, None])
-            # d logp / d z = onehot(target) - softmax(z)
-            grad_z = (-g[:, None] * probs).scatter_add_(-1, targets[s : s + ctx.chunk, None], g[:, None])
-            grad_z = grad_z.to(weight.dtype)
+            # d logp / d z = onehot(target) - softmax(z), built in place in one chunk-sized buffer
+            z = F.linear(h, weight, bias).float()
+            grad_z = z.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            grad_z = grad_z.scatter_add_(-1, targets[s : s + ctx.chunk, None], g[:, None]).to(weight.dtype)
             if need_h:
                 grad_h[s : s + ctx.chunk] = grad_z @ weight
             if need_w:
-                grad_w += (grad_z.t() @ h).float()
+                if h.dtype == grad_w.dtype:
+                    grad_w.addmm_(grad_z.t(), h)  # no weight-sized temporary
+                else:
+                    grad_w += (grad_z.t() @ h).float()
             if grad_b is not None:
                 grad_b += grad_z.float().sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
