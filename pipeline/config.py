@@ -96,6 +96,9 @@ class TrainConfig:
     aggregation: Literal["sum", "mean"] = "sum"
     # Treat the reference log-probs as 0: no score stage.
     reference_free: bool = False
+    # MoE load-balancing loss weight; null = the model config's output_router_logits and
+    # router_aux_loss_coef decide (as TRL); 0 = off.
+    router_aux_loss_coef: Optional[float] = None
     # Options that need a live reference model; named here so they fail with the reason.
     sync_ref_model: bool = False
     ref_model_mixup_alpha: Optional[float] = None

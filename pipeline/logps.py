@@ -137,6 +137,7 @@ def lm_head_target_logps(
 class TokenLogps:
     logps: torch.Tensor  # (T,) fp32, completion positions only, 0 elsewhere
     log_sum_sq: torch.Tensor | None  # (T,) log sum_v p_v^2 at completion positions (WPO)
+    router_logits: tuple | None = None  # MoE: one (T, experts) tensor per layer, when asked
 
 
 def packed_token_logps(
@@ -146,15 +147,19 @@ def packed_token_logps(
     layout: SegmentLayout,
     chunk: int = 1024,
     log_sum_sq: bool = False,
+    router_logits: bool = False,
 ) -> TokenLogps:
     """Per-token log-probs of one packed row, aligned with ``input_ids``: (T,) fp32.
 
     Completion tokens hold log p(token | its own segment's prefix); prompt tokens hold 0.
+    ``router_logits``: also return an MoE decoder's router logits (for the aux loss).
     """
     decoder = model.get_decoder()
-    hidden = decoder(
-        input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False
-    ).last_hidden_state[0]
+    extra = {"output_router_logits": True} if router_logits else {}
+    out = decoder(
+        input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False, **extra
+    )
+    hidden = out.last_hidden_state[0]
     # Token t is predicted by the hidden state at t - 1 (same segment since P_s >= 1).
     logps, sq = lm_head_target_logps(
         model.get_output_embeddings(), hidden[layout.targets - 1], input_ids[layout.targets], chunk,
@@ -162,7 +167,8 @@ def packed_token_logps(
     )
     zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return TokenLogps(zeros.index_put((layout.targets,), logps),
-                      None if sq is None else zeros.index_put((layout.targets,), sq))
+                      None if sq is None else zeros.index_put((layout.targets,), sq),
+                      tuple(out.router_logits) if router_logits else None)
 
 
 def segment_sums(per_token: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:

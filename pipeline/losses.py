@@ -272,6 +272,24 @@ def orpo(p: Pairs, o: Options) -> torch.Tensor:
     return sft(p, o) - o.beta * F.logsigmoid(log_odds)
 
 
+# ----------------------------------------------------------------------------- MoE
+
+
+def router_load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    r"""Switch-Transformer load-balancing loss (Fedus et al. 2021, arXiv:2101.03961, eqs. 4-6),
+    as transformers' Mixtral ``load_balancing_loss_func`` with every token counted (a packed
+    row has no padding): :math:`N \sum_e f_e P_e` over all layers' tokens, f_e the fraction
+    of top-k assignments to expert e, P_e its mean router probability.
+
+    router_logits: one (T, num_experts) tensor per MoE layer.
+    """
+    logits = torch.cat([layer.to(router_logits[0].device) for layer in router_logits], dim=0)
+    probs = torch.softmax(logits, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices
+    tokens_per_expert = F.one_hot(selected, num_experts).float().mean(dim=0)  # (top_k, E)
+    return num_experts * torch.sum(tokens_per_expert * probs.mean(dim=0).unsqueeze(0))
+
+
 # ----------------------------------------------------------------------------- f-divergences
 
 

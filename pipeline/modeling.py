@@ -57,3 +57,24 @@ def row_tensors(row: dict, device: torch.device | str = "cpu") -> dict[str, torc
         "seq_lens": torch.tensor(row["seq_lens"], dtype=torch.long, device=device),
         "prompt_lens": torch.tensor(row["prompt_lens"], dtype=torch.long, device=device),
     }
+
+
+def moe_router(model, coef_override: float | None) -> tuple[float, int, int] | None:
+    """(aux coefficient, experts, top-k) when the router load-balancing loss is on, else None.
+
+    As TRL: on when the model config sets ``output_router_logits``, weighted by its
+    ``router_aux_loss_coef``; ``train.router_aux_loss_coef`` (a number) turns it on with that
+    weight, 0 turns it off.
+    """
+    config = model.config
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not experts or not top_k:
+        return None
+    if coef_override is None:
+        if not getattr(config, "output_router_logits", False):
+            return None
+        coef = float(getattr(config, "router_aux_loss_coef", 0.0))
+    else:
+        coef = coef_override
+    return (coef, int(experts), int(top_k)) if coef > 0 else None

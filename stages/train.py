@@ -33,7 +33,7 @@ from pipeline.config import (PipelineConfig, config_from_dict, for_workers, loss
                              needs_reference, to_dict)
 from pipeline.logps import (packed_token_logps, segment_layout, segment_sums, segment_token_counts,
                             sequence_logps, wpo_pair_weights)
-from pipeline.modeling import load_causal_lm, row_tensors
+from pipeline.modeling import load_causal_lm, moe_router, row_tensors
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
 
@@ -144,6 +144,7 @@ class PairBatch:
     chosen_nll_sum: torch.Tensor  # plain sum of chosen token log-probs (NLL terms)
     pair_weights: torch.Tensor | None  # WPO
     tokens: int
+    aux_loss: torch.Tensor | None = None  # MoE router load balancing, already weighted
 
 
 def row_logps(model, row: dict, cfg: PipelineConfig, device) -> PairBatch:
@@ -152,8 +153,10 @@ def row_logps(model, row: dict, cfg: PipelineConfig, device) -> PairBatch:
     tr = cfg.train
     t = row_tensors(row, device)
     layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+    router = moe_router(model, tr.router_aux_loss_coef)
     tok = packed_token_logps(model, t["input_ids"], t["position_ids"], layout,
-                             cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting)
+                             cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting,
+                             router_logits=router is not None)
     seq = sequence_logps(tok.logps, layout, tr.aggregation, tr.ld_alpha)
     if not needs_reference(cfg):
         ref = torch.zeros_like(seq)
@@ -165,11 +168,15 @@ def row_logps(model, row: dict, cfg: PipelineConfig, device) -> PairBatch:
     if tr.use_weighting:
         w = wpo_pair_weights(segment_sums(tok.logps - tok.log_sum_sq, layout), lengths)
         weights = w[0::2] * w[1::2]
+    aux = None
+    if router is not None:
+        coef, experts, top_k = router
+        aux = coef * losses_mod.router_load_balancing_loss(tok.router_logits, experts, top_k)
     return PairBatch(seq[0::2], seq[1::2], ref[0::2], ref[1::2], lengths[0::2], lengths[1::2],
-                     segment_sums(tok.logps, layout)[0::2], weights, int(row["num_tokens"]))
+                     segment_sums(tok.logps, layout)[0::2], weights, int(row["num_tokens"]), aux)
 
 
-METRIC_KEYS = ("rows", "pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+METRIC_KEYS = ("rows", "pairs", "aux_loss", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "tokens")
 
 
@@ -185,6 +192,8 @@ class MetricSums:
         v = self.values
         v["rows"] += 1
         v["pairs"] += batch.chosen.numel()
+        if batch.aux_loss is not None:
+            v["aux_loss"] += float(batch.aux_loss.detach()) * batch.chosen.numel()  # pair-weighted
         v["tokens"] += batch.tokens
         v["loss"] += out.losses.detach().double().sum().item()
         v["rewards/chosen"] += out.chosen_rewards.double().sum().item()
@@ -205,6 +214,8 @@ class MetricSums:
         counts = ("rows", "pairs", "tokens")
         out = {f"{prefix}{k}": total[k] / n for k in METRIC_KEYS if k not in counts}
         out.update({f"{prefix}{k}": int(total[k]) for k in counts})
+        if total["aux_loss"] == 0.0:  # a dense model: no router loss to report
+            del out[f"{prefix}aux_loss"]
         return out
 
 
@@ -330,7 +341,10 @@ def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -
     sums, t0 = MetricSums(), time.time()
     for mb in step_plan[run.rank]:
         batch, out = pair_loss(engine.module, run.train_rows[mb.row], run.cfg, run.device)
-        engine.backward(out.losses.sum() * (mb.weight * scale))
+        loss = out.losses.sum() * (mb.weight * scale)
+        if batch.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
+            loss = loss + mb.weight * batch.aux_loss
+        engine.backward(loss)
         engine.step()
         sums.add(batch, out, mb.weight)
     metrics = sums.reduce()
