@@ -40,8 +40,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Files, globs or directories of JSONL / Parquet preference pairs.
+    # Files, globs or directories: .jsonl, .json, .parquet, .csv, or a directory written by
+    # datasets' save_to_disk.
     train_files: list[str] = field(default_factory=list)
+    # Or a datasets.load_dataset call: {path, name, split, data_files, revision}.
+    hf_dataset: Optional[dict[str, Any]] = None
+    # The split of a save_to_disk DatasetDict.
+    split: str = "train"
+    # Pairs with the same tokens: keep them (reported) or drop all but the first (quarantined).
+    duplicates: Literal["keep", "drop"] = "keep"
     # Fraction of prompts held out for eval (pairs sharing a prompt stay on one side).
     eval_fraction: float = 0.05
     prompt_key: str = "prompt"
@@ -53,8 +60,14 @@ class DataConfig:
 class TokenizeConfig:
     max_length: int = 1024
     max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     max_tokens_per_row: int = 4096
+    # A Jinja chat-template file that replaces the tokenizer's.
+    chat_template: Optional[str] = None
+    # Quarantine pairs whose tokenised prompt is not a prefix of prompt + completion
+    # (default: train on them as TRL 1.16 does, counted in the manifest).
+    strict: bool = False
     rows_per_shard: int = 256
     # JSONL lines / Parquet rows read by one tokenize task.
     rows_per_task: int = 20000
@@ -244,7 +257,13 @@ def _validate(cfg: PipelineConfig) -> None:
             raise ConfigError(msg)
 
     need(bool(cfg.model.path), "model.path: required (the policy's HF checkpoint directory)")
-    need(bool(cfg.data.train_files), "data.train_files: required (JSONL/Parquet files)")
+    need(bool(cfg.data.train_files) != bool(cfg.data.hf_dataset),
+         "data.train_files or data.hf_dataset: exactly one is required")
+    if cfg.data.hf_dataset is not None:
+        known = {"path", "name", "split", "data_files", "revision"}
+        bad = sorted(set(cfg.data.hf_dataset) - known)
+        need(not bad, f"data.hf_dataset: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
+        need("path" in cfg.data.hf_dataset, "data.hf_dataset.path: required")
     need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
     t = cfg.tokenize
     need(t.max_length >= 2, "tokenize.max_length: must be >= 2")
@@ -258,6 +277,8 @@ def _validate(cfg: PipelineConfig) -> None:
             0 < t.max_prompt_length < t.max_length,
             "tokenize.max_prompt_length: must be in (0, tokenize.max_length)",
         )
+    if t.max_completion_length is not None:
+        need(t.max_completion_length >= 1, "tokenize.max_completion_length: must be >= 1")
     need(t.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
     need(t.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
     need(t.actors >= 1, "tokenize.actors: must be >= 1")
@@ -408,6 +429,7 @@ def for_workers(cfg: PipelineConfig) -> dict:
     out["run_dir"] = _absolute(cfg.run_dir)
     for key in ("path", "reference_path", "tokenizer_path"):
         out["model"][key] = _absolute(out["model"][key])
+    out["tokenize"]["chat_template"] = _absolute(out["tokenize"]["chat_template"])
     return out
 
 

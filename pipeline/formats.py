@@ -1,24 +1,37 @@
-"""Preference-pair formats: normalise a raw row, then tokenise it into two segments.
+"""Preference-pair formats: normalise a raw row into pairs, then tokenise each pair.
 
 A row that cannot be trained on raises ``BadRow(reason)``; the tokenize stage puts it in
-quarantine with that reason. Formats accepted here (issue 4 widens the list):
+quarantine with that reason. Formats, detected per row (the stage then checks that one
+dataset holds one format):
 
-* standard: ``prompt``, ``chosen``, ``rejected`` are strings;
-* conversational: ``prompt`` is a list of ``{"role", "content"}`` messages, ``chosen`` and
-  ``rejected`` are lists of messages ending with the assistant's turn.
+* ``standard``: ``prompt``, ``chosen``, ``rejected`` are strings;
+* ``conversational``: ``prompt`` is a list of ``{"role", "content"}`` messages (system
+  turns included), ``chosen`` / ``rejected`` are message lists ending with the assistant;
+* ``implicit_standard`` / ``implicit_conversational``: no prompt; ``chosen`` and
+  ``rejected`` hold the whole exchange (Anthropic HH-RLHF's ``"\\n\\nHuman: ...
+  \\n\\nAssistant: ..."`` strings, or message lists) and the prompt is their shared
+  prefix, extracted as TRL's ``extract_prompt`` does;
+* one chosen with several rejected: ``rejected`` is a list of completions (strings, or
+  message lists); it expands into pairs that share the prompt, numbered by ``expansion``.
 
-Tokenisation follows TRL: a conversational prompt goes through the tokenizer's chat
-template with the generation prompt; prompt + completion are rendered and tokenised
-together and the completion starts where the two token streams diverge (so a BPE merge
-across the boundary never leaves a prompt token that the full text does not have). Every
-completion ends with exactly one EOS / end-of-turn token.
+Optional per-row ``chat_template_kwargs`` (a mapping) and ``tools`` go to the chat template.
+
+Tokenisation follows TRL 1.16's DPO path: a conversational prompt is rendered with the
+generation prompt; prompt + chosen and prompt + rejected are rendered and tokenised whole;
+the prompt is their common token prefix with the tokenised prompt (the min over both sides,
+so both sides share it) and each completion starts there. One deliberate difference: each
+completion ends with exactly one EOS / end-of-turn token, so what a template renders after
+the last end-of-turn (ChatML's trailing newline) is dropped; TRL keeps it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
+
+FORMATS = ("standard", "conversational", "implicit_standard", "implicit_conversational")
 
 
 class BadRow(ValueError):
@@ -33,7 +46,13 @@ class Pair:
     prompt: Any  # str or list of messages
     chosen: Any
     rejected: Any
-    conversational: bool
+    format: str  # one of FORMATS
+    expansion: int = 0  # index among the rejected completions of one row
+    template_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return self.format.endswith("conversational")
 
 
 @dataclass
@@ -54,6 +73,13 @@ class TokenizedPair:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
 
+# ----------------------------------------------------------------------------- normalising
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
 def _check_messages(value: Any, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise BadRow("malformed_messages", f"{key} is not a non-empty list of messages")
@@ -65,34 +91,93 @@ def _check_messages(value: Any, key: str) -> list[dict]:
     return value
 
 
-def normalize(row: dict, prompt_key: str, chosen_key: str, rejected_key: str) -> Pair:
-    for key in (prompt_key, chosen_key, rejected_key):
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """TRL's ``extract_prompt``: the longest common prefix (characters, or whole turns) is
+    the prompt; for strings, a space right before the split point goes to the completions."""
+    idx = 0
+    n = min(len(chosen), len(rejected))
+    while idx < n and chosen[idx] == rejected[idx]:
+        idx += 1
+    if idx < n and idx > 0 and isinstance(chosen, str) and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _template_kwargs(row: dict) -> dict:
+    kwargs = row.get("chat_template_kwargs") or {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError:
+            raise BadRow("bad_type", "chat_template_kwargs is not a JSON mapping") from None
+    if not isinstance(kwargs, dict):
+        raise BadRow("bad_type", "chat_template_kwargs is not a mapping")
+    tools = row.get("tools")
+    if tools is not None:
+        kwargs = {**kwargs, "tools": json.loads(tools) if isinstance(tools, str) else tools}
+    return kwargs
+
+
+def _rejected_list(rejected: Any) -> tuple[list, bool]:
+    """(the rejected completions, whether the row had several)."""
+    if isinstance(rejected, list) and rejected and all(isinstance(r, (str, list)) for r in rejected):
+        return rejected, True  # list of strings, or list of message lists
+    return [rejected], False
+
+
+def normalize(row: dict, prompt_key: str, chosen_key: str, rejected_key: str) -> list[Pair]:
+    """One row -> its pairs (several when it has several rejected completions)."""
+    for key in (chosen_key, rejected_key):
         if row.get(key) is None:
             raise BadRow("missing_field", key)
-    prompt, chosen, rejected = row[prompt_key], row[chosen_key], row[rejected_key]
-    if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-        if not chosen.strip() or not rejected.strip():
-            raise BadRow("empty_completion")
-        if chosen == rejected:
-            raise BadRow("chosen_equals_rejected")
-        return Pair(prompt, chosen, rejected, conversational=False)
-    if all(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        _check_messages(prompt, prompt_key)
-        for key, side in ((chosen_key, chosen), (rejected_key, rejected)):
-            _check_messages(side, key)
-            if side[-1]["role"] != "assistant":
-                raise BadRow("malformed_messages", f"last turn of {key} is not the assistant's")
-            if not side[-1]["content"].strip():
-                raise BadRow("empty_completion", key)
-        if chosen == rejected:
-            raise BadRow("chosen_equals_rejected")
-        return Pair(prompt, chosen, rejected, conversational=True)
-    types_ = {k: type(row[k]).__name__ for k in (prompt_key, chosen_key, rejected_key)}
-    raise BadRow("bad_type", f"expected three strings or three message lists, got {types_}")
+    implicit = row.get(prompt_key) is None
+    chosen = row[chosen_key]
+    rejected_all, multi = _rejected_list(row[rejected_key])
+    kwargs = _template_kwargs(row)
+    pairs = []
+    for k, rejected in enumerate(rejected_all):
+        where = f"{rejected_key}[{k}]" if multi else rejected_key
+        if implicit:
+            if isinstance(chosen, str) and isinstance(rejected, str):
+                prompt, c, r = extract_prompt(chosen, rejected)
+                fmt = "implicit_standard"
+            elif _is_messages(chosen) and _is_messages(rejected):
+                _check_messages(chosen, chosen_key)
+                _check_messages(rejected, where)
+                prompt, c, r = extract_prompt(chosen, rejected)
+                fmt = "implicit_conversational"
+            else:
+                raise BadRow("bad_type", f"without {prompt_key!r}, {chosen_key!r} and {where!r} must be "
+                                         "two strings or two message lists")
+            if not prompt:
+                raise BadRow("no_shared_prompt", f"{chosen_key!r} and {where!r} share no prefix")
+        else:
+            prompt, c, r = row[prompt_key], chosen, rejected
+            if all(isinstance(v, str) for v in (prompt, c, r)):
+                fmt = "standard"
+            elif isinstance(prompt, list) and isinstance(c, list) and isinstance(r, list):
+                _check_messages(prompt, prompt_key)
+                fmt = "conversational"
+            else:
+                types_ = {prompt_key: type(prompt).__name__, chosen_key: type(c).__name__,
+                          where: type(r).__name__}
+                raise BadRow("bad_type", f"expected three strings or three message lists, got {types_}")
+        if fmt.endswith("conversational"):
+            for key, side in ((chosen_key, c), (where, r)):
+                _check_messages(side, key)
+                if side[-1]["role"] != "assistant":
+                    raise BadRow("malformed_messages", f"last turn of {key} is not the assistant's")
+                if not side[-1]["content"].strip():
+                    raise BadRow("empty_completion", key)
+        elif not c.strip() or not r.strip():
+            raise BadRow("empty_completion", chosen_key if not c.strip() else where)
+        if c == r:
+            raise BadRow("chosen_equals_rejected", where)
+        pairs.append(Pair(prompt, c, r, fmt, k, kwargs))
+    return pairs
 
 
-def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+# ----------------------------------------------------------------------------- tokenising
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -103,32 +188,34 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _segment(
-    tokenizer, prompt_text: str, full_text: str, add_special_tokens: bool, eos_id: int
-) -> tuple[list[int], list[int], bool]:
-    prompt_ids = _ids(tokenizer, prompt_text, add_special_tokens)
-    full_ids = _ids(tokenizer, full_text, add_special_tokens)
-    split = _common_prefix(prompt_ids, full_ids)
-    mismatch = split < len(prompt_ids)
-    completion = full_ids[split:]
-    # Exactly one EOS at the end: drop what a template renders after the last end-of-turn
-    # (ChatML's trailing newline), or append EOS when the text has none.
+def _render_ids(tokenizer, pair: Pair, completion: Any | None) -> list[int]:
+    """Token ids of the prompt (completion None) or of prompt + completion."""
+    if pair.conversational:
+        messages = pair.prompt if completion is None else pair.prompt + completion
+        # The template adds BOS itself where it has one: no special tokens on top.
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=completion is None, **pair.template_kwargs
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = pair.prompt if completion is None else pair.prompt + completion
+    return list(tokenizer(text)["input_ids"])
+
+
+def _end_with_one_eos(completion: list[int], eos_id: int) -> list[int]:
     if eos_id in completion:
         last = len(completion) - 1 - completion[::-1].index(eos_id)
-        completion = completion[: last + 1]
-    else:
-        completion = completion + [eos_id]
-    return full_ids[:split], completion, mismatch
+        return completion[: last + 1]
+    return completion + [eos_id]
 
 
 def _truncate(
-    prompt: list[int],
-    completion: list[int],
-    max_length: int,
-    max_prompt_length: int | None,
-    mode: str,
+    prompt: list[int], completion: list[int], max_length: int, max_prompt_length: int | None, mode: str,
+    max_completion_length: int | None = None,
 ) -> tuple[list[int], list[int], bool]:
     truncated = False
+    if max_completion_length is not None and len(completion) > max_completion_length:
+        completion = completion[:max_completion_length]
+        truncated = True
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if mode == "keep_end" else prompt[:max_prompt_length]
         truncated = True
@@ -137,6 +224,8 @@ def _truncate(
     if len(prompt) + len(completion) > max_length:
         completion = completion[: max_length - len(prompt)]
         truncated = True
+    if not completion:
+        raise BadRow("completion_truncated_to_nothing")
     return prompt, completion, truncated
 
 
@@ -147,50 +236,55 @@ def tokenize_pair(
     max_length: int,
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
+    strict: bool = False,
+    max_completion_length: int | None = None,
 ) -> TokenizedPair:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token: set one (completions must end with it)")
-    segments = []
-    truncated_any = mismatch_any = False
-    for completion in (pair.chosen, pair.rejected):
-        if pair.conversational:
-            # The template adds BOS itself where it has one: no special tokens on top.
-            prompt_text = tokenizer.apply_chat_template(
-                pair.prompt, tokenize=False, add_generation_prompt=True
-            )
-            full_text = tokenizer.apply_chat_template(pair.prompt + completion, tokenize=False)
-            prompt, comp, mismatch = _segment(tokenizer, prompt_text, full_text, False, eos_id)
-        else:
-            prompt, comp, mismatch = _segment(
-                tokenizer, pair.prompt, pair.prompt + completion, True, eos_id
-            )
-        if not prompt:
-            raise BadRow("empty_prompt", "the prompt tokenises to nothing")
-        prompt, comp, truncated = _truncate(
-            prompt, comp, max_length, max_prompt_length, truncation_mode
-        )
-        segments.append(Segment(prompt + comp, len(prompt)))
+    prompt_ids = _render_ids(tokenizer, pair, None)
+    full = [_render_ids(tokenizer, pair, side) for side in (pair.chosen, pair.rejected)]
+    prompt_len = min(_common_prefix(prompt_ids, ids) for ids in full)
+    mismatch = prompt_len < len(prompt_ids)
+    if mismatch and strict:
+        raise BadRow("prompt_not_prefix", "the tokenised prompt is not a prefix of prompt + completion")
+    prompt = full[0][:prompt_len]
+    if not prompt:
+        raise BadRow("empty_prompt", "the prompt tokenises to nothing")
+    segments, truncated_any = [], False
+    for ids in full:
+        p, c, truncated = _truncate(prompt, _end_with_one_eos(ids[prompt_len:], eos_id), max_length,
+                                    max_prompt_length, truncation_mode, max_completion_length)
+        segments.append(Segment(p + c, len(p)))
         truncated_any |= truncated
-        mismatch_any |= mismatch
     chosen, rejected = segments
     if chosen.input_ids == rejected.input_ids:
         raise BadRow("identical_after_tokenization")
-    return TokenizedPair(chosen, rejected, truncated_any, mismatch_any)
+    return TokenizedPair(chosen, rejected, truncated_any, mismatch)
 
 
-def pair_id(tp: TokenizedPair, source: str, row_index: int) -> str:
-    """Content hash of the tokenised pair plus its source row (duplicates stay distinct)."""
+def _ids_bytes(ids: list[int]) -> bytes:
+    return b"".join(t.to_bytes(4, "little") for t in ids)
+
+
+def content_key(tp: TokenizedPair) -> str:
+    """Hash of the pair's tokens only: equal for duplicate pairs."""
     h = hashlib.sha256()
     for seg in (tp.chosen, tp.rejected):
         h.update(len(seg.input_ids).to_bytes(4, "little"))
         h.update(seg.prompt_len.to_bytes(4, "little"))
-        h.update(b"".join(t.to_bytes(4, "little") for t in seg.input_ids))
-    h.update(f"{source}\0{row_index}".encode())
+        h.update(_ids_bytes(seg.input_ids))
+    return h.hexdigest()[:24]
+
+
+def pair_id(tp: TokenizedPair, source: str, row_index: int, expansion: int = 0) -> str:
+    """Content hash of the tokenised pair plus its source row and expansion index, so
+    duplicates that are kept stay distinct."""
+    h = hashlib.sha256(content_key(tp).encode())
+    h.update(f"{source}\0{row_index}\0{expansion}".encode())
     return h.hexdigest()[:24]
 
 
 def prompt_key(tp: TokenizedPair) -> bytes:
-    """Key of the chosen side's prompt tokens: the unit of the train/eval split."""
-    ids = tp.chosen.input_ids[: tp.chosen.prompt_len]
-    return hashlib.sha256(b"".join(t.to_bytes(4, "little") for t in ids)).digest()
+    """Key of the prompt tokens: the unit of the train/eval split."""
+    return hashlib.sha256(_ids_bytes(tp.chosen.input_ids[: tp.chosen.prompt_len])).digest()

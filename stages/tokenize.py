@@ -1,14 +1,13 @@
-"""tokenize: preference files -> quarantine + packed rows in Parquet, split train/eval.
+"""tokenize: preference data -> quarantine + packed rows in Parquet, split train/eval.
 
 Core functions work on plain files and tables and run without Ray:
 
-* ``plan_chunks``: split the input files into read units (JSONL line ranges, Parquet row
-  groups), each with the source index of its first row;
+* ``pipeline.sources.plan_chunks``: the inputs cut into read units with source row indices;
 * ``TokenizeChunk``: read a unit, normalise and tokenise every row (bad rows are returned
   with a quarantine reason, never dropped);
-* ``pack_and_write``: on the driver, split by prompt, pack pairs into rows of
-  ``max_tokens_per_row`` (first-fit-decreasing over the (pair, length) table), shuffle the
-  rows with the seed and write the shards.
+* ``pack_and_write``: on the driver, the dataset-wide checks (one format per dataset,
+  duplicates), the split by prompt, packing into rows of ``max_tokens_per_row``
+  (first-fit-decreasing over the (pair, length) table), a seeded row shuffle, the shards.
 
 ``run`` places ``TokenizeChunk`` on a Ray Data actor pool; ``run_local`` runs the same
 code in-process.
@@ -16,29 +15,30 @@ code in-process.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import formats, packing
+from pipeline import formats, packing, sources
 from pipeline.config import PipelineConfig
 from pipeline.rundir import HashCache, ShardInfo, commit_file, hash_checkpoint, hash_tree, tmp_name
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 ROW_GROUP_ROWS = 16  # small row groups: the trainer reads rows at random
 
 PAIR_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("row_index", pa.int64()),
+        ("expansion", pa.int32()),  # which rejected completion of the row
+        ("format", pa.string()),
         ("pair_id", pa.string()),
+        ("content_key", pa.string()),  # hash of the tokens only: equal for duplicates
         ("prompt_key", pa.binary()),
         ("chosen_ids", pa.list_(pa.int32())),
         ("chosen_prompt_len", pa.int32()),
@@ -64,116 +64,29 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
-QUARANTINE_COLUMNS = ["source", "row_index", "reason", "detail", "raw"]
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files from paths, globs and directories, sorted; an empty match is an error."""
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        found = []
-        for m in matches:
-            if os.path.isdir(m):
-                found += sorted(
-                    str(p) for p in Path(m).rglob("*") if p.suffix in (".jsonl", ".parquet")
-                )
-            elif os.path.isfile(m):
-                found.append(m)
-        if not found:
-            raise FileNotFoundError(f"data.train_files: {pattern!r} matches no file")
-        files += found
-    for f in files:
-        if not f.endswith((".jsonl", ".parquet")):
-            raise ValueError(f"data.train_files: {f!r} is not .jsonl or .parquet")
-    return files
-
-
-def plan_chunks(files: list[str], rows_per_task: int) -> list[dict]:
-    """Read units: {path (as given: the rows' source), read_path (absolute: workers do not
-    share the driver's working directory), kind, start, stop, first_row}. JSONL: byte ranges of
-    ``rows_per_task`` lines; Parquet: row-group ranges."""
-    chunks = []
-    for path in files:
-        if path.endswith(".jsonl"):
-            offsets = [0]
-            line = 0
-            with open(path, "rb") as f:
-                for raw in f:
-                    line += 1
-                    if line % rows_per_task == 0:
-                        offsets.append(f.tell())
-            size = os.path.getsize(path)
-            if offsets[-1] != size:
-                offsets.append(size)
-            for i in range(len(offsets) - 1):
-                chunks.append(
-                    dict(path=path, read_path=os.path.abspath(path), kind="jsonl",
-                         start=offsets[i], stop=offsets[i + 1], first_row=i * rows_per_task)
-                )
-        else:
-            meta = pq.ParquetFile(path).metadata
-            first, rows, start_group = 0, 0, 0
-            for g in range(meta.num_row_groups):
-                rows += meta.row_group(g).num_rows
-                if rows >= rows_per_task or g == meta.num_row_groups - 1:
-                    chunks.append(
-                        dict(path=path, read_path=os.path.abspath(path), kind="parquet",
-                             start=start_group, stop=g + 1, first_row=first)
-                    )
-                    first += rows
-                    rows, start_group = 0, g + 1
-    return chunks
-
-
-def read_chunk(chunk: dict) -> list[tuple[int, dict | None, str | None]]:
-    """[(row_index, row or None, raw text when unparseable)]"""
-    out = []
-    if chunk["kind"] == "jsonl":
-        with open(chunk["read_path"], "rb") as f:
-            f.seek(chunk["start"])
-            data = f.read(chunk["stop"] - chunk["start"])
-        lines = data.split(b"\n")
-        if data.endswith(b"\n"):
-            lines.pop()
-        for i, line in enumerate(lines):
-            index = chunk["first_row"] + i
-            text = line.decode("utf-8", errors="replace")
-            if not text.strip():
-                continue  # a blank line is not a row
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                out.append((index, None, text))
-                continue
-            out.append((index, row if isinstance(row, dict) else None, text))
-    else:
-        table = pq.ParquetFile(chunk["read_path"]).read_row_groups(
-            list(range(chunk["start"], chunk["stop"]))
-        )
-        for i, row in enumerate(table.to_pylist()):
-            out.append((chunk["first_row"] + i, row, None))
-    return out
+QUARANTINE_COLUMNS = ["source", "row_index", "expansion", "reason", "detail", "raw"]
 
 
 # ----------------------------------------------------------------------------- tokenising
+
+
+def load_tokenizer(cfg: PipelineConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.tokenize.chat_template:
+        tokenizer.chat_template = Path(cfg.tokenize.chat_template).read_text()
+    return tokenizer
 
 
 class TokenizeChunk:
     """Callable over a batch of read units; loads the tokenizer once (per Ray actor)."""
 
     def __init__(self, cfg_dict: dict):
-        from transformers import AutoTokenizer
-
         from pipeline.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            self.cfg.tokenizer_path, trust_remote_code=self.cfg.model.trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(self.cfg)
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
@@ -185,24 +98,30 @@ class TokenizeChunk:
     def tokenize_chunk(self, chunk: dict) -> list[dict]:
         d, t = self.cfg.data, self.cfg.tokenize
         records = []
-        for index, row, text in read_chunk(chunk):
-            rec = dict(source=str(chunk["path"]), row_index=int(index))
+        for index, row, text in sources.read_chunk(chunk):
+            base = dict(source=chunk["label"], row_index=int(index), expansion=0)
+            raw = text if text is not None else json.dumps(row, default=str, ensure_ascii=False)
             try:
                 if row is None:
                     raise formats.BadRow("invalid_json", "not a JSON object")
-                pair = formats.normalize(row, d.prompt_key, d.chosen_key, d.rejected_key)
-                tp = formats.tokenize_pair(
-                    pair, self.tokenizer, max_length=t.max_length,
-                    max_prompt_length=t.max_prompt_length, truncation_mode=t.truncation_mode,
-                )
+                pairs = formats.normalize(row, d.prompt_key, d.chosen_key, d.rejected_key)
             except formats.BadRow as bad:
-                raw = text if text is not None else json.dumps(row, default=str)
-                records.append(dict(rec, reason=bad.reason, detail=bad.detail, raw=raw))
+                records.append(dict(base, reason=bad.reason, detail=bad.detail, raw=raw))
                 continue
-            records.append(
-                dict(
+            for pair in pairs:
+                rec = dict(base, expansion=pair.expansion, format=pair.format)
+                try:
+                    tp = formats.tokenize_pair(
+                        pair, self.tokenizer, max_length=t.max_length, max_prompt_length=t.max_prompt_length,
+                        truncation_mode=t.truncation_mode, strict=t.strict,
+                        max_completion_length=t.max_completion_length)
+                except formats.BadRow as bad:
+                    records.append(dict(rec, reason=bad.reason, detail=bad.detail, raw=raw))
+                    continue
+                records.append(dict(
                     rec,
-                    pair_id=formats.pair_id(tp, rec["source"], index),
+                    pair_id=formats.pair_id(tp, rec["source"], index, pair.expansion),
+                    content_key=formats.content_key(tp),
                     prompt_key=formats.prompt_key(tp),
                     chosen_ids=tp.chosen.input_ids,
                     chosen_prompt_len=tp.chosen.prompt_len,
@@ -210,9 +129,68 @@ class TokenizeChunk:
                     rejected_prompt_len=tp.rejected.prompt_len,
                     truncated=tp.truncated,
                     prefix_mismatch=tp.prefix_mismatch,
-                )
-            )
+                ))
         return records
+
+
+# ----------------------------------------------------------------------------- dataset checks
+
+
+def dataset_checks(records: pa.Table, cfg: PipelineConfig) -> tuple[pa.Table, dict]:
+    """Quarantine what only the whole dataset reveals: rows whose format is not the
+    dataset's, and (with ``data.duplicates: drop``) repeated pairs. ``records`` is sorted."""
+    good = records.column("reason").is_null().to_pylist()
+    fmts = records.column("format").to_pylist()
+    counts = Counter(f for f, ok in zip(fmts, good) if ok)
+    dataset_format = counts.most_common(1)[0][0] if counts else None
+    reasons = records.column("reason").to_pylist()
+    details = records.column("detail").to_pylist()
+    for i, (fmt, ok) in enumerate(zip(fmts, good)):
+        if ok and fmt != dataset_format:
+            explicit = not dataset_format.startswith("implicit")
+            reasons[i] = "missing_field" if explicit and fmt.startswith("implicit") else "mixed_formats"
+            details[i] = (f"{cfg.data.prompt_key} (the dataset is {dataset_format})" if reasons[i] == "missing_field"
+                          else f"the dataset is {dataset_format}, this row is {fmt}")
+            good[i] = False
+    first_seen: dict[str, int] = {}
+    duplicates = 0
+    sources_ = records.column("source").to_pylist()
+    rows_ = records.column("row_index").to_pylist()
+    for i, key in enumerate(records.column("content_key").to_pylist()):
+        if not good[i]:
+            continue
+        if key in first_seen:
+            duplicates += 1
+            if cfg.data.duplicates == "drop":
+                j = first_seen[key]
+                reasons[i], details[i] = "duplicate", f"same tokens as {sources_[j]} row {rows_[j]}"
+        else:
+            first_seen[key] = i
+    records = records.set_column(records.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    records = records.set_column(records.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+    return records, {"format": dataset_format, "formats_seen": dict(sorted(counts.items())),
+                     "duplicate_pairs": duplicates, "duplicates": cfg.data.duplicates}
+
+
+def fill_raw(quarantine: pa.Table, chunks: list[dict]) -> pa.Table:
+    """The raw rows of entries quarantined on the driver (workers keep raw only for the
+    rows they reject), read back from their sources."""
+    missing = {(s, r) for s, r, raw in zip(quarantine.column("source").to_pylist(),
+                                           quarantine.column("row_index").to_pylist(),
+                                           quarantine.column("raw").to_pylist()) if raw is None}
+    if not missing:
+        return quarantine
+    found = {}
+    for chunk in chunks:
+        if not any(s == chunk["label"] for s, _ in missing):
+            continue
+        for index, row, text in sources.read_chunk(chunk):
+            if (chunk["label"], index) in missing:
+                found[(chunk["label"], index)] = text if text is not None else json.dumps(row, default=str)
+    raws = [raw if raw is not None else found.get((s, r)) for s, r, raw in zip(
+        quarantine.column("source").to_pylist(), quarantine.column("row_index").to_pylist(),
+        quarantine.column("raw").to_pylist())]
+    return quarantine.set_column(quarantine.schema.get_field_index("raw"), "raw", pa.array(raws, pa.string()))
 
 
 # ----------------------------------------------------------------------------- packing
@@ -258,14 +236,25 @@ def write_table_shards(
     return shards
 
 
-def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def length_histogram(lengths: np.ndarray, capacity: int) -> dict[str, int]:
+    """Counts per power-of-two bucket, "<=64", "<=128", ... up to the row capacity."""
+    edges = [64]
+    while edges[-1] < capacity:
+        edges.append(edges[-1] * 2)
+    counts = np.bincount(np.searchsorted(edges, lengths), minlength=len(edges))
+    return {f"<={e}": int(c) for e, c in zip(edges, counts[: len(edges)])}
+
+
+def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path,
+                   chunks: list[dict] | None = None) -> tuple[list[ShardInfo], dict]:
     """Quarantine file, packed train/eval shards and the stage's stats."""
     t, seed = cfg.tokenize, cfg.train.seed
     # Ray returns rows in any order: sort by source row so everything after is deterministic.
-    records = records.sort_by([("source", "ascending"), ("row_index", "ascending")])
+    records = records.sort_by([("source", "ascending"), ("row_index", "ascending"), ("expansion", "ascending")])
+    records, dataset_stats = dataset_checks(records, cfg)
     bad_mask = records.column("reason").is_valid()
-    quarantine = records.filter(bad_mask).select(QUARANTINE_COLUMNS)
-    pairs = records.filter(pa.compute.invert(bad_mask))
+    quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
+    pairs = records.filter(pc.invert(bad_mask))
 
     final = out_dir / "quarantine.parquet"
     tmp = tmp_name(final)
@@ -273,13 +262,15 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path) -> tup
     commit_file(tmp, final)
     shards = [ShardInfo.of(final, quarantine.num_rows)]
 
-    n_in = records.num_rows
+    # A row with several rejected completions gives several records: count rows once.
+    n_in = len(set(zip(records.column("source").to_pylist(), records.column("row_index").to_pylist())))
     reasons = Counter(quarantine.column("reason").to_pylist())
-    if n_in and quarantine.num_rows / n_in > t.max_bad_fraction:
+    n_bad = quarantine.num_rows
+    if n_in and n_bad / records.num_rows > t.max_bad_fraction:
         top = ", ".join(f"{r}: {c}" for r, c in reasons.most_common())
         raise ValueError(
-            f"tokenize: {quarantine.num_rows} of {n_in} rows quarantined "
-            f"({quarantine.num_rows / n_in:.1%} > tokenize.max_bad_fraction "
+            f"tokenize: {n_bad} of {records.num_rows} pairs quarantined "
+            f"({n_bad / records.num_rows:.1%} > tokenize.max_bad_fraction "
             f"{t.max_bad_fraction:.1%}): {top}; see {final}"
         )
 
@@ -291,8 +282,10 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path) -> tup
     )
     stats: dict = {
         "input_rows": n_in,
+        "records": records.num_rows,  # rows, with each extra rejected completion counted
         "pairs": pairs.num_rows,
-        "quarantined": quarantine.num_rows,
+        "quarantined": n_bad,
+        **dataset_stats,
         "quarantine_reasons": dict(sorted(reasons.items())),
         "truncated_pairs": int(np.sum(pairs.column("truncated").to_numpy(zero_copy_only=False))),
         "prefix_mismatch_pairs": int(
@@ -316,6 +309,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path) -> tup
             "rows": rows.num_rows,
             "tokens": tokens,
             "waste_fraction": round(1 - tokens / capacity, 6) if capacity else 0.0,
+            "pair_tokens_histogram": length_histogram(lengths[index], t.max_tokens_per_row),
         }
     stats["rows"] = stats["train"]["rows"] + stats["eval"]["rows"]
     stats["tokens"] = stats["train"]["tokens"] + stats["eval"]["tokens"]
@@ -327,19 +321,26 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path) -> tup
 # ----------------------------------------------------------------------------- entry points
 
 
+def resolve_sources(cfg: PipelineConfig) -> list[sources.Source]:
+    if cfg.data.hf_dataset is not None:
+        return [sources.hf_dataset_source(cfg.data.hf_dataset, Path(cfg.run_dir) / "sources")]
+    return sources.expand_inputs(cfg.data.train_files)
+
+
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     """Everything that changes this stage's output (and nothing that does not)."""
     from dataclasses import asdict
 
-    files = expand_inputs(cfg.data.train_files)
+    srcs = resolve_sources(cfg)
     return {
         "version": STAGE_VERSION,
-        "data": hash_tree(files, cache),
+        "data": {s.label: hash_tree([Path(s.path)], cache) for s in srcs},
         "tokenizer": hash_checkpoint(cfg.tokenizer_path, "tokenizer", cache),
-        "data_settings": asdict(cfg.data) | {"train_files": None},
+        "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
+        "data_settings": asdict(cfg.data) | {"train_files": None, "hf_dataset": None},
         "tokenize_settings": {
             k: v for k, v in asdict(cfg.tokenize).items()
-            if k not in ("actors", "num_cpus_per_actor", "rows_per_task")
+            if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template")
         },
         "seed": cfg.train.seed,
     }
@@ -349,9 +350,9 @@ def run_local(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict
     from pipeline.config import to_dict
 
     tokenizer = TokenizeChunk(to_dict(cfg))
-    chunks = plan_chunks(expand_inputs(cfg.data.train_files), cfg.tokenize.rows_per_task)
+    chunks = sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split)
     records = [rec for chunk in chunks for rec in tokenizer.tokenize_chunk(chunk)]
-    return pack_and_write(pa.Table.from_pylist(records, schema=PAIR_SCHEMA), cfg, out_dir)
+    return pack_and_write(pa.Table.from_pylist(records, schema=PAIR_SCHEMA), cfg, out_dir, chunks)
 
 
 def run(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
@@ -360,7 +361,7 @@ def run(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
     from pipeline.config import for_workers
 
     t = cfg.tokenize
-    chunks = plan_chunks(expand_inputs(cfg.data.train_files), t.rows_per_task)
+    chunks = sources.plan_chunks(resolve_sources(cfg), t.rows_per_task, cfg.data.split)
     ds = ray.data.from_items(chunks).map_batches(
         TokenizeChunk,
         fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
@@ -371,4 +372,4 @@ def run(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
     )
     tables = ray.get(ds.to_arrow_refs())
     records = pa.concat_tables([tb.cast(PAIR_SCHEMA) for tb in tables]) if tables else PAIR_SCHEMA.empty_table()
-    return pack_and_write(records, cfg, out_dir)
+    return pack_and_write(records, cfg, out_dir, chunks)

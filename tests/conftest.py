@@ -44,12 +44,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_config(assets, run_dir, data=None, **groups) -> "PipelineConfig":  # noqa: F821
+def tiny_config(assets, run_dir, data_file=None, **groups) -> "PipelineConfig":  # noqa: F821
     """The demo config, pointed at the session's assets; ``groups`` update sub-configs."""
     raw = {
         "run_dir": str(run_dir),
         "model": {"path": str(assets["model"])},
-        "data": {"train_files": [str(data or assets["data"])], "eval_fraction": 0.1},
+        "data": {"train_files": [str(data_file or assets["data"])], "eval_fraction": 0.1},
         "tokenize": {"max_length": 64, "max_tokens_per_row": 1024, "rows_per_shard": 32,
                      "rows_per_task": 1000, "actors": 2},
         "score": {"actors": 2},

@@ -13,7 +13,7 @@ def conv(prompt, chosen, rejected):
 
 def test_conversational_pair_uses_the_chat_template_and_one_eos(tokenizer):
     row = conv("Describe the lamp.", "The lamp is great and clean.", "The lamp is dull.")
-    tp = tokenize_pair(normalize(row, *KEYS), tokenizer, max_length=64)
+    tp = tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=64)
     prompt_ids = tokenizer(tokenizer.apply_chat_template(row["prompt"], tokenize=False,
                                                           add_generation_prompt=True),
                            add_special_tokens=False)["input_ids"]
@@ -27,7 +27,7 @@ def test_conversational_pair_uses_the_chat_template_and_one_eos(tokenizer):
 
 
 def test_standard_text_pair_appends_eos(tokenizer):
-    tp = tokenize_pair(normalize({"prompt": "Q: lamp?", "chosen": " great", "rejected": " dull"}, *KEYS),
+    tp = tokenize_pair(*normalize({"prompt": "Q: lamp?", "chosen": " great", "rejected": " dull"}, *KEYS),
                        tokenizer, max_length=64)
     assert tp.chosen.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(tp.chosen.input_ids[: tp.chosen.prompt_len]) == "Q: lamp?"
@@ -36,8 +36,8 @@ def test_standard_text_pair_appends_eos(tokenizer):
 
 def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
     row = conv("Describe the lamp. " * 10, "The lamp is great. " * 20, "The lamp is dull. " * 20)
-    full = tokenize_pair(normalize(row, *KEYS), tokenizer, max_length=10_000)
-    tp = tokenize_pair(normalize(row, *KEYS), tokenizer, max_length=60, max_prompt_length=20)
+    full = tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=10_000)
+    tp = tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=60, max_prompt_length=20)
     assert tp.truncated
     for seg, whole in ((tp.chosen, full.chosen), (tp.rejected, full.rejected)):
         assert seg.prompt_len == 20 and len(seg.input_ids) == 60
@@ -67,11 +67,21 @@ def test_bad_rows_get_a_reason(row, reason):
 def test_prompt_too_long_is_a_bad_row(tokenizer):
     row = conv("word " * 100, "a", "b")
     with pytest.raises(BadRow) as e:
-        tokenize_pair(normalize(row, *KEYS), tokenizer, max_length=32)
+        tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=32)
     assert e.value.reason == "prompt_too_long"
 
 
 def test_pair_id_depends_on_tokens_and_source_row(tokenizer):
-    tp = tokenize_pair(normalize(conv("q", "a", "b"), *KEYS), tokenizer, max_length=64)
+    tp = tokenize_pair(*normalize(conv("q", "a", "b"), *KEYS), tokenizer, max_length=64)
     assert pair_id(tp, "f.jsonl", 1) == pair_id(tp, "f.jsonl", 1)
     assert pair_id(tp, "f.jsonl", 1) != pair_id(tp, "f.jsonl", 2)  # a kept duplicate stays distinct
+
+
+def test_max_completion_length_keeps_the_completion_start(tokenizer):
+    row = conv("Describe the lamp.", "The lamp is great. " * 20, "The lamp is dull. " * 20)
+    full = tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=10_000)
+    tp = tokenize_pair(*normalize(row, *KEYS), tokenizer, max_length=10_000, max_completion_length=7)
+    assert tp.truncated
+    for seg, whole in ((tp.chosen, full.chosen), (tp.rejected, full.rejected)):
+        assert seg.input_ids[: seg.prompt_len] == whole.input_ids[: whole.prompt_len]
+        assert seg.input_ids[seg.prompt_len:] == whole.input_ids[whole.prompt_len: whole.prompt_len + 7]

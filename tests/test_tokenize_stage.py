@@ -42,7 +42,7 @@ def read_rows(out_dir):
 
 def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs):
     files, n_rows = inputs
-    cfg = tiny_config(assets, tmp_path / "run", data=files[0],
+    cfg = tiny_config(assets, tmp_path / "run", data_file=files[0],
                       tokenize={"max_length": 64, "max_tokens_per_row": 300, "rows_per_task": 37,
                                 "max_bad_fraction": 0.1})
     cfg.data.train_files = files
@@ -73,16 +73,16 @@ def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs):
 
 def test_too_many_bad_rows_fail_with_a_summary(assets, tmp_path, inputs):
     files, _ = inputs
-    cfg = tiny_config(assets, tmp_path / "run", data=files[0], tokenize={"max_bad_fraction": 0.01})
+    cfg = tiny_config(assets, tmp_path / "run", data_file=files[0], tokenize={"max_bad_fraction": 0.01})
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(ValueError, match=r"6 of 206 rows quarantined .*max_bad_fraction"):
+    with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined .*max_bad_fraction"):
         tokenize.run_local(cfg, out)
 
 
 def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray_cluster):
     files, _ = inputs
-    cfg = tiny_config(assets, tmp_path / "run", data=files[0],
+    cfg = tiny_config(assets, tmp_path / "run", data_file=files[0],
                       tokenize={"max_tokens_per_row": 300, "rows_per_task": 37, "max_bad_fraction": 0.1})
     cfg.data.train_files = files
     local, ray_out = tmp_path / "local", tmp_path / "ray"

@@ -23,7 +23,7 @@ def scored(assets, tmp_path_factory):
     """Tokenized and scored rows of 200 demo pairs (the stages' cores, no Ray)."""
     root = tmp_path_factory.mktemp("scored")
     write_jsonl(make_pairs(200, seed=5), root / "pairs.jsonl")
-    cfg = tiny_config(assets, root / "run", data=root / "pairs.jsonl", tokenize={"max_tokens_per_row": 256})
+    cfg = tiny_config(assets, root / "run", data_file=root / "pairs.jsonl", tokenize={"max_tokens_per_row": 256})
     tok_dir, score_dir = root / "tok", root / "score"
     tok_dir.mkdir()
     score_dir.mkdir()

@@ -43,7 +43,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     """The in-process path (no Ray, one rank) with the non-default numerics options."""
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(400, seed=3), data)
-    cfg = tiny_config(assets, tmp_path / "run", data=data,
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data,
                       tokenize={"max_tokens_per_row": 256},
                       train={"optimizer": "rmsprop", "gradient_checkpointing": True,
                              "gradient_accumulation_steps": 2, "max_steps": 3,
@@ -72,7 +72,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
 def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(300, seed=4), data)
-    cfg = tiny_config(assets, tmp_path / "run", data=data, tokenize={"max_tokens_per_row": 256},
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"loss_type": "simpo", "cpo_alpha": 0.0, "max_steps": 2, "eval_steps": 100})
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))

@@ -1,0 +1,194 @@
+"""Where preference rows come from: files, globs, directories, HF datasets.
+
+An input is ``Source(label, path, kind)``: ``label`` names the rows' source in quarantine
+and pair ids, ``path`` is what is read (absolute: Ray workers do not share the driver's
+working directory). Kinds: ``jsonl``, ``json`` (an array of objects, or JSON Lines named
+.json), ``parquet``, ``csv``, ``hf_disk`` (a directory written by ``save_to_disk``).
+A ``datasets.load_dataset`` spec is loaded once on the driver and exported to Parquet
+under the run directory, then read like any Parquet file.
+
+Inputs are cut into read units (``plan_chunks``) of about ``rows_per_task`` rows, each
+with the index of its first row in its source, so every row keeps its source row index
+whichever worker reads it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Source:
+    label: str
+    path: str
+    kind: str
+
+
+def is_hf_disk(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def expand_inputs(patterns: list[str]) -> list[Source]:
+    """Sources from paths, globs and directories, in a stable order; an empty match or an
+    unknown file type is an error naming the setting."""
+    sources: list[Source] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        found: list[str] = []
+        for m in matches:
+            if is_hf_disk(m):
+                found.append(m)
+            elif os.path.isdir(m):
+                found += sorted(str(p) for p in Path(m).rglob("*") if p.suffix in KINDS and p.is_file())
+            elif os.path.isfile(m):
+                found.append(m)
+        if not found:
+            raise FileNotFoundError(f"data.train_files: {pattern!r} matches no file")
+        for f in found:
+            kind = "hf_disk" if is_hf_disk(f) else KINDS.get(Path(f).suffix)
+            if kind is None:
+                raise ValueError(f"data.train_files: {f!r} is not .jsonl, .json, .parquet, .csv "
+                                 "or a save_to_disk directory")
+            sources.append(Source(f, os.path.abspath(f), kind))
+    return sources
+
+
+def hf_dataset_source(spec: dict, cache_dir: Path) -> Source:
+    """``datasets.load_dataset(**spec)`` exported to Parquet once (content-named)."""
+    import datasets
+
+    split = spec.get("split", "train")
+    ds = datasets.load_dataset(spec["path"], name=spec.get("name"), split=split,
+                               data_files=spec.get("data_files"), revision=spec.get("revision"))
+    digest = hashlib.sha256(json.dumps([spec, ds._fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = cache_dir / f"{digest}.parquet"
+    if not out.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        ds.to_parquet(str(tmp))
+        os.replace(tmp, out)
+    return Source(f"hf:{spec['path']}[{split}]", str(out.resolve()), "parquet")
+
+
+def _load_hf_disk(path: str, split: str):
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"data.split: {path} has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+    return ds
+
+
+def _json_rows(path: str) -> list | None:
+    """The rows of a JSON array file (or {"key": [rows]}); None if it is JSON Lines."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise ValueError(f"data.train_files: {path} holds neither a JSON array of rows nor JSON Lines")
+    return data
+
+
+def _read_csv(path: str) -> pa.Table:
+    """Every CSV column as text (a prompt of "42" stays a string)."""
+    import csv
+
+    import pyarrow.csv as pacsv
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in header}, strings_can_be_null=False))
+
+
+def _jsonl_chunks(source: Source, rows_per_task: int) -> list[dict]:
+    offsets, line = [0], 0
+    with open(source.path, "rb") as f:
+        for _ in f:
+            line += 1
+            if line % rows_per_task == 0:
+                offsets.append(f.tell())
+    size = os.path.getsize(source.path)
+    if offsets[-1] != size:
+        offsets.append(size)
+    return [dict(start=offsets[i], stop=offsets[i + 1], first_row=i * rows_per_task, kind="jsonl")
+            for i in range(len(offsets) - 1)]
+
+
+def _range_chunks(n: int, rows_per_task: int, kind: str) -> list[dict]:
+    return [dict(start=s, stop=min(s + rows_per_task, n), first_row=s, kind=kind) for s in range(0, n, rows_per_task)]
+
+
+def plan_chunks(sources: list[Source], rows_per_task: int, split: str = "train") -> list[dict]:
+    """Read units: {label, path, kind, start, stop, first_row, split}."""
+    chunks = []
+    for src in sources:
+        if src.kind == "jsonl":
+            parts = _jsonl_chunks(src, rows_per_task)
+        elif src.kind == "json":
+            rows = _json_rows(src.path)
+            parts = _jsonl_chunks(src, rows_per_task) if rows is None else _range_chunks(len(rows), rows_per_task, "json")
+        elif src.kind == "parquet":
+            meta = pq.ParquetFile(src.path).metadata
+            parts, first, rows, start = [], 0, 0, 0
+            for g in range(meta.num_row_groups):
+                rows += meta.row_group(g).num_rows
+                if rows >= rows_per_task or g == meta.num_row_groups - 1:
+                    parts.append(dict(start=start, stop=g + 1, first_row=first, kind="parquet"))
+                    first, rows, start = first + rows, 0, g + 1
+        elif src.kind == "csv":
+            parts = _range_chunks(_read_csv(src.path).num_rows, rows_per_task, "csv")
+        else:
+            parts = _range_chunks(len(_load_hf_disk(src.path, split)), rows_per_task, "hf_disk")
+        chunks += [dict(p, label=src.label, path=src.path, split=split) for p in parts]
+    return chunks
+
+
+def read_chunk(chunk: dict) -> list[tuple[int, dict | None, str | None]]:
+    """[(source row index, row or None when unparseable, raw text when there is one)]"""
+    kind, start, stop, first = chunk["kind"], chunk["start"], chunk["stop"], chunk["first_row"]
+    if kind == "jsonl":
+        with open(chunk["path"], "rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)
+        lines = data.split(b"\n")
+        if data.endswith(b"\n"):
+            lines.pop()
+        out = []
+        for i, line in enumerate(lines):
+            text = line.decode("utf-8", errors="replace")
+            if not text.strip():
+                continue  # a blank line is not a row
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                row = None
+            out.append((first + i, row if isinstance(row, dict) else None, text))
+        return out
+    if kind == "parquet":
+        rows = pq.ParquetFile(chunk["path"]).read_row_groups(list(range(start, stop))).to_pylist()
+    elif kind == "json":
+        rows = _json_rows(chunk["path"])[start:stop]
+    elif kind == "csv":
+        rows = _read_csv(chunk["path"]).slice(start, stop - start).to_pylist()
+    else:
+        rows = _load_hf_disk(chunk["path"], chunk["split"]).select(range(start, stop)).to_list()
+    return [(first + i, row if isinstance(row, dict) else None, None) for i, row in enumerate(rows)]
+
