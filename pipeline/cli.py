@@ -34,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (run CONFIG --stages train a.b=1)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and args.command == "demo-assets"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
     try:
         if args.command == "demo-assets":
             from pipeline.demo import make_assets
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                       force=args.force, use_ray=not args.no_ray)
         print(runner.format_summary(results))
         return 0
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # a bad setting or path: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -136,6 +136,15 @@ class TrainConfig:
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int = 50
+    # DeepSpeed checkpoint every save_steps optimizer steps (0: none); the last
+    # save_total_limit complete ones are kept (null: all).
+    save_steps: int = 0
+    save_total_limit: Optional[int] = 2
+    # null: resume from the newest complete checkpoint of this run's output if there is one;
+    # a tag ("step-00000100") or a checkpoint directory: resume from it, or fail.
+    resume_from_checkpoint: Optional[str] = None
+    # Ray Train restarts the workers this many times after a failure (FailureConfig).
+    max_failures: int = 0
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -297,6 +306,9 @@ def _validate(cfg: PipelineConfig) -> None:
     need(tr.num_workers >= 1, "train.num_workers: must be >= 1")
     need(tr.logging_steps >= 1, "train.logging_steps: must be >= 1")
     need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
+    need(tr.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
+    need(tr.save_total_limit is None or tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
+    need(tr.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
 

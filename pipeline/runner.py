@@ -125,8 +125,10 @@ def run_pipeline(
             log(f"[{name}] done already ({plan.dir}), skipped")
             results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
             continue
-        if plan.dir.exists() and (force or name != "score"):
+        if plan.dir.exists() and (force or name == "tokenize"):
             shutil.rmtree(plan.dir)  # a stale or partial output is never appended to
+        # A partial score output keeps its committed shards; a partial train output keeps
+        # its complete checkpoints and resumes from the newest.
         plan.dir.mkdir(parents=True, exist_ok=True)
         if use_ray and not connected:
             from cluster.ray_cluster import connect

@@ -18,6 +18,7 @@ import bisect
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,11 +36,13 @@ from pipeline.logps import (packed_token_logps, segment_layout, segment_sums, se
                             sequence_logps, wpo_pair_weights)
 from pipeline.modeling import load_causal_lm, moe_router, row_tensors
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.rundir import HashCache, ShardInfo, atomic_write_text, hash_checkpoint
 
 STAGE_VERSION = 1
 EXPORT_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "COMPLETE.json"  # written in a checkpoint's folder once every rank's part is on disk
 
 
 # ----------------------------------------------------------------------------- data
@@ -308,17 +311,93 @@ def build_engine(run: Run):
     return engine
 
 
-def planned_steps(run: Run):
-    """(step number from 1, the step's plan) for every step of the run, epoch after epoch."""
+def planned_steps(run: Run, done: int = 0):
+    """(step number from 1, the step's plan) for every step after ``done``, epoch after
+    epoch. The plans are a function of (seed, epoch), so a resumed run replays none."""
     t = run.cfg.train
     step = 0
     for epoch in range(math.ceil(run.total_steps / run.steps_per_epoch)):
+        if (epoch + 1) * run.steps_per_epoch <= done:
+            step += run.steps_per_epoch
+            continue
         for step_plan in epoch_plan(run.train_rows.num_rows, run.world,
                                     t.gradient_accumulation_steps, t.seed, epoch):
             if step == run.total_steps:
                 return
             step += 1
-            yield step, step_plan
+            if step > done:
+                yield step, step_plan
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoint folders whose every rank finished writing, oldest first."""
+    root = out_dir / CHECKPOINT_DIR
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()] if root.exists() else []
+    return sorted(found, key=lambda p: json.loads((p / COMPLETE).read_text())["step"])
+
+
+def save_checkpoint(engine, run: Run, step: int) -> None:
+    """Model, optimizer and LR-scheduler state (DeepSpeed, each rank its own part), the
+    step (the data position: plans are deterministic) and the RNG state. DeepSpeed's own
+    ``latest`` is written by rank 0 before the other ranks finish; ours is written only
+    after the closing barrier, so it never names a partial checkpoint."""
+    import torch.distributed as dist
+
+    root = run.out_dir / CHECKPOINT_DIR
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           client_state={"step": step, "world_size": run.world, "rng": torch.get_rng_state()})
+    if dist.is_initialized():
+        dist.barrier()
+    if run.rank == 0:
+        info = {"step": step, "world_size": run.world, "zero_stage": run.cfg.train.zero_stage}
+        (root / tag / COMPLETE).write_text(json.dumps(info))
+        atomic_write_text(root / "latest_complete", tag)
+        limit = run.cfg.train.save_total_limit
+        for old in complete_checkpoints(run.out_dir)[:-limit] if limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _checkpoint_to_resume(run: Run) -> Path | None:
+    spec = run.cfg.train.resume_from_checkpoint
+    complete = complete_checkpoints(run.out_dir)
+    if spec is None:
+        return complete[-1] if complete else None
+    path = Path(spec) if ("/" in spec or Path(spec).is_absolute()) else run.out_dir / CHECKPOINT_DIR / spec
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume_from_checkpoint: {spec} does not exist")
+    if not (path / COMPLETE).exists():
+        raise RuntimeError(f"train.resume_from_checkpoint: {path} is incomplete (not every rank finished "
+                           f"writing it); complete ones: {[p.name for p in complete]}")
+    return path
+
+
+def resume(engine, run: Run, log: "MetricsLog") -> int:
+    """Load the checkpoint to resume from, if any; returns the steps already done."""
+    path = _checkpoint_to_resume(run)
+    if path is None:
+        log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
+        return 0
+    info = json.loads((path / COMPLETE).read_text())
+    if info["world_size"] != run.world:
+        raise RuntimeError(
+            f"checkpoint {path} was written by {info['world_size']} workers and this run has {run.world}: "
+            f"ZeRO partitions and the data plan depend on the worker count. Resume with "
+            f"train.num_workers={info['world_size']}, or start a new run (--force)")
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    torch.set_rng_state(client["rng"])
+    log.truncate_after(client["step"])
+    if run.rank == 0:
+        print(f"[train] resumed from {path} at step {client['step']}", flush=True)
+    return int(client["step"])
 
 
 def pair_loss(model, row: dict, cfg: PipelineConfig, device) -> tuple[PairBatch, losses_mod.LossOutput]:
@@ -377,6 +456,12 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop what was logged after the checkpoint (it is logged again)."""
+        if self.run.rank == 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
     def step(self, m: dict) -> None:
         every, total = self.run.cfg.train.logging_steps, self.run.total_steps
         if m["step"] % every and m["step"] not in (1, total):
@@ -409,15 +494,22 @@ def train_worker(config: dict) -> None:
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
     warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
     run = setup_run(config)
+    # Each rank's pid, so operators (and the tests) can find and kill a worker.
+    (run.out_dir / "workers").mkdir(exist_ok=True)
+    (run.out_dir / "workers" / f"rank-{run.rank}.pid").write_text(str(os.getpid()))
     engine = build_engine(run)
     log = MetricsLog(run)
-    eval_steps = run.cfg.train.eval_steps
+    t = run.cfg.train
 
-    log.write(evaluate(engine, run, step=0))
-    for step, step_plan in planned_steps(run):
+    done = resume(engine, run, log)
+    if done == 0:
+        log.write(evaluate(engine, run, step=0))
+    for step, step_plan in planned_steps(run, done):
         log.step(train_step(engine, run, step, step_plan))
-        if step % eval_steps == 0 and step < run.total_steps:
+        if step % t.eval_steps == 0 and step < run.total_steps:
             log.write(evaluate(engine, run, step))
+        if t.save_steps and step % t.save_steps == 0 and step < run.total_steps:
+            save_checkpoint(engine, run, step)
     log.write(evaluate(engine, run, run.total_steps))
     export_model(engine, run, config["info"])
 
@@ -432,7 +524,9 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
         "policy_model": hash_checkpoint(cfg.model.path, "model", cache),
         "model_settings": asdict(cfg.model) | {"path": None, "reference_path": None,
                                                "tokenizer_path": None},
-        "train_settings": asdict(cfg.train),
+        # How a run is checkpointed, resumed or restarted does not change what it trains.
+        "train_settings": {k: v for k, v in asdict(cfg.train).items()
+                           if k not in ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures")},
     }
 
 
@@ -476,7 +570,7 @@ def run_local(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
 
 
 def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
@@ -489,7 +583,8 @@ def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str((out_dir / "ray_train").resolve()), name="train"),
+        run_config=RunConfig(storage_path=str((out_dir / "ray_train").resolve()), name="train",
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()
     return outputs(out_dir)

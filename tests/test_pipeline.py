@@ -131,3 +131,43 @@ def test_cli_with_another_loss_reruns_only_train(first_run, tmp_path, capsys):
     assert cli.main(["status", str(config_file), *overrides]) == 0
     status = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in status[1:]] == ["done", "done", "done"]
+
+
+def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_path):
+    """Kill rank 1 by pid after the first checkpoint: Ray Train restarts the worker group
+    (FailureConfig), training resumes from the checkpoint, and every step's loss equals the
+    straight run's (checkpoint settings do not change the trained numbers)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg, results = first_run
+    cfg = copy.deepcopy(cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.train.save_steps, cfg.train.max_failures = 5, 1
+    train_dir = runner.plan_stages(cfg)["train"].dir
+    assert train_dir.name == Path(results["train"]["dir"]).name  # same training, same fingerprint
+    killed = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if list((train_dir / "checkpoints").glob("step-*/COMPLETE.json")):
+                pid = int((train_dir / "workers" / "rank-1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    runner.run_pipeline(cfg)
+    thread.join(timeout=5)
+    assert killed, "no checkpoint appeared"
+    assert int((train_dir / "workers" / "rank-1.pid").read_text()) != killed[0]  # a new worker
+    want = {r["step"]: r["loss"] for r in read_metrics(Path(results["train"]["dir"])) if "loss" in r}
+    got = [r for r in read_metrics(train_dir) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, 31))
+    for r in got:
+        assert r["loss"] == pytest.approx(want[r["step"]], abs=1e-6), r["step"]
