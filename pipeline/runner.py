@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import PipelineConfig, dump_yaml, needs_reference, to_dict
+import yaml
+
+from pipeline.config import PipelineConfig, needs_reference, redact, to_dict
 from pipeline.rundir import (
     HashCache,
     atomic_write_text,
@@ -84,7 +86,8 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         return (score.run if use_ray else score.run_local)(cfg, upstream.dir, manifest, plan.dir)
     info = {
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
-        "config": to_dict(cfg),
+        "config": redact(to_dict(cfg)),
+        "tokenized_dir": str(plans["tokenize"].dir),
     }
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
     return (train.run if use_ray else train.run_local)(cfg, rows_dir, plan.dir, info)
@@ -102,7 +105,7 @@ def run_pipeline(
     plans = plan_stages(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
     results: dict[str, dict] = {}
     connected = False
@@ -141,7 +144,7 @@ def run_pipeline(
         seconds = time.time() - start
         manifest = write_manifest(
             plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
-            settings=to_dict(cfg), shards=shards, stats=stats, seconds=seconds,
+            settings=redact(to_dict(cfg)), shards=shards, stats=stats, seconds=seconds,
         )
         results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
         log(f"[{name}] done in {seconds:.1f}s")

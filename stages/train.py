@@ -530,6 +530,31 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
     }
 
 
+def verify_rows(rows_dir: Path, tokenized_dir: Path, fingerprints: dict) -> None:
+    """Before the first step: the rows to train on are the tokenized rows, pair for pair,
+    and the reference columns were scored from them. Refuses, naming what differs."""
+    from pipeline.rundir import read_manifest
+
+    manifest = read_manifest(rows_dir)
+    if rows_dir != tokenized_dir:
+        upstream = (manifest or {}).get("inputs", {}).get("upstream")
+        if upstream != fingerprints["tokenize"]:
+            raise RuntimeError(f"train: the reference columns in {rows_dir} were scored from tokenize output "
+                               f"{upstream}, not {fingerprints['tokenize']}: rescore (--from score)")
+    for split in ("train", "eval"):
+        ours, theirs = split_files(rows_dir, split), split_files(tokenized_dir, split)
+        if [p.name for p in ours] != [p.name for p in theirs]:
+            raise RuntimeError(f"train: {split} shards differ between {rows_dir} {[p.name for p in ours]} "
+                               f"and {tokenized_dir} {[p.name for p in theirs]}")
+        for a, b in zip(ours, theirs):
+            ids_a = pq.read_table(a, columns=["pair_ids"]).column(0).to_pylist()
+            ids_b = pq.read_table(b, columns=["pair_ids"]).column(0).to_pylist()
+            if ids_a != ids_b:
+                k = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y) if len(ids_a) == len(ids_b) else 0
+                raise RuntimeError(f"train: {a.name} row {k}: pair_ids {ids_a[k] if ids_a else None} in {rows_dir} "
+                                   f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     path = out_dir / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -565,6 +590,7 @@ def outputs(out_dir: Path) -> tuple[list[ShardInfo], dict]:
 def run_local(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
     """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
+    verify_rows(rows_dir, Path(info["tokenized_dir"]), info["fingerprints"])
     train_worker(_worker_config(cfg, rows_dir, out_dir, info))
     return outputs(out_dir)
 
@@ -573,6 +599,7 @@ def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    verify_rows(rows_dir, Path(info["tokenized_dir"]), info["fingerprints"])
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:

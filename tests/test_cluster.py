@@ -1,0 +1,84 @@
+"""The cluster entry points: ray_cluster.yaml passes Ray's schema, and the pipeline runs
+as a Ray job submitted to a real head started with `ray start` (loopback)."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from pipeline.config import dump_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_ray_cluster_yaml_passes_rays_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    validate_config(raw)
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    assert raw["available_node_types"]["worker.8xh100"]["resources"]["GPU"] == 8
+    bad = dict(raw, available_node_type=raw["available_node_types"])  # a typo'd key
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"rayjob{gcs}"  # ray's socket paths must stay short
+    # --block: this head lives as long as the child process; stopping it stops only this
+    # cluster (`ray stop` would kill every Ray process on the machine, the session's too).
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([str(BIN / "ray"), "job", "list", f"--address=http://127.0.0.1:{dash}"],
+                             env=env, capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        cfg = tiny_config(assets, tmp_path / "run", train={"max_steps": 4, "eval_steps": 100})
+        config = tmp_path / "job.yaml"
+        config.write_text(dump_yaml(cfg))
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--", sys.executable, "-m", "pipeline", "run", str(config)],
+            env=env, capture_output=True, text=True, timeout=720)
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0, out[-4000:]
+        assert "succeeded" in out
+        connected = [line for line in out.splitlines() if line.startswith("[ray] ")]
+        assert len(connected) == 1 and connected[0].startswith("[ray] connected to cluster at ")
+        assert connected[0].endswith(f":{gcs}")  # joined the submitted-to head, started none
+        manifests = sorted((tmp_path / "run").glob("*/*/_MANIFEST.json"))
+        assert [m.parent.parent.name for m in manifests] == ["score", "tokenize", "train"]
+        train = json.loads(manifests[2].read_text())
+        assert train["stats"]["steps"] == 4
+        assert abs(train["stats"]["step0_loss"] - 0.693147) < 1e-6
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
