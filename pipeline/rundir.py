@@ -43,7 +43,10 @@ class HashCache:
         except (FileNotFoundError, json.JSONDecodeError):
             self.entries = {}
 
-    def file(self, path: Path) -> str:
+    def file(self, path: Path | str) -> str:
+        if "://" in str(path):
+            return self.uri(str(path))
+        path = Path(path)
         st = path.stat()
         key = str(path.resolve())
         stamp = [st.st_size, st.st_mtime_ns]
@@ -55,6 +58,24 @@ class HashCache:
         self.save()
         return digest
 
+    def uri(self, uri: str) -> str:
+        """The same for a pyarrow-filesystem URI, keyed by (uri, size, mtime)."""
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(inner)
+        stamp = [info.size, info.mtime_ns]
+        hit = self.entries.get(uri)
+        if hit and hit["stamp"] == stamp and stamp[1] is not None:
+            return hit["sha256"]
+        h = hashlib.sha256()
+        with filesystem.open_input_stream(inner) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self.entries[uri] = {"stamp": stamp, "sha256": h.hexdigest()}
+        self.save()
+        return h.hexdigest()
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
@@ -64,7 +85,11 @@ def hash_tree(paths: Iterable[Path], cache: HashCache) -> dict[str, str]:
     """{name: sha256} of files; directories are walked (names relative to the directory,
     hidden files skipped), plain files are named by their path as given."""
     out = {}
-    for p in map(Path, paths):
+    for p in paths:
+        if "://" in str(p):
+            out[str(p)] = cache.file(str(p))
+            continue
+        p = Path(p)
         if p.is_dir():
             for f in sorted(f for f in p.rglob("*") if f.is_file()):
                 rel = f.relative_to(p)

@@ -14,8 +14,10 @@ whichever worker reads it.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -34,6 +36,42 @@ class Source:
     kind: str
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def open_input(path: str):
+    """A binary file object for a local path or a pyarrow-filesystem URI (s3://, gs://,
+    hdfs://, file://), as Ray Data reads them."""
+    if is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        return filesystem.open_input_file(inner)
+    return open(path, "rb")
+
+
+def _expand_uri(pattern: str) -> list[str]:
+    """Files under a URI: the file itself, everything below a directory, or a glob's matches."""
+    from pyarrow import fs
+
+    scheme = pattern.split("://", 1)[0] + "://"
+    has_glob = glob.has_magic(pattern)
+    base = pattern.split("*", 1)[0].rsplit("/", 1)[0] if has_glob else pattern
+    filesystem, inner = fs.FileSystem.from_uri(base)
+    info = filesystem.get_file_info(inner)
+    if info.type == fs.FileType.File and not has_glob:
+        return [pattern]
+    if info.type != fs.FileType.Directory:
+        return []
+    found = filesystem.get_file_info(fs.FileSelector(inner, recursive=True))
+    files = sorted(f.path for f in found if f.type == fs.FileType.File)
+    uris = [scheme + f for f in files]
+    if has_glob:
+        return [u for u in uris if fnmatch.fnmatch(u, pattern)]
+    return [u for u in uris if Path(u).suffix in KINDS]
+
+
 def is_hf_disk(path: str) -> bool:
     p = Path(path)
     return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
@@ -44,6 +82,16 @@ def expand_inputs(patterns: list[str]) -> list[Source]:
     unknown file type is an error naming the setting."""
     sources: list[Source] = []
     for pattern in patterns:
+        if is_uri(pattern):
+            found = _expand_uri(pattern)
+            if not found:
+                raise FileNotFoundError(f"data.train_files: {pattern!r} matches no file")
+            for f in found:
+                kind = KINDS.get(Path(f).suffix)
+                if kind is None:
+                    raise ValueError(f"data.train_files: {f!r} is not .jsonl, .json, .parquet or .csv")
+                sources.append(Source(f, f, kind))
+            continue
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         found: list[str] = []
         for m in matches:
@@ -95,9 +143,9 @@ def _load_hf_disk(path: str, split: str):
 def _json_rows(path: str) -> list | None:
     """The rows of a JSON array file (or {"key": [rows]}); None if it is JSON Lines."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError:
+        with open_input(path) as f:
+            data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
@@ -112,20 +160,21 @@ def _read_csv(path: str) -> pa.Table:
 
     import pyarrow.csv as pacsv
 
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+    with open_input(path) as f:
+        data = f.read()
+    header = next(csv.reader(io.StringIO(data.decode("utf-8"), newline="")), [])
+    return pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(
         column_types={name: pa.string() for name in header}, strings_can_be_null=False))
 
 
 def _jsonl_chunks(source: Source, rows_per_task: int) -> list[dict]:
-    offsets, line = [0], 0
-    with open(source.path, "rb") as f:
-        for _ in f:
+    offsets, line, size = [0], 0, 0
+    with open_input(source.path) as f:
+        for raw in io.BufferedReader(f) if is_uri(source.path) else f:
             line += 1
+            size += len(raw)
             if line % rows_per_task == 0:
-                offsets.append(f.tell())
-    size = os.path.getsize(source.path)
+                offsets.append(size)
     if offsets[-1] != size:
         offsets.append(size)
     return [dict(start=offsets[i], stop=offsets[i + 1], first_row=i * rows_per_task, kind="jsonl")
@@ -146,7 +195,7 @@ def plan_chunks(sources: list[Source], rows_per_task: int, split: str = "train")
             rows = _json_rows(src.path)
             parts = _jsonl_chunks(src, rows_per_task) if rows is None else _range_chunks(len(rows), rows_per_task, "json")
         elif src.kind == "parquet":
-            meta = pq.ParquetFile(src.path).metadata
+            meta = pq.ParquetFile(open_input(src.path)).metadata
             parts, first, rows, start = [], 0, 0, 0
             for g in range(meta.num_row_groups):
                 rows += meta.row_group(g).num_rows
@@ -165,7 +214,7 @@ def read_chunk(chunk: dict) -> list[tuple[int, dict | None, str | None]]:
     """[(source row index, row or None when unparseable, raw text when there is one)]"""
     kind, start, stop, first = chunk["kind"], chunk["start"], chunk["stop"], chunk["first_row"]
     if kind == "jsonl":
-        with open(chunk["path"], "rb") as f:
+        with open_input(chunk["path"]) as f:
             f.seek(start)
             data = f.read(stop - start)
         lines = data.split(b"\n")
@@ -183,7 +232,7 @@ def read_chunk(chunk: dict) -> list[tuple[int, dict | None, str | None]]:
             out.append((first + i, row if isinstance(row, dict) else None, text))
         return out
     if kind == "parquet":
-        rows = pq.ParquetFile(chunk["path"]).read_row_groups(list(range(start, stop))).to_pylist()
+        rows = pq.ParquetFile(open_input(chunk["path"])).read_row_groups(list(range(start, stop))).to_pylist()
     elif kind == "json":
         rows = _json_rows(chunk["path"])[start:stop]
     elif kind == "csv":

@@ -334,7 +334,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     srcs = resolve_sources(cfg)
     return {
         "version": STAGE_VERSION,
-        "data": {s.label: hash_tree([Path(s.path)], cache) for s in srcs},
+        "data": {s.label: hash_tree([s.path if sources.is_uri(s.path) else Path(s.path)], cache) for s in srcs},
         "tokenizer": hash_checkpoint(cfg.tokenizer_path, "tokenizer", cache),
         "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
         "data_settings": asdict(cfg.data) | {"train_files": None, "hf_dataset": None},

@@ -65,7 +65,7 @@ def write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "json_lines_named_json", "parquet", "csv", "hf_disk",
-                                  "load_dataset", "directory_glob"])
+                                  "load_dataset", "directory_glob", "uri_files", "uri_glob"])
 def test_every_file_kind_reads_every_row(assets, tmp_path, kind):
     rows = standard_rows(40)
     if kind == "jsonl":
@@ -94,6 +94,18 @@ def test_every_file_kind_reads_every_row(assets, tmp_path, kind):
         write_jsonl(tmp_path / "parts" / "a.jsonl", rows[:25])
         write_jsonl(tmp_path / "parts" / "b.jsonl", rows[25:])
         files = [tmp_path / "parts" / "*.jsonl"]
+    elif kind.startswith("uri"):  # through pyarrow filesystems, as s3:// and gs:// are read
+        (tmp_path / "remote").mkdir()
+        write_jsonl(tmp_path / "remote" / "a.jsonl", rows[:10])
+        pq.write_table(pa.Table.from_pylist(rows[10:20]), tmp_path / "remote" / "b.parquet", row_group_size=3)
+        (tmp_path / "remote" / "c.json").write_text(json.dumps(rows[20:30]))
+        with open(tmp_path / "remote" / "d.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+            w.writeheader()
+            w.writerows(rows[30:])
+        uri = f"file://{tmp_path}/remote"
+        files = [f"{uri}/*.*"] if kind == "uri_glob" else [f"{uri}/a.jsonl", f"{uri}/b.parquet", f"{uri}/c.json",
+                                                             f"{uri}/d.csv"]
     if kind == "load_dataset":
         write_jsonl(tmp_path / "d.jsonl", rows)
         stats, packed, quarantine = run_stage(assets, tmp_path, hf_dataset={
