@@ -88,6 +88,16 @@ class ScoreConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft; the reference is the base model (model.path), scored offline."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
 class TrainConfig:
     # One name or a list combined with loss_weights (TRL's DPOConfig names and defaults).
     loss_type: Union[str, list[str]] = "sigmoid"
@@ -145,6 +155,10 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None
     # Ray Train restarts the workers this many times after a failure (FailureConfig).
     max_failures: int = 0
+    # LoRA instead of full fine-tuning: {r, alpha, dropout, target_modules}.
+    peft: Optional[LoraSettings] = None
+    # With peft: also export the base model with the adapter merged (model/merged).
+    merge_adapter: bool = False
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -309,6 +323,10 @@ def _validate(cfg: PipelineConfig) -> None:
     need(tr.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
     need(tr.save_total_limit is None or tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
     need(tr.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
+    if tr.peft is not None:
+        need(tr.peft.r >= 1, "train.peft.r: must be >= 1")
+        need(0.0 <= tr.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")
+    need(not tr.merge_adapter or tr.peft is not None, "train.merge_adapter: only with train.peft")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
 

@@ -282,6 +282,15 @@ def setup_run(config: dict) -> Run:
                steps_per_epoch, total_steps, Path(config["out_dir"]))
 
 
+def add_lora(model, lora):
+    """LoRA adapters (peft) on the loaded policy; B starts at 0, so policy == base model
+    (the reference) at step 0. Under ZeRO-3, DeepSpeed partitions the new parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
 def build_engine(run: Run):
     """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule."""
     import deepspeed
@@ -297,6 +306,8 @@ def build_engine(run: Run):
     if hf_ds is not None and not hasattr(next(model.parameters()), "ds_id"):
         raise RuntimeError("ZeRO-3: the policy was not partitioned while loading "
                            "(HfDeepSpeedConfig was not active during from_pretrained)")
+    if t.peft is not None:
+        model = add_lora(model, t.peft)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * run.total_steps)
@@ -484,9 +495,25 @@ def export_model(engine, run: Run, info: dict) -> None:
         state = engine.module.state_dict()
     if run.rank == 0:
         export = run.out_dir / EXPORT_DIR
+        # a PeftModel saves only its adapter (picked out of the full state dict)
         engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(run.cfg.tokenizer_path).save_pretrained(export)
         (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
+
+
+def merge_adapter(cfg: PipelineConfig, out_dir: Path) -> None:
+    """model/merged: the base model with the trained adapter merged (peft's
+    merge_and_unload), a plain HF checkpoint. Runs on the driver, after training."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a plain load, not a ZeRO-3 partitioned one
+    export = out_dir / EXPORT_DIR
+    base = load_causal_lm(cfg.model.path, cfg.model)
+    merged = PeftModel.from_pretrained(base, export).merge_and_unload()
+    merged.save_pretrained(export / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(export).save_pretrained(export / "merged")
 
 
 def train_worker(config: dict) -> None:
@@ -581,9 +608,11 @@ def _worker_config(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dic
             "out_dir": str(out_dir.resolve()), "info": info}
 
 
-def outputs(out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def outputs(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
     """The files the manifest commits (metrics and the exported model) and the summary."""
-    files = [out_dir / METRICS_FILE] + sorted((out_dir / EXPORT_DIR).iterdir())
+    if cfg.train.merge_adapter:
+        merge_adapter(cfg, out_dir)
+    files = [out_dir / METRICS_FILE] + sorted(p for p in (out_dir / EXPORT_DIR).rglob("*") if p.is_file())
     return [ShardInfo.of(f, 0, base=out_dir) for f in files], summarize(out_dir)
 
 
@@ -592,7 +621,7 @@ def run_local(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
     verify_rows(rows_dir, Path(info["tokenized_dir"]), info["fingerprints"])
     train_worker(_worker_config(cfg, rows_dir, out_dir, info))
-    return outputs(out_dir)
+    return outputs(cfg, out_dir)
 
 
 def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
@@ -614,4 +643,4 @@ def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()
-    return outputs(out_dir)
+    return outputs(cfg, out_dir)

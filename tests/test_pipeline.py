@@ -75,15 +75,8 @@ def test_step_loss_is_mean_over_all_pairs_of_the_step(first_run, assets):
     assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
-def test_export_reloads_and_reproduces_the_trained_logps(first_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cfg, results = first_run
-    out = Path(results["train"]["dir"])
-    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    AutoTokenizer.from_pretrained(out / "model")
-    info = json.loads((out / "model" / "dpo_pipeline.json").read_text())
-    assert set(info["fingerprints"]) == {"tokenize", "score", "train"}
+def eval_chosen_logps(model, cfg) -> tuple[float, int]:
+    """Mean chosen log-prob over the eval rows, as the trainer's eval computes it."""
     reader = RowReader(split_files(runner.plan_stages(cfg)["score"].dir, "eval"))
     chosen, pairs = 0.0, 0
     with torch.no_grad():
@@ -93,9 +86,48 @@ def test_export_reloads_and_reproduces_the_trained_logps(first_run):
             seq = segment_sums(packed_token_logps(model, t["input_ids"], t["position_ids"], layout).logps, layout)
             chosen += float(seq[0::2].double().sum())
             pairs += seq.numel() // 2
+    return chosen / pairs, pairs
+
+
+def test_export_reloads_and_reproduces_the_trained_logps(first_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, results = first_run
+    out = Path(results["train"]["dir"])
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    AutoTokenizer.from_pretrained(out / "model")
+    info = json.loads((out / "model" / "dpo_pipeline.json").read_text())
+    assert set(info["fingerprints"]) == {"tokenize", "score", "train"}
+    mean, pairs = eval_chosen_logps(model, cfg)
     final = [r for r in read_metrics(out) if "eval_loss" in r][-1]
     assert final["eval_pairs"] == pairs
-    assert chosen / pairs == pytest.approx(final["eval_logps/chosen"], abs=1e-4)
+    assert mean == pytest.approx(final["eval_logps/chosen"], abs=1e-4)
+
+
+def test_lora_under_zero3_saves_the_adapter_and_the_merged_model(first_run):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraSettings
+
+    cfg, results = first_run
+    cfg = copy.deepcopy(cfg)
+    cfg.train.peft = LoraSettings(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg.train.merge_adapter, cfg.train.max_steps, cfg.train.learning_rate = True, 12, 1e-2
+    again = runner.run_pipeline(cfg)
+    assert [r["ran"] for r in again.values()] == [False, False, True]  # the reference is the base: no rescoring
+    out = Path(again["train"]["dir"])
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert abs(train[0]["loss"] - math.log(2)) < 1e-6  # LoRA B starts at 0: policy == base
+    final = [r for r in records if "eval_loss" in r][-1]
+    assert final["eval_loss"] < math.log(2) - 0.05
+    assert (out / "model" / "adapter_config.json").exists()
+    assert not (out / "model" / "model.safetensors").exists()  # the adapter only
+    for model in (AutoModelForCausalLM.from_pretrained(out / "model" / "merged"),
+                  AutoPeftModelForCausalLM.from_pretrained(out / "model")):
+        mean, _ = eval_chosen_logps(model.eval(), cfg)
+        assert mean == pytest.approx(final["eval_logps/chosen"], abs=1e-4)
 
 
 def test_rerun_skips_everything(first_run):
