@@ -148,6 +148,10 @@ def run_pipeline(
         )
         results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
         log(f"[{name}] done in {seconds:.1f}s")
+    if results:
+        from pipeline.report import write_report
+
+        log(f"[report] {write_report(run_dir, results)}")
     return results
 
 

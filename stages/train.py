@@ -456,16 +456,27 @@ def evaluate(engine, run: Run, step: int) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0) and a progress line per logged step."""
+    """metrics.jsonl and TensorBoard scalars (rank 0), and a progress line per logged step."""
 
     def __init__(self, run: Run):
         self.run, self.start = run, time.time()
         self.path = run.out_dir / METRICS_FILE
+        self.tb = None
+        if run.rank == 0:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.out_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if self.run.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    # TRL's layout: train/loss, eval/loss, ...
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, record["step"])
+            self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop what was logged after the checkpoint (it is logged again)."""

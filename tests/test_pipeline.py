@@ -203,3 +203,22 @@ def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_p
     assert [r["step"] for r in got] == list(range(1, 31))
     for r in got:
         assert r["loss"] == pytest.approx(want[r["step"]], abs=1e-6), r["step"]
+
+
+def test_run_report_and_tensorboard(first_run):
+    """The report's PNGs are real images of a sensible size; TensorBoard has TRL's tags."""
+    import matplotlib.image as mpimg
+
+    cfg, results = first_run
+    report = Path(cfg.run_dir) / "report"
+    text = (report / "report.md").read_text()
+    for name in ("loss.png", "accuracy.png", "margins.png", "reference_logps.png"):
+        assert f"]({name})" in text
+        image = mpimg.imread(report / name)
+        assert image.shape[0] >= 300 and image.shape[1] >= 500 and image.std() > 0.01  # not blank
+    assert "step-0 loss 0.693147" in text and "waste" in text
+    events = list((Path(results["train"]["dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    blob = events[0].read_bytes()
+    for tag in (b"train/loss", b"train/rewards/accuracies", b"train/grad_norm", b"eval/loss"):
+        assert tag in blob

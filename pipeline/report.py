@@ -1,0 +1,118 @@
+"""The run report: ``<run_dir>/report/report.md`` with per-stage figures and PNG plots
+(loss, reward accuracy, margins, the reference log-prob histogram), written at the end of
+every ``run`` from the manifests and ``metrics.jsonl``, so it always describes what is on
+disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+def _plot_lines(path: Path, title: str, series: dict[str, tuple[list, list]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for label, (x, y) in series.items():
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_histogram(path: Path, values: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    ax.hist(values, bins=60, color="tab:blue")
+    ax.set_title(title)
+    ax.set_xlabel("log-prob per completion token")
+    ax.set_ylabel("tokens")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    rows = [r for r in records if key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def reference_logps(score_dir: Path, limit: int = 2_000_000) -> np.ndarray:
+    """Per-token reference log-probs at completion positions (a sample of at most ``limit``)."""
+    values = []
+    for shard in sorted(score_dir.glob("*-0*.parquet")):
+        flat = pc.list_flatten(pq.read_table(shard, columns=["ref_logps"]).column(0)).to_numpy()
+        values.append(flat[flat != 0])  # prompt positions hold 0
+        if sum(len(v) for v in values) >= limit:
+            break
+    return np.concatenate(values)[:limit] if values else np.zeros(0)
+
+
+def write_report(run_dir: Path, results: dict[str, dict]) -> Path:
+    """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's path."""
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Run report", "", "| stage | state | rows | tokens | seconds | output |", "|---|---|---:|---:|---:|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {'ran' if r['ran'] else 'skipped (done)'} | {r['rows']} | {r['tokens']} | "
+                     f"{r['seconds']} | `{r['dir']}` |")
+    tok = results.get("tokenize")
+    if tok:
+        s = tok["stats"]
+        lines += ["", "## tokenize", "",
+                  f"- input rows {s['input_rows']}, pairs {s['pairs']}, quarantined {s['quarantined']} "
+                  f"({json.dumps(s['quarantine_reasons'])}), format {s.get('format')}, "
+                  f"duplicate pairs {s.get('duplicate_pairs', 0)}, truncated pairs {s['truncated_pairs']}",
+                  f"- train: {s['train']['pairs']} pairs in {s['train']['rows']} rows, waste "
+                  f"{s['train']['waste_fraction']:.2%}; eval: {s['eval']['pairs']} pairs in {s['eval']['rows']} rows, "
+                  f"waste {s['eval']['waste_fraction']:.2%}"]
+    score = results.get("score")
+    if score:
+        values = reference_logps(Path(score["dir"]))
+        if values.size:
+            _plot_histogram(out / "reference_logps.png", values, "reference log-probs (completion tokens)")
+            lines += ["", "## score", "",
+                      f"- mean reference log-prob per completion token {score['stats']['mean_ref_logp_per_token']:.4f}",
+                      "", "![reference log-probs](reference_logps.png)"]
+    train = results.get("train")
+    if train:
+        metrics_path = Path(train["dir"]) / "metrics.jsonl"
+        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        _plot_lines(out / "loss.png", "loss", {"train": _series(records, "loss"),
+                                               "eval": _series(records, "eval_loss")}, "loss")
+        _plot_lines(out / "accuracy.png", "rewards/accuracies",
+                    {"train": _series(records, "rewards/accuracies"),
+                     "eval": _series(records, "eval_rewards/accuracies")}, "accuracy")
+        _plot_lines(out / "margins.png", "rewards/margins",
+                    {"train": _series(records, "rewards/margins"),
+                     "eval": _series(records, "eval_rewards/margins")}, "margin")
+        s = train["stats"]
+        final = s.get("final_eval", {})
+        lines += ["", "## train", "",
+                  f"- {s['steps']} steps, step-0 loss {s['step0_loss']:.6f}, last loss {s['final_loss']:.6f}",
+                  f"- final eval: loss {final.get('eval_loss', float('nan')):.4f}, rewards/accuracies "
+                  f"{final.get('eval_rewards/accuracies', float('nan')):.3f}, rewards/margins "
+                  f"{final.get('eval_rewards/margins', float('nan')):.4f}",
+                  f"- model: `{s['export']}`", "",
+                  "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![margins](margins.png)"]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
