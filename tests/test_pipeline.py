@@ -210,8 +210,10 @@ def test_run_report_and_tensorboard(first_run):
     import matplotlib.image as mpimg
 
     cfg, results = first_run
+    runner.run_pipeline(cfg)  # all done: skipped; the report describes the latest run of the run dir
     report = Path(cfg.run_dir) / "report"
     text = (report / "report.md").read_text()
+    assert f"`{results['train']['dir']}`" in text
     for name in ("loss.png", "accuracy.png", "margins.png", "reference_logps.png"):
         assert f"]({name})" in text
         image = mpimg.imread(report / name)
