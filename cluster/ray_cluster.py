@@ -14,6 +14,8 @@ from pipeline.config import ClusterConfig
 def connect(cfg: ClusterConfig, log=print) -> str:
     import ray
 
+    # Ray Data's progress bars for tokenize and score (rows done, rows/s, per operator).
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -155,6 +155,14 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None
     # Ray Train restarts the workers this many times after a failure (FailureConfig).
     max_failures: int = 0
+    # Metrics go to metrics.jsonl always, and to these trackers (TRL's report_to):
+    # tensorboard, wandb, mlflow. W&B and MLflow read their settings from the environment.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The W&B / MLflow run name (null: dpo-<train fingerprint>).
+    run_name: Optional[str] = None
+    # With a URI run_dir: each rank's local scratch directory for DeepSpeed checkpoints,
+    # TensorBoard and the export before they are uploaded (null: the system temp dir).
+    local_dir: Optional[str] = None
     # LoRA instead of full fine-tuning: {r, alpha, dropout, target_modules}.
     peft: Optional[LoraSettings] = None
     # With peft: also export the base model with the adapter merged (model/merged).
@@ -175,6 +183,8 @@ class ClusterConfig:
     object_store_memory: int = 512 * 1024**2
     # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    # Ray Data progress bars for the tokenize and score stages.
+    progress_bars: bool = True
 
 
 @dataclass
@@ -323,6 +333,9 @@ def _validate(cfg: PipelineConfig) -> None:
     need(tr.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
     need(tr.save_total_limit is None or tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
     need(tr.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
+    for tracker in tr.report_to:
+        need(tracker in ("tensorboard", "wandb", "mlflow"),
+             f"train.report_to: {tracker!r} is not one of tensorboard, wandb, mlflow")
     if tr.peft is not None:
         need(tr.peft.r >= 1, "train.peft.r: must be >= 1")
         need(0.0 <= tr.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")

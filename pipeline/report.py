@@ -5,15 +5,23 @@ disk."""
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.storage import Loc
 
-def _plot_lines(path: Path, title: str, series: dict[str, tuple[list, list]], ylabel: str) -> None:
+
+def _save(fig, path: Loc) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path.write_bytes(buf.getvalue())
+
+
+def _plot_lines(path: Loc, title: str, series: dict[str, tuple[list, list]], ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +37,11 @@ def _plot_lines(path: Path, title: str, series: dict[str, tuple[list, list]], yl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
-def _plot_histogram(path: Path, values: np.ndarray, title: str) -> None:
+def _plot_histogram(path: Loc, values: np.ndarray, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +54,7 @@ def _plot_histogram(path: Path, values: np.ndarray, title: str) -> None:
     ax.set_ylabel("tokens")
     ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -55,21 +63,22 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
-def reference_logps(score_dir: Path, limit: int = 2_000_000) -> np.ndarray:
+def reference_logps(score_dir: Loc, limit: int = 2_000_000) -> np.ndarray:
     """Per-token reference log-probs at completion positions (a sample of at most ``limit``)."""
     values = []
-    for shard in sorted(score_dir.glob("*-0*.parquet")):
-        flat = pc.list_flatten(pq.read_table(shard, columns=["ref_logps"]).column(0)).to_numpy()
+    for shard in score_dir.glob("*-0*.parquet"):
+        with shard.open_input() as f:
+            flat = pc.list_flatten(pq.read_table(f, columns=["ref_logps"]).column(0)).to_numpy()
         values.append(flat[flat != 0])  # prompt positions hold 0
         if sum(len(v) for v in values) >= limit:
             break
     return np.concatenate(values)[:limit] if values else np.zeros(0)
 
 
-def write_report(run_dir: Path, results: dict[str, dict]) -> Path:
-    """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's path."""
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
+    """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's location."""
+    out = Loc(run_dir) / "report"
+    out.mkdir()
     lines = ["# Run report", "", "| stage | state | rows | tokens | seconds | output |", "|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {'ran' if r['ran'] else 'skipped (done)'} | {r['rows']} | {r['tokens']} | "
@@ -86,7 +95,7 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> Path:
                   f"waste {s['eval']['waste_fraction']:.2%}"]
     score = results.get("score")
     if score:
-        values = reference_logps(Path(score["dir"]))
+        values = reference_logps(Loc(score["dir"]))
         if values.size:
             _plot_histogram(out / "reference_logps.png", values, "reference log-probs (completion tokens)")
             lines += ["", "## score", "",
@@ -94,8 +103,8 @@ def write_report(run_dir: Path, results: dict[str, dict]) -> Path:
                       "", "![reference log-probs](reference_logps.png)"]
     train = results.get("train")
     if train:
-        metrics_path = Path(train["dir"]) / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        metrics_path = Loc(train["dir"]) / "metrics.jsonl"
+        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
         _plot_lines(out / "loss.png", "loss", {"train": _series(records, "loss"),
                                                "eval": _series(records, "eval_loss")}, "loss")
         _plot_lines(out / "accuracy.png", "rewards/accuracies",

@@ -2,7 +2,8 @@
 
 ``<run_dir>/<stage>/<fingerprint>/`` holds a stage's shards and, written last, its
 ``_MANIFEST.json``: the only commit marker. A stage is done when its manifest exists and
-every shard it lists has the recorded size. Files are written to a temporary name and
+every shard it lists has the recorded size. The run directory is a local path or a URI
+(``pipeline.storage.Loc``); on a local path files are written to a temporary name and
 renamed, so a reader never sees half a shard.
 """
 
@@ -15,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from pipeline.storage import Loc
 
 MANIFEST = "_MANIFEST.json"
 
@@ -36,10 +39,10 @@ class HashCache:
     A rerun does not re-read gigabytes of weights; any change of size or mtime re-hashes.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Loc):
+        self.path = Loc(path)
         try:
-            self.entries: dict[str, Any] = json.loads(path.read_text())
+            self.entries: dict[str, Any] = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             self.entries = {}
 
@@ -77,8 +80,7 @@ class HashCache:
         return h.hexdigest()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
+        self.path.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
 
 
 def hash_tree(paths: Iterable[Path], cache: HashCache) -> dict[str, str]:
@@ -143,18 +145,10 @@ def fingerprint(payload: Any) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """A local file written whole (temporary name, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def tmp_name(path: Path) -> Path:
-    """Where to write ``path`` before renaming it into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -168,36 +162,37 @@ class ShardInfo:
     sha256: str
 
     @classmethod
-    def of(cls, path: Path, rows: int, base: Path | None = None) -> "ShardInfo":
+    def of(cls, path: Loc, rows: int, base: Loc | None = None) -> "ShardInfo":
         """``name`` is relative to the stage directory (``base``, default the parent)."""
-        name = str(path.relative_to(base)) if base else path.name
-        return cls(name, rows, path.stat().st_size, sha256_file(path))
+        path = Loc(path)
+        name = path.relative_to(Loc(base)) if base is not None else path.name
+        return cls(name, rows, path.size(), path.sha256())
 
 
-def shard_ok(stage_dir: Path, shard: dict) -> bool:
-    p = stage_dir / shard["name"]
-    return p.is_file() and p.stat().st_size == shard["bytes"]
+def shard_ok(stage_dir: Loc, shard: dict) -> bool:
+    return (Loc(stage_dir) / shard["name"]).size() == shard["bytes"]
 
 
-def read_manifest(stage_dir: Path) -> dict | None:
+def read_manifest(stage_dir: Loc) -> dict | None:
     try:
-        return json.loads((stage_dir / MANIFEST).read_text())
+        return json.loads((Loc(stage_dir) / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def stage_state(stage_dir: Path) -> str:
+def stage_state(stage_dir: Loc) -> str:
     """done | partial | missing."""
+    stage_dir = Loc(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is not None and all(shard_ok(stage_dir, s) for s in manifest["shards"]):
         return "done"
-    if stage_dir.exists() and any(stage_dir.iterdir()):
+    if stage_dir.iterdir():
         return "partial"
     return "missing"
 
 
 def write_manifest(
-    stage_dir: Path,
+    stage_dir: Loc,
     *,
     stage: str,
     fp: str,
@@ -217,5 +212,5 @@ def write_manifest(
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    atomic_write_text(stage_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False))
+    (Loc(stage_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
     return manifest

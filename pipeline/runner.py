@@ -9,23 +9,15 @@ its committed shards and scores only the missing ones.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from pipeline.config import PipelineConfig, needs_reference, redact, to_dict
-from pipeline.rundir import (
-    HashCache,
-    atomic_write_text,
-    fingerprint,
-    read_manifest,
-    stage_state,
-    write_manifest,
-)
+from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
+from pipeline.storage import Loc
 
 STAGES = ("tokenize", "score", "train")
 
@@ -34,14 +26,14 @@ STAGES = ("tokenize", "score", "train")
 class StagePlan:
     name: str
     fingerprint: str
-    dir: Path
+    dir: Loc  # a local path or a URI: the run directory may be on shared storage
     inputs: dict
 
 
 def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
     from stages import score, tokenize, train
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = Loc(cfg.run_dir)
     cache = HashCache(run_dir / ".hash_cache.json")
     plans: dict[str, StagePlan] = {}
 
@@ -103,9 +95,9 @@ def run_pipeline(
 ) -> dict[str, dict]:
     selected = select_stages(stages, from_stage)
     plans = plan_stages(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    run_dir = Loc(cfg.run_dir)
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
     results: dict[str, dict] = {}
     connected = False
@@ -128,11 +120,11 @@ def run_pipeline(
             log(f"[{name}] done already ({plan.dir}), skipped")
             results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
             continue
-        if plan.dir.exists() and (force or name == "tokenize"):
-            shutil.rmtree(plan.dir)  # a stale or partial output is never appended to
+        if force or name == "tokenize":
+            plan.dir.rmtree()  # a stale or partial output is never appended to
         # A partial score output keeps its committed shards; a partial train output keeps
         # its complete checkpoints and resumes from the newest.
-        plan.dir.mkdir(parents=True, exist_ok=True)
+        plan.dir.mkdir()
         if use_ray and not connected:
             from cluster.ray_cluster import connect
 
@@ -173,7 +165,7 @@ def status(cfg: PipelineConfig) -> list[dict]:
         manifest = read_manifest(plan.dir) if state == "done" else None
         figures = _figures(manifest) if manifest else {}
         if state == "partial" and name == "score":
-            figures = {"rows": f"{len(list(plan.dir.glob('*.parquet')))} shards"}
+            figures = {"rows": f"{len(plan.dir.glob('*.parquet'))} shards"}
         table.append({"stage": name, "fingerprint": plan.fingerprint, "state": state,
                       "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
                       "seconds": figures.get("seconds", "-"), "dir": str(plan.dir)})

@@ -112,8 +112,11 @@ def expand_inputs(patterns: list[str]) -> list[Source]:
     return sources
 
 
-def hf_dataset_source(spec: dict, cache_dir: Path) -> Source:
-    """``datasets.load_dataset(**spec)`` exported to Parquet once (content-named)."""
+def hf_dataset_source(spec: dict, cache_dir) -> Source:
+    """``datasets.load_dataset(**spec)`` exported to Parquet once (content-named), under
+    ``cache_dir`` (a ``Loc`` in the run directory, so Ray workers on any node read it)."""
+    import tempfile
+
     import datasets
 
     split = spec.get("split", "train")
@@ -122,11 +125,10 @@ def hf_dataset_source(spec: dict, cache_dir: Path) -> Source:
     digest = hashlib.sha256(json.dumps([spec, ds._fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_dir / f"{digest}.parquet"
     if not out.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        ds.to_parquet(str(tmp))
-        os.replace(tmp, out)
-    return Source(f"hf:{spec['path']}[{split}]", str(out.resolve()), "parquet")
+        with tempfile.TemporaryDirectory() as tmp:
+            ds.to_parquet(os.path.join(tmp, out.name))
+            out.upload(Path(tmp) / out.name)
+    return Source(f"hf:{spec['path']}[{split}]", str(out), "parquet")
 
 
 def _load_hf_disk(path: str, split: str):

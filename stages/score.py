@@ -1,8 +1,9 @@
 """score: packed rows -> the same rows plus reference log-prob columns.
 
-Each input shard maps to one output shard of the same name, written to a temporary name
-and renamed when complete, so a crashed run leaves only whole shards and the next run
-scores only the missing ones. The scorer is a callable class (Ray's batch-inference
+Each input shard maps to one output shard of the same name, committed whole (a local
+file is renamed into place; an object-store PUT is atomic), so a crashed run leaves only
+whole shards and the next run scores only the missing ones: a shard counts when its
+Parquet footer reads and has the input's row count. The scorer is a callable class (Ray's batch-inference
 shape): the reference model is loaded once in ``__init__``, in eval mode with dropout
 off, and ``__call__`` scores one shard per call.
 
@@ -14,7 +15,6 @@ trainer can change the aggregation without re-scoring.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,8 @@ import torch
 from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
 from pipeline.logps import packed_token_logps, segment_layout, segment_sums
 from pipeline.modeling import load_causal_lm, row_tensors
-from pipeline.rundir import HashCache, ShardInfo, commit_file, hash_checkpoint, tmp_name
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.storage import Loc
 from stages.tokenize import ROW_GROUP_ROWS
 
 STAGE_VERSION = 1
@@ -71,12 +72,11 @@ class ShardScorer:
         ).append_column(SCORE_FIELDS[1], pa.array(per_seg, type=SCORE_FIELDS[1].type))
 
     def score_shard(self, src: str, dst: str) -> dict:
-        table = pq.read_table(src)
+        src_loc, final = Loc(src), Loc(dst)
+        with src_loc.open_input() as f:
+            table = pq.read_table(f)
         scored = self.score_table(table)
-        final = Path(dst)
-        tmp = tmp_name(final)
-        pq.write_table(scored, tmp, row_group_size=ROW_GROUP_ROWS)
-        commit_file(tmp, final)
+        final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
         return {"name": final.name, "rows": scored.num_rows}
 
     def __call__(self, batch: dict) -> dict:
@@ -94,15 +94,18 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
     }
 
 
-def _is_complete(path: Path, rows: int) -> bool:
+def _is_complete(path: Loc, rows: int) -> bool:
     """A committed shard: readable Parquet footer with the input's row count."""
     try:
-        return path.is_file() and pq.ParquetFile(path).metadata.num_rows == rows
+        if not path.is_file():
+            return False
+        with path.open_input() as f:
+            return pq.ParquetFile(f).metadata.num_rows == rows
     except (OSError, pa.ArrowInvalid):
         return False
 
 
-def _todo(in_dir: Path, in_manifest: dict, out_dir: Path) -> list[dict]:
+def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc) -> list[dict]:
     todo = []
     for shard in in_manifest["shards"]:
         if shard["name"] == "quarantine.parquet":
@@ -113,13 +116,17 @@ def _todo(in_dir: Path, in_manifest: dict, out_dir: Path) -> list[dict]:
     return todo
 
 
-def _finish(in_manifest: dict, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+    for leftover in out_dir.iterdir():  # half-written files of actors that were killed
+        if ".tmp-" in leftover.name:
+            leftover.unlink()
     shards, rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0.0
     for shard in in_manifest["shards"]:
         if shard["name"] == "quarantine.parquet":
             continue
         path = out_dir / shard["name"]
-        table = pq.read_table(path, columns=["num_tokens", "ref_seq_logps", "seq_lens", "prompt_lens"])
+        with path.open_input() as f:
+            table = pq.read_table(f, columns=["num_tokens", "ref_seq_logps", "seq_lens", "prompt_lens"])
         rows += table.num_rows
         tokens += int(pa.compute.sum(table.column("num_tokens")).as_py() or 0)
         seq = pa.compute.list_flatten(table.column("seq_lens")).to_numpy()
@@ -136,7 +143,7 @@ def _finish(in_manifest: dict, out_dir: Path) -> tuple[list[ShardInfo], dict]:
     return shards, stats
 
 
-def run_local(cfg: PipelineConfig, in_dir: Path, in_manifest: dict, out_dir: Path):
+def run_local(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     todo = _todo(in_dir, in_manifest, out_dir)
     if todo:
         scorer = ShardScorer(to_dict(cfg))
@@ -145,7 +152,7 @@ def run_local(cfg: PipelineConfig, in_dir: Path, in_manifest: dict, out_dir: Pat
     return _finish(in_manifest, out_dir)
 
 
-def run(cfg: PipelineConfig, in_dir: Path, in_manifest: dict, out_dir: Path):
+def run(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     import ray
 
     todo = _todo(in_dir, in_manifest, out_dir)

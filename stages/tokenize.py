@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import formats, packing, sources
 from pipeline.config import PipelineConfig
-from pipeline.rundir import HashCache, ShardInfo, commit_file, hash_checkpoint, hash_tree, tmp_name
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
+from pipeline.storage import Loc
 
 STAGE_VERSION = 2
 ROW_GROUP_ROWS = 16  # small row groups: the trainer reads rows at random
@@ -223,15 +223,13 @@ def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int) -> 
 
 
 def write_table_shards(
-    table: pa.Table, out_dir: Path, prefix: str, rows_per_shard: int
+    table: pa.Table, out_dir: Loc, prefix: str, rows_per_shard: int
 ) -> list[ShardInfo]:
     shards = []
     for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
         part = table.slice(start, rows_per_shard)
         final = out_dir / f"{prefix}-{k:05d}.parquet"
-        tmp = tmp_name(final)
-        pq.write_table(part, tmp, row_group_size=ROW_GROUP_ROWS)
-        commit_file(tmp, final)
+        final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         shards.append(ShardInfo.of(final, part.num_rows))
     return shards
 
@@ -245,7 +243,7 @@ def length_histogram(lengths: np.ndarray, capacity: int) -> dict[str, int]:
     return {f"<={e}": int(c) for e, c in zip(edges, counts[: len(edges)])}
 
 
-def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path,
+def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
                    chunks: list[dict] | None = None) -> tuple[list[ShardInfo], dict]:
     """Quarantine file, packed train/eval shards and the stage's stats."""
     t, seed = cfg.tokenize, cfg.train.seed
@@ -256,10 +254,9 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path,
     quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
     pairs = records.filter(pc.invert(bad_mask))
 
+    out_dir = Loc(out_dir)
     final = out_dir / "quarantine.parquet"
-    tmp = tmp_name(final)
-    pq.write_table(quarantine, tmp)
-    commit_file(tmp, final)
+    final.write_parquet(quarantine)
     shards = [ShardInfo.of(final, quarantine.num_rows)]
 
     # A row with several rejected completions gives several records: count rows once.
@@ -323,7 +320,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Path,
 
 def resolve_sources(cfg: PipelineConfig) -> list[sources.Source]:
     if cfg.data.hf_dataset is not None:
-        return [sources.hf_dataset_source(cfg.data.hf_dataset, Path(cfg.run_dir) / "sources")]
+        return [sources.hf_dataset_source(cfg.data.hf_dataset, Loc(cfg.run_dir) / "sources")]
     return sources.expand_inputs(cfg.data.train_files)
 
 
@@ -346,7 +343,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     }
 
 
-def run_local(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def run_local(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     from pipeline.config import to_dict
 
     tokenizer = TokenizeChunk(to_dict(cfg))
@@ -355,7 +352,7 @@ def run_local(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict
     return pack_and_write(pa.Table.from_pylist(records, schema=PAIR_SCHEMA), cfg, out_dir, chunks)
 
 
-def run(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def run(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     import ray
 
     from pipeline.config import for_workers

@@ -37,6 +37,7 @@ from pipeline.logps import (packed_token_logps, segment_layout, segment_sums, se
 from pipeline.modeling import load_causal_lm, moe_router, row_tensors
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
 from pipeline.rundir import HashCache, ShardInfo, atomic_write_text, hash_checkpoint
+from pipeline.storage import Loc
 
 STAGE_VERSION = 1
 EXPORT_DIR = "model"
@@ -55,8 +56,8 @@ class RowReader:
 
     COLUMNS = ["input_ids", "position_ids", "seq_lens", "prompt_lens", "ref_logps", "num_tokens"]
 
-    def __init__(self, files: list[Path], columns: list[str] | None = None):
-        self.files = [pq.ParquetFile(f) for f in files]
+    def __init__(self, files: list[Loc], columns: list[str] | None = None):
+        self.files = [pq.ParquetFile(Loc(f).open_input()) for f in files]
         self.columns = columns or self.COLUMNS
         self.groups: list[tuple[int, int]] = []  # (file, row group) in row order
         self.starts: list[int] = []
@@ -82,8 +83,8 @@ class RowReader:
         return self._group(k)[row - self.starts[k]]
 
 
-def split_files(scored_dir: Path, split: str) -> list[Path]:
-    return sorted(scored_dir.glob(f"{split}-*.parquet"))
+def split_files(scored_dir: Loc, split: str) -> list[Loc]:
+    return Loc(scored_dir).glob(f"{split}-*.parquet")
 
 
 # ----------------------------------------------------------------------------- optim
@@ -258,7 +259,13 @@ class Run:
     eval_rows: RowReader
     steps_per_epoch: int
     total_steps: int
-    out_dir: Path
+    out: Loc  # the stage's output in the run directory (a local path or a URI)
+    out_dir: Path  # where this rank writes: ``out`` itself, or local scratch uploaded to it
+    ray_train: bool = False  # running under Ray Train: checkpoints are registered with it
+
+    @property
+    def staged(self) -> bool:
+        return self.out.remote
 
 
 def setup_run(config: dict) -> Run:
@@ -272,14 +279,27 @@ def setup_run(config: dict) -> Run:
     else:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    rows_dir = Path(config["rows_dir"])
+    rows_dir = Loc(config["rows_dir"])
     reference_free = not needs_reference(cfg)
     columns = [c for c in RowReader.COLUMNS if not (reference_free and c == "ref_logps")]
     train_rows = RowReader(split_files(rows_dir, "train"), columns)
     steps_per_epoch = math.ceil(train_rows.num_rows / (world * t.gradient_accumulation_steps))
     total_steps = t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
+    out = Loc(config["out_dir"])
     return Run(cfg, rank, world, device, train_rows, RowReader(split_files(rows_dir, "eval"), columns),
-               steps_per_epoch, total_steps, Path(config["out_dir"]))
+               steps_per_epoch, total_steps, out, out.local or scratch_dir(cfg, out, rank),
+               bool(config.get("ray_train")))
+
+
+def scratch_dir(cfg: PipelineConfig, out: Loc, rank: int) -> Path:
+    """A rank's local working directory for a URI run directory."""
+    import hashlib
+    import tempfile
+
+    root = Path(cfg.train.local_dir or tempfile.gettempdir()) / "dpo-pipeline"
+    path = root / hashlib.sha256(str(out).encode()).hexdigest()[:16] / f"rank-{rank}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def add_lora(model, lora):
@@ -343,46 +363,74 @@ def planned_steps(run: Run, done: int = 0):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def complete_checkpoints(out_dir: Path) -> list[Path]:
+def complete_checkpoints(out: Loc) -> list[Loc]:
     """Checkpoint folders whose every rank finished writing, oldest first."""
-    root = out_dir / CHECKPOINT_DIR
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()] if root.exists() else []
+    found = [p for p in (Loc(out) / CHECKPOINT_DIR).glob("step-*") if (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: json.loads((p / COMPLETE).read_text())["step"])
 
 
-def save_checkpoint(engine, run: Run, step: int) -> None:
+def rank_files(files: list[str], rank: int) -> list[str]:
+    """The files of a ZeRO checkpoint one rank loads: its own partition
+    (``*zero_pp_rank_<rank>_*``) and the unpartitioned ones."""
+    return [f for f in files if "zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f]
+
+
+def save_checkpoint(engine, run: Run, step: int, log: "MetricsLog") -> None:
     """Model, optimizer and LR-scheduler state (DeepSpeed, each rank its own part), the
-    step (the data position: plans are deterministic) and the RNG state. DeepSpeed's own
-    ``latest`` is written by rank 0 before the other ranks finish; ours is written only
-    after the closing barrier, so it never names a partial checkpoint."""
+    step (the data position: plans are deterministic) and the RNG state.
+
+    With a URI run directory each rank writes to its scratch directory and uploads only
+    its own files. DeepSpeed's own ``latest`` is written by rank 0 before the other ranks
+    finish; ours (``COMPLETE.json``, ``latest_complete``) is written only after the barrier
+    that follows every rank's part, so it never names a partial checkpoint. Under Ray Train
+    the complete checkpoint is then registered (``ray.train.report``, no second copy)."""
     import torch.distributed as dist
 
     root = run.out_dir / CHECKPOINT_DIR
     tag = f"step-{step:08d}"
+    final = run.out / CHECKPOINT_DIR / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                            client_state={"step": step, "world_size": run.world, "rng": torch.get_rng_state()})
+    if run.staged:
+        final.upload(root / tag)
+        shutil.rmtree(root / tag)
     if dist.is_initialized():
         dist.barrier()
     if run.rank == 0:
         info = {"step": step, "world_size": run.world, "zero_stage": run.cfg.train.zero_stage}
-        (root / tag / COMPLETE).write_text(json.dumps(info))
-        atomic_write_text(root / "latest_complete", tag)
+        (final / COMPLETE).write_text(json.dumps(info))
+        (run.out / CHECKPOINT_DIR / "latest_complete").write_text(tag)
         limit = run.cfg.train.save_total_limit
-        for old in complete_checkpoints(run.out_dir)[:-limit] if limit else []:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in complete_checkpoints(run.out)[:-limit] if limit else []:
+            old.rmtree()
+        log.sync()
     if dist.is_initialized():
         dist.barrier()
+    if run.ray_train:
+        register_checkpoint(run, step, final)
 
 
-def _checkpoint_to_resume(run: Run) -> Path | None:
+def register_checkpoint(run: Run, step: int, final: Loc) -> None:
+    """Tell Ray Train about a complete checkpoint where it already lies: the Ray Train run
+    directory is ``<train output>/checkpoints``, so no upload happens (NO_UPLOAD). Every
+    rank calls ``report``; rank 0 names the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    checkpoint = Checkpoint(path=final.path, filesystem=final.fs) if run.rank == 0 else None
+    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=final.name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _checkpoint_to_resume(run: Run) -> Loc | None:
     spec = run.cfg.train.resume_from_checkpoint
-    complete = complete_checkpoints(run.out_dir)
+    complete = complete_checkpoints(run.out)
     if spec is None:
         return complete[-1] if complete else None
-    path = Path(spec) if ("/" in spec or Path(spec).is_absolute()) else run.out_dir / CHECKPOINT_DIR / spec
+    path = Loc(spec) if ("://" in spec or "/" in spec) else run.out / CHECKPOINT_DIR / spec
     if not path.is_dir():
         raise FileNotFoundError(f"train.resume_from_checkpoint: {spec} does not exist")
-    if not (path / COMPLETE).exists():
+    if not (path / COMPLETE).is_file():
         raise RuntimeError(f"train.resume_from_checkpoint: {path} is incomplete (not every rank finished "
                            f"writing it); complete ones: {[p.name for p in complete]}")
     return path
@@ -400,11 +448,19 @@ def resume(engine, run: Run, log: "MetricsLog") -> int:
             f"checkpoint {path} was written by {info['world_size']} workers and this run has {run.world}: "
             f"ZeRO partitions and the data plan depend on the worker count. Resume with "
             f"train.num_workers={info['world_size']}, or start a new run (--force)")
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    if path.remote:  # fetch only this rank's part of the checkpoint
+        local = run.out_dir / CHECKPOINT_DIR / path.name
+        for name in rank_files([f.relative_to(path) for f in path.files()], run.rank):
+            (path / name).download(local / name)
+        load_root = local.parent
+    else:
+        load_root = path.local.parent
+    load_path, client = engine.load_checkpoint(str(load_root), tag=path.name, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     torch.set_rng_state(client["rng"])
+    log.fetch()
     log.truncate_after(client["step"])
     if run.rank == 0:
         print(f"[train] resumed from {path} at step {client['step']}", flush=True)
@@ -456,27 +512,44 @@ def evaluate(engine, run: Run, step: int) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars (rank 0), and a progress line per logged step."""
+    """metrics.jsonl and TensorBoard scalars (rank 0), and a progress line per logged step.
+
+    With a URI run directory both are written locally and uploaded by ``sync`` (at each
+    checkpoint and at the end); ``fetch`` brings the uploaded metrics back on resume."""
 
     def __init__(self, run: Run):
+        from pipeline.tracking import Trackers
+
         self.run, self.start = run, time.time()
         self.path = run.out_dir / METRICS_FILE
-        self.tb = None
+        self.trackers = None
         if run.rank == 0:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(run.out_dir / "tensorboard"))
+            t = run.cfg.train
+            config = {"model": asdict(run.cfg.model), "train": asdict(t)}
+            self.trackers = Trackers(t.report_to, run.out_dir, t.run_name or f"dpo-{run.out.name}",
+                                     run.out.name, config)
 
     def write(self, record: dict) -> None:
         if self.run.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    # TRL's layout: train/loss, eval/loss, ...
-                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                    self.tb.add_scalar(tag, value, record["step"])
-            self.tb.flush()
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+
+    def sync(self) -> None:
+        if self.run.rank == 0 and self.run.staged:
+            if self.path.exists():
+                (self.run.out / METRICS_FILE).upload(self.path)
+            if (self.run.out_dir / "tensorboard").is_dir():
+                (self.run.out / "tensorboard").upload(self.run.out_dir / "tensorboard")
+
+    def fetch(self) -> None:
+        remote = self.run.out / METRICS_FILE
+        if self.run.rank == 0 and self.run.staged and remote.is_file():
+            remote.download(self.path)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop what was logged after the checkpoint (it is logged again)."""
@@ -510,21 +583,30 @@ def export_model(engine, run: Run, info: dict) -> None:
         engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(run.cfg.tokenizer_path).save_pretrained(export)
         (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
+        if run.staged:
+            (run.out / EXPORT_DIR).upload(export)
 
 
-def merge_adapter(cfg: PipelineConfig, out_dir: Path) -> None:
+def merge_adapter(cfg: PipelineConfig, out: Loc) -> None:
     """model/merged: the base model with the trained adapter merged (peft's
     merge_and_unload), a plain HF checkpoint. Runs on the driver, after training."""
     from peft import PeftModel
     from transformers import AutoTokenizer
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    import tempfile
+
     unset_hf_deepspeed_config()  # a plain load, not a ZeRO-3 partitioned one
-    export = out_dir / EXPORT_DIR
-    base = load_causal_lm(cfg.model.path, cfg.model)
-    merged = PeftModel.from_pretrained(base, export).merge_and_unload()
-    merged.save_pretrained(export / "merged", safe_serialization=True)
-    AutoTokenizer.from_pretrained(export).save_pretrained(export / "merged")
+    with tempfile.TemporaryDirectory() as tmp:
+        export = (out / EXPORT_DIR).local
+        if export is None:  # a URI run directory: merge in local scratch, then upload
+            export = Path(tmp) / EXPORT_DIR
+            (out / EXPORT_DIR).download(export)
+        base = load_causal_lm(cfg.model.path, cfg.model)
+        merged = PeftModel.from_pretrained(base, export).merge_and_unload()
+        merged.save_pretrained(export / "merged", safe_serialization=True)
+        AutoTokenizer.from_pretrained(export).save_pretrained(export / "merged")
+        (out / EXPORT_DIR / "merged").upload(export / "merged")
 
 
 def train_worker(config: dict) -> None:
@@ -547,12 +629,19 @@ def train_worker(config: dict) -> None:
         if step % t.eval_steps == 0 and step < run.total_steps:
             log.write(evaluate(engine, run, step))
         if t.save_steps and step % t.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(engine, run, step)
+            save_checkpoint(engine, run, step, log)
     log.write(evaluate(engine, run, run.total_steps))
     export_model(engine, run, config["info"])
+    log.close()
+    log.sync()
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+# How a run is checkpointed, resumed, restarted, staged or tracked does not change what it trains.
+RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
+                     "report_to", "run_name")
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
@@ -562,17 +651,16 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
         "policy_model": hash_checkpoint(cfg.model.path, "model", cache),
         "model_settings": asdict(cfg.model) | {"path": None, "reference_path": None,
                                                "tokenizer_path": None},
-        # How a run is checkpointed, resumed or restarted does not change what it trains.
-        "train_settings": {k: v for k, v in asdict(cfg.train).items()
-                           if k not in ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures")},
+        "train_settings": {k: v for k, v in asdict(cfg.train).items() if k not in RUN_ONLY_SETTINGS},
     }
 
 
-def verify_rows(rows_dir: Path, tokenized_dir: Path, fingerprints: dict) -> None:
+def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
     """Before the first step: the rows to train on are the tokenized rows, pair for pair,
     and the reference columns were scored from them. Refuses, naming what differs."""
     from pipeline.rundir import read_manifest
 
+    rows_dir, tokenized_dir = Loc(rows_dir), Loc(tokenized_dir)
     manifest = read_manifest(rows_dir)
     if rows_dir != tokenized_dir:
         upstream = (manifest or {}).get("inputs", {}).get("upstream")
@@ -585,21 +673,21 @@ def verify_rows(rows_dir: Path, tokenized_dir: Path, fingerprints: dict) -> None
             raise RuntimeError(f"train: {split} shards differ between {rows_dir} {[p.name for p in ours]} "
                                f"and {tokenized_dir} {[p.name for p in theirs]}")
         for a, b in zip(ours, theirs):
-            ids_a = pq.read_table(a, columns=["pair_ids"]).column(0).to_pylist()
-            ids_b = pq.read_table(b, columns=["pair_ids"]).column(0).to_pylist()
+            ids_a, ids_b = (pq.ParquetFile(x.open_input()).read(columns=["pair_ids"]).column(0).to_pylist()
+                            for x in (a, b))
             if ids_a != ids_b:
                 k = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y) if len(ids_a) == len(ids_b) else 0
                 raise RuntimeError(f"train: {a.name} row {k}: pair_ids {ids_a[k] if ids_a else None} in {rows_dir} "
                                    f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
 
 
-def read_metrics(out_dir: Path) -> list[dict]:
-    path = out_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def read_metrics(out: Loc) -> list[dict]:
+    path = Loc(out) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def summarize(out_dir: Path) -> dict:
-    records = read_metrics(out_dir)
+def summarize(out: Loc) -> dict:
+    records = read_metrics(out)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     return {
@@ -610,48 +698,52 @@ def summarize(out_dir: Path) -> dict:
         "final_eval": {k: v for k, v in evals[-1].items()} if evals else {},
         "rows": int(sum(r["rows"] for r in train)),
         "tokens": int(sum(r["tokens"] for r in train)),
-        "export": str(out_dir / EXPORT_DIR),
+        "export": str(Loc(out) / EXPORT_DIR),
     }
 
 
-def _worker_config(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict) -> dict:
-    return {"cfg": for_workers(cfg), "rows_dir": str(rows_dir.resolve()),
-            "out_dir": str(out_dir.resolve()), "info": info}
+def _worker_config(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> dict:
+    return {"cfg": for_workers(cfg), "rows_dir": str(Loc(rows_dir)), "out_dir": str(Loc(out)), "info": info,
+            "ray_train": ray_train}
 
 
-def outputs(cfg: PipelineConfig, out_dir: Path) -> tuple[list[ShardInfo], dict]:
+def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:
     """The files the manifest commits (metrics and the exported model) and the summary."""
+    out = Loc(out)
     if cfg.train.merge_adapter:
-        merge_adapter(cfg, out_dir)
-    files = [out_dir / METRICS_FILE] + sorted(p for p in (out_dir / EXPORT_DIR).rglob("*") if p.is_file())
-    return [ShardInfo.of(f, 0, base=out_dir) for f in files], summarize(out_dir)
+        merge_adapter(cfg, out)
+    files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
+    return [ShardInfo.of(f, 0, base=out) for f in files], summarize(out)
 
 
-def run_local(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
+def run_local(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
-    verify_rows(rows_dir, Path(info["tokenized_dir"]), info["fingerprints"])
-    train_worker(_worker_config(cfg, rows_dir, out_dir, info))
-    return outputs(cfg, out_dir)
+    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    train_worker(_worker_config(cfg, rows_dir, out, info))
+    return outputs(cfg, out)
 
 
-def run(cfg: PipelineConfig, rows_dir: Path, out_dir: Path, info: dict):
+def run(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    verify_rows(rows_dir, Path(info["tokenized_dir"]), info["fingerprints"])
+    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    out = Loc(out)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=_worker_config(cfg, rows_dir, out_dir, info),
+        train_loop_config=_worker_config(cfg, rows_dir, out, info, ray_train=True),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str((out_dir / "ray_train").resolve()), name="train",
+        # Ray Train's run directory is our checkpoints folder, so registering a checkpoint
+        # (register_checkpoint) copies nothing.
+        run_config=RunConfig(storage_path=str(out), name=CHECKPOINT_DIR,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()
-    return outputs(cfg, out_dir)
+    return outputs(cfg, out)

@@ -95,3 +95,13 @@ def test_reference_free_losses_skip_scoring(tmp_path):
     assert needs_reference(load_config(write(tmp_path, BASE), ["train.loss_type=[simpo, sigmoid]"]))
     cfg = load_config(write(tmp_path, BASE), ["train.rpo_alpha=0.3", "train.loss_type=aot_pair"])
     assert loss_plan(cfg.train) == (["aot_unpaired", "sft"], [1.0, 0.3])
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-1.5b-1node.yaml", "llama3.1-8b-multinode.yaml"])
+def test_shipped_configs_load(name):
+    """The example configs are valid configs (every key known, every value in range)."""
+    cfg = load_config(str(Path(__file__).parent.parent / "configs" / name), [])
+    if name != "tiny.yaml":
+        assert cfg.train.use_gpu and cfg.score.num_gpus_per_actor == 1
+        assert cfg.model.dtype == "bfloat16" and cfg.train.zero_stage == 3
+        assert "://" in cfg.run_dir  # shared storage

@@ -5,6 +5,8 @@ import json
 import shutil
 
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,7 +94,7 @@ def test_truncated_shard_is_detected_and_only_it_is_rescored(small):
     cfg, _ = small
     runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
     plans = runner.plan_stages(cfg)
-    score_dir = plans["score"].dir
+    score_dir = Path(plans["score"].dir)
     shards = sorted(score_dir.glob("train-*.parquet"))
     assert len(shards) >= 3
     clean = {p.name: p.read_bytes() for p in shards}
@@ -118,7 +120,7 @@ def test_train_refuses_rows_whose_pair_ids_differ(small, assets, tmp_path):
     other = tiny_config(assets, tmp_path / "other", data_file=cfg.data.train_files[0],
                         tokenize={"max_tokens_per_row": 256, "rows_per_shard": 4}, train={"seed": 7})
     runner.run_pipeline(other, stages=["tokenize"], use_ray=False, log=lambda _: None)
-    other_tok = runner.plan_stages(other)["tokenize"].dir
+    other_tok = Path(runner.plan_stages(other)["tokenize"].dir)
     # the same pairs packed with another seed: same shard names, other pairs in each row
     with pytest.raises(RuntimeError, match=r"train-00000.parquet row \d+: pair_ids"):
         train.verify_rows(plans["score"].dir, other_tok, fingerprints)

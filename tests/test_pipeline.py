@@ -178,7 +178,7 @@ def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_p
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = str(tmp_path / "run")
     cfg.train.save_steps, cfg.train.max_failures = 5, 1
-    train_dir = runner.plan_stages(cfg)["train"].dir
+    train_dir = Path(runner.plan_stages(cfg)["train"].dir)
     assert train_dir.name == Path(results["train"]["dir"]).name  # same training, same fingerprint
     killed = []
 

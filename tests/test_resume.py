@@ -49,7 +49,7 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path):
     assert sorted(want) == list(range(1, 41))
 
     killed, cfg = config_file(assets, tmp_path, "killed")
-    train_dir = runner.plan_stages(cfg)["train"].dir
+    train_dir = Path(runner.plan_stages(cfg)["train"].dir)
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(killed), "--no-ray"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -78,14 +78,14 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path):
 def test_explicit_resume_from_a_missing_or_incomplete_checkpoint_fails(assets, tmp_path):
     path, cfg = config_file(assets, tmp_path, "run", max_steps=12)
     assert run_cli(path).returncode == 0
-    train_dir = runner.plan_stages(cfg)["train"].dir
+    train_dir = Path(runner.plan_stages(cfg)["train"].dir)
     proc = run_cli(path, "--stages", "train", "--force", "train.resume_from_checkpoint=step-00000099")
     assert proc.returncode != 0
     assert "train.resume_from_checkpoint: step-00000099 does not exist" in proc.stderr
     # a checkpoint whose ranks did not all finish has no COMPLETE marker
     path2, cfg2 = config_file(assets, tmp_path, "run2", max_steps=12)
     assert run_cli(path2).returncode == 0
-    ckpt = sorted((runner.plan_stages(cfg2)["train"].dir / "checkpoints").glob("step-*"))[-1]
+    ckpt = sorted((Path(runner.plan_stages(cfg2)["train"].dir) / "checkpoints").glob("step-*"))[-1]
     (ckpt / "COMPLETE.json").unlink()
     proc = run_cli(path, "--stages", "train", "--force", f"train.resume_from_checkpoint={ckpt}")
     assert proc.returncode != 0 and "is incomplete (not every rank finished" in proc.stderr
