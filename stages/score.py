@@ -144,6 +144,7 @@ def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
 
 
 def run_local(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+    in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
     if todo:
         scorer = ShardScorer(to_dict(cfg))
@@ -155,6 +156,7 @@ def run_local(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc)
 def run(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     import ray
 
+    in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
     if todo:
         s = cfg.score
