@@ -86,13 +86,14 @@ def build_assets(out: Path, model: str, pairs: int) -> dict:
     return {"model": str(model_dir), "data": str(data)}
 
 
-def our_config(out: Path, assets: dict, row_tokens: int, steps: int, zero_stage: int = 3):
+def our_config(out: Path, assets: dict, row_tokens: int, steps: int, zero_stage: int = 3,
+               attn: str = "segment_sdpa"):
     from pipeline.config import config_from_dict
 
     threads = os.cpu_count() or 1
     return config_from_dict({
         "run_dir": str(out / "run"),
-        "model": {"path": assets["model"], "dtype": "float32", "attn_implementation": "sdpa"},
+        "model": {"path": assets["model"], "dtype": "float32", "attn_implementation": attn},
         "data": {"train_files": [assets["data"]], "eval_fraction": 0.02},
         "tokenize": {"max_length": row_tokens // 2, "max_tokens_per_row": row_tokens, "rows_per_shard": 64},
         "score": {"cpu_threads": threads},
@@ -192,8 +193,12 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
     used = sorted({i for b in batches for i in b})
     position = {row: k for k, row in enumerate(used)}  # the dataset holds only the pairs trained on
     batches = [[position[i] for i in b] for b in batches]
+    import shutil
+
+    cache = out / "hf-cache"  # fresh: TRL would otherwise reuse reference log-probs cached by an earlier run
+    shutil.rmtree(cache, ignore_errors=True)
     dataset = datasets.load_dataset("json", data_files=assets["data"], split="train",
-                                    cache_dir=str(out / "hf-cache")).select(used)
+                                    cache_dir=str(cache)).select(used)
 
     timings: dict = {"precompute_s": 0.0, "steps": [], "losses": []}
 

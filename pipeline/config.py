@@ -32,7 +32,11 @@ class ModelConfig:
     tokenizer_path: Optional[str] = None
     # Numerics shared by score and train (DESIGN: one log-prob function, one dtype policy).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # segment_sdpa: per-segment causal SDPA over packed rows (no tokens x tokens mask; any
+    # device). sdpa / eager: transformers' own, with a dense block-diagonal mask.
+    # flex_attention: block-sparse, GPU only for training. flash_attention_2: needs flash-attn.
+    attn_implementation: Literal["segment_sdpa", "sdpa", "eager", "flex_attention",
+                                 "flash_attention_2"] = "segment_sdpa"
     trust_remote_code: bool = False
     # Completion tokens per LM-head chunk in the log-prob pass (bounds the fp32 logits).
     logp_chunk_tokens: int = 1024
@@ -290,6 +294,9 @@ def _validate(cfg: PipelineConfig) -> None:
             raise ConfigError(msg)
 
     need(bool(cfg.model.path), "model.path: required (the policy's HF checkpoint directory)")
+    need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.train.use_gpu),
+         "model.attn_implementation: flex_attention has no backward on CPU (train.use_gpu is false); "
+         "use segment_sdpa")
     need(bool(cfg.data.train_files) != bool(cfg.data.hf_dataset),
          "data.train_files or data.hf_dataset: exactly one is required")
     if cfg.data.hf_dataset is not None:

@@ -35,6 +35,9 @@ def load_causal_lm(path: str, mcfg: ModelConfig) -> torch.nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pipeline.attention import register
+
+    register()  # segment_sdpa, in every process that loads a model (Ray workers included)
     config = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code)
     disable_dropout_in_config(config)
     model = AutoModelForCausalLM.from_pretrained(

@@ -63,13 +63,16 @@ def test_sequence_logps_sum_mean_and_ld_weights():
     assert sequence_logps(per_token, layout, ld_alpha=0.5).tolist() == [-1.0 - 0.5 * 6.0, -8.0]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["segment_sdpa", "sdpa", "eager", "flex_attention"])
 def test_packed_row_equals_separate_forwards(assets, attn):
     """Segments of a packed row must not attend to each other (ENVIRONMENT.md's trap).
     flex_attention (the GPU fast path: a block-sparse mask, never a dense one) is checked
     here on CPU, where torch compiles it with inductor."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.attention import register
+
+    register()
     model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn).eval()
     separate = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="eager").eval()
     g = torch.Generator().manual_seed(1)
@@ -88,3 +91,30 @@ def test_packed_row_equals_separate_forwards(assets, attn):
             assert torch.allclose(got.double(), ref, atol=1e-5), (got - ref).abs().max()
             assert torch.all(packed[offset: offset + p] == 0)  # prompt tokens hold 0
             offset += len(seg)
+
+
+def test_segment_sdpa_gradients_equal_the_dense_mask(assets):
+    """The training path: the same per-token log-probs and parameter gradients as
+    transformers' sdpa with its dense block-diagonal mask, with none of the mask."""
+    from pipeline.config import ModelConfig
+    from pipeline.modeling import load_causal_lm
+
+    g = torch.Generator().manual_seed(2)
+    lens, prompts = [57, 31, 64, 12, 90, 45], [20, 20, 8, 8, 30, 30]
+    input_ids = torch.randint(3, 500, (sum(lens),), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lens])
+    layout = segment_layout(torch.tensor(lens), torch.tensor(prompts))
+    results = {}
+    for attn in ("segment_sdpa", "sdpa"):
+        model = load_causal_lm(str(assets["model"]), ModelConfig(path="x", attn_implementation=attn))
+        logps = packed_token_logps(model, input_ids, position_ids, layout, chunk=32).logps
+        logps.sum().backward()
+        results[attn] = (logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(results["segment_sdpa"][0], results["sdpa"][0], atol=1e-5)
+    assert torch.allclose(results["segment_sdpa"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_segment_bounds():
+    from pipeline.attention import segment_bounds
+
+    assert segment_bounds(torch.tensor([0, 1, 2, 0, 1, 0])) == [0, 3, 5, 6]

@@ -1,0 +1,55 @@
+"""``segment_sdpa``: attention over a packed row, one causal SDPA call per segment.
+
+A packed row holds several sequences back to back, with ``position_ids`` restarting at 0
+at each one. transformers' ``sdpa`` isolates them with a dense (tokens x tokens) boolean
+mask, so attention costs tokens² per row and the fused causal kernels cannot run. Here the
+segments are cut out of q/k/v and each goes through ``scaled_dot_product_attention`` with
+``is_causal=True``: the cost is the sum of segment length², nothing tokens x tokens is
+built, and the backward works on every device (flex_attention has no CPU backward).
+
+Registered with transformers' ``AttentionInterface`` under this name and absent from the
+mask interface, so transformers builds no mask for it. Anything that is not one packed
+row (a batch, a padding mask) goes to transformers' own ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "segment_sdpa"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[int]:
+    """[0, start of segment 2, ..., tokens] from positions that restart at 0."""
+    starts = torch.nonzero(position_ids == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return starts + [position_ids.numel()]
+
+
+def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, position_ids=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    bounds = segment_bounds(position_ids[0])
+    window = kwargs.get("sliding_window")
+    if window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > window:
+        raise NotImplementedError(f"segment_sdpa: a segment is longer than the model's sliding window ({window}); "
+                                  "use model.attn_implementation sdpa or flash_attention_2")
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+                                       is_causal=True, scale=scaling, enable_gqa=gqa)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, segment_sdpa_forward)
