@@ -164,11 +164,11 @@ def variant_ours_score(out: Path, assets: dict, a) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mib": peak_rss_mib()}
 
 
-def variant_ours_train(out: Path, assets: dict, a) -> dict:
+def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None) -> dict:
     from pipeline import runner
     from stages.train import read_metrics
 
-    cfg = our_config(out, assets, a.row_tokens, a.steps, a.zero_stage)
+    cfg = our_config(out, assets, a.row_tokens, a.steps, a.zero_stage if zero_stage is None else zero_stage)
     results = runner.run_pipeline(cfg, stages=["train"], force=True, use_ray=False, log=lambda _: None)
     steps = [r for r in read_metrics(results["train"]["dir"]) if "loss" in r]
     timed = steps[2:]
@@ -264,6 +264,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
 VARIANTS = {
     "ours-score": variant_ours_score,
     "ours-train": variant_ours_train,
+    "ours-train-zero0": lambda out, assets, a: variant_ours_train(out, assets, a, zero_stage=0),
     "trl-live": lambda out, assets, a: variant_trl(out, assets, a, precompute=False),
     "trl-precompute": lambda out, assets, a: variant_trl(out, assets, a, precompute=True),
 }
@@ -359,6 +360,10 @@ def main() -> None:
             "|---|---:|---:|---:|---:|",
             f"| ours: train stage (ZeRO-{a.zero_stage}, packed rows) | {ours['tokens_per_s']:.0f} | 1.00 | "
             f"{ours['peak_rss_mib']:.0f} | {ours['losses'][0]:.6f} |",
+            f"| ours: the same, ZeRO-0 (one process: no partitioning to pay for) | "
+            f"{r['ours-train-zero0']['tokens_per_s']:.0f} | "
+            f"{r['ours-train-zero0']['tokens_per_s'] / ours['tokens_per_s']:.2f} (vs ZeRO-3) | "
+            f"{r['ours-train-zero0']['peak_rss_mib']:.0f} | {r['ours-train-zero0']['losses'][0]:.6f} |",
             f"| TRL, live reference | {live['tokens_per_s']:.0f} | {ours['tokens_per_s'] / live['tokens_per_s']:.2f} | "
             f"{live['peak_rss_mib']:.0f} | {live['losses'][0]:.6f} |",
             f"| TRL, precomputed reference (train steps only) | {pre['tokens_per_s']:.0f} | "
