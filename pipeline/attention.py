@@ -20,7 +20,7 @@ import torch.nn.functional as F
 NAME = "segment_sdpa"
 
 
-def segment_bounds(position_ids: torch.Tensor) -> list[int]:
+def find_bounds(position_ids: torch.Tensor) -> list[int]:
     """[0, start of segment 2, ..., tokens] from positions that restart at 0."""
     starts = torch.nonzero(position_ids == 0).flatten().tolist()
     if not starts or starts[0] != 0:
@@ -29,13 +29,18 @@ def segment_bounds(position_ids: torch.Tensor) -> list[int]:
 
 
 def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                         is_causal=None, position_ids=None, **kwargs):
+                         is_causal=None, position_ids=None, segment_bounds=None, **kwargs):
+    """``segment_bounds``: the cuts as a list, passed once per forward by
+    ``pipeline.logps.packed_token_logps`` (no per-layer device sync); otherwise they are
+    found from ``position_ids``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = segment_bounds(position_ids[0])
+    bounds = segment_bounds if segment_bounds is not None else find_bounds(position_ids[0])
+    if bounds[-1] != query.shape[2]:
+        raise ValueError(f"segment_sdpa: segment bounds end at {bounds[-1]}, the row has {query.shape[2]} tokens")
     window = kwargs.get("sliding_window")
     if window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > window:
         raise NotImplementedError(f"segment_sdpa: a segment is longer than the model's sliding window ({window}); "

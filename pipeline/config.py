@@ -340,9 +340,10 @@ def _validate(cfg: PipelineConfig) -> None:
     need(tr.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
     need(tr.save_total_limit is None or tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
     need(tr.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
+    from pipeline.tracking import TRACKERS
+
     for tracker in tr.report_to:
-        need(tracker in ("tensorboard", "wandb", "mlflow"),
-             f"train.report_to: {tracker!r} is not one of tensorboard, wandb, mlflow")
+        need(tracker in TRACKERS, f"train.report_to: {tracker!r} is not one of {', '.join(TRACKERS)}")
     if tr.peft is not None:
         need(tr.peft.r >= 1, "train.peft.r: must be >= 1")
         need(0.0 <= tr.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")

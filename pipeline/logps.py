@@ -29,6 +29,7 @@ class SegmentLayout:
     targets: torch.Tensor  # (N,) positions of completion tokens (the ones scored)
     target_seg: torch.Tensor  # (N,) segment index of each target
     num_segments: int
+    bounds: list[int]  # [0, start of segment 2, ..., T]: segment_sdpa's cuts, once per row
 
 
 def segment_layout(seq_lens: torch.Tensor, prompt_lens: torch.Tensor) -> SegmentLayout:
@@ -48,7 +49,8 @@ def segment_layout(seq_lens: torch.Tensor, prompt_lens: torch.Tensor) -> Segment
     pos_in_seg = torch.arange(seg_ids.numel(), device=seq_lens.device) - offsets[seg_ids]
     is_target = pos_in_seg >= prompt_lens[seg_ids]
     targets = torch.nonzero(is_target, as_tuple=False).squeeze(-1)
-    return SegmentLayout(seg_ids, targets, seg_ids[targets], num_segments)
+    bounds = [0] + torch.cumsum(seq_lens, 0).tolist()
+    return SegmentLayout(seg_ids, targets, seg_ids[targets], num_segments, bounds)
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -156,6 +158,8 @@ def packed_token_logps(
     """
     decoder = model.get_decoder()
     extra = {"output_router_logits": True} if router_logits else {}
+    if getattr(model.config, "_attn_implementation", None) == "segment_sdpa":
+        extra["segment_bounds"] = layout.bounds  # every layer's attention cuts the row here
     out = decoder(
         input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False, **extra
     )

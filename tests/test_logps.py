@@ -114,7 +114,8 @@ def test_segment_sdpa_gradients_equal_the_dense_mask(assets):
     assert torch.allclose(results["segment_sdpa"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_segment_bounds():
-    from pipeline.attention import segment_bounds
+def test_segment_bounds_from_positions_and_from_the_layout():
+    from pipeline.attention import find_bounds
 
-    assert segment_bounds(torch.tensor([0, 1, 2, 0, 1, 0])) == [0, 3, 5, 6]
+    assert find_bounds(torch.tensor([0, 1, 2, 0, 1, 0, 1])) == [0, 3, 5, 7]
+    assert segment_layout(torch.tensor([3, 2, 2]), torch.tensor([1, 1, 1])).bounds == [0, 3, 5, 7]
