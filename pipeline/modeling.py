@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.logps import check_model_supported
+from pipeline.logps import SegmentLayout, check_model_supported, segment_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +60,28 @@ def row_tensors(row: dict, device: torch.device | str = "cpu") -> dict[str, torc
         "seq_lens": torch.tensor(row["seq_lens"], dtype=torch.long, device=device),
         "prompt_lens": torch.tensor(row["prompt_lens"], dtype=torch.long, device=device),
     }
+
+
+def row_inputs(row: dict, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, SegmentLayout]:
+    """A packed row's ``input_ids``, ``position_ids`` and segment layout, on ``device``.
+
+    The layout is worked out on the host, where the segment lengths already are (its cuts
+    are Python ints for ``segment_sdpa``), and everything goes to a GPU from pinned memory
+    without blocking: preparing row k+1 never waits for row k's kernels, so the host runs
+    ahead and the GPU's queue stays full.
+    """
+    t = row_tensors(row)
+    layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+    return (to_device(t["input_ids"], device), to_device(t["position_ids"], device),
+            SegmentLayout(*(to_device(x, device) for x in (layout.seg_ids, layout.targets, layout.target_seg)),
+                          layout.num_segments, layout.bounds))
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, without blocking the host."""
+    if torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def moe_router(model, coef_override: float | None) -> tuple[float, int, int] | None:

@@ -15,6 +15,7 @@ trainer can change the aggregation without re-scoring.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +23,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
-from pipeline.logps import packed_token_logps, segment_layout, segment_sums
-from pipeline.modeling import load_causal_lm, row_tensors
+from pipeline.logps import packed_token_logps, segment_sums
+from pipeline.modeling import load_causal_lm, row_inputs
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.storage import Loc
 from stages.tokenize import ROW_GROUP_ROWS
@@ -36,6 +37,26 @@ SCORE_FIELDS = [
 ]
 
 
+@dataclass
+class _InFlight:
+    """A row whose forward has been queued; its results land in host memory later."""
+
+    row_id: int
+    logps: torch.Tensor  # (T,) on the host once ``done`` has fired
+    sums: torch.Tensor  # (S,)
+    done: "torch.cuda.Event | None"  # None on CPU, where everything ran already
+
+
+def iter_rows(table: pa.Table):
+    """A shard's rows with their token lists as numpy slices (no Python lists of tokens)."""
+    lists = {}
+    for name in ("input_ids", "position_ids", "seq_lens", "prompt_lens"):
+        col = table.column(name).combine_chunks()
+        lists[name] = (col.values.to_numpy(), col.offsets.to_numpy())  # offsets index the unsliced values
+    for i, row_id in enumerate(table.column("row_id").to_pylist()):
+        yield {"row_id": row_id, **{n: v[o[i]:o[i + 1]] for n, (v, o) in lists.items()}}
+
+
 class ShardScorer:
     def __init__(self, cfg_dict: dict):
         self.cfg = config_from_dict(cfg_dict)
@@ -46,30 +67,48 @@ class ShardScorer:
         self.model.eval()
 
     @torch.inference_mode()
-    def score_row(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
-        t = row_tensors(row, self.device)
-        layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+    def launch(self, row: dict) -> _InFlight:
+        """Queue one row's forward and the copy of its results to the host; on a GPU this
+        returns before the kernels have run (nothing here waits on the device)."""
+        input_ids, position_ids, layout = row_inputs(row, self.device)
         per_token = packed_token_logps(
-            self.model, t["input_ids"], t["position_ids"], layout, self.cfg.model.logp_chunk_tokens
+            self.model, input_ids, position_ids, layout, self.cfg.model.logp_chunk_tokens
         ).logps
         sums = segment_sums(per_token, layout)
-        return per_token.cpu().numpy(), sums.cpu().numpy()
+        if self.device.type == "cpu":
+            return _InFlight(row["row_id"], per_token, sums, None)
+        host = per_token.to("cpu", non_blocking=True), sums.to("cpu", non_blocking=True)  # pinned
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(row["row_id"], *host, done)
+
+    @staticmethod
+    def collect(row: _InFlight) -> tuple[np.ndarray, np.ndarray]:
+        if row.done is not None:
+            row.done.synchronize()
+        tok = row.logps.numpy()
+        bad = ~np.isfinite(tok) | (tok > 0)
+        if bad.any():
+            raise ValueError(
+                f"score: row {row.row_id} has {int(bad.sum())} reference log-probs that "
+                "are NaN, inf or positive; the reference model or dtype is broken"
+            )
+        return tok, row.sums.numpy()
 
     def score_table(self, table: pa.Table) -> pa.Table:
-        per_token, per_seg = [], []
-        for row in table.to_pylist():
-            tok, seg = self.score_row(row)
-            bad = ~np.isfinite(tok) | (tok > 0)
-            if bad.any():
-                raise ValueError(
-                    f"score: row {row['row_id']} has {int(bad.sum())} reference log-probs that "
-                    "are NaN, inf or positive; the reference model or dtype is broken"
-                )
-            per_token.append(tok)
-            per_seg.append(seg)
+        """Rows go one step ahead: row k+1 is queued before row k's results are read, so the
+        GPU starts on it while the host waits for row k and converts it."""
+        results, in_flight = [], None
+        for row in iter_rows(table):
+            queued = self.launch(row)
+            if in_flight is not None:
+                results.append(self.collect(in_flight))
+            in_flight = queued
+        if in_flight is not None:
+            results.append(self.collect(in_flight))
         return table.append_column(
-            SCORE_FIELDS[0], pa.array(per_token, type=SCORE_FIELDS[0].type)
-        ).append_column(SCORE_FIELDS[1], pa.array(per_seg, type=SCORE_FIELDS[1].type))
+            SCORE_FIELDS[0], pa.array([tok for tok, _ in results], type=SCORE_FIELDS[0].type)
+        ).append_column(SCORE_FIELDS[1], pa.array([seg for _, seg in results], type=SCORE_FIELDS[1].type))
 
     def score_shard(self, src: str, dst: str) -> dict:
         src_loc, final = Loc(src), Loc(dst)

@@ -32,9 +32,9 @@ import torch
 from pipeline import losses as losses_mod
 from pipeline.config import (PipelineConfig, config_from_dict, for_workers, loss_plan,
                              needs_reference, to_dict)
-from pipeline.logps import (packed_token_logps, segment_layout, segment_sums, segment_token_counts,
+from pipeline.logps import (packed_token_logps, segment_sums, segment_token_counts,
                             sequence_logps, wpo_pair_weights)
-from pipeline.modeling import load_causal_lm, moe_router, row_tensors
+from pipeline.modeling import load_causal_lm, moe_router, row_inputs, to_device
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
 from pipeline.rundir import HashCache, ShardInfo, atomic_write_text, hash_checkpoint
 from pipeline.storage import Loc
@@ -155,17 +155,16 @@ def row_logps(model, row: dict, cfg: PipelineConfig, device) -> PairBatch:
     """The policy's log-prob pass over one packed row, aggregated with the stored
     reference columns the same way (sum / mean / LD-DPO)."""
     tr = cfg.train
-    t = row_tensors(row, device)
-    layout = segment_layout(t["seq_lens"], t["prompt_lens"])
+    input_ids, position_ids, layout = row_inputs(row, device)
     router = moe_router(model, tr.router_aux_loss_coef)
-    tok = packed_token_logps(model, t["input_ids"], t["position_ids"], layout,
+    tok = packed_token_logps(model, input_ids, position_ids, layout,
                              cfg.model.logp_chunk_tokens, log_sum_sq=tr.use_weighting,
                              router_logits=router is not None)
     seq = sequence_logps(tok.logps, layout, tr.aggregation, tr.ld_alpha)
     if not needs_reference(cfg):
         ref = torch.zeros_like(seq)
     else:
-        ref_tok = torch.tensor(row["ref_logps"], dtype=torch.float32, device=device)
+        ref_tok = to_device(torch.tensor(row["ref_logps"], dtype=torch.float32), device)
         ref = sequence_logps(ref_tok, layout, tr.aggregation, tr.ld_alpha)
     lengths = segment_token_counts(layout).float()
     weights = None
