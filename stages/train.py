@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import torch
 
 from pipeline import losses as losses_mod
 from pipeline.config import (PipelineConfig, config_from_dict, for_workers, loss_plan,
-                             needs_reference, to_dict)
+                             needs_reference)
 from pipeline.logps import (packed_token_logps, segment_sums, segment_token_counts,
                             sequence_logps, wpo_pair_weights)
 from pipeline.modeling import load_causal_lm, moe_router, row_inputs, to_device
@@ -183,40 +183,55 @@ METRIC_KEYS = ("rows", "pairs", "aux_loss", "loss", "rewards/chosen", "rewards/r
                "rewards/margins", "logps/chosen", "logps/rejected", "tokens")
 
 
-@dataclass
-class MetricSums:
-    """Sums over pairs; all-reduced across ranks before they become means."""
+COUNT_KEYS = ("rows", "pairs", "tokens")  # known on the host
+SUM_KEYS = tuple(k for k in METRIC_KEYS if k not in COUNT_KEYS)  # summed on the device
 
-    values: dict = field(default_factory=lambda: dict.fromkeys(METRIC_KEYS, 0.0))
+
+class MetricSums:
+    """Sums over pairs; all-reduced across ranks before they become means.
+
+    The sums stay on the run's device until ``reduce``: adding a micro-batch never waits
+    for its kernels (no ``.item()`` per micro-batch), and the all-reduce gets a tensor of
+    the device NCCL needs."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=self.device)
 
     def add(self, batch: PairBatch, out: losses_mod.LossOutput, weight: float) -> None:
         if weight == 0.0:
             return
-        v = self.values
-        v["rows"] += 1
-        v["pairs"] += batch.chosen.numel()
-        if batch.aux_loss is not None:
-            v["aux_loss"] += float(batch.aux_loss.detach()) * batch.chosen.numel()  # pair-weighted
-        v["tokens"] += batch.tokens
-        v["loss"] += out.losses.detach().double().sum().item()
-        v["rewards/chosen"] += out.chosen_rewards.double().sum().item()
-        v["rewards/rejected"] += out.rejected_rewards.double().sum().item()
-        v["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).double().sum().item()
-        v["rewards/margins"] += (out.chosen_rewards - out.rejected_rewards).double().sum().item()
-        v["logps/chosen"] += batch.chosen.detach().double().sum().item()
-        v["logps/rejected"] += batch.rejected.detach().double().sum().item()
+        pairs = batch.chosen.numel()
+        self.counts["rows"] += 1
+        self.counts["pairs"] += pairs
+        self.counts["tokens"] += batch.tokens
+        chosen, rejected = out.chosen_rewards.double(), out.rejected_rewards.double()
+        aux = (batch.aux_loss.detach().double() * pairs if batch.aux_loss is not None
+               else torch.zeros((), dtype=torch.float64, device=chosen.device))
+        values = {
+            "aux_loss": aux,  # pair-weighted
+            "loss": out.losses.detach().double().sum(),
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "rewards/accuracies": (chosen > rejected).double().sum(),
+            "rewards/margins": (chosen - rejected).sum(),
+            "logps/chosen": batch.chosen.detach().double().sum(),
+            "logps/rejected": batch.rejected.detach().double().sum(),
+        }
+        self.sums += torch.stack([values[k] for k in SUM_KEYS]).to(self.device)
 
     def reduce(self, prefix: str = "") -> dict:
         import torch.distributed as dist
 
-        vec = torch.tensor([self.values[k] for k in METRIC_KEYS], dtype=torch.float64)
+        counts = torch.tensor([float(self.counts[k]) for k in COUNT_KEYS], dtype=torch.float64)
+        vec = torch.cat([counts.to(self.device), self.sums])
         if dist.is_initialized():
             dist.all_reduce(vec)
-        total = dict(zip(METRIC_KEYS, vec.tolist()))
+        total = dict(zip(COUNT_KEYS + SUM_KEYS, vec.tolist()))
         n = max(total["pairs"], 1.0)
-        counts = ("rows", "pairs", "tokens")
-        out = {f"{prefix}{k}": total[k] / n for k in METRIC_KEYS if k not in counts}
-        out.update({f"{prefix}{k}": int(total[k]) for k in counts})
+        out = {f"{prefix}{k}": total[k] / n for k in METRIC_KEYS if k not in COUNT_KEYS}
+        out.update({f"{prefix}{k}": int(total[k]) for k in COUNT_KEYS})
         if total["aux_loss"] == 0.0:  # a dense model: no router loss to report
             del out[f"{prefix}aux_loss"]
         return out
@@ -483,7 +498,7 @@ def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -
                      for rank_plan in step_plan for mb in rank_plan)
     scale = run.world * run.cfg.train.gradient_accumulation_steps / step_pairs
     lr = engine.get_lr()[0]
-    sums, t0 = MetricSums(), time.time()
+    sums, t0 = MetricSums(run.device), time.time()
     for mb in step_plan[run.rank]:
         batch, out = pair_loss(engine.module, run.train_rows[mb.row], run.cfg, run.device)
         loss = out.losses.sum() * (mb.weight * scale)
@@ -500,7 +515,7 @@ def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -
 
 
 def evaluate(engine, run: Run, step: int) -> dict:
-    sums = MetricSums()
+    sums = MetricSums(run.device)
     engine.module.eval()
     with torch.no_grad():
         for mb in eval_plan(run.eval_rows.num_rows, run.world)[run.rank]:
