@@ -1,27 +1,38 @@
 """Side by side with TRL 1.16's DPOTrainer on identical tokens: train throughput, scoring
-throughput, padding waste, peak memory, loss parity.
+throughput, padding waste, peak memory, loss parity, MFU, and the largest micro-batch.
 
     .venv/bin/python bench/vs_trl.py [--models tiny,small] [--steps 12] [--row-tokens 2048]
+    python3 bench/vs_trl.py --device cuda --models qwen1.5b --row-tokens 8192 --fit  # GPU
+    python3 bench/vs_trl.py --report --results DIR   # the tables from saved results
 
-Setup, per model (``tiny``: the demo Llama, 0.1M parameters; ``small``: the same
-architecture at hidden 512 x 8 layers, 19M parameters; both fp32 on CPU):
+Models (random init from a config; the tokenizer is the demo's, whatever the vocabulary):
+``tiny`` (the demo Llama, 0.1M), ``small`` (the same architecture at hidden 512 x 8 layers,
+19M), ``qwen0.5b`` and ``qwen1.5b`` (Qwen2.5's architectures: 0.49B and 1.54B).
 
-* data: standard-format text pairs of varied length (prompts 10-80 words, completions
-  5-150 words), tokenised by our tokenize stage and by TRL's ``_prepare_dataset`` into the
-  same token ids (checked here: the token totals are equal);
+* data: standard-format text pairs of varied length (``--pair-words``: prompt and completion
+  word ranges), tokenised by our tokenize stage and by TRL's ``_prepare_dataset`` into the
+  same token ids (checked here: the token totals of every micro-batch are equal);
 * micro-batches: the same pairs in both. Our train stage runs one packed row per
   micro-batch; TRL's dataloader is given each packed row's pairs as one padded batch (a
   batch sampler built from our rows, in our step order), so both see the same pairs per
   optimizer step and their losses can be compared step by step;
-* the same initial weights, AdamW (lr 1e-4, no weight decay, clip 1.0), linear schedule,
-  no gradient checkpointing, dropout off, torch threads = all cores, one process;
-* ours: the train stage core in-process (``stages.train.run_local``: DeepSpeed ZeRO-3 on
-  one rank, gloo); TRL: ``DPOTrainer`` with a live reference model, and with
-  ``precompute_ref_log_probs=True`` (the precompute pass timed on its own).
+* the same initial weights, dtype (``--dtype``: fp32 on CPU, bf16 on GPU; TRL with
+  ``bf16=True`` on a bf16-loaded model, ours DeepSpeed bf16), AdamW (lr 1e-4, no weight
+  decay, clip 1.0), linear schedule, gradient checkpointing (``--grad-ckpt``) and dropout
+  off in both, one process;
+* ours: the train stage core in-process (``stages.train.run_local``: DeepSpeed on one rank,
+  ZeRO-3 and ZeRO-0); TRL: ``DPOTrainer`` with a live reference model, and with
+  ``precompute_ref_log_probs=True`` (its precompute pass over the whole dataset, timed on
+  its own, is the scoring peer of our score stage).
 
-Each variant runs in a fresh subprocess; its peak RSS is the process's ``ru_maxrss``.
-Throughput counts real tokens (prompt + completion of both sides, no padding) over the
-optimizer steps' wall time, the first two steps (warm-up) left out.
+Each variant runs in a fresh subprocess and saves its result as JSON under ``--results``;
+the tables are built from those files, so a GPU session can run the variants over several
+calls. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
+on CPU. Throughput counts real tokens (prompt + completion of both sides, no padding); the
+train figures are over the optimizer steps after the first two (warm-up). MFU is
+6·N·tokens/s (train) and 2·N·tokens/s (scoring) over the matmul peak measured in the same
+run (8192³ bf16 on a GPU, 4096³ fp32 on CPU), N the parameters that multiply (the input
+embedding excluded; a tied LM head counted once).
 """
 
 from __future__ import annotations
@@ -43,63 +54,86 @@ sys.path.insert(0, str(ROOT))
 
 LR = 1e-4
 BETA = 0.1
+QWEN = {  # Qwen2.5's published architectures (config.json), random init here
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2),
+    "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2),
+}
 
 
 # ----------------------------------------------------------------------------- setup
 
 
-def make_text_pairs(n: int, seed: int) -> list[dict]:
+def make_text_pairs(n: int, seed: int, words: str = "10-80,5-150") -> list[dict]:
     from pipeline.demo import make_pairs
 
-    words = sorted({w for p in make_pairs(400, seed=0) for side in ("prompt", "chosen", "rejected")
+    (p_lo, p_hi), (c_lo, c_hi) = [tuple(int(x) for x in part.split("-")) for part in words.split(",")]
+    vocab = sorted({w for p in make_pairs(400, seed=0) for side in ("prompt", "chosen", "rejected")
                     for m in p[side] for w in m["content"].split()})
     rng = random.Random(seed)
 
     def text(lo, hi):
-        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, hi)))
 
-    return [{"prompt": text(10, 80), "chosen": " " + text(5, 150), "rejected": " " + text(5, 150)}
+    return [{"prompt": text(p_lo, p_hi), "chosen": " " + text(c_lo, c_hi), "rejected": " " + text(c_lo, c_hi)}
             for _ in range(n)]
 
 
-def build_assets(out: Path, model: str, pairs: int) -> dict:
-    """Tokenizer + model + data + our tokenized and scored rows (in-process stages)."""
-    from pipeline import runner
-    from pipeline.config import config_from_dict
-    from pipeline.demo import build_model, make_assets, write_jsonl
+def build_model(name: str, vocab_size: int, dtype: str):
+    import torch
+
+    from pipeline.demo import build_model as demo_model
+
+    if name == "small":
+        return demo_model(vocab_size, seed=0, hidden_size=512, layers=8)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                         rope_theta=1e6, rms_norm_eps=1e-6, **QWEN[name])
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 1.5B is quick there
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    return model.to({"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]).cpu()
+
+
+def build_assets(out: Path, model: str, a) -> dict:
+    """Tokenizer + model + pairs: the demo tokenizer, a model of the named size."""
+    from pipeline.demo import make_assets, write_jsonl
 
     out.mkdir(parents=True, exist_ok=True)
     demo = make_assets(out / "demo")
     model_dir = demo["model"]
-    if model == "small":
-        model_dir = out / "small-model"
-        if not (model_dir / "model.safetensors").exists():
+    if model != "tiny":
+        model_dir = out / f"{model}-{a.dtype}"
+        if not (model_dir / "config.json").exists():
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(demo["model"])
-            m = build_model(len(tok), seed=0, hidden_size=512, layers=8)
-            m.save_pretrained(model_dir, safe_serialization=True)
+            build_model(model, len(tok), a.dtype).save_pretrained(model_dir, safe_serialization=True)
             tok.save_pretrained(model_dir)
-    data = out / "pairs.jsonl"
+    data = out / f"pairs-{a.pairs}-{a.pair_words.replace(',', '_')}.jsonl"
     if not data.exists():
-        write_jsonl(make_text_pairs(pairs, seed=1), data)
+        write_jsonl(make_text_pairs(a.pairs, seed=1, words=a.pair_words), data)
     return {"model": str(model_dir), "data": str(data)}
 
 
-def our_config(out: Path, assets: dict, row_tokens: int, steps: int, zero_stage: int = 3,
-               attn: str = "segment_sdpa"):
+def our_config(out: Path, assets: dict, a, zero_stage: int | None = None):
     from pipeline.config import config_from_dict
 
     threads = os.cpu_count() or 1
+    gpu = a.device == "cuda"
     return config_from_dict({
         "run_dir": str(out / "run"),
-        "model": {"path": assets["model"], "dtype": "float32", "attn_implementation": attn},
+        "model": {"path": assets["model"], "dtype": a.dtype, "attn_implementation": "segment_sdpa"},
         "data": {"train_files": [assets["data"]], "eval_fraction": 0.02},
-        "tokenize": {"max_length": row_tokens // 2, "max_tokens_per_row": row_tokens, "rows_per_shard": 64},
+        "tokenize": {"max_length": a.max_length, "max_tokens_per_row": a.row_tokens, "rows_per_shard": 64},
         "score": {"cpu_threads": threads},
         "train": {"loss_type": "sigmoid", "beta": BETA, "learning_rate": LR, "lr_scheduler_type": "linear",
-                  "max_steps": steps, "eval_steps": 10**6, "num_workers": 1, "cpus_per_worker": threads,
-                  "zero_stage": zero_stage, "report_to": []},
+                  "max_steps": a.steps, "eval_steps": 10**6, "num_workers": 1, "cpus_per_worker": threads,
+                  "use_gpu": gpu, "gradient_checkpointing": a.grad_ckpt,
+                  "zero_stage": a.zero_stage if zero_stage is None else zero_stage, "report_to": []},
     })
 
 
@@ -135,8 +169,56 @@ def pair_index(cfg) -> dict[str, int]:
 # ----------------------------------------------------------------------------- variants
 
 
-def peak_rss_mib() -> float:
+def peak_mem_mib(device: str) -> float:
+    """Peak memory of this process: the GPU allocator's peak, or the peak RSS on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def variant_prepare(out: Path, assets: dict, a) -> dict:
+    """Our tokenize and score stages (in-process), in a subprocess of their own so the
+    driver never holds GPU memory."""
+    from pipeline import runner
+
+    runner.run_pipeline(our_config(out, assets, a), stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    return {}
+
+
+def variant_peak(out: Path, assets: dict, a) -> dict:
+    """The matmul peak of this machine, measured as the MFU denominator."""
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
+    n = 8192 if a.device == "cuda" else 4096
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.randn(n, n, dtype=dtype, device=a.device)
+    y = torch.randn(n, n, dtype=dtype, device=a.device)
+    reps = 20 if a.device == "cuda" else 3
+    for _ in range(3 if a.device == "cuda" else 1):
+        x @ y
+    synchronize(a.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    synchronize(a.device)
+    seconds = (time.perf_counter() - start) / reps
+    import deepspeed
+    import transformers
+    import trl
+
+    return {"n": n, "dtype": a.dtype, "tflops": 2 * n**3 / seconds / 1e12, "machine": machine(a),
+            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+                        f"deepspeed {deepspeed.__version__}"}
 
 
 def variant_ours_score(out: Path, assets: dict, a) -> dict:
@@ -147,38 +229,47 @@ def variant_ours_score(out: Path, assets: dict, a) -> dict:
     from pipeline.rundir import read_manifest
     from stages.score import ShardScorer
 
-    cfg = our_config(out, assets, a.row_tokens, a.steps)
-    plans = runner.plan_stages(cfg)
-    tok_dir = plans["tokenize"].dir
+    cfg = our_config(out, assets, a)
+    tok_dir = runner.plan_stages(cfg)["tokenize"].dir
     manifest = read_manifest(tok_dir)
     scratch = out / "score-bench"
     scratch.mkdir(exist_ok=True)
     scorer = ShardScorer(to_dict(cfg))
     torch.set_num_threads(os.cpu_count() or 1)
     shards = [s for s in manifest["shards"] if s["name"] != "quarantine.parquet"]
+    synchronize(a.device)
     start = time.perf_counter()
     for s in shards:
         scorer.score_shard(str(tok_dir / s["name"]), str(scratch / s["name"]))
+    synchronize(a.device)
     seconds = time.perf_counter() - start
     tokens = manifest["stats"]["tokens"]
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_mib": peak_rss_mib()}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_mib": peak_mem_mib(a.device)}
 
 
 def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None) -> dict:
     from pipeline import runner
+    from pipeline.rundir import read_manifest
     from stages.train import read_metrics
 
-    cfg = our_config(out, assets, a.row_tokens, a.steps, a.zero_stage if zero_stage is None else zero_stage)
+    cfg = our_config(out, assets, a, zero_stage)
     results = runner.run_pipeline(cfg, stages=["train"], force=True, use_ray=False, log=lambda _: None)
     steps = [r for r in read_metrics(results["train"]["dir"]) if "loss" in r]
     timed = steps[2:]
     seconds = sum(r["tokens"] / r["tokens_per_second"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
-    return {"losses": [r["loss"] for r in steps], "grad_norms": [r["grad_norm"] for r in steps], "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "peak_rss_mib": peak_rss_mib()}
+    total, n_mm = matmul_params(assets["model"])
+    stats = read_manifest(runner.plan_stages(cfg)["tokenize"].dir)["stats"]
+    return {"losses": [r["loss"] for r in steps], "grad_norms": [r["grad_norm"] for r in steps],
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "micro_batch_tokens": max(r["tokens"] for r in steps), "peak_mib": peak_mem_mib(a.device),
+            "params": total, "matmul_params": n_mm, "waste": stats["train"]["waste_fraction"]}
 
 
 def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
+    import shutil
+
     import datasets
     import torch
     from torch.utils.data import DataLoader
@@ -186,27 +277,23 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = our_config(out, assets, a.row_tokens, a.steps)
+    cfg = our_config(out, assets, a)
     batches_ids, row_tokens = step_batches(cfg, a.steps)
     index = pair_index(cfg)
-    batches = [[index[p] for p in ids] for ids in batches_ids]
-    used = sorted({i for b in batches for i in b})
-    position = {row: k for k, row in enumerate(used)}  # the dataset holds only the pairs trained on
-    batches = [[position[i] for i in b] for b in batches]
-    import shutil
-
+    batches = [[index[p] for p in ids] for ids in batches_ids]  # rows of the input file
     cache = out / "hf-cache"  # fresh: TRL would otherwise reuse reference log-probs cached by an earlier run
     shutil.rmtree(cache, ignore_errors=True)
-    dataset = datasets.load_dataset("json", data_files=assets["data"], split="train",
-                                    cache_dir=str(cache)).select(used)
+    dataset = datasets.load_dataset("json", data_files=assets["data"], split="train", cache_dir=str(cache))
 
     timings: dict = {"precompute_s": 0.0, "steps": [], "losses": []}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            synchronize(a.device)
             timings["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            synchronize(a.device)
             timings["steps"].append(time.perf_counter() - timings["t0"])
 
     class SameBatches(DPOTrainer):
@@ -221,29 +308,35 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
             return loss
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
+            synchronize(a.device)
             start = time.perf_counter()
             result = super()._precompute_ref_logps(dataset, name, batch_size)
+            synchronize(a.device)
             timings["precompute_s"] += time.perf_counter() - start
+            timings["precompute_peak_mib"] = peak_mem_mib(a.device)
             return result
 
     mean_pairs = max(1, round(sum(len(b) for b in batches) / len(batches)))
+    bf16 = a.dtype == "bfloat16"
     args = DPOConfig(
         output_dir=str(out / f"trl-{'pre' if precompute else 'live'}"), per_device_train_batch_size=mean_pairs,
         max_steps=a.steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=None, logging_steps=1,
-        report_to="none", save_strategy="no", eval_strategy="no", bf16=False, fp16=False, use_cpu=True,
-        gradient_checkpointing=False, dataloader_num_workers=0, precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=mean_pairs, seed=cfg.train.seed, disable_tqdm=True,
+        report_to="none", save_strategy="no", eval_strategy="no", bf16=bf16, fp16=False,
+        use_cpu=a.device == "cpu", gradient_checkpointing=a.grad_ckpt, dataloader_num_workers=0,
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=mean_pairs, seed=cfg.train.seed,
+        disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
-    model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="sdpa",
+                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
     trainer = SameBatches(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[Timer()])
     # identical tokens: TRL's tokenisation of these pairs has our token count
     ds = trainer.train_dataset
-    real = [2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-    padded = [2 * len(b) * max(max(len(ds["prompt_ids"][i]) + len(ds["chosen_ids"][i]),
-                                   len(ds["prompt_ids"][i]) + len(ds["rejected_ids"][i])) for i in b)
+    prompt, chosen, rejected = ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]
+    real = [2 * len(p) + len(c) + len(r) for p, c, r in zip(prompt, chosen, rejected)]
+    padded = [2 * len(b) * max(len(prompt[i]) + max(len(chosen[i]), len(rejected[i])) for i in b)
               for b in batches]
     trainer.train()
     losses = timings["losses"]  # unrounded (the Trainer's log rounds to 4 digits)
@@ -252,22 +345,25 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
         raise RuntimeError(f"token counts differ: TRL {step_tokens} vs ours {row_tokens}")
     seconds = sum(timings["steps"][2:])
     tokens = sum(step_tokens[2:len(timings["steps"])])
-    total_real = sum(real[i] for b in batches for i in b)
     grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "micro_batch_tokens": max(padded), "micro_batch_pairs": mean_pairs,
             "precompute_s": timings["precompute_s"],
             "precompute_tokens_per_s": sum(real) / timings["precompute_s"] if precompute else None,
-            "waste": 1 - total_real / sum(padded), "peak_rss_mib": peak_rss_mib(),
-            "trl_tokens_of_trained_pairs": total_real}
+            "precompute_peak_mib": timings.get("precompute_peak_mib"),
+            "waste": 1 - sum(step_tokens) / sum(padded), "peak_mib": peak_mem_mib(a.device)}
 
 
 VARIANTS = {
+    "prepare": variant_prepare,
+    "peak": variant_peak,
     "ours-score": variant_ours_score,
     "ours-train": variant_ours_train,
     "ours-train-zero0": lambda out, assets, a: variant_ours_train(out, assets, a, zero_stage=0),
     "trl-live": lambda out, assets, a: variant_trl(out, assets, a, precompute=False),
     "trl-precompute": lambda out, assets, a: variant_trl(out, assets, a, precompute=True),
 }
+MEASURED = [v for v in VARIANTS if v != "prepare"]
 
 
 # ----------------------------------------------------------------------------- waste
@@ -305,14 +401,166 @@ def waste_realistic(row_tokens: int, pairs: int = 20000, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_variant(name: str, model: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--models", model, "--steps", str(a.steps),
-           "--row-tokens", str(a.row_tokens), "--pairs", str(a.pairs), "--out", str(a.out),
-           "--zero-stage", str(a.zero_stage)]
+def result_path(a, model: str, name: str, row_tokens: int | None = None) -> Path:
+    return Path(a.results) / f"{model}-{name}-{row_tokens or a.row_tokens}.json"
+
+
+def run_variant(name: str, model: str, a, row_tokens: int | None = None, steps: int | None = None,
+                tag: str = "", pairs: int | None = None) -> dict | None:
+    """One variant in a fresh process; its result is saved as ``<model>-<name><tag>-<row
+    tokens>.json``. None: a ``tag``-ged try ran out of memory."""
+    cmd = [sys.executable, __file__, "--one", name, "--models", model, "--steps", str(steps or a.steps),
+           "--row-tokens", str(row_tokens or a.row_tokens), "--max-length", str(a.max_length),
+           "--pairs", str(pairs or a.pairs), "--pair-words", a.pair_words, "--out", str(a.out),
+           "--zero-stage", str(a.zero_stage), "--device", a.device, "--dtype", a.dtype]
+    if a.grad_ckpt:
+        cmd.append("--grad-ckpt")
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    print(f"  {model} {name} rows={row_tokens or a.row_tokens}: rc {proc.returncode}, "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} ({model}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        tail = proc.stderr[-3000:]
+        if tag and "out of memory" in tail.lower():
+            result_path(a, model, name + tag + "-oom", row_tokens).write_text(json.dumps({"oom": True}))
+            return None
+        raise RuntimeError(f"{name} ({model}) failed:\n{tail}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if name != "prepare":
+        result_path(a, model, name + tag, row_tokens).write_text(json.dumps(dict(
+            result, model=model, variant=name, device=a.device, dtype=a.dtype, row_tokens=row_tokens or a.row_tokens,
+            steps=steps or a.steps, grad_ckpt=a.grad_ckpt, date=time.strftime("%Y-%m-%d"))))
+    return result
+
+
+def fit_search(model: str, a) -> None:
+    """Double the micro-batch (our row tokens; TRL's pairs of such a row) until it no longer
+    fits: 3 optimizer steps per try, in a process of its own, on ``--fit-pairs`` pairs."""
+    for side in a.fit.split(","):
+        tokens = a.row_tokens
+        while tokens <= a.fit_limit:
+            run_variant("prepare", model, a, row_tokens=tokens, steps=3, pairs=a.fit_pairs)
+            if run_variant(side, model, a, row_tokens=tokens, steps=3, tag="-fit", pairs=a.fit_pairs) is None:
+                break
+            tokens *= 2
+
+
+def machine(a) -> str:
+    """Called inside a variant, on the machine measured."""
+    import torch
+
+    if a.device == "cuda":
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def matmul_params(model_dir: str) -> tuple[int, int]:
+    """(all parameters, the ones that multiply: input embedding out, a tied head counted once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    tied = embed is model.get_output_embeddings().weight
+    return total, total if tied else total - embed.numel()
+
+
+def load_results(a, model: str, row_tokens: int | None = None) -> dict:
+    found = {}
+    for name in MEASURED:
+        path = result_path(a, model, name, row_tokens)
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def fmt(x, spec=".0f", missing="-"):
+    return missing if x is None else format(x, spec)
+
+
+def report(a) -> str:
+    mem = "peak GPU MiB (max_memory_allocated)" if a.device == "cuda" else "peak RSS MiB"
+    lines = []
+    for model in a.models.split(","):
+        r = load_results(a, model)
+        if "ours-train" not in r or "peak" not in r:
+            continue
+        if not lines:
+            p = r["peak"]
+            lines = [f"# vs TRL DPOTrainer: {p['machine']}, {p['versions']}, {a.dtype}, gradient checkpointing "
+                     f"{'on' if a.grad_ckpt else 'off'}, {a.steps} steps (first 2 untimed), rows of {a.row_tokens} "
+                     f"tokens, {r['ours-train']['date']}"]
+        total, n_mm = r["ours-train"]["params"], r["ours-train"]["matmul_params"]
+        peak = r["peak"]["tflops"]
+
+        def mfu(tokens_per_s, factor):
+            return None if not peak else factor * n_mm * tokens_per_s / (peak * 1e12)
+
+        ours, zero0, live, pre, score = (r.get(k, {}) for k in ("ours-train", "ours-train-zero0", "trl-live",
+                                                                  "trl-precompute", "ours-score"))
+        lines += ["", f"## {model}: {total / 1e6:.2f}M parameters ({n_mm / 1e6:.2f}M multiply per token)"
+                  + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else ""),
+                  f"| train | real tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        base = ours["tokens_per_s"]
+        for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows)", ours),
+                         ("ours: the same, ZeRO-0 (one rank: no partitioning to pay for)", zero0),
+                         ("TRL, live reference", live), ("TRL, precomputed reference (train steps only)", pre)):
+            if not v:
+                continue
+            ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (vs ZeRO-{a.zero_stage})"
+                                              if v is zero0 else f"{base / v['tokens_per_s']:.2f}")
+            mem_ratio = "1.00" if v is ours else (f"{v['peak_mib'] / ours['peak_mib']:.2f} (vs ZeRO-{a.zero_stage})"
+                                                  if v is zero0 else f"{ours['peak_mib'] / v['peak_mib']:.2f}")
+            lines.append(f"| {label} | {v['tokens_per_s']:.0f} | {ratio} | {v['peak_mib']:.0f} | {mem_ratio} | "
+                         f"{fmt(mfu(v['tokens_per_s'], 6), '.1%')} | {v['losses'][0]:.6f} |")
+        if score and pre:
+            lines += ["", f"| scoring | real tokens/s | ours / TRL | {mem} | MFU |", "|---|---:|---:|---:|---:|",
+                      f"| ours: score stage core (packed rows) | {score['tokens_per_s']:.0f} | "
+                      f"{score['tokens_per_s'] / pre['precompute_tokens_per_s']:.2f} | {score['peak_mib']:.0f} | "
+                      f"{fmt(mfu(score['tokens_per_s'], 2), '.1%')} |",
+                      f"| TRL precompute_ref_log_probs pass (whole dataset, batches of {pre['micro_batch_pairs']} "
+                      f"pairs) | {pre['precompute_tokens_per_s']:.0f} | 1.00 | {fmt(pre.get('precompute_peak_mib'))} | "
+                      f"{fmt(mfu(pre['precompute_tokens_per_s'], 2), '.1%')} |"]
+        if live:
+            k = min(len(ours["losses"]), len(live["losses"]), len(pre.get("losses", live["losses"])))
+            diff_live = max(abs(x - y) for x, y in zip(ours["losses"][:k], live["losses"][:k]))
+            diff_pre = max(abs(x - y) for x, y in zip(ours["losses"][:k], pre.get("losses", live["losses"])[:k]))
+            lines += ["", f"- parity: max |loss ours - TRL| over the first {k} steps: live {diff_live:.2e}, "
+                      f"precomputed {diff_pre:.2e}; step 1: ln 2 = {math.log(2):.6f}; step-1 grad norm ours "
+                      f"{ours['grad_norms'][0]:.6f}, TRL live {live['grad_norms'][0]:.6f}"
+                      + (f", precomputed {pre['grad_norms'][0]:.6f}" if pre else ""),
+                      f"- padding waste on these micro-batches: TRL {live['waste']:.1%} (same pairs per batch), "
+                      f"ours {ours['waste']:.1%} (packing, whole train split)"]
+        fits = fit_table(a, model)
+        if fits:
+            lines += ["", "| largest micro-batch that fits (3 steps) | token budget | tokens computed (max) | " + mem
+                      + " | first that did not fit |", "|---|---:|---:|---:|---:|"] + fits
+    lines += ["", "## waste on the realistic length mix (20k pairs; prompts 50-800, completions 20-1000 tokens)",
+              "| row tokens | ours (FFD packing) | TRL batch (pairs) | TRL (collator, random batches) |",
+              "|---:|---:|---:|---:|"]
+    for row_tokens in (4096, 8192):
+        w = waste_realistic(row_tokens)
+        lines.append(f"| {row_tokens} | {w['ours']:.2%} | {w['trl_batch']} | {w['trl']:.2%} |")
+    return "\n".join(lines)
+
+
+def fit_table(a, model: str) -> list[str]:
+    """The largest budget that ran, per side, and the first that did not."""
+    lines = []
+    for side, label in (("ours-train", "ours (one packed row)"), ("trl-live", "TRL, live reference (the same pairs)")):
+        tries = {int(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text())
+                 for p in Path(a.results).glob(f"{model}-{side}-fit*-*.json")}
+        fitted = sorted(n for n, r in tries.items() if not r.get("oom"))
+        ooms = sorted(n for n, r in tries.items() if r.get("oom"))
+        if not fitted:
+            continue
+        best = tries[fitted[-1]]
+        lines.append(f"| {label} | rows of {fitted[-1]} | {best['micro_batch_tokens']} | {best['peak_mib']:.0f} | "
+                     f"{'rows of ' + str(ooms[0]) if ooms else 'not reached (--fit-limit)'} |")
+    return lines
 
 
 def main() -> None:
@@ -320,81 +568,44 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,small")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--row-tokens", type=int, default=2048)
+    ap.add_argument("--max-length", type=int, default=None, help="pair length cap (default: row tokens / 2)")
     ap.add_argument("--pairs", type=int, default=400)
+    ap.add_argument("--pair-words", default="10-80,5-150", help="prompt and completion word ranges")
     ap.add_argument("--zero-stage", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when there is one")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both")
+    ap.add_argument("--variants", default=",".join(MEASURED))
+    ap.add_argument("--fit", default="", help="search the largest micro-batch that fits for these variants "
+                    "(ours-train,trl-live)")
+    ap.add_argument("--fit-limit", type=int, default=131072)
+    ap.add_argument("--fit-pairs", type=int, default=400)
+    ap.add_argument("--report", action="store_true", help="only print the tables from --results")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-vs-trl"))
+    ap.add_argument("--results", default=None, help="default: <out>/results")
     ap.add_argument("--one")
     a = ap.parse_args()
+    if a.device is None:
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    a.max_length = a.max_length or a.row_tokens // 2
+    a.results = a.results or str(Path(a.out) / "results")
+    Path(a.results).mkdir(parents=True, exist_ok=True)
     if a.one:
         out = Path(a.out) / a.models
-        assets = build_assets(out, a.models, a.pairs)
+        assets = build_assets(out, a.models, a)
         print(json.dumps(VARIANTS[a.one](out, assets, a)))
         return
-
-    import torch
-    import transformers
-    import trl
-
-    lines = [f"# vs TRL {trl.__version__} DPOTrainer: {platform.machine()} CPU, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, transformers {transformers.__version__}, fp32, "
-             f"{a.steps} steps (first 2 untimed), rows of {a.row_tokens} tokens, "
-             f"{time.strftime('%Y-%m-%d')}"]
-    for model in a.models.split(","):
-        out = Path(a.out) / model
-        assets = build_assets(out, model, a.pairs)
-        from pipeline import runner
-
-        cfg = our_config(out, assets, a.row_tokens, a.steps)
-        runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
-        r = {name: run_variant(name, model, a) for name in VARIANTS}
-        from transformers import AutoModelForCausalLM
-
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters())
-        ours, live, pre = r["ours-train"], r["trl-live"], r["trl-precompute"]
-        k = min(len(ours["losses"]), len(live["losses"]), len(pre["losses"]))
-        diff_live = max(abs(x - y) for x, y in zip(ours["losses"][:k], live["losses"][:k]))
-        diff_pre = max(abs(x - y) for x, y in zip(ours["losses"][:k], pre["losses"][:k]))
-        lines += [
-            "", f"## {model}: {n_params / 1e6:.2f}M parameters",
-            "| | real tokens/s | ratio (ours / it) | peak RSS MiB | step-1 loss |",
-            "|---|---:|---:|---:|---:|",
-            f"| ours: train stage (ZeRO-{a.zero_stage}, packed rows) | {ours['tokens_per_s']:.0f} | 1.00 | "
-            f"{ours['peak_rss_mib']:.0f} | {ours['losses'][0]:.6f} |",
-            f"| ours: the same, ZeRO-0 (one process: no partitioning to pay for) | "
-            f"{r['ours-train-zero0']['tokens_per_s']:.0f} | "
-            f"{r['ours-train-zero0']['tokens_per_s'] / ours['tokens_per_s']:.2f} (vs ZeRO-3) | "
-            f"{r['ours-train-zero0']['peak_rss_mib']:.0f} | {r['ours-train-zero0']['losses'][0]:.6f} |",
-            f"| TRL, live reference | {live['tokens_per_s']:.0f} | {ours['tokens_per_s'] / live['tokens_per_s']:.2f} | "
-            f"{live['peak_rss_mib']:.0f} | {live['losses'][0]:.6f} |",
-            f"| TRL, precomputed reference (train steps only) | {pre['tokens_per_s']:.0f} | "
-            f"{ours['tokens_per_s'] / pre['tokens_per_s']:.2f} | {pre['peak_rss_mib']:.0f} | {pre['losses'][0]:.6f} |",
-            "",
-            "| scoring | real tokens/s | ratio (ours / TRL) | peak RSS MiB |",
-            "|---|---:|---:|---:|",
-            f"| ours: score stage core (packed rows) | {r['ours-score']['tokens_per_s']:.0f} | 1.00 | "
-            f"{r['ours-score']['peak_rss_mib']:.0f} |",
-            f"| TRL precompute_ref_log_probs pass | {pre['precompute_tokens_per_s']:.0f} | "
-            f"{r['ours-score']['tokens_per_s'] / pre['precompute_tokens_per_s']:.2f} | - |",
-            "",
-            f"- parity: max |loss ours - TRL| over the first {k} steps: live {diff_live:.2e}, precomputed "
-            f"{diff_pre:.2e}; step 1: ln 2 = {math.log(2):.6f}; step-1 grad norm ours {ours['grad_norms'][0]:.6f}, "
-            f"TRL live {live['grad_norms'][0]:.6f}, precomputed {pre['grad_norms'][0]:.6f} (the same gradient; "
-            f"Adam's first steps amplify ulp-level differences between padded and packed kernels)",
-            f"- padding waste on these micro-batches: TRL {live['waste']:.1%}; ours (packing) see the tokenize "
-            f"manifest's train waste_fraction",
-        ]
-        from pipeline.rundir import read_manifest
-
-        stats = read_manifest(runner.plan_stages(cfg)["tokenize"].dir)["stats"]
-        lines[-1] = (f"- padding waste on these micro-batches: TRL {live['waste']:.1%} (same pairs per batch), "
-                     f"ours {stats['train']['waste_fraction']:.1%} (packing, whole train split)")
-    lines += ["", "## waste on the realistic length mix (20k pairs; prompts 50-800, completions 20-1000 tokens)",
-              "| row tokens | ours (FFD packing) | TRL batch (pairs) | TRL (collator, random batches) |",
-              "|---:|---:|---:|---:|"]
-    for row_tokens in (4096, 8192):
-        w = waste_realistic(row_tokens)
-        lines.append(f"| {row_tokens} | {w['ours']:.2%} | {w['trl_batch']} | {w['trl']:.2%} |")
-    print("\n".join(lines))
+    if not a.report:
+        for model in a.models.split(","):
+            run_variant("prepare", model, a)
+            for name in filter(None, a.variants.split(",")):
+                run_variant(name, model, a)
+            if a.fit:
+                fit_search(model, a)
+    print(report(a))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# bench/vs_trl.py on the lent GPU machine (torch and transformers there, no registry):
+# installs the wheels of bench/fetch_wheels.sh (carried as .whl), checks the imports, runs
+# the bench with the given arguments, and leaves the results and the tables under $OUT.
+#   here:  bash bench/fetch_wheels.sh
+#   there: bash bench/device_run.sh --models qwen1.5b --row-tokens 8192 --pairs 1500 --pair-words 100-500,50-600
+# Each variant is one process, saved as JSON; a later call can run other --variants, and
+# `vs_trl.py --report --results DIR` rebuilds the tables from all of them.
+set -euo pipefail
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+python3 -c "
+import torch, transformers, trl, deepspeed, datasets, pyarrow, accelerate
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(),
+      '| transformers', transformers.__version__, '| trl', trl.__version__, '| deepspeed', deepspeed.__version__,
+      '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__, '| accelerate', accelerate.__version__)"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+status=0
+python3 bench/vs_trl.py --device cuda --out /tmp/bench --results /tmp/bench/results "$@" | tee "$OUT/report.md" || status=$?
+tar -C /tmp/bench -cf "$OUT/results.tar" results
+exit $status
