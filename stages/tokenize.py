@@ -197,37 +197,47 @@ def fill_raw(quarantine: pa.Table, chunks: list[dict]) -> pa.Table:
 
 
 def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int) -> pa.Table:
-    """Concatenate each bin's pairs (chosen, rejected, chosen, ...) into one packed row."""
-    chosen = pairs.column("chosen_ids").to_pylist()
-    rejected = pairs.column("rejected_ids").to_pylist()
-    cp = pairs.column("chosen_prompt_len").to_pylist()
-    rp = pairs.column("rejected_prompt_len").to_pylist()
-    ids = pairs.column("pair_id").to_pylist()
-    cols: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
-    for k, members in enumerate(bins):
-        input_ids, positions, seq_lens, prompt_lens = [], [], [], []
-        for i in members:
-            for seg, plen in ((chosen[i], cp[i]), (rejected[i], rp[i])):
-                input_ids += seg
-                positions += range(len(seg))
-                seq_lens.append(len(seg))
-                prompt_lens.append(plen)
-        cols["row_id"].append(first_row_id + k)
-        cols["input_ids"].append(input_ids)
-        cols["position_ids"].append(positions)
-        cols["seq_lens"].append(seq_lens)
-        cols["prompt_lens"].append(prompt_lens)
-        cols["pair_ids"].append([ids[i] for i in members])
-        cols["num_tokens"].append(len(input_ids))
-    return pa.table(cols, schema=ROW_SCHEMA)
+    """Concatenate each bin's pairs (chosen, rejected, chosen, ...) into one packed row.
+
+    Arrow and numpy throughout, never a Python object per token; called one shard of rows
+    at a time, so the int32 list offsets stay small and so does the memory it takes.
+    """
+    if not bins:
+        return ROW_SCHEMA.empty_table()
+    members = np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])
+    pairs_per_row = np.array([len(b) for b in bins], dtype=np.int64)
+    take = pa.array(members)
+    m = len(members)
+    order = pa.array(np.stack([np.arange(m), np.arange(m) + m], axis=1).ravel())  # c0, r0, c1, r1, ...
+    segments = pa.concat_arrays([pairs.column("chosen_ids").take(take).combine_chunks(),
+                                 pairs.column("rejected_ids").take(take).combine_chunks()]).take(order)
+    prompt_lens = pa.concat_arrays([pairs.column("chosen_prompt_len").take(take).combine_chunks(),
+                                    pairs.column("rejected_prompt_len").take(take).combine_chunks()]).take(order)
+    seq_lens = pc.list_value_length(segments).to_numpy().astype(np.int64)
+    seg_starts = np.cumsum(seq_lens) - seq_lens
+    positions = np.arange(int(seq_lens.sum()), dtype=np.int64) - np.repeat(seg_starts, seq_lens)
+    seg_offsets = np.concatenate([[0], np.cumsum(2 * pairs_per_row)])
+    row_tokens = np.add.reduceat(seq_lens, seg_offsets[:-1])
+    tok_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]), pa.int32())
+    seg_offsets = pa.array(seg_offsets, pa.int32())
+    return pa.table({
+        "row_id": pa.array(np.arange(first_row_id, first_row_id + len(bins)), pa.int64()),
+        "input_ids": pa.ListArray.from_arrays(tok_offsets, pc.list_flatten(segments)),
+        "position_ids": pa.ListArray.from_arrays(tok_offsets, pa.array(positions, pa.int32())),
+        "seq_lens": pa.ListArray.from_arrays(seg_offsets, pa.array(seq_lens, pa.int32())),
+        "prompt_lens": pa.ListArray.from_arrays(seg_offsets, prompt_lens.cast(pa.int32())),
+        "pair_ids": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(pairs_per_row)]), pa.int32()),
+                                             pairs.column("pair_id").take(take).combine_chunks()),
+        "num_tokens": pa.array(row_tokens, pa.int32()),
+    }, schema=ROW_SCHEMA)
 
 
-def write_table_shards(
-    table: pa.Table, out_dir: Loc, prefix: str, rows_per_shard: int
-) -> list[ShardInfo]:
+def write_row_shards(pairs: pa.Table, bins: list[list[int]], first_row_id: int, out_dir: Loc, prefix: str,
+                     rows_per_shard: int) -> list[ShardInfo]:
+    """The packed rows of ``bins``, assembled and written one shard at a time."""
     shards = []
-    for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
-        part = table.slice(start, rows_per_shard)
+    for k, start in enumerate(range(0, len(bins), rows_per_shard)):
+        part = assemble_rows(pairs, bins[start:start + rows_per_shard], first_row_id + start)
         final = out_dir / f"{prefix}-{k:05d}.parquet"
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         shards.append(ShardInfo.of(final, part.num_rows))
@@ -272,11 +282,8 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         )
 
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
-    lengths = np.array(
-        [len(c) + len(r) for c, r in zip(pairs.column("chosen_ids").to_pylist(),
-                                          pairs.column("rejected_ids").to_pylist())],
-        dtype=np.int64,
-    )
+    lengths = (pc.list_value_length(pairs.column("chosen_ids")).to_numpy().astype(np.int64)
+               + pc.list_value_length(pairs.column("rejected_ids")).to_numpy().astype(np.int64))
     stats: dict = {
         "input_rows": n_in,
         "records": records.num_rows,  # rows, with each extra rejected completion counted
@@ -295,15 +302,13 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         index = np.nonzero(mask)[0]
         bins = packing.first_fit_decreasing(lengths[index], t.max_tokens_per_row)
         bins = packing.shuffled([[int(index[i]) for i in b] for b in bins], seed)
-        rows = assemble_rows(pairs, bins, row_id)
-        row_id += rows.num_rows
-        if rows.num_rows:
-            shards += write_table_shards(rows, out_dir, split, t.rows_per_shard)
+        shards += write_row_shards(pairs, bins, row_id, out_dir, split, t.rows_per_shard)
+        row_id += len(bins)
         tokens = int(lengths[index].sum())
-        capacity = rows.num_rows * t.max_tokens_per_row
+        capacity = len(bins) * t.max_tokens_per_row
         stats[split] = {
             "pairs": int(len(index)),
-            "rows": rows.num_rows,
+            "rows": len(bins),
             "tokens": tokens,
             "waste_fraction": round(1 - tokens / capacity, 6) if capacity else 0.0,
             "pair_tokens_histogram": length_histogram(lengths[index], t.max_tokens_per_row),

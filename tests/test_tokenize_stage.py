@@ -92,3 +92,24 @@ def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray
     shards_ray, stats_ray = tokenize.run(cfg, ray_out)
     assert [s.sha256 for s in shards_local] == [s.sha256 for s in shards_ray]
     assert stats_local == stats_ray
+
+
+def test_assemble_rows_worked_example():
+    """Three pairs into rows [[1, 0], [2]]: segments chosen, rejected of each member in bin
+    order, positions restarting per segment, lengths and prompt lengths per segment."""
+    pairs = pa.table({
+        "pair_id": ["p0", "p1", "p2"],
+        "chosen_ids": pa.array([[1, 2, 3], [4, 5], [6, 7, 8, 9]], pa.list_(pa.int32())),
+        "chosen_prompt_len": pa.array([1, 1, 2], pa.int32()),
+        "rejected_ids": pa.array([[1, 2], [4, 6, 6], [6, 7, 0]], pa.list_(pa.int32())),
+        "rejected_prompt_len": pa.array([1, 1, 2], pa.int32()),
+    })
+    rows = tokenize.assemble_rows(pairs, [[1, 0], [2]], first_row_id=10)
+    assert rows.schema == tokenize.ROW_SCHEMA
+    assert rows.to_pylist() == [
+        {"row_id": 10, "input_ids": [4, 5, 4, 6, 6, 1, 2, 3, 1, 2], "position_ids": [0, 1, 0, 1, 2, 0, 1, 2, 0, 1],
+         "seq_lens": [2, 3, 3, 2], "prompt_lens": [1, 1, 1, 1], "pair_ids": ["p1", "p0"], "num_tokens": 10},
+        {"row_id": 11, "input_ids": [6, 7, 8, 9, 6, 7, 0], "position_ids": [0, 1, 2, 3, 0, 1, 2],
+         "seq_lens": [4, 3], "prompt_lens": [2, 2], "pair_ids": ["p2"], "num_tokens": 7},
+    ]
+    assert tokenize.assemble_rows(pairs, [], 0).num_rows == 0
