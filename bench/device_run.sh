@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # bench/vs_trl.py on the lent GPU machine (torch and transformers there, no registry):
 # installs the wheels of bench/fetch_wheels.sh (carried as .whl), checks the imports, runs
-# the bench with the given arguments, and leaves the results and the tables under $OUT.
-#   here:  bash bench/fetch_wheels.sh
-#   there: bash bench/device_run.sh --models qwen1.5b --row-tokens 8192 --pairs 1500 --pair-words 100-500,50-600
-# Each variant is one process, saved as JSON; a later call can run other --variants, and
-# `vs_trl.py --report --results DIR` rebuilds the tables from all of them.
+# the bench with the given arguments, and leaves report.md and results.tar under $OUT.
+# Each variant is one process saved as JSON, so the work splits into calls of < 10 min:
+#   here:   bash bench/fetch_wheels.sh
+#   there:  (device run, carry [".whl"]), COMMON="--models qwen1.5b --row-tokens 8192 --pairs 1500
+#           --pair-words 100-500,50-600"
+#     1. bash bench/device_run.sh $COMMON --variants peak,ours-score,ours-train,ours-train-zero0
+#     2. bash bench/device_run.sh $COMMON --variants peak,trl-live,trl-precompute
+#     3. bash bench/device_run.sh $COMMON --variants peak --fit ours-train,trl-live
+#   here:   untar every results.tar into one folder R, then
+#           .venv/bin/python bench/vs_trl.py --report --results R/results --device cuda $COMMON
 set -euo pipefail
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"

@@ -27,11 +27,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_causal_lm(path: str, mcfg: ModelConfig) -> torch.nn.Module:
+def load_causal_lm(path: str, mcfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
     """``from_pretrained`` with the configured dtype and attention, dropout disabled.
 
-    Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive first, so the weights are
-    partitioned while they load instead of materialising on every rank.
+    ``device``: load the weights straight onto it (a score actor's GPU), never staging a
+    full copy in host memory (eight 8B-model actors on one node would hold 128 GB there).
+    Under ZeRO-3 the caller passes none and keeps an ``HfDeepSpeedConfig`` alive instead,
+    so the weights are partitioned while they load instead of materialising on every rank.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,6 +48,7 @@ def load_causal_lm(path: str, mcfg: ModelConfig) -> torch.nn.Module:
         dtype=DTYPES[mcfg.dtype],
         attn_implementation=mcfg.attn_implementation,
         trust_remote_code=mcfg.trust_remote_code,
+        **({} if device is None else {"device_map": {"": str(device)}}),
     )
     disable_dropout(model)
     check_model_supported(model)

@@ -63,7 +63,7 @@ class ShardScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(self.cfg.score.cpu_threads)
-        self.model = load_causal_lm(self.cfg.reference_path, self.cfg.model).to(self.device)
+        self.model = load_causal_lm(self.cfg.reference_path, self.cfg.model, self.device)
         self.model.eval()
 
     @torch.inference_mode()
