@@ -22,6 +22,10 @@ def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
             "overlap_comm": False,
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": True,
+            # DeepSpeed's F.linear replacement rounds twice in bf16 (matmul, += bias); the
+            # train stage installs cluster/zero3_linear.py instead: the same memory saving,
+            # torch's forward arithmetic, so step 0 reproduces the scored reference.
+            "memory_efficient_linear": False,
         },
         # ZeRO wraps any torch optimizer; DeepSpeed only whitelists Adam-family ones, so
         # RMSprop (the DPO paper's) needs this flag.

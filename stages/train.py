@@ -334,6 +334,10 @@ def build_engine(run: Run):
 
     t = run.cfg.train
     ds_config = build_ds_config(run.cfg, run.world)
+    if t.zero_stage == 3:
+        from cluster import zero3_linear
+
+        zero3_linear.install()  # ZeRO-3's memory-saving linear with torch's forward bits
     # zero.Init is on while this object lives, so from_pretrained partitions the weights.
     hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
     model = load_causal_lm(run.cfg.model.path, run.cfg.model)

@@ -88,3 +88,46 @@ def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
                             capture_output=True, text=True, timeout=120).stdout.splitlines()
     assert [line.split()[0:3] for line in status[1:]] == [
         ["tokenize", status[1].split()[1], "done"], ["score", "-", "not"], ["train", status[3].split()[1], "done"]]
+
+
+def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
+    """A Qwen2-style model (biases on q/k/v), bf16, ZeRO-3: the policy's step-0 log-probs
+    equal the scored reference bit for bit, so the step-0 eval loss is ln 2 and every
+    reward is 0. DeepSpeed's ZeRO-3 replaces F.linear by default (matmul, then += bias: two
+    bf16 roundings where F.linear's addmm has one), which broke this by ~1e-3 per token;
+    the DeepSpeed config turns that replacement off."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.5)
+    model_dir = tmp_path / "qwen2-tiny"
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(300, seed=5), data)
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
+                      train={"max_steps": 1, "eval_steps": 100, "zero_stage": 3})
+    cfg.model.path = str(model_dir)
+    cfg.model.dtype = "bfloat16"
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_dir = next((tmp_path / "run" / "train").iterdir())
+    records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    step0 = records[0]
+    assert step0["step"] == 0 and step0["eval_pairs"] > 0
+    assert step0["eval_rewards/chosen"] == 0.0 and step0["eval_rewards/rejected"] == 0.0
+    ln2 = float(torch.tensor(math.log(2), dtype=torch.float32))  # the loss is computed in fp32
+    assert step0["eval_loss"] == ln2
+    step1 = [r for r in records if "loss" in r][0]
+    assert step1["rewards/margins"] == 0.0 and step1["loss"] == ln2
