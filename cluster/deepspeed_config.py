@@ -19,7 +19,10 @@ def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": {
             "stage": t.zero_stage,
-            "overlap_comm": False,
+            # On GPUs the gradient reduce-scatter runs on its own stream beside the
+            # backward (DeepSpeed's and HF's recommended ZeRO-3 setting); gloo on CPU has
+            # no streams to overlap on.
+            "overlap_comm": bool(t.use_gpu),
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": True,
             # DeepSpeed's F.linear replacement rounds twice in bf16 (matmul, += bias); the

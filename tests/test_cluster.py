@@ -87,3 +87,19 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
             head.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+
+
+def test_deepspeed_config_worked_values(assets, tmp_path):
+    from cluster.deepspeed_config import build_ds_config
+
+    cpu = tiny_config(assets, tmp_path, train={"gradient_accumulation_steps": 4, "max_grad_norm": 0.5})
+    ds = build_ds_config(cpu, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 4, 8)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is False
+    assert zero["memory_efficient_linear"] is False  # cluster/zero3_linear.py replaces it
+    gpu = tiny_config(assets, tmp_path, train={"use_gpu": True})
+    gpu.model.dtype = "bfloat16"
+    ds = build_ds_config(gpu, world_size=8)
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["bf16"] == {"enabled": True}
