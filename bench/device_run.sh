@@ -7,7 +7,7 @@
 #   there:  (device run, carry [".whl"]), COMMON="--models qwen1.5b --row-tokens 8192 --pairs 1500
 #           --pair-words 100-500,50-600"
 #     1. bash bench/device_run.sh $COMMON --variants peak,ours-score,ours-train,ours-train-zero0
-#     2. bash bench/device_run.sh $COMMON --variants peak,trl-live,trl-precompute
+#     2. bash bench/device_run.sh $COMMON --variants peak,trl-live,trl-precompute,trl-live-fp32-master
 #     3. bash bench/device_run.sh $COMMON --variants peak --fit ours-train,trl-live
 #   here:   untar every results.tar into one folder R, then
 #           .venv/bin/python bench/vs_trl.py --report --results R/results --device cuda $COMMON

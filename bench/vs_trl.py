@@ -267,7 +267,7 @@ def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None
             "params": total, "matmul_params": n_mm, "waste": stats["train"]["waste_fraction"]}
 
 
-def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
+def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | None = None) -> dict:
     import shutil
 
     import datasets
@@ -328,8 +328,11 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool) -> dict:
         disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    # bf16 weights and Adam states (the usual TRL recipe: load in bf16, bf16=True), or, with
+    # weights="float32", fp32 master weights under bf16 autocast, as DeepSpeed keeps ours
+    weights = weights or a.dtype
     model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="sdpa",
-                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+                                                 dtype=torch.bfloat16 if weights == "bfloat16" else torch.float32)
     trainer = SameBatches(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[Timer()])
     # identical tokens: TRL's tokenisation of these pairs has our token count
@@ -362,8 +365,11 @@ VARIANTS = {
     "ours-train-zero0": lambda out, assets, a: variant_ours_train(out, assets, a, zero_stage=0),
     "trl-live": lambda out, assets, a: variant_trl(out, assets, a, precompute=False),
     "trl-precompute": lambda out, assets, a: variant_trl(out, assets, a, precompute=True),
+    # TRL with fp32 master weights and Adam states under bf16 autocast (ours keeps them so too)
+    "trl-live-fp32-master": lambda out, assets, a: variant_trl(out, assets, a, precompute=False, weights="float32"),
 }
 MEASURED = [v for v in VARIANTS if v != "prepare"]
+DEFAULT_VARIANTS = [v for v in MEASURED if v != "trl-live-fp32-master"]  # that one matters in bf16 only
 
 
 # ----------------------------------------------------------------------------- waste
@@ -498,8 +504,8 @@ def report(a) -> str:
         def mfu(tokens_per_s, factor):
             return None if not peak else factor * n_mm * tokens_per_s / (peak * 1e12)
 
-        ours, zero0, live, pre, score = (r.get(k, {}) for k in ("ours-train", "ours-train-zero0", "trl-live",
-                                                                  "trl-precompute", "ours-score"))
+        ours, zero0, live, pre, score, live32 = (r.get(k, {}) for k in (
+            "ours-train", "ours-train-zero0", "trl-live", "trl-precompute", "ours-score", "trl-live-fp32-master"))
         lines += ["", f"## {model}: {total / 1e6:.2f}M parameters ({n_mm / 1e6:.2f}M multiply per token)"
                   + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else ""),
                   f"| train | real tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
@@ -507,7 +513,9 @@ def report(a) -> str:
         base = ours["tokens_per_s"]
         for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows)", ours),
                          ("ours: the same, ZeRO-0 (one rank: no partitioning to pay for)", zero0),
-                         ("TRL, live reference", live), ("TRL, precomputed reference (train steps only)", pre)):
+                         ("TRL, live reference", live),
+                         ("TRL, live reference, fp32 master weights under bf16 autocast", live32),
+                         ("TRL, precomputed reference (train steps only)", pre)):
             if not v:
                 continue
             ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (vs ZeRO-{a.zero_stage})"
@@ -575,7 +583,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when there is one")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both")
-    ap.add_argument("--variants", default=",".join(MEASURED))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     ap.add_argument("--fit", default="", help="search the largest micro-batch that fits for these variants "
                     "(ours-train,trl-live)")
     ap.add_argument("--fit-limit", type=int, default=131072)
