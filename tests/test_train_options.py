@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,17 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(no_decay["params"]) == 3  # linear bias, norm weight, norm bias
 
 
+def run_without_ray(cfg, tmp_path) -> list[dict]:
+    """``python -m pipeline run CONFIG --no-ray`` (one rank in its own process); the metrics."""
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_dir = next((Path(cfg.run_dir) / "train").iterdir())
+    return [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.timeout(600)
 def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     """The in-process path (no Ray, one rank) with the non-default numerics options."""
@@ -50,13 +62,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
                              "lr_scheduler_type": "linear", "warmup_steps": 1,
                              "learning_rate": 1e-3, "eval_steps": 100})
     cfg.model.dtype = "bfloat16"
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_dir = next((tmp_path / "run" / "train").iterdir())
-    records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    records = run_without_ray(cfg, tmp_path)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # bf16 policy == bf16 reference
@@ -90,6 +96,7 @@ def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
         ["tokenize", status[1].split()[1], "done"], ["score", "-", "not"], ["train", status[3].split()[1], "done"]]
 
 
+@pytest.mark.timeout(600)
 def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
     """A Qwen2-style model (biases on q/k/v), bf16, ZeRO-3: the policy's step-0 log-probs
     equal the scored reference bit for bit, so the step-0 eval loss is ln 2 and every
@@ -117,13 +124,7 @@ def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
                       train={"max_steps": 1, "eval_steps": 100, "zero_stage": 3})
     cfg.model.path = str(model_dir)
     cfg.model.dtype = "bfloat16"
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_dir = next((tmp_path / "run" / "train").iterdir())
-    records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    records = run_without_ray(cfg, tmp_path)
     step0 = records[0]
     assert step0["step"] == 0 and step0["eval_pairs"] > 0
     assert step0["eval_rewards/chosen"] == 0.0 and step0["eval_rewards/rejected"] == 0.0
