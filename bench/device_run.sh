@@ -4,7 +4,8 @@
 # the bench with the given arguments, and leaves report.md and results.tar under $OUT.
 # Each variant is one process saved as JSON, so the work splits into calls of < 10 min:
 #   here:   bash bench/fetch_wheels.sh
-#   there:  (device run, carry [".whl"]), COMMON="--models qwen1.5b --row-tokens 8192 --pairs 1500
+#   there:  (device run, carry [".whl"]) first the GPU tests: bash bench/device_run.sh --tests
+#           then the bench, COMMON="--models qwen1.5b --row-tokens 8192 --pairs 1500
 #           --pair-words 100-500,50-600"
 #     1. bash bench/device_run.sh $COMMON --variants peak,ours-score,ours-train,ours-train-zero0
 #     2. bash bench/device_run.sh $COMMON --variants peak,trl-live,trl-precompute,trl-live-fp32-master
@@ -22,6 +23,11 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.
       '| transformers', transformers.__version__, '| trl', trl.__version__, '| deepspeed', deepspeed.__version__,
       '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__, '| accelerate', accelerate.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+if [ "${1:-}" = "--tests" ]; then  # the GPU correctness tests first (tests/test_gpu.py), a few minutes
+  shift
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_logps.py "$@" 2>&1 | tee "$OUT/tests.log"
+  exit "${PIPESTATUS[0]}"
+fi
 status=0
 python3 bench/vs_trl.py --device cuda --out /tmp/bench --results /tmp/bench/results "$@" | tee "$OUT/report.md" || status=$?
 tar -C /tmp/bench -cf "$OUT/results.tar" results

@@ -50,6 +50,26 @@ def run_without_ray(cfg, tmp_path) -> list[dict]:
     return [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def biased_qwen2(assets, tmp_path) -> Path:
+    """A tiny Qwen2 (biases on q/k/v, set large so they matter) with the demo tokenizer, bf16."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.5)
+    model_dir = tmp_path / "qwen2-tiny"
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
 @pytest.mark.timeout(600)
 def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     """The in-process path (no Ray, one rank) with the non-default numerics options."""
@@ -101,28 +121,13 @@ def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
     """A Qwen2-style model (biases on q/k/v), bf16, ZeRO-3: the policy's step-0 log-probs
     equal the scored reference bit for bit, so the step-0 eval loss is ln 2 and every
     reward is 0. DeepSpeed's ZeRO-3 replaces F.linear by default (matmul, then += bias: two
-    bf16 roundings where F.linear's addmm has one), which broke this by ~1e-3 per token;
-    the DeepSpeed config turns that replacement off."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(assets["model"])
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(std=0.5)
-    model_dir = tmp_path / "qwen2-tiny"
-    model.to(torch.bfloat16).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    bf16 roundings where F.linear's addmm has one), which broke this (a step-0 reward of
+    -3.6e-6 here); cluster/zero3_linear.py keeps torch's forward."""
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(300, seed=5), data)
     cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"max_steps": 1, "eval_steps": 100, "zero_stage": 3})
-    cfg.model.path = str(model_dir)
+    cfg.model.path = str(biased_qwen2(assets, tmp_path))
     cfg.model.dtype = "bfloat16"
     records = run_without_ray(cfg, tmp_path)
     step0 = records[0]

@@ -1,0 +1,104 @@
+"""The GPU path, on a CUDA device: skipped where there is none (CI, the CPU machine).
+
+Run on the lent GPU machine with ``bash bench/device_run.sh --tests`` (no Ray there: the
+stages run in-process, one rank, NCCL). What CPU tests cannot see:
+
+* ``segment_sdpa`` with the fused CUDA kernels (flash / memory-efficient, GQA) against a
+  separate forward per segment, in fp32 and bf16;
+* the score loop queues a row with no host-device synchronisation (so the GPU never waits
+  for the host), and its pipelined results equal a plain per-row pass bit for bit;
+* the step-0 invariant in bf16 on the GPU, under ZeRO-3 and ZeRO-0: every step-0 reward
+  exactly 0 and the loss fp32 ln 2, with a model whose linears have biases.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pipeline.config import ModelConfig, to_dict
+from pipeline.demo import make_pairs, write_jsonl
+from pipeline.logps import packed_token_logps, segment_layout
+from pipeline.modeling import load_causal_lm, row_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_segment_sdpa_on_cuda_equals_separate_forwards(assets, dtype):
+    model = load_causal_lm(str(assets["model"]), ModelConfig(path="x", dtype=dtype), CUDA).eval()
+    g = torch.Generator().manual_seed(1)
+    lens, prompts = [23, 17, 31, 9, 40, 12], [5, 5, 11, 3, 20, 4]
+    segs = [torch.randint(3, 500, (n,), generator=g) for n in lens]
+    row = {"input_ids": torch.cat(segs).numpy(), "position_ids": torch.cat([torch.arange(n) for n in lens]).numpy(),
+           "seq_lens": lens, "prompt_lens": prompts}
+    ids, pos, dev_layout = row_inputs(row, CUDA)
+    with torch.inference_mode():
+        packed = packed_token_logps(model, ids, pos, dev_layout, chunk=16).logps.cpu()
+        offset = 0
+        for seg, (length, p) in zip(segs, zip(lens, prompts)):
+            alone = segment_layout(torch.tensor([length]), torch.tensor([p]))
+            one, one_pos, one_layout = row_inputs({"input_ids": seg.numpy(), "position_ids": list(range(length)),
+                                                   "seq_lens": [length], "prompt_lens": [p]}, CUDA)
+            ref = packed_token_logps(model, one, one_pos, one_layout, chunk=16).logps.cpu()
+            # the same kernels on the same segment: equal up to the fused kernels' tiling
+            tol = 1e-4 if dtype == "float32" else 5e-2
+            got = packed[offset:offset + length]
+            assert torch.allclose(got, ref, atol=tol), (got - ref).abs().max()
+            assert torch.all(got[:p] == 0) and bool((got[alone.targets] < 0).all())
+            offset += length
+
+
+def test_score_loop_never_waits_for_the_gpu_and_matches_per_row(assets, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline import runner
+    from pipeline.rundir import read_manifest
+    from stages.score import ShardScorer, iter_rows
+
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 512, "rows_per_shard": 16})
+    cfg.model.dtype = "bfloat16"
+    runner.run_pipeline(cfg, stages=["tokenize"], use_ray=False, log=lambda _: None)
+    tok_dir = runner.plan_stages(cfg)["tokenize"].dir
+    name = [s["name"] for s in read_manifest(tok_dir)["shards"] if s["name"].startswith("train")][0]
+    table = pq.read_table(str(tok_dir / name))
+    scorer = ShardScorer(to_dict(cfg))
+    assert scorer.device.type == "cuda" and next(scorer.model.parameters()).is_cuda
+    rows = list(iter_rows(table))
+    scorer.collect(scorer.launch(rows[0]))  # warm-up: cuBLAS handles, kernel selection
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        in_flight = [scorer.launch(row) for row in rows[1:4]]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for f in in_flight:
+        scorer.collect(f)
+    scored = scorer.score_table(table).to_pylist()
+    with torch.inference_mode():
+        for row, out in zip(rows, scored):
+            ids, pos, layout = row_inputs(row, CUDA)
+            expected = packed_token_logps(scorer.model, ids, pos, layout, cfg.model.logp_chunk_tokens).logps
+            assert torch.equal(torch.tensor(out["ref_logps"], dtype=torch.float32), expected.cpu())
+
+
+@pytest.mark.parametrize("zero_stage", [3, 0])
+def test_step0_is_ln2_in_bf16_on_the_gpu(assets, tmp_path, zero_stage):
+    from test_train_options import biased_qwen2, run_without_ray
+
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(300, seed=5), data)
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
+                      train={"max_steps": 2, "eval_steps": 100, "zero_stage": zero_stage, "use_gpu": True,
+                             "num_workers": 1})
+    cfg.model.path = str(biased_qwen2(assets, tmp_path))
+    cfg.model.dtype = "bfloat16"
+    records = run_without_ray(cfg, tmp_path)
+    ln2 = float(torch.tensor(math.log(2), dtype=torch.float32))
+    step0, step1 = records[0], [r for r in records if "loss" in r][0]
+    assert step0["eval_rewards/chosen"] == 0.0 and step0["eval_rewards/rejected"] == 0.0
+    assert step0["eval_loss"] == ln2 and step1["loss"] == ln2 and step1["rewards/margins"] == 0.0
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records if "loss" in r)
