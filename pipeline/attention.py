@@ -38,6 +38,10 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    if unsupported:  # an architecture whose attention is more than causal softmax(q k^T) v
+        raise NotImplementedError(f"segment_sdpa: this model's attention uses {', '.join(unsupported)}, which "
+                                  "SDPA cannot compute; use model.attn_implementation eager or flex_attention")
     bounds = segment_bounds if segment_bounds is not None else find_bounds(position_ids[0])
     if bounds[-1] != query.shape[2]:
         raise ValueError(f"segment_sdpa: segment bounds end at {bounds[-1]}, the row has {query.shape[2]} tokens")

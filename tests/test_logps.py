@@ -119,3 +119,17 @@ def test_segment_bounds_from_positions_and_from_the_layout():
 
     assert find_bounds(torch.tensor([0, 1, 2, 0, 1, 0, 1])) == [0, 3, 5, 7]
     assert segment_layout(torch.tensor([3, 2, 2]), torch.tensor([1, 1, 1])).bounds == [0, 3, 5, 7]
+
+
+@pytest.mark.parametrize("extra", [{"softcap": 50.0}, {"s_aux": torch.zeros(4)}, {"position_bias": torch.zeros(1)}])
+def test_segment_sdpa_refuses_attention_it_cannot_compute(extra):
+    """Gemma 2's logit soft-capping, gpt-oss's sinks, T5-style position bias: SDPA has no
+    such term, so computing without it would be silently wrong."""
+    from pipeline.attention import segment_sdpa_forward
+
+    q = k = v = torch.randn(1, 4, 6, 8)
+    with pytest.raises(NotImplementedError, match="segment_sdpa: this model's attention uses"):
+        segment_sdpa_forward(torch.nn.Module(), q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]),
+                             **extra)
+    out, _ = segment_sdpa_forward(torch.nn.Module(), q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    assert out.shape == (1, 6, 4, 8)
