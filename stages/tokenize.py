@@ -65,6 +65,7 @@ ROW_SCHEMA = pa.schema(
 )
 
 QUARANTINE_COLUMNS = ["source", "row_index", "expansion", "reason", "detail", "raw"]
+TOKEN_COLUMNS = ["chosen_ids", "rejected_ids"]
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -196,21 +197,28 @@ def fill_raw(quarantine: pa.Table, chunks: list[dict]) -> pa.Table:
 # ----------------------------------------------------------------------------- packing
 
 
-def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int) -> pa.Table:
+def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int, tokens: pa.Table | None = None,
+                  token_rows: np.ndarray | None = None) -> pa.Table:
     """Concatenate each bin's pairs (chosen, rejected, chosen, ...) into one packed row.
 
-    Arrow and numpy throughout, never a Python object per token; called one shard of rows
-    at a time, so the int32 list offsets stay small and so does the memory it takes.
+    ``bins`` index ``pairs``; the token lists are ``pairs``' own columns, or with ``tokens``
+    the rows ``token_rows[i]`` of that table. Arrow and numpy throughout, never a Python
+    object per token; called one shard of rows at a time, so the int32 list offsets stay
+    small and so does the memory it takes.
     """
     if not bins:
         return ROW_SCHEMA.empty_table()
     members = np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])
     pairs_per_row = np.array([len(b) for b in bins], dtype=np.int64)
     take = pa.array(members)
+    if tokens is None:
+        tokens, token_take = pairs, take
+    else:
+        token_take = pa.array(token_rows[members])
     m = len(members)
     order = pa.array(np.stack([np.arange(m), np.arange(m) + m], axis=1).ravel())  # c0, r0, c1, r1, ...
-    segments = pa.concat_arrays([pairs.column("chosen_ids").take(take).combine_chunks(),
-                                 pairs.column("rejected_ids").take(take).combine_chunks()]).take(order)
+    segments = pa.concat_arrays([tokens.column("chosen_ids").take(token_take).combine_chunks(),
+                                 tokens.column("rejected_ids").take(token_take).combine_chunks()]).take(order)
     prompt_lens = pa.concat_arrays([pairs.column("chosen_prompt_len").take(take).combine_chunks(),
                                     pairs.column("rejected_prompt_len").take(take).combine_chunks()]).take(order)
     seq_lens = pc.list_value_length(segments).to_numpy().astype(np.int64)
@@ -232,12 +240,12 @@ def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int) -> 
     }, schema=ROW_SCHEMA)
 
 
-def write_row_shards(pairs: pa.Table, bins: list[list[int]], first_row_id: int, out_dir: Loc, prefix: str,
-                     rows_per_shard: int) -> list[ShardInfo]:
+def write_row_shards(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bins: list[list[int]],
+                     first_row_id: int, out_dir: Loc, prefix: str, rows_per_shard: int) -> list[ShardInfo]:
     """The packed rows of ``bins``, assembled and written one shard at a time."""
     shards = []
     for k, start in enumerate(range(0, len(bins), rows_per_shard)):
-        part = assemble_rows(pairs, bins[start:start + rows_per_shard], first_row_id + start)
+        part = assemble_rows(pairs, bins[start:start + rows_per_shard], first_row_id + start, tokens, token_rows)
         final = out_dir / f"{prefix}-{k:05d}.parquet"
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         shards.append(ShardInfo.of(final, part.num_rows))
@@ -258,11 +266,17 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
     """Quarantine file, packed train/eval shards and the stage's stats."""
     t, seed = cfg.tokenize, cfg.train.seed
     # Ray returns rows in any order: sort by source row so everything after is deterministic.
-    records = records.sort_by([("source", "ascending"), ("row_index", "ascending"), ("expansion", "ascending")])
+    # Only the per-pair columns are sorted and filtered; the token lists stay where they
+    # are (``token_lists``, the largest part by far) and are taken a shard of rows at a time.
+    order = pc.sort_indices(records, sort_keys=[("source", "ascending"), ("row_index", "ascending"),
+                                                ("expansion", "ascending")])
+    token_lists = records.select(TOKEN_COLUMNS)
+    records = records.drop_columns(TOKEN_COLUMNS).take(order)
     records, dataset_stats = dataset_checks(records, cfg)
     bad_mask = records.column("reason").is_valid()
     quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
     pairs = records.filter(pc.invert(bad_mask))
+    token_rows = order.filter(pc.invert(bad_mask)).to_numpy()  # pairs[i]'s lists: token_lists[token_rows[i]]
 
     out_dir = Loc(out_dir)
     final = out_dir / "quarantine.parquet"
@@ -282,8 +296,8 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         )
 
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
-    lengths = (pc.list_value_length(pairs.column("chosen_ids")).to_numpy().astype(np.int64)
-               + pc.list_value_length(pairs.column("rejected_ids")).to_numpy().astype(np.int64))
+    lengths = (pc.list_value_length(token_lists.column("chosen_ids")).to_numpy().astype(np.int64)
+               + pc.list_value_length(token_lists.column("rejected_ids")).to_numpy().astype(np.int64))[token_rows]
     stats: dict = {
         "input_rows": n_in,
         "records": records.num_rows,  # rows, with each extra rejected completion counted
@@ -302,7 +316,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         index = np.nonzero(mask)[0]
         bins = packing.first_fit_decreasing(lengths[index], t.max_tokens_per_row)
         bins = packing.shuffled([[int(index[i]) for i in b] for b in bins], seed)
-        shards += write_row_shards(pairs, bins, row_id, out_dir, split, t.rows_per_shard)
+        shards += write_row_shards(pairs, token_lists, token_rows, bins, row_id, out_dir, split, t.rows_per_shard)
         row_id += len(bins)
         tokens = int(lengths[index].sum())
         capacity = len(bins) * t.max_tokens_per_row
