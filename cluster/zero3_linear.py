@@ -1,12 +1,12 @@
 """ZeRO-3's memory-saving linear, with torch's own forward arithmetic.
 
 Under ZeRO-3 DeepSpeed swaps ``torch.nn.functional.linear`` for its own autograd function
-(``memory_efficient_linear``, on by default). Its backward saves the weight *parameter*, not
-a view of the gathered weight, so each layer's full weight can be freed after its forward;
-torch's ``addmm`` saves ``weight.t()``, a view that would keep every gathered weight alive
-until the backward. But its forward computes ``matmul``, then ``+= bias``: two roundings in
-bf16 where torch's fused ``addmm`` has one, so a policy with biased linears (Qwen's q/k/v)
-stops reproducing the score stage's reference log-probs at step 0 (~1e-3 per token).
+(``memory_efficient_linear``, on by default), whose backward saves the weight parameter
+itself and gathers it again if it was released (DeepSpeed's reason for it is memory; we keep
+that backward as it is, unmeasured here). But its forward computes ``matmul``, then
+``+= bias``: two roundings in bf16 where torch's fused ``addmm`` has one, so a policy with
+biased linears (Qwen's q/k/v) stops reproducing the score stage's reference log-probs at
+step 0 (up to 2e-3 per token on a tiny Qwen2).
 
 This keeps DeepSpeed's backward and memory behaviour and takes the forward from torch
 itself, so train and score compute every linear with the same kernels. The train stage

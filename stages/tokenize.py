@@ -197,24 +197,21 @@ def fill_raw(quarantine: pa.Table, chunks: list[dict]) -> pa.Table:
 # ----------------------------------------------------------------------------- packing
 
 
-def assemble_rows(pairs: pa.Table, bins: list[list[int]], first_row_id: int, tokens: pa.Table | None = None,
-                  token_rows: np.ndarray | None = None) -> pa.Table:
+def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bins: list[list[int]],
+                  first_row_id: int) -> pa.Table:
     """Concatenate each bin's pairs (chosen, rejected, chosen, ...) into one packed row.
 
-    ``bins`` index ``pairs``; the token lists are ``pairs``' own columns, or with ``tokens``
-    the rows ``token_rows[i]`` of that table. Arrow and numpy throughout, never a Python
-    object per token; called one shard of rows at a time, so the int32 list offsets stay
-    small and so does the memory it takes.
+    ``bins`` index ``pairs`` (the per-pair columns); pair i's token lists are row
+    ``token_rows[i]`` of ``tokens``. Arrow and numpy throughout, never a Python object per
+    token; called one shard of rows at a time, so the int32 list offsets stay small and so
+    does the memory it takes.
     """
     if not bins:
         return ROW_SCHEMA.empty_table()
     members = np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])
     pairs_per_row = np.array([len(b) for b in bins], dtype=np.int64)
     take = pa.array(members)
-    if tokens is None:
-        tokens, token_take = pairs, take
-    else:
-        token_take = pa.array(token_rows[members])
+    token_take = pa.array(token_rows[members])
     m = len(members)
     order = pa.array(np.stack([np.arange(m), np.arange(m) + m], axis=1).ravel())  # c0, r0, c1, r1, ...
     segments = pa.concat_arrays([tokens.column("chosen_ids").take(token_take).combine_chunks(),
@@ -245,7 +242,7 @@ def write_row_shards(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, 
     """The packed rows of ``bins``, assembled and written one shard at a time."""
     shards = []
     for k, start in enumerate(range(0, len(bins), rows_per_shard)):
-        part = assemble_rows(pairs, bins[start:start + rows_per_shard], first_row_id + start, tokens, token_rows)
+        part = assemble_rows(pairs, tokens, token_rows, bins[start:start + rows_per_shard], first_row_id + start)
         final = out_dir / f"{prefix}-{k:05d}.parquet"
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         shards.append(ShardInfo.of(final, part.num_rows))

@@ -4,11 +4,9 @@ bad reference values, truncated shards, secrets kept out of what is written down
 import json
 import shutil
 
-import pyarrow.parquet as pq
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_config
 from pipeline import runner

@@ -6,7 +6,6 @@ driven here with a policy whose fused head returns given per-token log-probs, so
 code computes the loss of exactly the numbers ours sees.
 """
 
-import math
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -96,15 +97,20 @@ def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray
 
 def test_assemble_rows_worked_example():
     """Three pairs into rows [[1, 0], [2]]: segments chosen, rejected of each member in bin
-    order, positions restarting per segment, lengths and prompt lengths per segment."""
+    order, positions restarting per segment, lengths and prompt lengths per segment. The
+    token lists sit in another order (as they arrive from the workers) and are found
+    through ``token_rows``."""
     pairs = pa.table({
         "pair_id": ["p0", "p1", "p2"],
-        "chosen_ids": pa.array([[1, 2, 3], [4, 5], [6, 7, 8, 9]], pa.list_(pa.int32())),
         "chosen_prompt_len": pa.array([1, 1, 2], pa.int32()),
-        "rejected_ids": pa.array([[1, 2], [4, 6, 6], [6, 7, 0]], pa.list_(pa.int32())),
         "rejected_prompt_len": pa.array([1, 1, 2], pa.int32()),
     })
-    rows = tokenize.assemble_rows(pairs, [[1, 0], [2]], first_row_id=10)
+    tokens = pa.table({  # rows: p2, p0, p1
+        "chosen_ids": pa.array([[6, 7, 8, 9], [1, 2, 3], [4, 5]], pa.list_(pa.int32())),
+        "rejected_ids": pa.array([[6, 7, 0], [1, 2], [4, 6, 6]], pa.list_(pa.int32())),
+    })
+    token_rows = np.array([1, 2, 0])
+    rows = tokenize.assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], first_row_id=10)
     assert rows.schema == tokenize.ROW_SCHEMA
     assert rows.to_pylist() == [
         {"row_id": 10, "input_ids": [4, 5, 4, 6, 6, 1, 2, 3, 1, 2], "position_ids": [0, 1, 0, 1, 2, 0, 1, 2, 0, 1],
@@ -112,4 +118,4 @@ def test_assemble_rows_worked_example():
         {"row_id": 11, "input_ids": [6, 7, 8, 9, 6, 7, 0], "position_ids": [0, 1, 2, 3, 0, 1, 2],
          "seq_lens": [4, 3], "prompt_lens": [2, 2], "pair_ids": ["p2"], "num_tokens": 7},
     ]
-    assert tokenize.assemble_rows(pairs, [], 0).num_rows == 0
+    assert tokenize.assemble_rows(pairs, tokens, token_rows, [], 0).num_rows == 0
