@@ -28,10 +28,12 @@ Models (random init from a config; the tokenizer is the demo's, whatever the voc
 Each variant runs in a fresh subprocess and saves its result as JSON under ``--results``;
 the tables are built from those files, so a GPU session can run the variants over several
 calls. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
-on CPU. Throughput counts real tokens (prompt + completion of both sides, no padding); the
-train figures are over the optimizer steps after the first two (warm-up). MFU is
-6·N·tokens/s (train) and 2·N·tokens/s (scoring) over the matmul peak measured in the same
-run (8192³ bf16 on a GPU, 4096³ fp32 on CPU), N the parameters that multiply (the input
+on CPU. Throughput counts pair tokens (prompt + completion of both sides, no padding: what
+TRL computes per pair) per second; the train figures are over the optimizer steps after the
+first two (warm-up). Our rows store each prompt once (``tokenize.share_prompt``; the
+``-unshared`` variants store it on both sides), so we compute fewer tokens than the pairs
+have; MFU counts the tokens actually computed: 6·N·tokens/s (train) and 2·N·tokens/s
+(scoring) over the matmul peak measured in the same run (8192³ bf16 on a GPU, 4096³ fp32 on CPU), N the parameters that multiply (the input
 embedding excluded; a tied LM head counted once).
 """
 
@@ -119,7 +121,7 @@ def build_assets(out: Path, model: str, a) -> dict:
     return {"model": str(model_dir), "data": str(data)}
 
 
-def our_config(out: Path, assets: dict, a, zero_stage: int | None = None):
+def our_config(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True):
     from pipeline.config import config_from_dict
 
     threads = os.cpu_count() or 1
@@ -128,7 +130,8 @@ def our_config(out: Path, assets: dict, a, zero_stage: int | None = None):
         "run_dir": str(out / "run"),
         "model": {"path": assets["model"], "dtype": a.dtype, "attn_implementation": "segment_sdpa"},
         "data": {"train_files": [assets["data"]], "eval_fraction": 0.02},
-        "tokenize": {"max_length": a.max_length, "max_tokens_per_row": a.row_tokens, "rows_per_shard": 64},
+        "tokenize": {"max_length": a.max_length, "max_tokens_per_row": a.row_tokens, "rows_per_shard": 64,
+                     "share_prompt": share_prompt},
         "score": {"cpu_threads": threads},
         "train": {"loss_type": "sigmoid", "beta": BETA, "learning_rate": LR, "lr_scheduler_type": "linear",
                   "max_steps": a.steps, "eval_steps": 10**6, "num_workers": 1, "cpus_per_worker": threads,
@@ -137,18 +140,25 @@ def our_config(out: Path, assets: dict, a, zero_stage: int | None = None):
     })
 
 
-def step_batches(cfg, steps: int) -> tuple[list[list[str]], list[int]]:
+def pair_tokens(row: dict) -> int:
+    """A packed row's tokens counted as TRL counts them, prompt on both sides: the row's
+    own tokens plus the prompt tokens its shared-prompt rejected segments do not store."""
+    prompts = row["prompt_lens"]
+    return row["num_tokens"] + sum(prompts[i - 1] for i in range(1, len(prompts), 2) if prompts[i] == 0)
+
+
+def step_batches(cfg, steps: int) -> tuple[list[list[str]], list[int], list[int]]:
     """Our first ``steps`` optimizer steps (1 rank, 1 micro-batch each): the pair ids of
-    each packed row in order, and each row's token count."""
+    each packed row in order, each row's token count and its pair tokens (``pair_tokens``)."""
     from pipeline import runner
     from pipeline.packing import epoch_plan
     from stages.train import RowReader, split_files
 
     rows = RowReader(split_files(runner.plan_stages(cfg)["tokenize"].dir, "train"),
-                     columns=["pair_ids", "num_tokens"])
+                     columns=["pair_ids", "num_tokens", "prompt_lens"])
     plan = epoch_plan(rows.num_rows, 1, 1, cfg.train.seed, 0)[:steps]
     picked = [rows[step[0][0].row] for step in plan]
-    return [r["pair_ids"] for r in picked], [r["num_tokens"] for r in picked]
+    return [r["pair_ids"] for r in picked], [r["num_tokens"] for r in picked], [pair_tokens(r) for r in picked]
 
 
 def pair_index(cfg) -> dict[str, int]:
@@ -190,7 +200,9 @@ def variant_prepare(out: Path, assets: dict, a) -> dict:
     driver never holds GPU memory."""
     from pipeline import runner
 
-    runner.run_pipeline(our_config(out, assets, a), stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    for share in (True, False):
+        runner.run_pipeline(our_config(out, assets, a, share_prompt=share), stages=["tokenize", "score"],
+                            use_ray=False, log=lambda _: None)
     return {}
 
 
@@ -221,7 +233,7 @@ def variant_peak(out: Path, assets: dict, a) -> dict:
                         f"deepspeed {deepspeed.__version__}"}
 
 
-def variant_ours_score(out: Path, assets: dict, a) -> dict:
+def variant_ours_score(out: Path, assets: dict, a, share_prompt: bool = True) -> dict:
     import torch
 
     from pipeline import runner
@@ -229,7 +241,7 @@ def variant_ours_score(out: Path, assets: dict, a) -> dict:
     from pipeline.rundir import read_manifest
     from stages.score import ShardScorer
 
-    cfg = our_config(out, assets, a)
+    cfg = our_config(out, assets, a, share_prompt=share_prompt)
     tok_dir = runner.plan_stages(cfg)["tokenize"].dir
     manifest = read_manifest(tok_dir)
     scratch = out / "score-bench"
@@ -243,26 +255,33 @@ def variant_ours_score(out: Path, assets: dict, a) -> dict:
         scorer.score_shard(str(tok_dir / s["name"]), str(scratch / s["name"]))
     synchronize(a.device)
     seconds = time.perf_counter() - start
-    tokens = manifest["stats"]["tokens"]
+    stats = manifest["stats"]
+    computed = stats["tokens"]
+    tokens = computed + stats["train"]["shared_prompt_tokens"] + stats["eval"]["shared_prompt_tokens"]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_mib": peak_mem_mib(a.device)}
+            "computed_tokens_per_s": computed / seconds, "peak_mib": peak_mem_mib(a.device)}
 
 
-def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None) -> dict:
+def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True) -> dict:
     from pipeline import runner
     from pipeline.rundir import read_manifest
     from stages.train import read_metrics
 
-    cfg = our_config(out, assets, a, zero_stage)
+    cfg = our_config(out, assets, a, zero_stage, share_prompt)
     results = runner.run_pipeline(cfg, stages=["train"], force=True, use_ray=False, log=lambda _: None)
     steps = [r for r in read_metrics(results["train"]["dir"]) if "loss" in r]
+    _, row_tokens, row_pair_tokens = step_batches(cfg, a.steps)
+    if [r["tokens"] for r in steps] != row_tokens[:len(steps)]:  # one packed row per step, in plan order
+        raise RuntimeError(f"steps ran other rows than planned: {[r['tokens'] for r in steps]} vs {row_tokens}")
     timed = steps[2:]
     seconds = sum(r["tokens"] / r["tokens_per_second"] for r in timed)
-    tokens = sum(r["tokens"] for r in timed)
+    computed = sum(r["tokens"] for r in timed)
+    tokens = sum(row_pair_tokens[2:len(steps)])
     total, n_mm = matmul_params(assets["model"])
     stats = read_manifest(runner.plan_stages(cfg)["tokenize"].dir)["stats"]
     return {"losses": [r["loss"] for r in steps], "grad_norms": [r["grad_norm"] for r in steps],
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "computed_tokens_per_s": computed / seconds,
             "micro_batch_tokens": max(r["tokens"] for r in steps), "peak_mib": peak_mem_mib(a.device),
             "params": total, "matmul_params": n_mm, "waste": stats["train"]["waste_fraction"]}
 
@@ -278,7 +297,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = our_config(out, assets, a)
-    batches_ids, row_tokens = step_batches(cfg, a.steps)
+    batches_ids, _, row_tokens = step_batches(cfg, a.steps)
     index = pair_index(cfg)
     batches = [[index[p] for p in ids] for ids in batches_ids]  # rows of the input file
     cache = out / "hf-cache"  # fresh: TRL would otherwise reuse reference log-probs cached by an earlier run
@@ -361,8 +380,10 @@ VARIANTS = {
     "prepare": variant_prepare,
     "peak": variant_peak,
     "ours-score": variant_ours_score,
+    "ours-score-unshared": lambda out, assets, a: variant_ours_score(out, assets, a, share_prompt=False),
     "ours-train": variant_ours_train,
     "ours-train-zero0": lambda out, assets, a: variant_ours_train(out, assets, a, zero_stage=0),
+    "ours-train-unshared": lambda out, assets, a: variant_ours_train(out, assets, a, share_prompt=False),
     "trl-live": lambda out, assets, a: variant_trl(out, assets, a, precompute=False),
     "trl-precompute": lambda out, assets, a: variant_trl(out, assets, a, precompute=True),
     # TRL with fp32 master weights and Adam states under bf16 autocast (ours keeps them so too)
@@ -391,6 +412,8 @@ def waste_realistic(row_tokens: int, pairs: int = 20000, seed: int = 0) -> dict:
     lengths = 2 * p + c + r
     bins = first_fit_decreasing(lengths, row_tokens)
     ours = 1 - lengths.sum() / (len(bins) * row_tokens)
+    shared = p + c + r  # tokenize.share_prompt: the prompt stored once
+    shared_bins = first_fit_decreasing(shared, row_tokens)
     batch = max(1, round(row_tokens / lengths.mean()))
     collator = DataCollatorForPreference(pad_token_id=0)
     order = rng.permutation(pairs)
@@ -401,7 +424,11 @@ def waste_realistic(row_tokens: int, pairs: int = 20000, seed: int = 0) -> dict:
         out = collator(ex)
         real += int(out["attention_mask"].sum())
         computed += out["attention_mask"].numel()
-    return {"row_tokens": row_tokens, "ours": float(ours), "trl_batch": batch, "trl": 1 - real / computed}
+    return {"row_tokens": row_tokens, "ours": float(ours), "trl_batch": batch, "trl": 1 - real / computed,
+            "ours_shared": float(1 - shared.sum() / (len(shared_bins) * row_tokens)),
+            # computed tokens (padding included) per pair token
+            "ours_computed": len(bins) * row_tokens / lengths.sum(),
+            "ours_shared_computed": len(shared_bins) * row_tokens / lengths.sum(), "trl_computed": computed / real}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -504,34 +531,41 @@ def report(a) -> str:
         def mfu(tokens_per_s, factor):
             return None if not peak else factor * n_mm * tokens_per_s / (peak * 1e12)
 
-        ours, zero0, live, pre, score, live32 = (r.get(k, {}) for k in (
-            "ours-train", "ours-train-zero0", "trl-live", "trl-precompute", "ours-score", "trl-live-fp32-master"))
+        ours, zero0, unshared, live, pre, score, score_unshared, live32 = (r.get(k, {}) for k in (
+            "ours-train", "ours-train-zero0", "ours-train-unshared", "trl-live", "trl-precompute", "ours-score",
+            "ours-score-unshared", "trl-live-fp32-master"))
         lines += ["", f"## {model}: {total / 1e6:.2f}M parameters ({n_mm / 1e6:.2f}M multiply per token)"
                   + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else ""),
-                  f"| train | real tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
+                  f"| train | pair tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         base = ours["tokens_per_s"]
-        for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows)", ours),
+        for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows, shared prompts)", ours),
                          ("ours: the same, ZeRO-0 (one rank: no partitioning to pay for)", zero0),
+                         (f"ours: ZeRO-{a.zero_stage}, prompts not shared (tokenize.share_prompt: false)", unshared),
                          ("TRL, live reference", live),
                          ("TRL, live reference, fp32 master weights under bf16 autocast", live32),
                          ("TRL, precomputed reference (train steps only)", pre)):
             if not v:
                 continue
-            ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (vs ZeRO-{a.zero_stage})"
-                                              if v is zero0 else f"{base / v['tokens_per_s']:.2f}")
-            mem_ratio = "1.00" if v is ours else (f"{v['peak_mib'] / ours['peak_mib']:.2f} (vs ZeRO-{a.zero_stage})"
-                                                  if v is zero0 else f"{ours['peak_mib'] / v['peak_mib']:.2f}")
+            mine = v is zero0 or v is unshared  # our own variants: it over ours, the others: ours over it
+            ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (over the first)"
+                                              if mine else f"{base / v['tokens_per_s']:.2f}")
+            mem_ratio = "1.00" if v is ours else (f"{v['peak_mib'] / ours['peak_mib']:.2f} (over the first)"
+                                                  if mine else f"{ours['peak_mib'] / v['peak_mib']:.2f}")
+            computed = v.get("computed_tokens_per_s", v["tokens_per_s"])  # MFU counts what was computed
             lines.append(f"| {label} | {v['tokens_per_s']:.0f} | {ratio} | {v['peak_mib']:.0f} | {mem_ratio} | "
-                         f"{fmt(mfu(v['tokens_per_s'], 6), '.1%')} | {v['losses'][0]:.6f} |")
+                         f"{fmt(mfu(computed, 6), '.1%')} | {v['losses'][0]:.6f} |")
         if score and pre:
-            lines += ["", f"| scoring | real tokens/s | ours / TRL | {mem} | MFU |", "|---|---:|---:|---:|---:|",
-                      f"| ours: score stage core (packed rows) | {score['tokens_per_s']:.0f} | "
-                      f"{score['tokens_per_s'] / pre['precompute_tokens_per_s']:.2f} | {score['peak_mib']:.0f} | "
-                      f"{fmt(mfu(score['tokens_per_s'], 2), '.1%')} |",
-                      f"| TRL precompute_ref_log_probs pass (whole dataset, batches of {pre['micro_batch_pairs']} "
-                      f"pairs) | {pre['precompute_tokens_per_s']:.0f} | 1.00 | {fmt(pre.get('precompute_peak_mib'))} | "
-                      f"{fmt(mfu(pre['precompute_tokens_per_s'], 2), '.1%')} |"]
+            lines += ["", f"| scoring | pair tokens/s | ours / TRL | {mem} | MFU |", "|---|---:|---:|---:|---:|"]
+            for label, v in (("ours: score stage core (packed rows, shared prompts)", score),
+                             ("ours: the same, prompts not shared", score_unshared)):
+                if v:
+                    lines.append(f"| {label} | {v['tokens_per_s']:.0f} | "
+                                 f"{v['tokens_per_s'] / pre['precompute_tokens_per_s']:.2f} | {v['peak_mib']:.0f} | "
+                                 f"{fmt(mfu(v.get('computed_tokens_per_s', v['tokens_per_s']), 2), '.1%')} |")
+            lines.append(f"| TRL precompute_ref_log_probs pass (whole dataset, batches of {pre['micro_batch_pairs']} "
+                         f"pairs) | {pre['precompute_tokens_per_s']:.0f} | 1.00 | "
+                         f"{fmt(pre.get('precompute_peak_mib'))} | {fmt(mfu(pre['precompute_tokens_per_s'], 2), '.1%')} |")
         if live:
             k = min(len(ours["losses"]), len(live["losses"]), len(pre.get("losses", live["losses"])))
             diff_live = max(abs(x - y) for x, y in zip(ours["losses"][:k], live["losses"][:k]))
@@ -547,11 +581,14 @@ def report(a) -> str:
             lines += ["", "| largest micro-batch that fits (3 steps) | token budget | tokens computed (max) | " + mem
                       + " | first that did not fit |", "|---|---:|---:|---:|---:|"] + fits
     lines += ["", "## waste on the realistic length mix (20k pairs; prompts 50-800, completions 20-1000 tokens)",
-              "| row tokens | ours (FFD packing) | TRL batch (pairs) | TRL (collator, random batches) |",
-              "|---:|---:|---:|---:|"]
+              "Padding over computed tokens, and computed tokens (padding included) per pair token.", "",
+              "| row tokens | ours, prompts shared | ours, not shared | TRL batch (pairs) | TRL collator, random "
+              "batches | computed per pair token: ours shared / not shared / TRL |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for row_tokens in (4096, 8192):
         w = waste_realistic(row_tokens)
-        lines.append(f"| {row_tokens} | {w['ours']:.2%} | {w['trl_batch']} | {w['trl']:.2%} |")
+        lines.append(f"| {row_tokens} | {w['ours_shared']:.2%} | {w['ours']:.2%} | {w['trl_batch']} | {w['trl']:.2%} "
+                     f"| {w['ours_shared_computed']:.3f} / {w['ours_computed']:.3f} / {w['trl_computed']:.3f} |")
     return "\n".join(lines)
 
 

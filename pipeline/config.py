@@ -67,6 +67,10 @@ class TokenizeConfig:
     max_completion_length: Optional[int] = None
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     max_tokens_per_row: int = 4096
+    # Store a pair's prompt once: the rejected completion attends to the chosen side's
+    # prompt tokens (same log-probs, fewer tokens to compute). null: on when
+    # model.attn_implementation can express it (segment_sdpa, sdpa, eager).
+    share_prompt: Optional[bool] = None
     # A Jinja chat-template file that replaces the tokenizer's.
     chat_template: Optional[str] = None
     # Quarantine pairs whose tokenised prompt is not a prefix of prompt + completion
@@ -288,6 +292,17 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Attention implementations that can run rows whose rejected segments share the prompt.
+PROMPT_SHARING_ATTENTION = ("segment_sdpa", "sdpa", "eager")
+
+
+def shares_prompt(cfg: PipelineConfig) -> bool:
+    """``tokenize.share_prompt`` resolved: null means on where the attention can run it."""
+    if cfg.tokenize.share_prompt is not None:
+        return cfg.tokenize.share_prompt
+    return cfg.model.attn_implementation in PROMPT_SHARING_ATTENTION
+
+
 def _validate(cfg: PipelineConfig) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -297,6 +312,9 @@ def _validate(cfg: PipelineConfig) -> None:
     need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.train.use_gpu),
          "model.attn_implementation: flex_attention has no backward on CPU (train.use_gpu is false); "
          "use segment_sdpa")
+    need(not (cfg.tokenize.share_prompt and cfg.model.attn_implementation not in PROMPT_SHARING_ATTENTION),
+         f"tokenize.share_prompt: true needs model.attn_implementation {', '.join(PROMPT_SHARING_ATTENTION)} "
+         f"(it is {cfg.model.attn_implementation}, which isolates packed sequences only by position_ids)")
     need(bool(cfg.data.train_files) != bool(cfg.data.hf_dataset),
          "data.train_files or data.hf_dataset: exactly one is required")
     if cfg.data.hf_dataset is not None:

@@ -1,15 +1,18 @@
 """The one log-prob function, shared by the score and train stages.
 
 A packed row is a 1-D token stream of segments (chosen, rejected, chosen, rejected, ...);
-each segment is prompt + completion and its ``position_ids`` restart at 0. The loss mask is
-derived from the stored segment and prompt lengths, never from ``input_ids != pad`` (pad is
-often EOS, and EOS is a completion token we must score).
+each segment is prompt + completion and its ``position_ids`` restart at 0, or, with a
+shared prompt, a rejected segment is its completion only and attends to its chosen
+segment's prompt (``segment_layout``). The loss mask is derived from the stored segment
+and prompt lengths, never from ``input_ids != pad`` (pad is often EOS, and EOS is a
+completion token we must score).
 
-Numerics: the decoder runs once over the row (``use_cache=False`` and no
-``attention_mask``, so transformers isolates the segments from ``position_ids``; see
-ENVIRONMENT.md), then only the completion positions go through the LM head, ``chunk``
-tokens at a time, and each chunk's target logit minus logsumexp is taken in fp32. fp32
-logits for the whole row are never materialised.
+Numerics: the decoder runs once over the row (``use_cache=False``; ``segment_sdpa`` gets
+the segments' blocks; ``sdpa``/``eager`` get no ``attention_mask``, so transformers
+isolates the segments from ``position_ids`` (see ENVIRONMENT.md), or, for rows with
+shared prompts, the blocks as a dense mask). Then only the completion positions go
+through the LM head, ``chunk`` tokens at a time, and each chunk's target logit minus
+logsumexp is taken in fp32. fp32 logits for the whole row are never materialised.
 
 Imports torch only; the model is duck-typed through transformers' public accessors
 (``get_decoder`` / ``get_output_embeddings``).
@@ -28,29 +31,68 @@ class SegmentLayout:
     seg_ids: torch.Tensor  # (T,) segment index of every token
     targets: torch.Tensor  # (N,) positions of completion tokens (the ones scored)
     target_seg: torch.Tensor  # (N,) segment index of each target
+    sources: torch.Tensor  # (N,) positions whose hidden state predicts each target
     num_segments: int
-    bounds: list[int]  # [0, start of segment 2, ..., T]: segment_sdpa's cuts, once per row
+    # Attention, once per row, as Python ints: (start, end, prefix_start, prefix_end) per
+    # segment: tokens [start, end) attend causally to themselves and to all of
+    # [prefix_start, prefix_end) (a shared prompt; empty when prefix_start == prefix_end).
+    blocks: list[tuple[int, int, int, int]]
+
+    @property
+    def shares_prompts(self) -> bool:
+        return any(pb > pa for _, _, pa, pb in self.blocks)
 
 
 def segment_layout(seq_lens: torch.Tensor, prompt_lens: torch.Tensor) -> SegmentLayout:
     """Completion-token positions of a packed row.
 
-    seq_lens, prompt_lens: (S,) int. Segment s spans [o_s, o_s + L_s) with o_s the running
-    offset; its completion tokens are [o_s + P_s, o_s + L_s). P_s >= 1 is required: the
-    first completion token is predicted from the last prompt token of the same segment.
+    seq_lens, prompt_lens: (S,) int, the tokens each segment stores and how many of them
+    are its prompt. Segment s spans [o_s, o_s + L_s) with o_s the running offset; its
+    completion tokens are [o_s + P_s, o_s + L_s). P_s >= 1: the first completion token is
+    predicted from the last prompt token of the same segment.
+
+    Shared prompt (``tokenize.share_prompt``): a rejected segment (odd s) with P_s = 0
+    stores only its completion; its prompt is the first P_{s-1} tokens of its chosen
+    segment, which it attends to (its ``position_ids`` continue from P_{s-1}), and its
+    first token is predicted from that prompt's last token.
     """
     seq_lens = seq_lens.long()
     prompt_lens = prompt_lens.long()
-    if bool((prompt_lens < 1).any()) or bool((prompt_lens >= seq_lens).any()):
-        raise ValueError("every segment needs 1 <= prompt_len < seq_len")
     num_segments = int(seq_lens.numel())
-    seg_ids = torch.repeat_interleave(torch.arange(num_segments, device=seq_lens.device), seq_lens)
+    index = torch.arange(num_segments, device=seq_lens.device)
+    shared = prompt_lens == 0
+    if bool((prompt_lens < 0).any()) or bool((prompt_lens >= seq_lens).any()):
+        raise ValueError("every segment needs 0 <= prompt_len < seq_len")
+    if bool((shared & (index % 2 == 0)).any()):
+        raise ValueError("prompt_len 0 (a shared prompt) is only valid for a rejected segment (odd index); "
+                         "a chosen segment needs 1 <= prompt_len < seq_len")
+    seg_ids = torch.repeat_interleave(index, seq_lens)
     offsets = torch.cumsum(seq_lens, 0) - seq_lens
     pos_in_seg = torch.arange(seg_ids.numel(), device=seq_lens.device) - offsets[seg_ids]
     is_target = pos_in_seg >= prompt_lens[seg_ids]
     targets = torch.nonzero(is_target, as_tuple=False).squeeze(-1)
-    bounds = [0] + torch.cumsum(seq_lens, 0).tolist()
-    return SegmentLayout(seg_ids, targets, seg_ids[targets], num_segments, bounds)
+    target_seg = seg_ids[targets]
+    sources = targets - 1
+    if bool(shared.any()):
+        # the last prompt token of the chosen segment before: o_{s-1} + P_{s-1} - 1
+        prompt_end = torch.roll(offsets + prompt_lens, 1) - 1
+        first = shared[target_seg] & (pos_in_seg[targets] == 0)
+        sources = torch.where(first, prompt_end[target_seg], sources)
+    starts, lens, prompts = offsets.tolist(), seq_lens.tolist(), prompt_lens.tolist()
+    blocks = [(a, a + n, starts[s - 1], starts[s - 1] + prompts[s - 1]) if p == 0 else (a, a + n, a, a)
+              for s, (a, n, p) in enumerate(zip(starts, lens, prompts))]
+    return SegmentLayout(seg_ids, targets, target_seg, sources, num_segments, blocks)
+
+
+def attention_mask(layout: SegmentLayout, num_tokens: int) -> torch.Tensor:
+    """The (T, T) boolean mask of ``layout.blocks`` (True: query row may attend to key
+    column): the dense form of what ``segment_sdpa`` computes block by block, for the
+    attention implementations that take a mask (``sdpa``, ``eager``)."""
+    mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool)
+    for a, b, pa, pb in layout.blocks:
+        mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        mask[a:b, pa:pb] = True
+    return mask
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -158,15 +200,27 @@ def packed_token_logps(
     """
     decoder = model.get_decoder()
     extra = {"output_router_logits": True} if router_logits else {}
-    if getattr(model.config, "_attn_implementation", None) == "segment_sdpa":
-        extra["segment_bounds"] = layout.bounds  # every layer's attention cuts the row here
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "segment_sdpa":
+        extra["segment_blocks"] = layout.blocks  # every layer's attention cuts the row here
+    elif layout.shares_prompts:  # transformers' packing detection (positions restarting at 0) cannot see these
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(f"rows with shared prompts (tokenize.share_prompt) need attention "
+                                      f"segment_sdpa, sdpa or eager; this model runs {impl}")
+        mask = attention_mask(layout, input_ids.shape[0]).to(input_ids.device)
+        if impl == "eager":  # additive
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min)
+        extra["attention_mask"] = mask[None, None]
     out = decoder(
         input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False, **extra
     )
     hidden = out.last_hidden_state[0]
-    # Token t is predicted by the hidden state at t - 1 (same segment since P_s >= 1).
+    # Token t is predicted by the hidden state at t - 1, or for the first token of a
+    # shared-prompt segment by the prompt's last token (``layout.sources``).
     logps, sq = lm_head_target_logps(
-        model.get_output_embeddings(), hidden[layout.targets - 1], input_ids[layout.targets], chunk,
+        model.get_output_embeddings(), hidden[layout.sources], input_ids[layout.targets], chunk,
         log_sum_sq,
     )
     zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)

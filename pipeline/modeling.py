@@ -68,7 +68,7 @@ def row_tensors(row: dict, device: torch.device | str = "cpu") -> dict[str, torc
 def row_inputs(row: dict, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, SegmentLayout]:
     """A packed row's ``input_ids``, ``position_ids`` and segment layout, on ``device``.
 
-    The layout is worked out on the host, where the segment lengths already are (its cuts
+    The layout is worked out on the host, where the segment lengths already are (its blocks
     are Python ints for ``segment_sdpa``), and everything goes to a GPU from pinned memory
     without blocking: preparing row k+1 never waits for row k's kernels, so the host runs
     ahead and the GPU's queue stays full.
@@ -76,8 +76,9 @@ def row_inputs(row: dict, device: torch.device | str) -> tuple[torch.Tensor, tor
     t = row_tensors(row)
     layout = segment_layout(t["seq_lens"], t["prompt_lens"])
     return (to_device(t["input_ids"], device), to_device(t["position_ids"], device),
-            SegmentLayout(*(to_device(x, device) for x in (layout.seg_ids, layout.targets, layout.target_seg)),
-                          layout.num_segments, layout.bounds))
+            SegmentLayout(*(to_device(x, device) for x in (layout.seg_ids, layout.targets, layout.target_seg,
+                                                            layout.sources)),
+                          layout.num_segments, layout.blocks))
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

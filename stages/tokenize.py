@@ -24,11 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import formats, packing, sources
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.storage import Loc
 
-STAGE_VERSION = 2
+STAGE_VERSION = 3  # 3: rows may share prompts
 ROW_GROUP_ROWS = 16  # small row groups: the trainer reads rows at random
 
 PAIR_SCHEMA = pa.schema(
@@ -198,13 +198,15 @@ def fill_raw(quarantine: pa.Table, chunks: list[dict]) -> pa.Table:
 
 
 def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bins: list[list[int]],
-                  first_row_id: int) -> pa.Table:
+                  first_row_id: int, share_prompt: bool = False) -> pa.Table:
     """Concatenate each bin's pairs (chosen, rejected, chosen, ...) into one packed row.
 
     ``bins`` index ``pairs`` (the per-pair columns); pair i's token lists are row
-    ``token_rows[i]`` of ``tokens``. Arrow and numpy throughout, never a Python object per
-    token; called one shard of rows at a time, so the int32 list offsets stay small and so
-    does the memory it takes.
+    ``token_rows[i]`` of ``tokens``. With ``share_prompt`` a rejected segment keeps only its
+    completion (prompt_len 0, positions continuing from the prompt's length): its prompt
+    is the chosen segment's (``pipeline.logps.segment_layout``). Arrow and numpy
+    throughout, never a Python object per token; called one shard of rows at a time, so
+    the int32 list offsets stay small and so does the memory it takes.
     """
     if not bins:
         return ROW_SCHEMA.empty_table()
@@ -218,19 +220,28 @@ def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bin
                                  tokens.column("rejected_ids").take(token_take).combine_chunks()]).take(order)
     prompt_lens = pa.concat_arrays([pairs.column("chosen_prompt_len").take(take).combine_chunks(),
                                     pairs.column("rejected_prompt_len").take(take).combine_chunks()]).take(order)
-    seq_lens = pc.list_value_length(segments).to_numpy().astype(np.int64)
+    prompt_lens = prompt_lens.to_numpy().astype(np.int64)
+    full_lens = pc.list_value_length(segments).to_numpy().astype(np.int64)
+    values = pc.list_flatten(segments)
+    skip = np.zeros_like(full_lens)  # leading tokens a segment does not store
+    if share_prompt:
+        skip[1::2] = prompt_lens[1::2]
+        prompt_lens[1::2] = 0
+    seq_lens = full_lens - skip
     seg_starts = np.cumsum(seq_lens) - seq_lens
-    positions = np.arange(int(seq_lens.sum()), dtype=np.int64) - np.repeat(seg_starts, seq_lens)
+    positions = np.arange(int(seq_lens.sum()), dtype=np.int64) - np.repeat(seg_starts - skip, seq_lens)
+    if share_prompt:
+        values = values.take(pa.array(positions + np.repeat(np.cumsum(full_lens) - full_lens, seq_lens)))
     seg_offsets = np.concatenate([[0], np.cumsum(2 * pairs_per_row)])
     row_tokens = np.add.reduceat(seq_lens, seg_offsets[:-1])
     tok_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]), pa.int32())
     seg_offsets = pa.array(seg_offsets, pa.int32())
     return pa.table({
         "row_id": pa.array(np.arange(first_row_id, first_row_id + len(bins)), pa.int64()),
-        "input_ids": pa.ListArray.from_arrays(tok_offsets, pc.list_flatten(segments)),
+        "input_ids": pa.ListArray.from_arrays(tok_offsets, values),
         "position_ids": pa.ListArray.from_arrays(tok_offsets, pa.array(positions, pa.int32())),
         "seq_lens": pa.ListArray.from_arrays(seg_offsets, pa.array(seq_lens, pa.int32())),
-        "prompt_lens": pa.ListArray.from_arrays(seg_offsets, prompt_lens.cast(pa.int32())),
+        "prompt_lens": pa.ListArray.from_arrays(seg_offsets, pa.array(prompt_lens, pa.int32())),
         "pair_ids": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(pairs_per_row)]), pa.int32()),
                                              pairs.column("pair_id").take(take).combine_chunks()),
         "num_tokens": pa.array(row_tokens, pa.int32()),
@@ -238,11 +249,13 @@ def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bin
 
 
 def write_row_shards(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bins: list[list[int]],
-                     first_row_id: int, out_dir: Loc, prefix: str, rows_per_shard: int) -> list[ShardInfo]:
+                     first_row_id: int, out_dir: Loc, prefix: str, rows_per_shard: int,
+                     share_prompt: bool = False) -> list[ShardInfo]:
     """The packed rows of ``bins``, assembled and written one shard at a time."""
     shards = []
     for k, start in enumerate(range(0, len(bins), rows_per_shard)):
-        part = assemble_rows(pairs, tokens, token_rows, bins[start:start + rows_per_shard], first_row_id + start)
+        part = assemble_rows(pairs, tokens, token_rows, bins[start:start + rows_per_shard], first_row_id + start,
+                             share_prompt)
         final = out_dir / f"{prefix}-{k:05d}.parquet"
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         shards.append(ShardInfo.of(final, part.num_rows))
@@ -295,6 +308,9 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
     lengths = (pc.list_value_length(token_lists.column("chosen_ids")).to_numpy().astype(np.int64)
                + pc.list_value_length(token_lists.column("rejected_ids")).to_numpy().astype(np.int64))[token_rows]
+    share = shares_prompt(cfg)
+    shared = pairs.column("rejected_prompt_len").to_numpy().astype(np.int64) if share else np.zeros_like(lengths)
+    lengths -= shared  # the tokens a pair takes in a row: its prompt once with share_prompt
     stats: dict = {
         "input_rows": n_in,
         "records": records.num_rows,  # rows, with each extra rejected completion counted
@@ -307,20 +323,23 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
             np.sum(pairs.column("prefix_mismatch").to_numpy(zero_copy_only=False))
         ),
         "max_tokens_per_row": t.max_tokens_per_row,
+        "share_prompt": share,
     }
     row_id = 0
     for split, mask in (("train", ~eval_mask), ("eval", eval_mask)):
         index = np.nonzero(mask)[0]
         bins = packing.first_fit_decreasing(lengths[index], t.max_tokens_per_row)
         bins = packing.shuffled([[int(index[i]) for i in b] for b in bins], seed)
-        shards += write_row_shards(pairs, token_lists, token_rows, bins, row_id, out_dir, split, t.rows_per_shard)
+        shards += write_row_shards(pairs, token_lists, token_rows, bins, row_id, out_dir, split, t.rows_per_shard,
+                                   share)
         row_id += len(bins)
         tokens = int(lengths[index].sum())
         capacity = len(bins) * t.max_tokens_per_row
         stats[split] = {
             "pairs": int(len(index)),
             "rows": len(bins),
-            "tokens": tokens,
+            "tokens": tokens,  # stored in rows (what the model computes)
+            "shared_prompt_tokens": int(shared[index].sum()),  # not stored twice
             "waste_fraction": round(1 - tokens / capacity, 6) if capacity else 0.0,
             "pair_tokens_histogram": length_histogram(lengths[index], t.max_tokens_per_row),
         }
@@ -354,7 +373,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
         "tokenize_settings": {
             k: v for k, v in asdict(cfg.tokenize).items()
             if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template")
-        },
+        } | {"share_prompt": shares_prompt(cfg)},  # resolved: null's meaning follows the attention
         "seed": cfg.train.seed,
     }
 

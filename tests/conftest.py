@@ -60,3 +60,24 @@ def tiny_config(assets, run_dir, data_file=None, **groups) -> "PipelineConfig": 
     for group, values in groups.items():
         raw[group].update(values)
     return config_from_dict(raw)
+
+
+def shared_and_unshared_rows(g, pairs):
+    """The same random pairs of (prompt, chosen, rejected) lengths as one packed row twice,
+    in the stored row format: unshared segments [P C][P R], and shared ones [P C][R]
+    (tokenize.share_prompt)."""
+    import torch
+
+    unshared = {"input_ids": [], "position_ids": [], "seq_lens": [], "prompt_lens": []}
+    shared = {"input_ids": [], "position_ids": [], "seq_lens": [], "prompt_lens": []}
+    for p, c, r in pairs:
+        prompt, chosen, rejected = (torch.randint(3, 500, (n,), generator=g).tolist() for n in (p, c, r))
+        unshared["input_ids"] += prompt + chosen + prompt + rejected
+        unshared["position_ids"] += list(range(p + c)) + list(range(p + r))
+        unshared["seq_lens"] += [p + c, p + r]
+        unshared["prompt_lens"] += [p, p]
+        shared["input_ids"] += prompt + chosen + rejected
+        shared["position_ids"] += list(range(p + c)) + list(range(p, p + r))
+        shared["seq_lens"] += [p + c, r]
+        shared["prompt_lens"] += [p, 0]
+    return unshared, shared

@@ -56,6 +56,19 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         load_config(write(tmp_path, BASE), [override])
 
 
+def test_share_prompt_follows_the_attention_and_refuses_what_cannot_run_it(tmp_path):
+    from pipeline.config import shares_prompt
+
+    for attn, default in (("segment_sdpa", True), ("sdpa", True), ("eager", True), ("flash_attention_2", False)):
+        cfg = load_config(write(tmp_path, BASE), [f"model.attn_implementation={attn}"])
+        assert cfg.tokenize.share_prompt is None and shares_prompt(cfg) is default
+        assert shares_prompt(load_config(write(tmp_path, BASE), [f"model.attn_implementation={attn}",
+                                                                 "tokenize.share_prompt=false"])) is False
+    with pytest.raises(ConfigError, match="tokenize.share_prompt: true needs model.attn_implementation segment_sdpa, "
+                                          "sdpa, eager .it is flash_attention_2"):
+        load_config(write(tmp_path, BASE), ["model.attn_implementation=flash_attention_2", "tokenize.share_prompt=true"])
+
+
 def test_cli_reports_a_typo_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "tiny.yaml"), "train.bta=0.2"],

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from conftest import shared_and_unshared_rows
+
 from pipeline.logps import (
     lm_head_target_logps,
     sequence_logps,
@@ -25,6 +27,36 @@ def test_segment_layout_worked_example():
 def test_segment_layout_needs_a_prompt_token():
     with pytest.raises(ValueError, match="prompt_len"):
         segment_layout(torch.tensor([5]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="only valid for a rejected segment"):  # a chosen cannot share
+        segment_layout(torch.tensor([5, 3, 4, 2]), torch.tensor([2, 0, 0, 1]))
+
+
+def test_shared_prompt_layout_worked_example():
+    """Pair 1: prompt 2 + chosen 3 stored as [p p c c c], rejected 2 stored as [r r] at
+    positions 2, 3; pair 2 unshared. The first rejected token is predicted from the
+    prompt's last token (position 1), and the rejected tokens see the prompt, not the
+    chosen completion."""
+    from pipeline.logps import attention_mask
+
+    layout = segment_layout(torch.tensor([5, 2, 3, 3]), torch.tensor([2, 0, 1, 1]))
+    assert layout.targets.tolist() == [2, 3, 4, 5, 6, 8, 9, 11, 12]
+    assert layout.sources.tolist() == [1, 2, 3, 1, 5, 7, 8, 10, 11]
+    assert layout.target_seg.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert layout.blocks == [(0, 5, 0, 0), (5, 7, 0, 2), (7, 10, 7, 7), (10, 13, 10, 10)]
+    assert layout.shares_prompts
+    assert segment_token_counts(layout).tolist() == [3, 2, 2, 2]
+    mask = attention_mask(layout, 13).int()
+    assert mask[:7, :7].tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+    assert mask[7:, :7].sum() == 0 and mask[:7, 7:].sum() == 0
+    assert not segment_layout(torch.tensor([3, 2]), torch.tensor([1, 1])).shares_prompts
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
@@ -114,11 +146,55 @@ def test_segment_sdpa_gradients_equal_the_dense_mask(assets):
     assert torch.allclose(results["segment_sdpa"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_segment_bounds_from_positions_and_from_the_layout():
-    from pipeline.attention import find_bounds
+def test_segment_blocks_from_positions_and_from_the_layout():
+    from pipeline.attention import find_blocks
 
-    assert find_bounds(torch.tensor([0, 1, 2, 0, 1, 0, 1])) == [0, 3, 5, 7]
-    assert segment_layout(torch.tensor([3, 2, 2]), torch.tensor([1, 1, 1])).bounds == [0, 3, 5, 7]
+    expected = [(0, 3, 0, 0), (3, 5, 3, 3), (5, 7, 5, 5)]
+    assert find_blocks(torch.tensor([0, 1, 2, 0, 1, 0, 1])) == expected
+    assert segment_layout(torch.tensor([3, 2, 2]), torch.tensor([1, 1, 1])).blocks == expected
+
+
+@pytest.mark.parametrize("attn", ["segment_sdpa", "sdpa", "eager"])
+def test_shared_prompt_rows_give_the_unshared_logps_and_gradients(assets, attn):
+    """A row that stores each prompt once computes the same completion log-probs and the
+    same parameter gradients as the row that stores it on both sides (the tiny model has
+    grouped-query attention, so the GQA path is covered)."""
+    from pipeline.config import ModelConfig
+    from pipeline.modeling import load_causal_lm
+
+    from pipeline.modeling import row_inputs
+
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for row in shared_and_unshared_rows(g, [(7, 12, 5), (1, 3, 9), (20, 4, 4)]):
+        ids, pos, layout = row_inputs(row, "cpu")
+        model = load_causal_lm(str(assets["model"]), ModelConfig(path="x", attn_implementation=attn))
+        logps = packed_token_logps(model, ids, pos, layout, chunk=8).logps
+        picked = logps[layout.targets]  # the same completion tokens in the same order in both rows
+        (picked * torch.linspace(0.5, 1.5, picked.numel())).sum().backward()
+        results.append((logps.detach()[layout.targets], segment_sums(logps.detach(), layout),
+                        torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (tok_u, seq_u, grad_u), (tok_s, seq_s, grad_s) = results
+    assert torch.allclose(tok_s, tok_u, atol=1e-5), (tok_s - tok_u).abs().max()
+    assert torch.allclose(seq_s, seq_u, atol=1e-4)
+    assert torch.allclose(grad_s, grad_u, atol=1e-5, rtol=1e-4), (grad_s - grad_u).abs().max()
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
+def test_shared_prompt_rows_refuse_attention_that_cannot_see_them(assets, attn):
+    from transformers import AutoModelForCausalLM
+
+    if attn == "flash_attention_2":  # not installed here: the refusal must not need the model to run
+        model = AutoModelForCausalLM.from_pretrained(assets["model"])
+        model.config._attn_implementation = attn
+    else:
+        model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn)
+    from pipeline.modeling import row_inputs
+
+    _, shared = shared_and_unshared_rows(torch.Generator().manual_seed(0), [(3, 2, 2)])
+    ids, pos, layout = row_inputs(shared, "cpu")
+    with pytest.raises(NotImplementedError, match="share_prompt"):
+        packed_token_logps(model, ids, pos, layout)
 
 
 @pytest.mark.parametrize("extra", [{"softcap": 50.0}, {"s_aux": torch.zeros(4)}, {"position_bias": torch.zeros(1)}])

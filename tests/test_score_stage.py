@@ -72,3 +72,32 @@ def test_a_broken_reference_names_the_row(tokenized):
     first = table.column("row_id")[0].as_py()
     with pytest.raises(ValueError, match=rf"score: row {first} has \d+ reference log-probs that are NaN"):
         scorer.score_table(table)
+
+
+def test_shared_prompt_rows_score_every_pair_as_unshared_rows(assets, tmp_path):
+    """The same data tokenized with and without shared prompts (rows packed differently,
+    fewer tokens with sharing): through tokenize and score, every pair's chosen and
+    rejected reference log-probs agree (fp32, up to summation order)."""
+    scored, tokens = {}, {}
+    for share in (True, False):
+        cfg = tiny_config(assets, tmp_path / f"run-{share}", tokenize={"max_tokens_per_row": 256,
+                                                                        "share_prompt": share})
+        runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+        stats = read_manifest(runner.plan_stages(cfg)["tokenize"].dir)["stats"]
+        tokens[share] = (stats["tokens"], stats["train"]["shared_prompt_tokens"] + stats["eval"]["shared_prompt_tokens"])
+        out = {}
+        score_dir = runner.plan_stages(cfg)["score"].dir
+        for shard in read_manifest(score_dir)["shards"]:
+            if shard["name"] == "quarantine.parquet":
+                continue
+            for row in pq.read_table(str(score_dir / shard["name"])).to_pylist():
+                for k, pair in enumerate(row["pair_ids"]):
+                    out[pair] = row["ref_seq_logps"][2 * k: 2 * k + 2]
+        scored[share] = out
+    assert scored[True].keys() == scored[False].keys() and len(scored[True]) > 50
+    pairs = sorted(scored[True])
+    shared, unshared = (np.array([scored[s][p] for p in pairs]) for s in (True, False))
+    np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-4)
+    # the shared rows hold every token of the unshared ones but the second copy of each prompt
+    assert tokens[False][1] == 0 and tokens[True][0] + tokens[True][1] == tokens[False][0]
+    assert tokens[True][1] > 0.1 * tokens[False][0]

@@ -41,11 +41,12 @@ def read_rows(out_dir):
     return pa.concat_tables([pq.read_table(p) for p in sorted(out_dir.glob("*-0*.parquet"))])
 
 
-def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs):
+@pytest.mark.parametrize("share_prompt", [None, False])
+def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs, share_prompt):
     files, n_rows = inputs
     cfg = tiny_config(assets, tmp_path / "run", data_file=files[0],
                       tokenize={"max_length": 64, "max_tokens_per_row": 300, "rows_per_task": 37,
-                                "max_bad_fraction": 0.1})
+                                "max_bad_fraction": 0.1, "share_prompt": share_prompt})
     cfg.data.train_files = files
     out = tmp_path / "out"
     out.mkdir()
@@ -62,13 +63,23 @@ def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs):
     pair_ids = [p for r in rows for p in r["pair_ids"]]
     assert len(pair_ids) == len(set(pair_ids)) == stats["pairs"] == n_rows - len(BAD_LINES)
     assert stats["input_rows"] == n_rows and stats["quarantined"] == len(BAD_LINES)
+    shared = share_prompt is None  # the default: on with the tiny config's segment_sdpa
+    assert stats["share_prompt"] is shared
     for r in rows:
         assert len(r["seq_lens"]) == 2 * len(r["pair_ids"])  # both sides of every pair
         assert sum(r["seq_lens"]) == len(r["input_ids"]) == r["num_tokens"] <= 300
-        expect_pos = [i for n in r["seq_lens"] for i in range(n)]
-        assert r["position_ids"] == expect_pos  # restart at 0 per segment
-        assert all(0 < p < n for p, n in zip(r["prompt_lens"], r["seq_lens"]))
+        chosen_prompts = r["prompt_lens"][0::2]
+        assert all(0 < p < n for p, n in zip(chosen_prompts, r["seq_lens"][0::2]))
+        if shared:  # a rejected segment is its completion, positions continuing from its prompt's
+            assert r["prompt_lens"][1::2] == [0] * len(r["pair_ids"])
+            starts = [q for p in chosen_prompts for q in (0, p)]
+        else:  # restart at 0 per segment
+            assert r["prompt_lens"][1::2] == chosen_prompts
+            starts = [0] * len(r["seq_lens"])
+        assert r["position_ids"] == [s + i for s, n in zip(starts, r["seq_lens"]) for i in range(n)]
     assert stats["train"]["rows"] > 0 and stats["eval"]["rows"] > 0
+    saved = stats["train"]["shared_prompt_tokens"] + stats["eval"]["shared_prompt_tokens"]
+    assert saved == (sum(p for r in rows for p in r["prompt_lens"][0::2]) if shared else 0)
     assert 0 <= stats["train"]["waste_fraction"] < 0.1
 
 
@@ -119,3 +130,11 @@ def test_assemble_rows_worked_example():
          "seq_lens": [4, 3], "prompt_lens": [2, 2], "pair_ids": ["p2"], "num_tokens": 7},
     ]
     assert tokenize.assemble_rows(pairs, tokens, token_rows, [], 0).num_rows == 0
+    # share_prompt: each rejected segment keeps its completion only, at the positions it
+    # has after its prompt, with prompt_len 0
+    assert tokenize.assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], 10, share_prompt=True).to_pylist() == [
+        {"row_id": 10, "input_ids": [4, 5, 6, 6, 1, 2, 3, 2], "position_ids": [0, 1, 1, 2, 0, 1, 2, 1],
+         "seq_lens": [2, 2, 3, 1], "prompt_lens": [1, 0, 1, 0], "pair_ids": ["p1", "p0"], "num_tokens": 8},
+        {"row_id": 11, "input_ids": [6, 7, 8, 9, 0], "position_ids": [0, 1, 2, 3, 2],
+         "seq_lens": [4, 1], "prompt_lens": [2, 0], "pair_ids": ["p2"], "num_tokens": 5},
+    ]
