@@ -9,6 +9,7 @@
 #           --pair-words 100-500,50-600"
 #     1. bash bench/device_run.sh $COMMON --variants peak,ours-score,ours-train,ours-train-zero0
 #     1b. bash bench/device_run.sh $COMMON --variants peak,ours-score-unshared,ours-train-unshared
+#     1c. bash bench/device_run.sh $COMMON --variants peak,ours-score-persegment,ours-train-persegment
 #     2. bash bench/device_run.sh $COMMON --variants peak,trl-live,trl-precompute,trl-live-fp32-master
 #     3. bash bench/device_run.sh $COMMON --variants peak --fit ours-train,trl-live
 #   here:   untar every results.tar into one folder R, then

@@ -259,7 +259,8 @@ def variant_ours_score(out: Path, assets: dict, a, share_prompt: bool = True) ->
     computed = stats["tokens"]
     tokens = computed + stats["train"]["shared_prompt_tokens"] + stats["eval"]["shared_prompt_tokens"]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "computed_tokens_per_s": computed / seconds, "peak_mib": peak_mem_mib(a.device)}
+            "computed_tokens_per_s": computed / seconds, "peak_mib": peak_mem_mib(a.device),
+            "attention": attention_path(a)}
 
 
 def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True) -> dict:
@@ -283,7 +284,29 @@ def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "computed_tokens_per_s": computed / seconds,
             "micro_batch_tokens": max(r["tokens"] for r in steps), "peak_mib": peak_mem_mib(a.device),
-            "params": total, "matmul_params": n_mm, "waste": stats["train"]["waste_fraction"]}
+            "params": total, "matmul_params": n_mm, "waste": stats["train"]["waste_fraction"],
+            "attention": attention_path(a)}
+
+
+def attention_path(a) -> str:
+    """Which kernel ran ``segment_sdpa``: torch's varlen flash attention (one call per
+    layer; a GPU in bf16) or the per-segment SDPA loop."""
+    import torch
+
+    from pipeline import attention
+
+    probe = torch.zeros(1, 1, 1, 64, dtype=getattr(torch, a.dtype), device=a.device)
+    return "varlen" if attention.varlen_usable(probe) else "per-segment"
+
+
+def per_segment(variant):
+    """The variant with ``segment_sdpa``'s one-call varlen path off (the per-segment loop)."""
+    def run(out, assets, a):
+        from pipeline import attention
+
+        attention.use_varlen = False
+        return variant(out, assets, a)
+    return run
 
 
 def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | None = None) -> dict:
@@ -384,13 +407,17 @@ VARIANTS = {
     "ours-train": variant_ours_train,
     "ours-train-zero0": lambda out, assets, a: variant_ours_train(out, assets, a, zero_stage=0),
     "ours-train-unshared": lambda out, assets, a: variant_ours_train(out, assets, a, share_prompt=False),
+    # the GPU's one-call varlen attention off: what it gains (on CPU these equal the above)
+    "ours-score-persegment": per_segment(variant_ours_score),
+    "ours-train-persegment": per_segment(variant_ours_train),
     "trl-live": lambda out, assets, a: variant_trl(out, assets, a, precompute=False),
     "trl-precompute": lambda out, assets, a: variant_trl(out, assets, a, precompute=True),
     # TRL with fp32 master weights and Adam states under bf16 autocast (ours keeps them so too)
     "trl-live-fp32-master": lambda out, assets, a: variant_trl(out, assets, a, precompute=False, weights="float32"),
 }
 MEASURED = [v for v in VARIANTS if v != "prepare"]
-DEFAULT_VARIANTS = [v for v in MEASURED if v != "trl-live-fp32-master"]  # that one matters in bf16 only
+# fp32 master weights matter in bf16 only, and the varlen path runs on a GPU only
+DEFAULT_VARIANTS = [v for v in MEASURED if v != "trl-live-fp32-master" and not v.endswith("-persegment")]
 
 
 # ----------------------------------------------------------------------------- waste
@@ -531,23 +558,26 @@ def report(a) -> str:
         def mfu(tokens_per_s, factor):
             return None if not peak else factor * n_mm * tokens_per_s / (peak * 1e12)
 
-        ours, zero0, unshared, live, pre, score, score_unshared, live32 = (r.get(k, {}) for k in (
-            "ours-train", "ours-train-zero0", "ours-train-unshared", "trl-live", "trl-precompute", "ours-score",
-            "ours-score-unshared", "trl-live-fp32-master"))
+        ours, zero0, unshared, live, pre, score, score_unshared, live32, seg_train, seg_score = (
+            r.get(k, {}) for k in ("ours-train", "ours-train-zero0", "ours-train-unshared", "trl-live", "trl-precompute",
+                                   "ours-score", "ours-score-unshared", "trl-live-fp32-master",
+                                   "ours-train-persegment", "ours-score-persegment"))
         lines += ["", f"## {model}: {total / 1e6:.2f}M parameters ({n_mm / 1e6:.2f}M multiply per token)"
                   + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else ""),
                   f"| train | pair tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         base = ours["tokens_per_s"]
-        for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows, shared prompts)", ours),
+        for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows, shared prompts, "
+                          f"{ours.get('attention', 'per-segment')} attention)", ours),
                          ("ours: the same, ZeRO-0 (one rank: no partitioning to pay for)", zero0),
                          (f"ours: ZeRO-{a.zero_stage}, prompts not shared (tokenize.share_prompt: false)", unshared),
+                         ("ours: the same as the first, per-segment attention loop (no varlen)", seg_train),
                          ("TRL, live reference", live),
                          ("TRL, live reference, fp32 master weights under bf16 autocast", live32),
                          ("TRL, precomputed reference (train steps only)", pre)):
             if not v:
                 continue
-            mine = v is zero0 or v is unshared  # our own variants: it over ours, the others: ours over it
+            mine = v is zero0 or v is unshared or v is seg_train  # ours: it over ours; the others: ours over it
             ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (over the first)"
                                               if mine else f"{base / v['tokens_per_s']:.2f}")
             mem_ratio = "1.00" if v is ours else (f"{v['peak_mib'] / ours['peak_mib']:.2f} (over the first)"
@@ -557,8 +587,10 @@ def report(a) -> str:
                          f"{fmt(mfu(computed, 6), '.1%')} | {v['losses'][0]:.6f} |")
         if score and pre:
             lines += ["", f"| scoring | pair tokens/s | ours / TRL | {mem} | MFU |", "|---|---:|---:|---:|---:|"]
-            for label, v in (("ours: score stage core (packed rows, shared prompts)", score),
-                             ("ours: the same, prompts not shared", score_unshared)):
+            for label, v in ((f"ours: score stage core (packed rows, shared prompts, "
+                              f"{score.get('attention', 'per-segment')} attention)", score),
+                             ("ours: the same, prompts not shared", score_unshared),
+                             ("ours: the same as the first, per-segment attention loop (no varlen)", seg_score)):
                 if v:
                     lines.append(f"| {label} | {v['tokens_per_s']:.0f} | "
                                  f"{v['tokens_per_s'] / pre['precompute_tokens_per_s']:.2f} | {v['peak_mib']:.0f} | "

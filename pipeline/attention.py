@@ -9,6 +9,13 @@ built, and the backward works on every device (flex_attention has no CPU backwar
 rejected segment that shares its chosen segment's prompt (``tokenize.share_prompt``) is
 one call over the prompt's keys and its own, causal aligned to the last key.
 
+On a GPU in bf16/fp16 the whole row is instead one call to torch's variable-length flash
+attention (``torch.nn.attention.varlen``), given a ``VarlenPlan`` built once per row:
+one kernel per layer however many segments the row holds, where the per-segment loop
+launches one (small, under-occupied) kernel per segment. A shared prompt's keys are
+gathered in front of its rejected segment's own, and flash attention's causal mask is
+aligned to the last key, which is exactly the shared-prompt block.
+
 Registered with transformers' ``AttentionInterface`` under this name and absent from the
 mask interface, so transformers builds no mask for it. Anything that is not one packed
 row (a batch, a padding mask) goes to transformers' own ``sdpa``.
@@ -16,10 +23,98 @@ row (a batch, a padding mask) goes to transformers' own ``sdpa``.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 NAME = "segment_sdpa"
+VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # flash attention has no fp32 kernel
+use_varlen = True  # False: always the per-segment loop (bench/vs_trl.py's -persegment variants)
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """A packed row for one variable-length attention call: query segment s is rows
+    [cu_q[s], cu_q[s+1]) of the row, its keys are rows ``key_index[cu_k[s]:cu_k[s+1]]``
+    (a shared prompt, then the segment itself), causal aligned to the last key."""
+
+    cu_q: torch.Tensor  # (S + 1,) int32
+    cu_k: torch.Tensor  # (S + 1,) int32
+    max_q: int
+    max_k: int
+    key_index: torch.Tensor | None  # (sum of key lengths,) int64; None: the keys are the queries' own rows
+
+
+def varlen_plan(blocks: list[tuple[int, int, int, int]], device: torch.device | str = "cpu") -> VarlenPlan:
+    """The plan of ``SegmentLayout.blocks``, built on the host and sent to ``device``
+    without blocking (once per row, not per layer)."""
+    q_lens = [b - a for a, b, _, _ in blocks]
+    k_lens = [b - a + pb - pa for a, b, pa, pb in blocks]
+    cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    index = None
+    if any(pb > pa for _, _, pa, pb in blocks):
+        index = torch.cat([torch.cat([torch.arange(pa, pb), torch.arange(a, b)]) for a, b, pa, pb in blocks])
+
+    def send(t):
+        if t is None or torch.device(device).type == "cpu":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
+    return VarlenPlan(send(cu_q), send(cu_k), max(q_lens), max(k_lens), send(index))
+
+
+@functools.cache
+def _varlen_kernel():
+    """(torch's ``varlen_attn``, its causal keyword arguments, whether it takes
+    ``enable_gqa``), or None where this torch has no usable one. Its keywords changed
+    between releases (``is_causal`` before ``window_size``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    if "scale" not in params:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+@functools.cache
+def _flash_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8  # flash attention 2: Ampere and newer
+
+
+def varlen_usable(query: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether ``segment_sdpa`` runs this query through torch's varlen flash attention."""
+    return (use_varlen and query.is_cuda and query.dtype in VARLEN_DTYPES and not dropout
+            and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0
+            and _varlen_kernel() is not None and _flash_capable(query.device.index or 0))
+
+
+def varlen_forward(query, key, value, plan: VarlenPlan, scaling, kernel=None):
+    """(1, H, T, D) q and (1, Hkv, T, D) k/v of one packed row -> (1, T, H, D), in one
+    call. ``kernel``: a function with ``varlen_attn``'s signature, causal aligned to the
+    last key (the default is torch's flash kernel)."""
+    fn, causal, takes_gqa = _varlen_kernel() if kernel is None else (kernel, {}, True)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, D)
+    if plan.key_index is not None:
+        k, v = k.index_select(0, plan.key_index), v.index_select(0, plan.key_index)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and not takes_gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    extra = {"enable_gqa": True} if gqa and takes_gqa else {}
+    out = fn(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale=scaling, **causal, **extra)
+    return out.unsqueeze(0)
 
 
 def find_blocks(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -52,11 +147,12 @@ def _block(query, key, value, a, b, pa, pb, dropout, scaling, gqa):
 
 
 def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                         is_causal=None, position_ids=None, segment_blocks=None, **kwargs):
+                         is_causal=None, position_ids=None, segment_blocks=None, segment_varlen=None, **kwargs):
     """``segment_blocks``: (start, end, prefix_start, prefix_end) per segment as Python
     ints (``SegmentLayout.blocks``), passed once per forward by
     ``pipeline.logps.packed_token_logps`` (no per-layer device sync); otherwise one causal
-    block per segment is found from ``position_ids``."""
+    block per segment is found from ``position_ids``. ``segment_varlen``: the same
+    blocks as a ``VarlenPlan`` on the query's device, used where ``varlen_usable``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -73,6 +169,8 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     if window is not None and max(b - a + pb - pa for a, b, pa, pb in blocks) > window:
         raise NotImplementedError(f"segment_sdpa: a segment is longer than the model's sliding window ({window}); "
                                   "use model.attn_implementation sdpa or flash_attention_2")
+    if segment_varlen is not None and varlen_usable(query, dropout):
+        return varlen_forward(query, key, value, segment_varlen, scaling), None
     gqa = query.shape[1] != key.shape[1]
     outs = [_block(query, key, value, a, b, pa, pb, dropout, scaling, gqa) for a, b, pa, pb in blocks]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None

@@ -8,7 +8,7 @@ and prompt lengths, never from ``input_ids != pad`` (pad is often EOS, and EOS i
 completion token we must score).
 
 Numerics: the decoder runs once over the row (``use_cache=False``; ``segment_sdpa`` gets
-the segments' blocks; ``sdpa``/``eager`` get no ``attention_mask``, so transformers
+the segments' blocks, and on a GPU their variable-length attention plan; ``sdpa``/``eager`` get no ``attention_mask``, so transformers
 isolates the segments from ``position_ids`` (see ENVIRONMENT.md), or, for rows with
 shared prompts, the blocks as a dense mask). Then only the completion positions go
 through the LM head, ``chunk`` tokens at a time, and each chunk's target logit minus
@@ -203,6 +203,10 @@ def packed_token_logps(
     impl = getattr(model.config, "_attn_implementation", None)
     if impl == "segment_sdpa":
         extra["segment_blocks"] = layout.blocks  # every layer's attention cuts the row here
+        if input_ids.is_cuda:  # one variable-length flash call per layer (bf16/fp16; see pipeline.attention)
+            from pipeline.attention import varlen_plan
+
+            extra["segment_varlen"] = varlen_plan(layout.blocks, input_ids.device)
     elif layout.shares_prompts:  # transformers' packing detection (positions restarting at 0) cannot see these
         if impl not in ("sdpa", "eager"):
             raise NotImplementedError(f"rows with shared prompts (tokenize.share_prompt) need attention "

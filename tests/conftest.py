@@ -81,3 +81,22 @@ def shared_and_unshared_rows(g, pairs):
         shared["seq_lens"] += [p + c, r]
         shared["prompt_lens"] += [p, 0]
     return unshared, shared
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False):
+    """The semantics of torch's ``varlen_attn`` with causal attention (flash attention's,
+    aligned to the last key), written out in plain torch: the oracle for the CPU, where
+    the flash kernel does not exist (tests/test_gpu.py runs the kernel itself)."""
+    import torch
+
+    outs = []
+    for s in range(cu_q.numel() - 1):
+        qs, ks, vs = (x[c[s]:c[s + 1]].transpose(0, 1).double()
+                      for x, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        assert qs.shape[1] <= max_q and ks.shape[1] <= max_k
+        if enable_gqa:
+            ks, vs = (x.repeat_interleave(qs.shape[0] // x.shape[0], dim=0) for x in (ks, vs))
+        scores = qs @ ks.transpose(1, 2) * (scale if scale is not None else qs.shape[-1] ** -0.5)
+        keep = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(ks.shape[1] - qs.shape[1])
+        outs.append((scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vs).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)

@@ -7,6 +7,8 @@ stages run in-process, one rank, NCCL). What CPU tests cannot see:
   separate forward per segment, in fp32 and bf16;
 * shared-prompt rows (the rejected segment through the lower-right causal bias) against
   the same pairs with the prompt on both sides, log-probs and gradients;
+* torch's variable-length flash attention (one call per layer, bf16) against an fp64
+  oracle and the per-segment loop, outputs and gradients, shared prompts included;
 * the score loop queues a row with no host-device synchronisation (so the GPU never waits
   for the host), and its pipelined results equal a plain per-row pass bit for bit;
 * the step-0 invariant in bf16 on the GPU, under ZeRO-3 and ZeRO-0: every step-0 reward
@@ -18,7 +20,7 @@ import math
 import pytest
 import torch
 
-from conftest import shared_and_unshared_rows, tiny_config
+from conftest import reference_varlen, shared_and_unshared_rows, tiny_config
 from pipeline.config import ModelConfig, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 from pipeline.logps import packed_token_logps, segment_layout
@@ -77,6 +79,60 @@ def test_shared_prompt_rows_on_cuda_equal_unshared(assets, dtype):
     else:  # rounding noise of different GEMM shapes; attending to the wrong keys moves these by ~1
         diff = (tok_s - tok_u).abs()
         assert diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+
+
+def test_varlen_flash_attention_on_cuda_equals_the_exact_attention(monkeypatch):
+    """The one-call path runs torch's flash kernel here (not the loop), and is as close to
+    fp64 attention as the per-segment loop is: a wrong mask or key gather is off by ~1."""
+    from pipeline import attention
+
+    lens, prompts = [300, 120, 77, 200, 513, 64, 90, 33], [40, 0, 77 - 1, 0, 13, 0, 50, 0]
+    layout = segment_layout(torch.tensor(lens), torch.tensor(prompts))
+    g = torch.Generator(device=CUDA).manual_seed(7)
+    T = sum(lens)
+    q, k, v = (torch.randn(1, h, T, 64, generator=g, device=CUDA).bfloat16().requires_grad_() for h in (8, 2, 2))
+    assert attention.varlen_usable(q), f"torch {torch.__version__}: no usable varlen flash attention"
+    w = torch.randn(1, T, 8, 64, generator=g, device=CUDA)
+
+    def run(fn, *inputs):
+        out = fn(*inputs)
+        return (out.float(), *torch.autograd.grad((out.float() * w).sum(), inputs))
+
+    exact = run(lambda *x: attention.varlen_forward(*x, attention.varlen_plan(layout.blocks, CUDA), None,
+                                                    kernel=reference_varlen),
+                *(x.detach().double().requires_grad_() for x in (q, k, v)))
+    flash = run(lambda *x: attention.segment_sdpa_forward(
+        None, *x, None, position_ids=torch.zeros(1, T), segment_blocks=layout.blocks,
+        segment_varlen=attention.varlen_plan(layout.blocks, CUDA))[0], q, k, v)
+    monkeypatch.setattr(attention, "use_varlen", False)
+    loop = run(lambda *x: attention.segment_sdpa_forward(
+        None, *x, None, position_ids=torch.zeros(1, T), segment_blocks=layout.blocks)[0], q, k, v)
+    for name, e, f, lp in zip(("out", "dq", "dk", "dv"), exact, flash, loop):
+        err_flash, err_loop = (f - e.float()).abs(), (lp - e.float()).abs()
+        assert err_flash.max() <= 2 * err_loop.max() + 1e-3, (name, err_flash.max(), err_loop.max())
+        assert err_flash.mean() <= 2 * err_loop.mean() + 1e-4, (name, err_flash.mean(), err_loop.mean())
+
+
+def test_varlen_model_rows_equal_the_per_segment_loop_on_cuda(assets, monkeypatch):
+    """A bf16 model over packed rows (shared prompts, the default, and unshared): the
+    one-call path gives the loop's log-probs and gradients up to bf16 rounding."""
+    from pipeline import attention
+
+    g = torch.Generator().manual_seed(4)
+    for row in shared_and_unshared_rows(g, [(7, 12, 5), (1, 3, 9), (64, 40, 33), (20, 4, 4)]):
+        results = []
+        for varlen in (True, False):
+            monkeypatch.setattr(attention, "use_varlen", varlen)
+            model = load_causal_lm(str(assets["model"]), ModelConfig(path="x", dtype="bfloat16"), CUDA)
+            ids, pos, layout = row_inputs(row, CUDA)
+            picked = packed_token_logps(model, ids, pos, layout, chunk=16).logps[layout.targets]
+            (picked * torch.linspace(0.5, 1.5, picked.numel(), device=CUDA)).sum().backward()
+            results.append((picked.detach().cpu(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
+        (tok_v, grad_v), (tok_l, grad_l) = results
+        diff = (tok_v - tok_l).abs()
+        assert diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+        rel = (grad_v - grad_l).norm() / grad_l.norm()
+        assert rel < 0.05, rel
 
 
 def test_score_loop_never_waits_for_the_gpu_and_matches_per_row(assets, tmp_path):

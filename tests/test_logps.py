@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import shared_and_unshared_rows
+from conftest import reference_varlen, shared_and_unshared_rows
 
 from pipeline.logps import (
     lm_head_target_logps,
@@ -209,3 +209,59 @@ def test_segment_sdpa_refuses_attention_it_cannot_compute(extra):
                              **extra)
     out, _ = segment_sdpa_forward(torch.nn.Module(), q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
     assert out.shape == (1, 6, 4, 8)
+
+
+def test_varlen_plan_worked_example():
+    """Segments [0,5) and [8,12) stand alone; [5,8) is a rejected completion whose prompt
+    is [0,2): its keys are rows 0,1 then 5,6,7."""
+    from pipeline.attention import varlen_plan
+
+    plan = varlen_plan([(0, 5, 0, 0), (5, 8, 0, 2), (8, 12, 8, 8)])
+    assert plan.cu_q.dtype == plan.cu_k.dtype == torch.int32
+    assert plan.cu_q.tolist() == [0, 5, 8, 12] and plan.cu_k.tolist() == [0, 5, 10, 14]
+    assert (plan.max_q, plan.max_k) == (5, 5)
+    assert plan.key_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5, 6, 7, 8, 9, 10, 11]
+    unshared = varlen_plan([(0, 3, 0, 0), (3, 5, 3, 3)])
+    assert unshared.key_index is None and unshared.cu_k.tolist() == unshared.cu_q.tolist() == [0, 3, 5]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_varlen_forward_equals_the_per_segment_loop(share):
+    """The one-call path (its key gather, GQA and layout) gives the per-segment loop's
+    attention output and q/k/v gradients, with shared prompts and without."""
+    from pipeline.attention import segment_sdpa_forward, varlen_forward, varlen_plan
+
+    lens, prompts = [9, 4, 13, 6, 7, 11], [3, 0, 5, 0, 2, 0]
+    if not share:
+        prompts = [3, 2, 5, 4, 2, 1]
+    layout = segment_layout(torch.tensor(lens), torch.tensor(prompts))
+    assert layout.shares_prompts == share
+    g = torch.Generator().manual_seed(5)
+    T = sum(lens)
+    q, k, v = (torch.randn(1, h, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    position_ids = torch.zeros(1, T, dtype=torch.long)  # unused: the blocks come from the layout
+    plan = varlen_plan(layout.blocks)
+    got = varlen_forward(q, k, v, plan, 0.3, kernel=reference_varlen)
+    ref, _ = segment_sdpa_forward(torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=position_ids,
+                                  segment_blocks=layout.blocks)
+    assert got.shape == ref.shape == (1, T, 4, 8)
+    assert torch.allclose(got, ref, atol=1e-12)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * w).sum(), (q, k, v)) for out in (got, ref)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_segment_sdpa_takes_the_varlen_plan_only_where_the_kernel_runs():
+    """On the CPU (and in fp32 anywhere) the plan is ignored: flash attention has no such
+    kernel, and the per-segment loop computes the row."""
+    from pipeline.attention import segment_sdpa_forward, varlen_plan, varlen_usable
+
+    q = torch.randn(1, 4, 6, 8, dtype=torch.bfloat16)
+    assert not varlen_usable(q)
+    blocks = [(0, 3, 0, 0), (3, 6, 3, 3)]
+    with_plan, _ = segment_sdpa_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.zeros(1, 6),
+                                        segment_blocks=blocks, segment_varlen=varlen_plan(blocks))
+    without, _ = segment_sdpa_forward(torch.nn.Module(), q, q, q, None, position_ids=torch.zeros(1, 6),
+                                      segment_blocks=blocks)
+    assert torch.equal(with_plan, without)
