@@ -251,16 +251,18 @@ def variant_ours_score(out: Path, assets: dict, a, share_prompt: bool = True) ->
     shards = [s for s in manifest["shards"] if s["name"] != "quarantine.parquet"]
     synchronize(a.device)
     start = time.perf_counter()
-    for s in shards:
-        scorer.score_shard(str(tok_dir / s["name"]), str(scratch / s["name"]))
-    synchronize(a.device)
+    with profiled(a) as prof:
+        for s in shards:
+            scorer.score_shard(str(tok_dir / s["name"]), str(scratch / s["name"]))
+        synchronize(a.device)
     seconds = time.perf_counter() - start
     stats = manifest["stats"]
     computed = stats["tokens"]
     tokens = computed + stats["train"]["shared_prompt_tokens"] + stats["eval"]["shared_prompt_tokens"]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "computed_tokens_per_s": computed / seconds, "peak_mib": peak_mem_mib(a.device),
-            "attention": attention_path(a)}
+            "attention": attention_path(a), "profile": prof.summary(seconds),
+            **dict(zip(("params", "matmul_params"), matmul_params(assets["model"])))}
 
 
 def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True) -> dict:
@@ -297,6 +299,64 @@ def attention_path(a) -> str:
 
     probe = torch.zeros(1, 1, 1, 64, dtype=getattr(torch, a.dtype), device=a.device)
     return "varlen" if attention.varlen_usable(probe) else "per-segment"
+
+
+class profiled:
+    """``with profiled(a) as p:`` runs the block under torch.profiler when ``--profile`` is
+    given; ``p.summary(wall_seconds)`` is then where the time went (self time per op, on
+    the GPU its kernels' time), else None. Profiling slows the block: its throughput is
+    not comparable with an unprofiled run."""
+
+    MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+    ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "varlen")
+
+    def __init__(self, a):
+        self.a, self.prof = a, None
+
+    def __enter__(self):
+        if self.a.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.a.device == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+
+    def summary(self, wall: float) -> dict | None:
+        if self.prof is None:
+            return None
+        attr = "self_device_time_total" if self.a.device == "cuda" else "self_cpu_time_total"
+        ops = {e.key: getattr(e, attr) / 1e6 for e in self.prof.key_averages()}
+        ops = {k: v for k, v in ops.items() if v > 0}
+        return {"wall_s": wall, "ops_s": sum(ops.values()), "ops": ops}
+
+
+def merge_profiles(profiles: list) -> dict | None:
+    """TRL's precompute runs once per split: one summary of all of them."""
+    profiles = [p for p in profiles if p]
+    if not profiles:
+        return None
+    ops: dict = {}
+    for p in profiles:
+        for k, v in p["ops"].items():
+            ops[k] = ops.get(k, 0.0) + v
+    return {"wall_s": sum(p["wall_s"] for p in profiles), "ops_s": sum(ops.values()), "ops": ops}
+
+
+def profile_row(label: str, p: dict, top: int = 5) -> str:
+    """Where a profiled pass spent its time: matmuls, attention, the largest other ops."""
+    def share(words):
+        return sum(v for k, v in p["ops"].items() if any(k.startswith(w) or w in k for w in words))
+    matmul, attention = share(profiled.MATMUL), share(profiled.ATTENTION)
+    others = sorted(((v, k) for k, v in p["ops"].items()
+                     if not any(k.startswith(w) or w in k for w in profiled.MATMUL + profiled.ATTENTION)), reverse=True)
+    rest = ", ".join(f"{k} {v / p['ops_s']:.1%}" for v, k in others[:top])
+    return (f"| {label} | {p['wall_s']:.2f} | {p['ops_s']:.2f} | {matmul / p['ops_s']:.1%} | "
+            f"{attention / p['ops_s']:.1%} | {rest} |")
 
 
 def per_segment(variant):
@@ -352,9 +412,12 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
         def _precompute_ref_logps(self, dataset, name, batch_size):
             synchronize(a.device)
             start = time.perf_counter()
-            result = super()._precompute_ref_logps(dataset, name, batch_size)
-            synchronize(a.device)
-            timings["precompute_s"] += time.perf_counter() - start
+            with profiled(a) as prof:
+                result = super()._precompute_ref_logps(dataset, name, batch_size)
+                synchronize(a.device)
+            seconds = time.perf_counter() - start
+            timings["precompute_s"] += seconds
+            timings.setdefault("precompute_profiles", []).append(prof.summary(seconds))
             timings["precompute_peak_mib"] = peak_mem_mib(a.device)
             return result
 
@@ -396,6 +459,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
             "precompute_s": timings["precompute_s"],
             "precompute_tokens_per_s": sum(real) / timings["precompute_s"] if precompute else None,
             "precompute_peak_mib": timings.get("precompute_peak_mib"),
+            "precompute_profile": merge_profiles(timings.get("precompute_profiles", [])),
             "waste": 1 - sum(step_tokens) / sum(padded), "peak_mib": peak_mem_mib(a.device)}
 
 
@@ -475,6 +539,8 @@ def run_variant(name: str, model: str, a, row_tokens: int | None = None, steps: 
            "--zero-stage", str(a.zero_stage), "--device", a.device, "--dtype", a.dtype]
     if a.grad_ckpt:
         cmd.append("--grad-ckpt")
+    if a.profile:
+        cmd.append("--profile")
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     print(f"  {model} {name} rows={row_tokens or a.row_tokens}: rc {proc.returncode}, "
@@ -545,14 +611,15 @@ def report(a) -> str:
     lines = []
     for model in a.models.split(","):
         r = load_results(a, model)
-        if "ours-train" not in r or "peak" not in r:
+        first = r.get("ours-train") or r.get("ours-score")  # a scoring-only run (--profile) has no train
+        if not first or "peak" not in r:
             continue
         if not lines:
             p = r["peak"]
             lines = [f"# vs TRL DPOTrainer: {p['machine']}, {p['versions']}, {a.dtype}, gradient checkpointing "
                      f"{'on' if a.grad_ckpt else 'off'}, {a.steps} steps (first 2 untimed), rows of {a.row_tokens} "
-                     f"tokens, {r['ours-train']['date']}"]
-        total, n_mm = r["ours-train"]["params"], r["ours-train"]["matmul_params"]
+                     f"tokens, {first['date']}"]
+        total, n_mm = first["params"], first["matmul_params"]
         peak = r["peak"]["tflops"]
 
         def mfu(tokens_per_s, factor):
@@ -563,10 +630,11 @@ def report(a) -> str:
                                    "ours-score", "ours-score-unshared", "trl-live-fp32-master",
                                    "ours-train-persegment", "ours-score-persegment"))
         lines += ["", f"## {model}: {total / 1e6:.2f}M parameters ({n_mm / 1e6:.2f}M multiply per token)"
-                  + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else ""),
-                  f"| train | pair tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        base = ours["tokens_per_s"]
+                  + (f"; matmul peak {peak:.3g} TFLOP/s ({r['peak']['n']}³ {r['peak']['dtype']})" if peak else "")]
+        if ours:
+            lines += [f"| train | pair tokens/s | ours / it | {mem} | ours / it | MFU | step-1 loss |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+        base = ours.get("tokens_per_s")
         for label, v in ((f"ours: train stage (ZeRO-{a.zero_stage}, packed rows, shared prompts, "
                           f"{ours.get('attention', 'per-segment')} attention)", ours),
                          ("ours: the same, ZeRO-0 (one rank: no partitioning to pay for)", zero0),
@@ -575,7 +643,7 @@ def report(a) -> str:
                          ("TRL, live reference", live),
                          ("TRL, live reference, fp32 master weights under bf16 autocast", live32),
                          ("TRL, precomputed reference (train steps only)", pre)):
-            if not v:
+            if not v or not ours:
                 continue
             mine = v is zero0 or v is unshared or v is seg_train  # ours: it over ours; the others: ours over it
             ratio = "1.00" if v is ours else (f"{v['tokens_per_s'] / base:.2f} (over the first)"
@@ -598,7 +666,14 @@ def report(a) -> str:
             lines.append(f"| TRL precompute_ref_log_probs pass (whole dataset, batches of {pre['micro_batch_pairs']} "
                          f"pairs) | {pre['precompute_tokens_per_s']:.0f} | 1.00 | "
                          f"{fmt(pre.get('precompute_peak_mib'))} | {fmt(mfu(pre['precompute_tokens_per_s'], 2), '.1%')} |")
-        if live:
+            if score.get("profile") and pre.get("precompute_profile"):
+                lines += ["", "Where the scoring time goes (`--profile`: torch.profiler self time per op"
+                          + (", GPU kernels" if a.device == "cuda" else "") + "; a profiled run is slower):", "",
+                          "| scoring pass | wall s | in ops s | matmul | attention | largest other ops |",
+                          "|---|---:|---:|---:|---:|---|",
+                          profile_row("ours: score stage core", score["profile"]),
+                          profile_row("TRL precompute pass", pre["precompute_profile"])]
+        if live and ours:
             k = min(len(ours["losses"]), len(live["losses"]), len(pre.get("losses", live["losses"])))
             diff_live = max(abs(x - y) for x, y in zip(ours["losses"][:k], live["losses"][:k]))
             diff_pre = max(abs(x - y) for x, y in zip(ours["losses"][:k], pre.get("losses", live["losses"])[:k]))
@@ -652,6 +727,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when there is one")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both")
+    ap.add_argument("--profile", action="store_true", help="run the scoring passes (ours-score, trl-precompute) "
+                    "under torch.profiler and break their time down (use a separate --results)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     ap.add_argument("--fit", default="", help="search the largest micro-batch that fits for these variants "
                     "(ours-train,trl-live)")
