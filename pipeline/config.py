@@ -79,6 +79,10 @@ class TokenizeConfig:
     rows_per_shard: int = 256
     # JSONL lines / Parquet rows read by one tokenize task.
     rows_per_task: int = 20000
+    # Token lists one row-writing task holds at once (4 bytes a token). The tokenized
+    # pairs stay in files written by the tokenize workers; the rows are written in groups
+    # of shards, each group reading those files once. Peak memory, not output, depends on it.
+    pack_buffer_tokens: int = 1 << 27
     # Ray actors that tokenize (fractional CPUs each, see ENVIRONMENT.md's deadlock).
     actors: int = 1
     num_cpus_per_actor: float = 0.5
@@ -339,6 +343,7 @@ def _validate(cfg: PipelineConfig) -> None:
         need(t.max_completion_length >= 1, "tokenize.max_completion_length: must be >= 1")
     need(t.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
     need(t.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
+    need(t.pack_buffer_tokens >= 1, "tokenize.pack_buffer_tokens: must be >= 1")
     need(t.actors >= 1, "tokenize.actors: must be >= 1")
     need(0.0 <= t.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
     need(cfg.score.actors >= 1, "score.actors: must be >= 1")

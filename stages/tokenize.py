@@ -4,13 +4,18 @@ Core functions work on plain files and tables and run without Ray:
 
 * ``pipeline.sources.plan_chunks``: the inputs cut into read units with source row indices;
 * ``TokenizeChunk``: read a unit, normalise and tokenise every row (bad rows are returned
-  with a quarantine reason, never dropped);
-* ``pack_and_write``: on the driver, the dataset-wide checks (one format per dataset,
-  duplicates), the split by prompt, packing into rows of ``max_tokens_per_row``
-  (first-fit-decreasing over the (pair, length) table), a seeded row shuffle, the shards.
+  with a quarantine reason, never dropped); the unit's token lists are written to
+  ``_units/unit-NNNNN.parquet`` in the stage directory and only the per-pair columns
+  (ids, keys, lengths, where the tokens are) come back;
+* ``pack_and_write``: on the driver, over that per-pair table only: the dataset-wide
+  checks (one format per dataset, duplicates), the split by prompt, packing into rows of
+  ``max_tokens_per_row`` (first-fit-decreasing over the (pair, length) table), a seeded
+  row shuffle, and the plan of shards;
+* ``write_shard_group``: a group of shards whose token lists fit ``pack_buffer_tokens``,
+  each unit file read once, rows assembled with Arrow and numpy.
 
-``run`` places ``TokenizeChunk`` on a Ray Data actor pool; ``run_local`` runs the same
-code in-process.
+``run`` places ``TokenizeChunk`` on a Ray Data actor pool and the shard groups on Ray
+tasks; ``run_local`` runs the same code in-process. The driver never holds a token list.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import formats, packing, sources
 from pipeline.config import PipelineConfig, shares_prompt
@@ -66,6 +72,19 @@ ROW_SCHEMA = pa.schema(
 
 QUARANTINE_COLUMNS = ["source", "row_index", "expansion", "reason", "detail", "raw"]
 TOKEN_COLUMNS = ["chosen_ids", "rejected_ids"]
+UNITS_DIR = "_units"  # the workers' token lists; removed when the stage ends
+
+# What a worker returns per pair: PAIR_SCHEMA without the token lists, plus their lengths
+# and where they are (row ``unit_row`` of ``_units/unit-<unit>.parquet``).
+PAIR_META_SCHEMA = pa.schema(
+    [f for f in PAIR_SCHEMA if f.name not in TOKEN_COLUMNS]
+    + [("chosen_len", pa.int32()), ("rejected_len", pa.int32()), ("unit", pa.int32()), ("unit_row", pa.int32())]
+)
+WRITER_COLUMNS = ["pair_id", "chosen_prompt_len", "rejected_prompt_len", "unit", "unit_row"]
+
+
+def unit_file(units_dir: Loc, unit: int) -> Loc:
+    return Loc(units_dir) / f"unit-{unit:05d}.parquet"
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -81,20 +100,41 @@ def load_tokenizer(cfg: PipelineConfig):
 
 
 class TokenizeChunk:
-    """Callable over a batch of read units; loads the tokenizer once (per Ray actor)."""
+    """Callable over a batch of read units; loads the tokenizer once (per Ray actor).
 
-    def __init__(self, cfg_dict: dict):
+    ``units_dir`` (a path or URI every worker can write) receives each unit's token lists;
+    without it only ``tokenize_chunk`` (records in memory) is available."""
+
+    def __init__(self, cfg_dict: dict, units_dir: str | None = None):
         from pipeline.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
         self.tokenizer = load_tokenizer(self.cfg)
+        self.units_dir = Loc(units_dir) if units_dir is not None else None
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
             dict(zip(batch, vals)) for vals in zip(*batch.values())
         ]
-        records = [rec for chunk in chunks for rec in self.tokenize_chunk(chunk)]
-        return pa.Table.from_pylist(records, schema=PAIR_SCHEMA)
+        return pa.concat_tables([self.tokenize_unit(chunk) for chunk in chunks])
+
+    def tokenize_unit(self, chunk: dict) -> pa.Table:
+        """Tokenise read unit ``chunk["unit"]``: its token lists are written to its unit
+        file (row i = record i), its per-pair columns are returned (PAIR_META_SCHEMA)."""
+        if self.units_dir is None:
+            raise ValueError("TokenizeChunk: a units_dir is needed to write token lists")
+        records = pa.Table.from_pylist(self.tokenize_chunk(chunk), schema=PAIR_SCHEMA)
+        unit_file(self.units_dir, chunk["unit"]).write_parquet(records.select(TOKEN_COLUMNS))
+        n = records.num_rows
+        meta = records.drop_columns(TOKEN_COLUMNS)
+        for name, column in (
+            ("chosen_len", pc.fill_null(pc.list_value_length(records.column("chosen_ids")), 0)),
+            ("rejected_len", pc.fill_null(pc.list_value_length(records.column("rejected_ids")), 0)),
+            ("unit", pa.array(np.full(n, chunk["unit"]))),
+            ("unit_row", pa.array(np.arange(n))),
+        ):
+            meta = meta.append_column(name, column.cast(pa.int32()))
+        return meta
 
     def tokenize_chunk(self, chunk: dict) -> list[dict]:
         d, t = self.cfg.data, self.cfg.tokenize
@@ -248,18 +288,56 @@ def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bin
     }, schema=ROW_SCHEMA)
 
 
-def write_row_shards(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bins: list[list[int]],
-                     first_row_id: int, out_dir: Loc, prefix: str, rows_per_shard: int,
-                     share_prompt: bool = False) -> list[ShardInfo]:
-    """The packed rows of ``bins``, assembled and written one shard at a time."""
-    shards = []
-    for k, start in enumerate(range(0, len(bins), rows_per_shard)):
-        part = assemble_rows(pairs, tokens, token_rows, bins[start:start + rows_per_shard], first_row_id + start,
-                             share_prompt)
-        final = out_dir / f"{prefix}-{k:05d}.parquet"
+def write_shard_group(pairs: pa.Table, shards: list[dict], units_dir: str, out_dir: str,
+                      share_prompt: bool = False) -> list[ShardInfo]:
+    """Write ``shards`` ({name, first_row_id, bins}; bins index ``pairs``, the group's pairs
+    in WRITER_COLUMNS): the pairs' token lists are read from their unit files, each file
+    once, and only the group's are kept; then each shard is assembled and written."""
+    units_dir, out_dir = Loc(units_dir), Loc(out_dir)
+    unit = pairs.column("unit").to_numpy()
+    unit_row = pairs.column("unit_row").to_numpy()
+    token_rows = np.empty(len(unit), dtype=np.int64)
+    pieces, offset = [], 0
+    for u in np.unique(unit):
+        members = np.nonzero(unit == u)[0]
+        with unit_file(units_dir, int(u)).open_input() as f:
+            lists = pq.read_table(f, columns=TOKEN_COLUMNS)
+        pieces.append(lists.take(pa.array(unit_row[members])))
+        token_rows[members] = offset + np.arange(len(members))
+        offset += len(members)
+    tokens = pa.concat_tables(pieces) if pieces else PAIR_SCHEMA.empty_table().select(TOKEN_COLUMNS)
+    written = []
+    for shard in shards:
+        part = assemble_rows(pairs, tokens, token_rows, shard["bins"], shard["first_row_id"], share_prompt)
+        final = out_dir / shard["name"]
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
-        shards.append(ShardInfo.of(final, part.num_rows))
-    return shards
+        written.append(ShardInfo.of(final, part.num_rows))
+    return written
+
+
+def shard_groups(pairs: pa.Table, shards: list[dict], held: np.ndarray, budget: int) -> list[dict]:
+    """Consecutive shards grouped so that a group's token lists (``held`` per pair) stay
+    within ``budget`` tokens (a shard over it is a group of its own). Each group carries
+    its own pairs (WRITER_COLUMNS) and bins renumbered into them: the arguments of
+    ``write_shard_group``."""
+    groups, current, tokens = [], [], 0
+    for shard in shards:
+        need = int(held[np.concatenate(shard["bins"])].sum()) if shard["bins"] else 0
+        if current and tokens + need > budget:
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(shard)
+        tokens += need
+    if current:
+        groups.append(current)
+    columns = pairs.select(WRITER_COLUMNS)
+    out = []
+    for group in groups:
+        members = np.array([i for shard in group for b in shard["bins"] for i in b], dtype=np.int64)
+        local = dict(zip(members.tolist(), range(len(members))))
+        out.append({"pairs": columns.take(pa.array(members)),
+                    "shards": [dict(shard, bins=[[local[i] for i in b] for b in shard["bins"]]) for shard in group]})
+    return out
 
 
 def length_histogram(lengths: np.ndarray, capacity: int) -> dict[str, int]:
@@ -271,22 +349,27 @@ def length_histogram(lengths: np.ndarray, capacity: int) -> dict[str, int]:
     return {f"<={e}": int(c) for e, c in zip(edges, counts[: len(edges)])}
 
 
-def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
-                   chunks: list[dict] | None = None) -> tuple[list[ShardInfo], dict]:
-    """Quarantine file, packed train/eval shards and the stage's stats."""
+def write_groups_local(groups: list[dict]) -> list[list[ShardInfo]]:
+    return [write_shard_group(**group) for group in groups]
+
+
+def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks: list[dict] | None = None,
+                   write_groups=write_groups_local) -> tuple[list[ShardInfo], dict]:
+    """Quarantine file, packed train/eval shards and the stage's stats.
+
+    ``records`` is the per-pair table (PAIR_META_SCHEMA) of every read unit, whose token
+    lists are in ``out_dir/_units``; ``write_groups`` runs ``write_shard_group`` over a
+    list of its arguments and returns the written shards in order (in-process here, Ray
+    tasks in ``run``)."""
     t, seed = cfg.tokenize, cfg.train.seed
     # Ray returns rows in any order: sort by source row so everything after is deterministic.
-    # Only the per-pair columns are sorted and filtered; the token lists stay where they
-    # are (``token_lists``, the largest part by far) and are taken a shard of rows at a time.
     order = pc.sort_indices(records, sort_keys=[("source", "ascending"), ("row_index", "ascending"),
                                                 ("expansion", "ascending")])
-    token_lists = records.select(TOKEN_COLUMNS)
-    records = records.drop_columns(TOKEN_COLUMNS).take(order)
+    records = records.take(order)
     records, dataset_stats = dataset_checks(records, cfg)
     bad_mask = records.column("reason").is_valid()
     quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
     pairs = records.filter(pc.invert(bad_mask))
-    token_rows = order.filter(pc.invert(bad_mask)).to_numpy()  # pairs[i]'s lists: token_lists[token_rows[i]]
 
     out_dir = Loc(out_dir)
     final = out_dir / "quarantine.parquet"
@@ -306,11 +389,11 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         )
 
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
-    lengths = (pc.list_value_length(token_lists.column("chosen_ids")).to_numpy().astype(np.int64)
-               + pc.list_value_length(token_lists.column("rejected_ids")).to_numpy().astype(np.int64))[token_rows]
+    held = (pairs.column("chosen_len").to_numpy().astype(np.int64)
+            + pairs.column("rejected_len").to_numpy().astype(np.int64))  # the lists a writer reads
     share = shares_prompt(cfg)
-    shared = pairs.column("rejected_prompt_len").to_numpy().astype(np.int64) if share else np.zeros_like(lengths)
-    lengths -= shared  # the tokens a pair takes in a row: its prompt once with share_prompt
+    shared = pairs.column("rejected_prompt_len").to_numpy().astype(np.int64) if share else np.zeros_like(held)
+    lengths = held - shared  # the tokens a pair takes in a row: its prompt once with share_prompt
     stats: dict = {
         "input_rows": n_in,
         "records": records.num_rows,  # rows, with each extra rejected completion counted
@@ -325,13 +408,14 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
         "max_tokens_per_row": t.max_tokens_per_row,
         "share_prompt": share,
     }
-    row_id = 0
+    row_id, plan = 0, []
     for split, mask in (("train", ~eval_mask), ("eval", eval_mask)):
         index = np.nonzero(mask)[0]
         bins = packing.first_fit_decreasing(lengths[index], t.max_tokens_per_row)
         bins = packing.shuffled([[int(index[i]) for i in b] for b in bins], seed)
-        shards += write_row_shards(pairs, token_lists, token_rows, bins, row_id, out_dir, split, t.rows_per_shard,
-                                   share)
+        plan += [{"name": f"{split}-{k:05d}.parquet", "first_row_id": row_id + start,
+                  "bins": bins[start:start + t.rows_per_shard]}
+                 for k, start in enumerate(range(0, len(bins), t.rows_per_shard))]
         row_id += len(bins)
         tokens = int(lengths[index].sum())
         capacity = len(bins) * t.max_tokens_per_row
@@ -347,6 +431,11 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc,
     stats["tokens"] = stats["train"]["tokens"] + stats["eval"]["tokens"]
     if stats["train"]["rows"] == 0:
         raise ValueError("tokenize: no training pairs left (all quarantined or in eval)")
+    groups = shard_groups(pairs, plan, held, t.pack_buffer_tokens)
+    stats["write_groups"] = len(groups)
+    for group in groups:
+        group.update(units_dir=str(out_dir / UNITS_DIR), out_dir=str(out_dir), share_prompt=share)
+    shards += [shard for written in write_groups(groups) for shard in written]
     return shards, stats
 
 
@@ -372,19 +461,35 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
         "data_settings": asdict(cfg.data) | {"train_files": None, "hf_dataset": None},
         "tokenize_settings": {
             k: v for k, v in asdict(cfg.tokenize).items()
-            if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template")
+            if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template", "pack_buffer_tokens")
         } | {"share_prompt": shares_prompt(cfg)},  # resolved: null's meaning follows the attention
         "seed": cfg.train.seed,
     }
 
 
+def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups) -> tuple[list[ShardInfo], dict]:
+    """Plan the read units, tokenize them (``tokenize_units(chunks, units_dir)`` -> the
+    per-pair tables), pack and write; the unit files are removed whatever happens."""
+    units_dir = Loc(out_dir) / UNITS_DIR
+    chunks = [dict(c, unit=i) for i, c in enumerate(
+        sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split))]
+    try:
+        tables = tokenize_units(chunks, units_dir)
+        records = (pa.concat_tables([tb.cast(PAIR_META_SCHEMA) for tb in tables]) if tables
+                   else PAIR_META_SCHEMA.empty_table())
+        return pack_and_write(records, cfg, out_dir, chunks, write_groups)
+    finally:
+        units_dir.rmtree()
+
+
 def run_local(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     from pipeline.config import to_dict
 
-    tokenizer = TokenizeChunk(to_dict(cfg))
-    chunks = sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split)
-    records = [rec for chunk in chunks for rec in tokenizer.tokenize_chunk(chunk)]
-    return pack_and_write(pa.Table.from_pylist(records, schema=PAIR_SCHEMA), cfg, out_dir, chunks)
+    def tokenize_units(chunks, units_dir):
+        worker = TokenizeChunk(to_dict(cfg), str(units_dir))
+        return [worker.tokenize_unit(chunk) for chunk in chunks]
+
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local)
 
 
 def run(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
@@ -393,15 +498,22 @@ def run(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     from pipeline.config import for_workers
 
     t = cfg.tokenize
-    chunks = sources.plan_chunks(resolve_sources(cfg), t.rows_per_task, cfg.data.split)
-    ds = ray.data.from_items(chunks).map_batches(
-        TokenizeChunk,
-        fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(t.actors, len(chunks))),
-        num_cpus=t.num_cpus_per_actor,
-    )
-    tables = ray.get(ds.to_arrow_refs())
-    records = pa.concat_tables([tb.cast(PAIR_SCHEMA) for tb in tables]) if tables else PAIR_SCHEMA.empty_table()
-    return pack_and_write(records, cfg, out_dir, chunks)
+
+    def tokenize_units(chunks, units_dir):
+        if not chunks:
+            return []
+        ds = ray.data.from_items(chunks).map_batches(
+            TokenizeChunk,
+            fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir)},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(t.actors, len(chunks))),
+            num_cpus=t.num_cpus_per_actor,
+        )
+        return ray.get(ds.to_arrow_refs())  # per-pair columns only: the token lists stay in files
+
+    def write_groups(groups):
+        task = ray.remote(num_cpus=t.num_cpus_per_actor)(write_shard_group)
+        return ray.get([task.remote(**group) for group in groups])
+
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups)

@@ -48,6 +48,7 @@ def test_overrides_are_typed(tmp_path):
         ("train.loss_type=dpo", "train.loss_type: 'dpo' is not one of"),
         ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing: expected true/false"),
         ("tokenize.max_tokens_per_row=100", "tokenize.max_tokens_per_row .* must be >= 2"),
+        ("tokenize.pack_buffer_tokens=0", "tokenize.pack_buffer_tokens: must be >= 1"),
         ("train.beta", "expected key.sub=value"),
     ],
 )

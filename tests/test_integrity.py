@@ -54,6 +54,7 @@ def test_each_input_changes_exactly_the_stages_it_feeds(small):
     assert differ(changed(cfg, "train", "beta", 0.3)) == ["train"]
     # settings that do not change any output
     assert differ(changed(cfg, "tokenize", "actors", 2)) == []
+    assert differ(changed(cfg, "tokenize", "pack_buffer_tokens", 5)) == []
     assert differ(changed(cfg, "score", "actors", 2)) == []
     assert differ(changed(cfg, "train", "save_steps", 7)) == []
     # file contents, not names or times

@@ -90,6 +90,7 @@ def test_too_many_bad_rows_fail_with_a_summary(assets, tmp_path, inputs):
     out.mkdir()
     with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined .*max_bad_fraction"):
         tokenize.run_local(cfg, out)
+    assert not (out / tokenize.UNITS_DIR).exists()  # the workers' token lists go either way
 
 
 def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray_cluster):
@@ -101,9 +102,76 @@ def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray
     local.mkdir()
     ray_out.mkdir()
     shards_local, stats_local = tokenize.run_local(cfg, local)
+    cfg.tokenize.pack_buffer_tokens = 2000  # shards written by several Ray tasks
     shards_ray, stats_ray = tokenize.run(cfg, ray_out)
     assert [s.sha256 for s in shards_local] == [s.sha256 for s in shards_ray]
-    assert stats_local == stats_ray
+    assert stats_local["write_groups"] == 1 and stats_ray["write_groups"] > 2
+    assert {**stats_local, "write_groups": 0} == {**stats_ray, "write_groups": 0}
+    assert sorted(p.name for p in ray_out.iterdir()) == sorted(s.name for s in shards_ray)  # no unit files left
+
+
+def test_rows_do_not_depend_on_the_write_buffer(assets, tmp_path, inputs):
+    """A buffer of a few rows' tokens writes the shards in many groups, each reading the
+    unit files again: the same bytes as one group."""
+    files, _ = inputs
+    written = {}
+    for buffer in (1 << 27, 3000, 1):
+        cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 300, "rows_per_task": 37,
+                                                              "rows_per_shard": 3, "max_bad_fraction": 0.1,
+                                                              "pack_buffer_tokens": buffer})
+        cfg.data.train_files = files
+        out = tmp_path / f"out-{buffer}"
+        out.mkdir()
+        shards, stats = tokenize.run_local(cfg, out)
+        written[buffer] = [(s.name, s.sha256) for s in shards], stats.pop("write_groups")
+    (one, groups_one), (few, groups_few), (each, groups_each) = written.values()
+    assert one == few == each
+    shard_count = len(one) - 1  # the quarantine file is not a group's
+    assert groups_one == 1 and 1 < groups_few < shard_count and groups_each == shard_count
+
+
+def test_workers_return_pair_columns_and_write_token_lists(assets, tmp_path, inputs):
+    """What a tokenize worker sends the driver has no token list; the unit file holds them,
+    row for row, with their lengths in the returned table."""
+    from pipeline.config import to_dict
+    from pipeline.sources import expand_inputs, plan_chunks
+
+    files, _ = inputs
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_length": 64})
+    chunk = dict(plan_chunks(expand_inputs([files[0]]), 50)[0], unit=7)
+    worker = tokenize.TokenizeChunk(to_dict(cfg), str(tmp_path / "units"))
+    meta = worker.tokenize_unit(chunk)
+    records = worker.tokenize_chunk(chunk)
+    assert meta.schema == tokenize.PAIR_META_SCHEMA
+    lists = pq.read_table(tmp_path / "units" / "unit-00007.parquet")
+    assert lists.column_names == tokenize.TOKEN_COLUMNS and lists.num_rows == meta.num_rows == len(records) == 50
+    assert meta.column("unit").to_pylist() == [7] * 50 and meta.column("unit_row").to_pylist() == list(range(50))
+    assert meta.column("reason").to_pylist()[10] == "invalid_json"
+    for rec, m, lst in zip(records, meta.to_pylist(), lists.to_pylist()):
+        assert lst == {"chosen_ids": rec.get("chosen_ids"), "rejected_ids": rec.get("rejected_ids")}
+        assert (m["chosen_len"], m["rejected_len"]) == (len(lst["chosen_ids"] or []), len(lst["rejected_ids"] or []))
+        assert {k: v for k, v in rec.items() if k not in tokenize.TOKEN_COLUMNS} == {
+            k: m[k] for k in rec if k not in tokenize.TOKEN_COLUMNS}
+
+
+def test_shard_groups_worked_example():
+    """Pairs holding 3, 4, 5, 6 tokens in three shards of 7, 11 and 0 tokens; a 12-token
+    buffer takes shard 0 alone (7 + 11 > 12), then shards 1 and 2. Each group carries only
+    its own pairs, its bins renumbered into them."""
+    pairs = pa.table({"pair_id": ["a", "b", "c", "d"], "chosen_prompt_len": [1, 1, 1, 1],
+                      "rejected_prompt_len": [1, 1, 1, 1], "unit": [0, 0, 1, 1], "unit_row": [0, 1, 0, 1],
+                      "other": [0, 0, 0, 0]})
+    shards = [{"name": "s0", "first_row_id": 0, "bins": [[0, 1]]},
+              {"name": "s1", "first_row_id": 1, "bins": [[3], [2]]},
+              {"name": "s2", "first_row_id": 3, "bins": []}]
+    groups = tokenize.shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=12)
+    assert [g["pairs"].column("pair_id").to_pylist() for g in groups] == [["a", "b"], ["d", "c"]]
+    assert groups[0]["pairs"].column_names == tokenize.WRITER_COLUMNS
+    assert [g["shards"] for g in groups] == [
+        [{"name": "s0", "first_row_id": 0, "bins": [[0, 1]]}],
+        [{"name": "s1", "first_row_id": 1, "bins": [[0], [1]]}, {"name": "s2", "first_row_id": 3, "bins": []}],
+    ]
+    assert len(tokenize.shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=1)) == 3
 
 
 def test_assemble_rows_worked_example():
@@ -138,3 +206,43 @@ def test_assemble_rows_worked_example():
         {"row_id": 11, "input_ids": [6, 7, 8, 9, 0], "position_ids": [0, 1, 2, 3, 2],
          "seq_lens": [4, 1], "prompt_lens": [2, 0], "pair_ids": ["p2"], "num_tokens": 5},
     ]
+
+
+@pytest.mark.timeout(600)
+def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path, ray_cluster):
+    """A tokenize actor killed (SIGKILL) once the first unit file is written: Ray Data
+    restarts it and retries its unit; the unit files it rewrites are the same, so the shards
+    equal an in-process run's, and no unit file or half file is left."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256, "rows_per_task": 60})
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    local.mkdir()
+    ray_out.mkdir()
+    shards_local, stats_local = tokenize.run_local(cfg, local)
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                    if any("TokenizeChunk" in part for part in (p.info["cmdline"] or []))]
+            if list((ray_out / tokenize.UNITS_DIR).glob("unit-*.parquet")) and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    shards_ray, stats_ray = tokenize.run(cfg, ray_out)
+    thread.join()
+    assert killed, "no tokenize actor was found to kill"
+    assert stats_local["pairs"] == stats_ray["pairs"] == 3000 and stats_local == stats_ray
+    assert [(s.name, s.sha256) for s in shards_local] == [(s.name, s.sha256) for s in shards_ray]
+    assert sorted(p.name for p in ray_out.iterdir()) == sorted(s.name for s in shards_ray)
