@@ -5,6 +5,9 @@ on the machine) and every pipeline run in the session reuses it.
 """
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,30 @@ def ray_cluster():
     )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+class Killer(threading.Thread):
+    """SIGKILLs the first process whose command line names ``name`` (a Ray actor's class)
+    once ``ready()`` is true; ``killed`` holds its pid."""
+
+    def __init__(self, name: str, ready, timeout: float = 300.0):
+        super().__init__(daemon=True)
+        self.name_in_cmdline, self.ready, self.timeout = name, ready, timeout
+        self.killed: list[int] = []
+
+    def run(self) -> None:
+        import psutil
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.ready():
+                pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                        if any(self.name_in_cmdline in part for part in (p.info["cmdline"] or []))]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    self.killed.append(pids[0])
+                    return
+            time.sleep(0.02)
 
 
 def tiny_config(assets, run_dir, data_file=None, **groups) -> "PipelineConfig":  # noqa: F821

@@ -2,26 +2,16 @@
 shard within the same run; the output has every row exactly once, bit for bit equal to a
 clean run."""
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from conftest import Killer, tiny_config
 from pipeline import runner
 from pipeline.rundir import read_manifest
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def scorer_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("ShardScorer" in part for part in (p.info["cmdline"] or []))]
 
 
 def test_killed_score_actor_is_retried_in_the_same_run(assets, tmp_path, ray_cluster):
@@ -33,22 +23,11 @@ def test_killed_score_actor_is_retried_in_the_same_run(assets, tmp_path, ray_clu
     cfg = tiny_config(assets, tmp_path / "killed", **groups)
     runner.run_pipeline(cfg, stages=["tokenize"], log=lambda _: None)
     score_dir = Path(runner.plan_stages(cfg)["score"].dir)
-    killed: list[int] = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:  # after the first committed shard, kill a live scorer
-            if list(score_dir.glob("*.parquet")) and (pids := scorer_pids()):
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    killer = Killer("ShardScorer", lambda: bool(list(score_dir.glob("*.parquet"))))  # after the first shard
+    killer.start()
     results = runner.run_pipeline(cfg, stages=["tokenize", "score"], log=lambda _: None)
-    thread.join()
-    assert killed, "no score actor was found to kill"
+    killer.join()
+    assert killer.killed, "no score actor was found to kill"
     assert results["score"]["ran"]
 
     manifest = read_manifest(score_dir)

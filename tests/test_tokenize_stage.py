@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from conftest import Killer, tiny_config
 from pipeline.demo import make_pairs
 from stages import tokenize
 
@@ -213,36 +213,16 @@ def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path,
     """A tokenize actor killed (SIGKILL) once the first unit file is written: Ray Data
     restarts it and retries its unit; the unit files it rewrites are the same, so the shards
     equal an in-process run's, and no unit file or half file is left."""
-    import os
-    import signal
-    import threading
-    import time
-
-    import psutil
-
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256, "rows_per_task": 60})
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     local.mkdir()
     ray_out.mkdir()
     shards_local, stats_local = tokenize.run_local(cfg, local)
-    killed: list[int] = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                    if any("TokenizeChunk" in part for part in (p.info["cmdline"] or []))]
-            if list((ray_out / tokenize.UNITS_DIR).glob("unit-*.parquet")) and pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    killer = Killer("TokenizeChunk", lambda: bool(list((ray_out / tokenize.UNITS_DIR).glob("unit-*.parquet"))))
+    killer.start()
     shards_ray, stats_ray = tokenize.run(cfg, ray_out)
-    thread.join()
-    assert killed, "no tokenize actor was found to kill"
+    killer.join()
+    assert killer.killed, "no tokenize actor was found to kill"
     assert stats_local["pairs"] == stats_ray["pairs"] == 3000 and stats_local == stats_ray
     assert [(s.name, s.sha256) for s in shards_local] == [(s.name, s.sha256) for s in shards_ray]
     assert sorted(p.name for p in ray_out.iterdir()) == sorted(s.name for s in shards_ray)
