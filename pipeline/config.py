@@ -155,6 +155,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # Saved activations of the training forward go to pinned host memory until backward
+    # (TRL's activation_offloading; pipeline.offload). Exact; only accelerator tensors move.
+    activation_offloading: bool = False
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int = 50

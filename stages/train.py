@@ -35,6 +35,7 @@ from pipeline.config import (PipelineConfig, config_from_dict, for_workers, loss
 from pipeline.logps import (packed_token_logps, segment_sums, segment_token_counts,
                             sequence_logps, wpo_pair_weights)
 from pipeline.modeling import load_causal_lm, moe_router, row_inputs, to_device
+from pipeline.offload import offload_activations
 from pipeline.packing import MicroBatch, epoch_plan, eval_plan
 from pipeline.rundir import HashCache, ShardInfo, atomic_write_text, hash_checkpoint
 from pipeline.storage import Loc
@@ -504,7 +505,8 @@ def train_step(engine, run: Run, step: int, step_plan: list[list[MicroBatch]]) -
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(run.device), time.time()
     for mb in step_plan[run.rank]:
-        batch, out = pair_loss(engine.module, run.train_rows[mb.row], run.cfg, run.device)
+        with offload_activations(run.cfg.train.activation_offloading):
+            batch, out = pair_loss(engine.module, run.train_rows[mb.row], run.cfg, run.device)
         loss = out.losses.sum() * (mb.weight * scale)
         if batch.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
             loss = loss + mb.weight * batch.aux_loss

@@ -78,6 +78,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     cfg = tiny_config(assets, tmp_path / "run", data_file=data,
                       tokenize={"max_tokens_per_row": 256},
                       train={"optimizer": "rmsprop", "gradient_checkpointing": True,
+                             "activation_offloading": True,  # on the host: nothing to move, same steps
                              "gradient_accumulation_steps": 2, "max_steps": 3,
                              "lr_scheduler_type": "linear", "warmup_steps": 1,
                              "learning_rate": 1e-3, "eval_steps": 100})
