@@ -78,7 +78,6 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     cfg = tiny_config(assets, tmp_path / "run", data_file=data,
                       tokenize={"max_tokens_per_row": 256},
                       train={"optimizer": "rmsprop", "gradient_checkpointing": True,
-                             "activation_offloading": True,  # on the host: nothing to move, same steps
                              "gradient_accumulation_steps": 2, "max_steps": 3,
                              "lr_scheduler_type": "linear", "warmup_steps": 1,
                              "learning_rate": 1e-3, "eval_steps": 100})
@@ -93,6 +92,53 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     assert steps[0]["rows"] == 2  # two packed rows per step (accumulation 2, one rank)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["dtype"] == "bfloat16"
+
+
+# The train loop in-process, with pipeline.offload instrumented: which offload context each
+# micro-batch's forward ran in, and how many saved tensors went through its hooks.
+OFFLOAD_PROBE = """
+import json, sys
+import pipeline.offload as offload
+import stages.train as train
+from pipeline import runner
+from pipeline.config import load_config
+
+contexts, saved = [], [0]
+real_context, real_moves = train.offload_activations, offload.moves
+
+def context(enabled, *args, **kwargs):
+    contexts.append(enabled)
+    return real_context(enabled, *args, **kwargs)
+
+def moves(tensor, *args):
+    saved[0] += 1
+    return real_moves(tensor, *args)
+
+train.offload_activations, offload.moves = context, moves
+runner.run_pipeline(load_config(sys.argv[1]), use_ray=False, log=lambda _: None)
+print(json.dumps({"contexts": contexts, "saved": saved[0]}))
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("offloading", [True, False])
+def test_activation_offloading_wraps_every_training_forward(assets, tmp_path, offloading):
+    """Each training micro-batch's forward runs inside the offload context when the option
+    is on (with gradient checkpointing too): the saved tensors pass through its hooks. On a
+    host nothing moves (tests/test_gpu.py checks the copies on a GPU)."""
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(200, seed=6), data)
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
+                      train={"gradient_checkpointing": True, "activation_offloading": offloading,
+                             "gradient_accumulation_steps": 2, "max_steps": 2, "eval_steps": 100})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-c", OFFLOAD_PROBE, str(path)], capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["contexts"] == [offloading] * 4  # 2 steps x 2 micro-batches, eval not wrapped
+    assert (probe["saved"] > 0) is offloading
 
 
 @pytest.mark.timeout(600)
