@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-from pipeline.config import config_from_dict  # noqa: E402
+from helpers import tiny_config  # noqa: E402,F401  (moving to helpers)
 from pipeline.demo import make_assets  # noqa: E402
 
 
@@ -69,24 +69,6 @@ class Killer(threading.Thread):
                     self.killed.append(pids[0])
                     return
             time.sleep(0.02)
-
-
-def tiny_config(assets, run_dir, data_file=None, **groups) -> "PipelineConfig":  # noqa: F821
-    """The demo config, pointed at the session's assets; ``groups`` update sub-configs."""
-    raw = {
-        "run_dir": str(run_dir),
-        "model": {"path": str(assets["model"])},
-        "data": {"train_files": [str(data_file or assets["data"])], "eval_fraction": 0.1},
-        "tokenize": {"max_length": 64, "max_tokens_per_row": 1024, "rows_per_shard": 32,
-                     "rows_per_task": 1000, "actors": 2},
-        "score": {"actors": 2},
-        "train": {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.1,
-                  "warmup_ratio": 0.05, "eval_steps": 20, "num_workers": 2},
-        "cluster": {"num_cpus": 2},
-    }
-    for group, values in groups.items():
-        raw[group].update(values)
-    return config_from_dict(raw)
 
 
 def shared_and_unshared_rows(g, pairs):
