@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ demo: install
 	$(PY) -m pipeline demo-assets runs/tiny-assets
 	$(PY) -m pipeline run configs/tiny.yaml
 
-test: install
+# The full suite (what CI runs): lint, then every test, Ray and subprocess runs included.
+test: install lint
 	$(PY) -m pytest -q tests
+
+# The fast tier: tests that start neither Ray nor a subprocess (under 3 minutes on 2 cores).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs

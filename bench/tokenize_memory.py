@@ -67,7 +67,7 @@ def measure(pairs: int, buffer: int | None, work: Path) -> dict:
     out.mkdir()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    _, stats = tokenize.run(cfg, out)
+    _, stats = tokenize.run_on_ray(cfg, out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     ray.shutdown()

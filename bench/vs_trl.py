@@ -20,7 +20,7 @@ Models (random init from a config; the tokenizer is the demo's, whatever the voc
   ``bf16=True`` on a bf16-loaded model, ours DeepSpeed bf16), AdamW (lr 1e-4, no weight
   decay, clip 1.0), linear schedule, gradient checkpointing (``--grad-ckpt``) and dropout
   off in both, one process;
-* ours: the train stage core in-process (``stages.train.run_local``: DeepSpeed on one rank,
+* ours: the train stage core in-process (``stages.train.run_in_process``: DeepSpeed on one rank,
   ZeRO-3 and ZeRO-0); TRL: ``DPOTrainer`` with a live reference model, and with
   ``precompute_ref_log_probs=True`` (its precompute pass over the whole dataset, timed on
   its own, is the scoring peer of our score stage).

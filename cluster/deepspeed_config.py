@@ -1,17 +1,17 @@
 """The DeepSpeed config, built from the train settings in one place.
 
-The optimizer and LR scheduler are client objects (see stages/train.py) so that weight
+The optimizer and LR scheduler are client objects (``stages/train/engine.py``) so that weight
 decay can skip norms and biases and the schedules match TRL's; DeepSpeed owns gradient
 accumulation, clipping, mixed precision and ZeRO partitioning.
 """
 
 from __future__ import annotations
 
-from pipeline.config import PipelineConfig
+from pipeline.config import TrainConfig
 
 
-def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
-    t = cfg.train
+def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int) -> dict:
+    t = train_cfg
     ds: dict = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -33,7 +33,7 @@ def build_ds_config(cfg: PipelineConfig, world_size: int) -> dict:
         # ZeRO wraps any torch optimizer; DeepSpeed only whitelists Adam-family ones, so
         # RMSprop (the DPO paper's) needs this flag.
         "zero_allow_untested_optimizer": t.optimizer != "adamw",
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # the pipeline logs its own metrics
         "wall_clock_breakdown": False,

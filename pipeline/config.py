@@ -30,13 +30,15 @@ class ModelConfig:
     reference_path: Optional[str] = None
     # Tokenizer directory; null = the policy checkpoint.
     tokenizer_path: Optional[str] = None
-    # Numerics shared by score and train (DESIGN: one log-prob function, one dtype policy).
+    # Numerics shared by score and train (one log-prob function, one dtype policy:
+    # docs/design.md). float16 is refused.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # segment_sdpa: per-segment causal SDPA over packed rows (no tokens x tokens mask; any
     # device). sdpa / eager: transformers' own, with a dense block-diagonal mask.
     # flex_attention: block-sparse, GPU only for training. flash_attention_2: needs flash-attn.
     attn_implementation: Literal["segment_sdpa", "sdpa", "eager", "flex_attention",
                                  "flash_attention_2"] = "segment_sdpa"
+    # Run the checkpoint's own modelling and tokenizer code (transformers' trust_remote_code).
     trust_remote_code: bool = False
     # Completion tokens per LM-head chunk in the log-prob pass (bounds the fp32 logits).
     logp_chunk_tokens: int = 1024
@@ -55,17 +57,26 @@ class DataConfig:
     duplicates: Literal["keep", "drop"] = "keep"
     # Fraction of prompts held out for eval (pairs sharing a prompt stay on one side).
     eval_fraction: float = 0.05
+    # Column of the prompt (absent in the implicit-prompt format).
     prompt_key: str = "prompt"
+    # Column of the chosen completion.
     chosen_key: str = "chosen"
+    # Column of the rejected completion, or of a list of them.
     rejected_key: str = "rejected"
 
 
 @dataclass
 class TokenizeConfig:
+    # Prompt + completion tokens per side; completions are cut to fit.
     max_length: int = 1024
+    # Prompt tokens kept, cut as truncation_mode says (null: no separate limit).
     max_prompt_length: Optional[int] = None
+    # Completion tokens kept, from the start (null: no separate limit).
     max_completion_length: Optional[int] = None
+    # keep_end: a cut prompt keeps its end; keep_start: its start.
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    # Packing budget, tokens per packed row; >= 2 * max_length (both sides of a pair go
+    # in one row).
     max_tokens_per_row: int = 4096
     # Store a pair's prompt once: the rejected completion attends to the chosen side's
     # prompt tokens (same log-probs, fewer tokens to compute). null: on when
@@ -76,6 +87,7 @@ class TokenizeConfig:
     # Quarantine pairs whose tokenised prompt is not a prefix of prompt + completion
     # (default: train on them as TRL 1.16 does, counted in the manifest).
     strict: bool = False
+    # Packed rows per Parquet shard.
     rows_per_shard: int = 256
     # JSONL lines / Parquet rows read by one tokenize task.
     rows_per_task: int = 20000
@@ -83,17 +95,23 @@ class TokenizeConfig:
     # pairs stay in files written by the tokenize workers; the rows are written in groups
     # of shards, each group reading those files once. Peak memory, not output, depends on it.
     pack_buffer_tokens: int = 1 << 27
-    # Ray actors that tokenize (fractional CPUs each, see ENVIRONMENT.md's deadlock).
+    # Ray actors that tokenize. Fractional CPUs each: on a small cluster, actors of one CPU
+    # leave none for Ray Data's read task, which then hangs without an error (docs/design.md).
     actors: int = 1
+    # CPUs per tokenize actor and per row-writing task.
     num_cpus_per_actor: float = 0.5
-    # Stage fails when more than this fraction of input rows is quarantined.
+    # Stage fails when more than this fraction of the records (pairs, each rejected
+    # completion of a row counted) is quarantined.
     max_bad_fraction: float = 0.05
 
 
 @dataclass
 class ScoreConfig:
+    # Reference-model actors, one model each.
     actors: int = 1
+    # 1 on GPU workers.
     num_gpus_per_actor: float = 0.0
+    # Fractional on CPU (see tokenize.actors).
     num_cpus_per_actor: float = 0.5
     # torch intra-op threads per actor on CPU.
     cpu_threads: int = 1
@@ -103,9 +121,13 @@ class ScoreConfig:
 class LoraSettings:
     """LoRA through peft; the reference is the base model (model.path), scored offline."""
 
+    # LoRA rank.
     r: int = 16
+    # LoRA alpha (the update is scaled by alpha / r).
     alpha: float = 32.0
+    # Dropout on the LoRA input.
     dropout: float = 0.0
+    # Module names to adapt, or all-linear.
     target_modules: Union[str, list[str]] = "all-linear"
 
 
@@ -113,13 +135,23 @@ class LoraSettings:
 class TrainConfig:
     # One name or a list combined with loss_weights (TRL's DPOConfig names and defaults).
     loss_type: Union[str, list[str]] = "sigmoid"
+    # One weight per loss_type when it is a list (null: 1 each).
     loss_weights: Optional[list[float]] = None
+    # DPO's beta: the scale of the policy/reference log-ratio.
     beta: float = 0.1
+    # Epsilon of cDPO (sigmoid), robust, exo_pair, aot, aot_unpaired, simpo, cpo; an error
+    # with the other losses.
     label_smoothing: float = 0.0
+    # f-DPO; other than reverse_kl only with losses built on the chosen-rejected score
+    # difference.
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    # Alpha of alpha_divergence.
     f_alpha_divergence_coef: float = 0.5
+    # Temperature of discopop.
     discopop_tau: float = 0.05
+    # SimPO's target reward margin.
     simpo_gamma: float = 0.5
+    # NLL weight of cpo and simpo (TRL's default; 0 is the SimPO paper).
     cpo_alpha: float = 1.0
     # RPO: adds TRL's "sft" loss (chosen NLL) with this weight.
     rpo_alpha: Optional[float] = None
@@ -136,14 +168,19 @@ class TrainConfig:
     router_aux_loss_coef: Optional[float] = None
     # Options that need a live reference model; named here so they fail with the reason.
     sync_ref_model: bool = False
+    # Refused for the same reason (TRL's reference mixup).
     ref_model_mixup_alpha: Optional[float] = None
+    # adamw, or rmsprop (the DPO paper's).
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 5e-7
+    # Never applied to biases and norm weights.
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    # transformers' schedule shapes; cosine decays to min_lr_ratio.
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    # Warmup as a fraction of the total steps; warmup_steps > 0 takes precedence.
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     # Cosine floor as a fraction of learning_rate (seed minimind uses 0.1).
@@ -153,13 +190,19 @@ class TrainConfig:
     max_steps: int = -1
     # Packed rows per rank per optimizer step.
     gradient_accumulation_steps: int = 1
+    # DeepSpeed gradient_clipping (0: off).
     max_grad_norm: float = 1.0
+    # transformers' gradient checkpointing (non-reentrant).
     gradient_checkpointing: bool = False
     # Saved activations of the training forward go to pinned host memory until backward
     # (TRL's activation_offloading; pipeline.offload). Exact; only accelerator tensors move.
     activation_offloading: bool = False
+    # The train/eval split and the packing shuffle (so it is in the tokenize fingerprint),
+    # the epoch plans, torch.
     seed: int = 42
+    # Log every N steps (and the first and the last).
     logging_steps: int = 1
+    # Eval every N steps, and at step 0 and at the end.
     eval_steps: int = 50
     # DeepSpeed checkpoint every save_steps optimizer steps (0: none); the last
     # save_total_limit complete ones are kept (null: all).
@@ -182,9 +225,13 @@ class TrainConfig:
     peft: Optional[LoraSettings] = None
     # With peft: also export the base model with the adapter merged (model/merged).
     merge_adapter: bool = False
+    # Ray Train workers (ranks).
     num_workers: int = 2
+    # One GPU per worker and NCCL; gloo on CPU.
     use_gpu: bool = False
+    # CPUs per Ray Train worker (torch threads on CPU).
     cpus_per_worker: float = 1.0
+    # DeepSpeed ZeRO stage.
     zero_stage: Literal[0, 1, 2, 3] = 3
 
 
@@ -195,6 +242,7 @@ class ClusterConfig:
     address: Optional[str] = None
     # Local cluster only.
     num_cpus: Optional[int] = None
+    # Local cluster only: Ray's object store in /dev/shm (Ray's default is 30% of RAM).
     object_store_memory: int = 512 * 1024**2
     # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -204,6 +252,8 @@ class ClusterConfig:
 
 @dataclass
 class PipelineConfig:
+    # Where every stage writes: a local path, or a URI pyarrow opens (s3://, gs://, hdfs://,
+    # file://). On a cluster, storage every node sees.
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -330,113 +380,88 @@ def _validate(cfg: PipelineConfig) -> None:
         need(not bad, f"data.hf_dataset: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
         need("path" in cfg.data.hf_dataset, "data.hf_dataset.path: required")
     need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
-    t = cfg.tokenize
-    need(t.max_length >= 2, "tokenize.max_length: must be >= 2")
+    tokenize_cfg = cfg.tokenize
+    need(tokenize_cfg.max_length >= 2, "tokenize.max_length: must be >= 2")
     need(
-        t.max_tokens_per_row >= 2 * t.max_length,
-        f"tokenize.max_tokens_per_row ({t.max_tokens_per_row}) must be >= 2 * tokenize.max_length "
-        f"({2 * t.max_length}): both sides of a pair go in one row",
+        tokenize_cfg.max_tokens_per_row >= 2 * tokenize_cfg.max_length,
+        f"tokenize.max_tokens_per_row ({tokenize_cfg.max_tokens_per_row}) must be >= 2 * tokenize.max_length "
+        f"({2 * tokenize_cfg.max_length}): both sides of a pair go in one row",
     )
-    if t.max_prompt_length is not None:
+    if tokenize_cfg.max_prompt_length is not None:
         need(
-            0 < t.max_prompt_length < t.max_length,
+            0 < tokenize_cfg.max_prompt_length < tokenize_cfg.max_length,
             "tokenize.max_prompt_length: must be in (0, tokenize.max_length)",
         )
-    if t.max_completion_length is not None:
-        need(t.max_completion_length >= 1, "tokenize.max_completion_length: must be >= 1")
-    need(t.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
-    need(t.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
-    need(t.pack_buffer_tokens >= 1, "tokenize.pack_buffer_tokens: must be >= 1")
-    need(t.actors >= 1, "tokenize.actors: must be >= 1")
-    need(0.0 <= t.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
+    if tokenize_cfg.max_completion_length is not None:
+        need(tokenize_cfg.max_completion_length >= 1, "tokenize.max_completion_length: must be >= 1")
+    need(tokenize_cfg.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
+    need(tokenize_cfg.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
+    need(tokenize_cfg.pack_buffer_tokens >= 1, "tokenize.pack_buffer_tokens: must be >= 1")
+    need(tokenize_cfg.actors >= 1, "tokenize.actors: must be >= 1")
+    need(0.0 <= tokenize_cfg.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
     need(cfg.score.actors >= 1, "score.actors: must be >= 1")
     need(cfg.model.logp_chunk_tokens >= 1, "model.logp_chunk_tokens: must be >= 1")
-    tr = cfg.train
-    _validate_losses(tr)
-    need(tr.learning_rate > 0, "train.learning_rate: must be > 0")
-    need(0.0 <= tr.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
-    need(tr.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
-    need(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio: must be in [0, 1]")
-    need(tr.num_train_epochs >= 1 or tr.max_steps > 0, "train.num_train_epochs: must be >= 1")
-    need(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
-    need(tr.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0 (0 disables clipping)")
-    need(tr.num_workers >= 1, "train.num_workers: must be >= 1")
-    need(tr.logging_steps >= 1, "train.logging_steps: must be >= 1")
-    need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
-    need(tr.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
-    need(tr.save_total_limit is None or tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
-    need(tr.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
+    train_cfg = cfg.train
+    _validate_loss_context(train_cfg, build_loss(train_cfg).names)
+    need(train_cfg.learning_rate > 0, "train.learning_rate: must be > 0")
+    need(0.0 <= train_cfg.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
+    need(train_cfg.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
+    need(0.0 <= train_cfg.min_lr_ratio <= 1.0, "train.min_lr_ratio: must be in [0, 1]")
+    need(train_cfg.num_train_epochs >= 1 or train_cfg.max_steps > 0, "train.num_train_epochs: must be >= 1")
+    need(train_cfg.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
+    need(train_cfg.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0 (0 disables clipping)")
+    need(train_cfg.num_workers >= 1, "train.num_workers: must be >= 1")
+    need(train_cfg.logging_steps >= 1, "train.logging_steps: must be >= 1")
+    need(train_cfg.eval_steps >= 1, "train.eval_steps: must be >= 1")
+    need(train_cfg.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
+    need(train_cfg.save_total_limit is None or train_cfg.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
+    need(train_cfg.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
     from pipeline.tracking import TRACKERS
 
-    for tracker in tr.report_to:
+    for tracker in train_cfg.report_to:
         need(tracker in TRACKERS, f"train.report_to: {tracker!r} is not one of {', '.join(TRACKERS)}")
-    if tr.peft is not None:
-        need(tr.peft.r >= 1, "train.peft.r: must be >= 1")
-        need(0.0 <= tr.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")
-    need(not tr.merge_adapter or tr.peft is not None, "train.merge_adapter: only with train.peft")
+    if train_cfg.peft is not None:
+        need(train_cfg.peft.r >= 1, "train.peft.r: must be >= 1")
+        need(0.0 <= train_cfg.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")
+    need(not train_cfg.merge_adapter or train_cfg.peft is not None, "train.merge_adapter: only with train.peft")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
 
 
-def loss_plan(t: TrainConfig) -> tuple[list[str], list[float]]:
-    """The loss types and weights a run uses: loss_type/loss_weights, plus RPO's "sft"."""
-    from pipeline.losses import as_list
+def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
+    """The run's loss object from the flat, TRL-named ``train`` fields: built here once (at
+    config load, which checks it, and in each worker's setup), then held by the run."""
+    import dataclasses as dc
 
-    names = as_list(t.loss_type)
-    weights = list(t.loss_weights) if t.loss_weights is not None else [1.0] * len(names)
-    if t.rpo_alpha is not None:
-        names, weights = names + ["sft"], weights + [t.rpo_alpha]
-    return names, weights
+    from pipeline.losses import LossSettingError, PreferenceLoss
 
-
-def needs_reference(cfg: PipelineConfig) -> bool:
-    """False when no loss uses reference log-probs: the score stage is skipped."""
-    from pipeline.losses import is_reference_free
-
-    return not (cfg.train.reference_free or is_reference_free(loss_plan(cfg.train)[0]))
+    settings = {f.name: getattr(train_cfg, f.name) for f in dc.fields(PreferenceLoss) if f.init}
+    try:
+        return PreferenceLoss(**settings)
+    except LossSettingError as e:
+        raise ConfigError(f"train.{e}") from e
 
 
-def _validate_losses(t: TrainConfig) -> None:
-    from pipeline.losses import ALIASES, LOSSES, as_list
-
+def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
+    """Loss settings that meet the log-prob pass's: aggregation, LD-DPO, WPO, and the
+    options that need a live reference model."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    for name in as_list(t.loss_type):
-        need(name in LOSSES, f"train.loss_type: {name!r} is not one of {sorted(LOSSES) + sorted(ALIASES)}")
-    n = len(as_list(t.loss_type))
-    need(t.loss_weights is None or len(t.loss_weights) == n,
-         f"train.loss_weights: {len(t.loss_weights or [])} weights for {n} loss types")
-    names, _ = loss_plan(t)
-    need(t.beta > 0, "train.beta: must be > 0")
-    need(0.0 <= t.label_smoothing < 0.5, "train.label_smoothing: must be in [0, 0.5)")
-    if t.label_smoothing > 0:
-        ignoring = [x for x in names if not LOSSES[x].label_smoothing]
-        need(not ignoring, f"train.label_smoothing: {t.label_smoothing} has no effect on {ignoring} "
-                           "(used by sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, simpo, cpo)")
-    need("exo_pair" not in names or t.label_smoothing > 0,
-         "train.label_smoothing: exo_pair needs epsilon > 0 (the EXO paper and TRL recommend 1e-3)")
-    if t.f_divergence_type != "reverse_kl":
-        bad = [x for x in names if not LOSSES[x].f_divergence]
-        need(not bad, f"train.f_divergence_type: {t.f_divergence_type} has no valid generalisation for {bad} "
-                      "(only losses built on the chosen-rejected score difference)")
-    need(t.f_divergence_type == "alpha_divergence" or t.f_alpha_divergence_coef == 0.5,
-         "train.f_alpha_divergence_coef: only used with f_divergence_type: alpha_divergence")
-    need(t.discopop_tau > 0, "train.discopop_tau: must be > 0")
-    if t.ld_alpha is not None:
-        need(0.0 <= t.ld_alpha <= 1.0, "train.ld_alpha: must be in [0, 1]")
-        need(t.aggregation == "sum", "train.ld_alpha: LD-DPO re-weights summed log-probs; "
+    if train_cfg.ld_alpha is not None:
+        need(0.0 <= train_cfg.ld_alpha <= 1.0, "train.ld_alpha: must be in [0, 1]")
+        need(train_cfg.aggregation == "sum", "train.ld_alpha: LD-DPO re-weights summed log-probs; "
                                      "use train.aggregation: sum")
-    if t.aggregation == "mean":
+    if train_cfg.aggregation == "mean":
         normed = [x for x in names if x in ("ipo", "sigmoid_norm", "simpo", "orpo")]
         need(not normed, f"train.aggregation: mean would length-normalise {normed} twice")
-    need(not (t.use_weighting and {"aot", "aot_unpaired"} & set(names)),
+    need(not (train_cfg.use_weighting and {"aot", "aot_unpaired"} & set(names)),
          "train.use_weighting: WPO weights are per pair and aot/aot_unpaired sort pairs")
-    need(not t.sync_ref_model,
+    need(not train_cfg.sync_ref_model,
          "train.sync_ref_model: TR-DPO updates the reference during training; this pipeline scores "
          "the reference once, offline (no reference model at train time)")
-    need(t.ref_model_mixup_alpha is None,
+    need(train_cfg.ref_model_mixup_alpha is None,
          "train.ref_model_mixup_alpha: mixing policy into the reference needs a live reference "
          "model; this pipeline scores the reference once, offline")
 

@@ -9,7 +9,7 @@ completion token we must score).
 
 Numerics: the decoder runs once over the row (``use_cache=False``; ``segment_sdpa`` gets
 the segments' blocks, and on a GPU their variable-length attention plan; ``sdpa``/``eager`` get no ``attention_mask``, so transformers
-isolates the segments from ``position_ids`` (see ENVIRONMENT.md), or, for rows with
+isolates the segments from ``position_ids`` (docs/design.md, "Packed rows and attention"), or, for rows with
 shared prompts, the blocks as a dense mask). Then only the completion positions go
 through the LM head, ``chunk`` tokens at a time, and each chunk's target logit minus
 logsumexp is taken in fp32. fp32 logits for the whole row are never materialised.

@@ -1,27 +1,29 @@
 """Preference losses: pure functions of per-pair sequence log-probs, looked up by name.
 
-The one public entry point takes TRL's DPOConfig names::
+A run's loss is a value, built once from its settings (TRL's DPOConfig names) and called
+on every batch of pairs, as torchtune's ``DPOLoss``::
 
-    losses, chosen_rewards, rejected_rewards = preference_loss(
+    loss = PreferenceLoss(loss_type="sigmoid", beta=0.1)     # checked here, once
+    losses, chosen_rewards, rejected_rewards = loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,  # (B,)
-        loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
-        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
         chosen_lengths=None, rejected_lengths=None,  # completion tokens, (B,)
     )
 
-Each loss is a registered function ``fn(p: Pairs, o: Options) -> (B,) per-pair losses``;
-the formulas are TRL 1.16 DPOTrainer's (and its experimental CPO / ORPO trainers' for
-the reference-free ones) and each docstring gives the equation and the paper. A list of
-loss types is combined with ``loss_weights`` as TRL does. Reductions over the pairs of a
-step belong to the trainer.
+``preference_loss(...)`` is the same as one function call (TRL's keyword names).
 
-Imports torch only (DESIGN: math modules never import Ray, DeepSpeed or transformers).
+Each loss is a registered function ``fn(p: Pairs, o: PreferenceLoss) -> (B,) per-pair
+losses`` that reads its settings from ``o``; the formulas are TRL 1.16 DPOTrainer's (and
+its experimental CPO / ORPO trainers' for the reference-free ones) and each docstring
+gives the equation and the paper. A list of loss types is combined with ``loss_weights``
+as TRL does. Reductions over the pairs of a step belong to the trainer.
+
+Imports torch only: math modules never import Ray, DeepSpeed or transformers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -32,15 +34,6 @@ class LossOutput(NamedTuple):
     losses: torch.Tensor  # (B,)
     chosen_rewards: torch.Tensor  # (B,) detached
     rejected_rewards: torch.Tensor  # (B,) detached
-
-
-@dataclass
-class Options:
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0
 
 
 @dataclass
@@ -77,7 +70,7 @@ class Pairs:
 
 @dataclass(frozen=True)
 class LossSpec:
-    fn: Callable[[Pairs, Options], torch.Tensor]
+    fn: Callable[[Pairs, "PreferenceLoss"], torch.Tensor]
     reference_free: bool = False  # needs no reference log-probs (the score stage is skipped)
     f_divergence: bool = False  # built on the chosen-rejected score difference
     label_smoothing: bool = False  # reads label_smoothing
@@ -105,7 +98,7 @@ def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register("sigmoid", f_divergence=True, label_smoothing=True)
-def sigmoid(p: Pairs, o: Options) -> torch.Tensor:
+def sigmoid(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""DPO (Rafailov et al. 2023, arXiv:2305.18290), with cDPO label smoothing (Mitchell
     2023, "A note on DPO with noisy preferences").
 
@@ -119,13 +112,13 @@ def sigmoid(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("hinge", f_divergence=True)
-def hinge(p: Pairs, o: Options) -> torch.Tensor:
+def hinge(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""SLiC hinge (Zhao et al. 2023, arXiv:2305.10425): :math:`\max(0, 1 - \beta\Delta)`."""
     return torch.relu(1 - o.beta * p.delta_score)
 
 
 @register("ipo", f_divergence=True)
-def ipo(p: Pairs, o: Options) -> torch.Tensor:
+def ipo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), beta = tau, with TRL's per-token
     normalisation: :math:`(s_w/|y_w| - s_l/|y_l| - \frac{1}{2\beta})^2`."""
     lc, lr = p.lengths()
@@ -133,7 +126,7 @@ def ipo(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("exo_pair", f_divergence=True, label_smoothing=True)
-def exo_pair(p: Pairs, o: Options) -> torch.Tensor:
+def exo_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""EXO-pref (Ji et al. 2024, arXiv:2402.00856, eq. 16):
     :math:`KL(q \| p_\epsilon)` with :math:`q = \mathrm{softmax}(\beta s_w, \beta s_l)`,
     :math:`p_\epsilon = (1-\epsilon, \epsilon)`; epsilon = ``label_smoothing`` > 0."""
@@ -145,7 +138,7 @@ def exo_pair(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("nca_pair")
-def nca_pair(p: Pairs, o: Options) -> torch.Tensor:
+def nca_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""NCA (Chen et al. 2024, arXiv:2402.05369), with r = beta * log-ratio:
     :math:`-\log\sigma(r_w) - \tfrac12\log\sigma(-r_w) - \tfrac12\log\sigma(-r_l)`."""
     rw, rl = o.beta * p.chosen_logratios, o.beta * p.rejected_logratios
@@ -153,7 +146,7 @@ def nca_pair(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("robust", f_divergence=True, label_smoothing=True)
-def robust(p: Pairs, o: Options) -> torch.Tensor:
+def robust(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409), epsilon = flip rate in [0, 0.5):
     :math:`\frac{-(1-\epsilon)\log\sigma(\beta\Delta) + \epsilon\log\sigma(-\beta\Delta)}{1-2\epsilon}`."""
     z, eps = o.beta * p.delta_score, o.label_smoothing
@@ -161,7 +154,7 @@ def robust(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("bco_pair")
-def bco_pair(p: Pairs, o: Options) -> torch.Tensor:
+def bco_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""BCO, paired (Jung et al. 2024, arXiv:2404.04656), as TRL 1.16:
     :math:`-\log\sigma(r_w) - \log\sigma(-r_l)`. The paper (and TRL before 1.0) also
     subtracts a running mean delta of the rewards from both; TRL 1.16 does not."""
@@ -169,14 +162,14 @@ def bco_pair(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("sppo_hard")
-def sppo_hard(p: Pairs, o: Options) -> torch.Tensor:
+def sppo_hard(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""SPPO, hard labels (Wu et al. 2024, arXiv:2405.00675, eq. 4.7 with P = 1 / 0):
     :math:`(\rho_w - \frac{1}{2\beta})^2 + (\rho_l + \frac{1}{2\beta})^2`, rho = log-ratio."""
     return (p.chosen_logratios - 0.5 / o.beta) ** 2 + (p.rejected_logratios + 0.5 / o.beta) ** 2
 
 
 @register("aot", label_smoothing=True)
-def aot(p: Pairs, o: Options) -> torch.Tensor:
+def aot(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): sort the policy and reference
     chosen-minus-rejected log-prob differences across the batch (here: the pairs of a packed
     row), :math:`\Delta = \mathrm{sort}(\log\pi_w - \log\pi_l) - \mathrm{sort}(\log\pi^{ref}_w - \log\pi^{ref}_l)`,
@@ -186,7 +179,7 @@ def aot(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("aot_unpaired", label_smoothing=True)
-def aot_unpaired(p: Pairs, o: Options) -> torch.Tensor:
+def aot_unpaired(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, unpaired (Melnyk et al. 2024): :math:`\Delta = \mathrm{sort}(\rho_w) - \mathrm{sort}(\rho_l)`
     across the batch, then the smoothed sigmoid. Also accepted as ``aot_pair``."""
     delta = torch.sort(p.chosen_logratios, dim=0)[0] - torch.sort(p.rejected_logratios, dim=0)[0]
@@ -194,14 +187,14 @@ def aot_unpaired(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("apo_zero")
-def apo_zero(p: Pairs, o: Options) -> torch.Tensor:
+def apo_zero(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7):
     :math:`1 - \sigma(\beta\rho_w) + \sigma(\beta\rho_l)`."""
     return 1 - torch.sigmoid(o.beta * p.chosen_logratios) + torch.sigmoid(o.beta * p.rejected_logratios)
 
 
 @register("apo_down")
-def apo_down(p: Pairs, o: Options) -> torch.Tensor:
+def apo_down(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""APO-down (D'Oosterlinck et al. 2024, eq. 8):
     :math:`\sigma(\beta\rho_w) + 1 - \sigma(\beta(\rho_w - \rho_l))`."""
     return torch.sigmoid(o.beta * p.chosen_logratios) + 1 - torch.sigmoid(
@@ -210,7 +203,7 @@ def apo_down(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("discopop", f_divergence=True)
-def discopop(p: Pairs, o: Options) -> torch.Tensor:
+def discopop(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv:2406.08414, eq. 5),
     z = beta * Delta, m = sigmoid(z / tau): :math:`(1-m)(-\log\sigma(z)) + m\,e^{-z}`."""
     z = o.beta * p.delta_score
@@ -219,7 +212,7 @@ def discopop(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("sigmoid_norm", f_divergence=True)
-def sigmoid_norm(p: Pairs, o: Options) -> torch.Tensor:
+def sigmoid_norm(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""Length-normalised DPO (TRL 1.16 ``sigmoid_norm``):
     :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`."""
     lc, lr = p.lengths()
@@ -227,7 +220,7 @@ def sigmoid_norm(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("sft", f_divergence=True)
-def sft(p: Pairs, o: Options) -> torch.Tensor:
+def sft(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""NLL of the chosen completions, a token mean over the batch (TRL 1.16 ``sft``; RPO,
     Pang et al. 2024, arXiv:2404.19733, is ``[sigmoid, sft]`` with weights ``[1, alpha]``):
     :math:`-\frac{\sum_i \log\pi(y_{w,i})}{\sum_i |y_{w,i}|}`, repeated for every pair."""
@@ -239,7 +232,7 @@ def sft(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("simpo", reference_free=True, label_smoothing=True, rewards="mean_logp")
-def simpo(p: Pairs, o: Options) -> torch.Tensor:
+def simpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""SimPO (Meng et al. 2024, arXiv:2405.14734), as TRL's CPO trainer with
     ``loss_type="simpo"``: :math:`-\log\sigma(\beta(\bar{\log\pi}_w - \bar{\log\pi}_l) - \gamma)`
     (smoothed by epsilon), plus ``cpo_alpha`` times the chosen NLL (TRL's default 1.0;
@@ -250,7 +243,7 @@ def simpo(p: Pairs, o: Options) -> torch.Tensor:
 
 
 @register("cpo", reference_free=True, label_smoothing=True, rewards="logp")
-def cpo(p: Pairs, o: Options) -> torch.Tensor:
+def cpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""CPO (Xu et al. 2024, arXiv:2401.08417, eq. 3), TRL's CPO trainer with
     ``loss_type="sigmoid"``: :math:`-\log\sigma(\beta(\log\pi_w - \log\pi_l))` (smoothed by
     epsilon) plus ``cpo_alpha`` times the chosen NLL."""
@@ -263,7 +256,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("orpo", reference_free=True, rewards="mean_logp")
-def orpo(p: Pairs, o: Options) -> torch.Tensor:
+def orpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 4 and 7), on length-averaged logps:
     :math:`\mathcal{L}_{NLL} - \beta\log\sigma\Big(\log\frac{\bar p_w}{1-\bar p_w} - \log\frac{\bar p_l}{1-\bar p_l}\Big)`."""
     lc, lr = p.lengths()
@@ -312,7 +305,7 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> tor
     raise ValueError(f"unknown f_divergence_type {kind!r}; one of {list(F_DIVERGENCES)}")
 
 
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- the loss object
 
 
 def canonical(loss_type: str) -> str:
@@ -323,8 +316,132 @@ def as_list(loss_type: str | Sequence[str]) -> list[str]:
     return [canonical(x) for x in ([loss_type] if isinstance(loss_type, str) else loss_type)]
 
 
-def is_reference_free(loss_type: str | Sequence[str]) -> bool:
-    return all(LOSSES[t].reference_free for t in as_list(loss_type))
+class LossSettingError(ValueError):
+    """A loss setting that cannot work; ``key`` is the setting's name (TRL's DPOConfig name)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A run's preference loss: the loss types, their weights and every setting they read,
+    checked once when built (``LossSettingError`` names the setting) and then called on each
+    batch of pairs. The field names are TRL DPOConfig's; ``rpo_alpha`` adds TRL's ``sft``
+    term (RPO) with that weight. A registered loss function reads its settings from this
+    object (``o.beta``, ``o.label_smoothing`` ...).
+
+    >>> loss = PreferenceLoss(loss_type="ipo", beta=0.2)
+    >>> out = loss(chosen, rejected, ref_chosen, ref_rejected,
+    ...            chosen_lengths=lc, rejected_lengths=lr)     # LossOutput of (B,) tensors
+    """
+
+    loss_type: str | Sequence[str] = "sigmoid"
+    loss_weights: Sequence[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    rpo_alpha: float | None = None
+    reference_free: bool = False  # treat every reference log-prob as 0 (no score stage)
+    # (name, weight) of every term, resolved from the fields above by __post_init__
+    terms: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self):
+        def need(cond: bool, key: str, message: str) -> None:
+            if not cond:
+                raise LossSettingError(key, message)
+
+        names = as_list(self.loss_type)
+        for name in names:
+            need(name in LOSSES, "loss_type", f"{name!r} is not one of {sorted(LOSSES) + sorted(ALIASES)}")
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(names)
+        need(len(weights) == len(names), "loss_weights", f"{len(weights)} weights for {len(names)} loss types")
+        if self.rpo_alpha is not None:
+            names, weights = names + ["sft"], weights + [self.rpo_alpha]
+        # the resolved terms (frozen: set once, here)
+        object.__setattr__(self, "terms", tuple(zip(names, (float(w) for w in weights))))
+        need(self.beta > 0, "beta", "must be > 0")
+        need(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        if self.label_smoothing > 0:
+            ignoring = [x for x in names if not LOSSES[x].label_smoothing]
+            need(not ignoring, "label_smoothing",
+                 f"{self.label_smoothing} has no effect on {ignoring} "
+                 "(used by sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, simpo, cpo)")
+        need("exo_pair" not in names or self.label_smoothing > 0, "label_smoothing",
+             "exo_pair needs epsilon > 0 (the EXO paper and TRL recommend 1e-3)")
+        need(self.f_divergence_type in F_DIVERGENCES, "f_divergence_type",
+             f"{self.f_divergence_type!r} is not one of {list(F_DIVERGENCES)}")
+        if self.f_divergence_type != "reverse_kl":
+            bad = [x for x in names if not LOSSES[x].f_divergence]
+            need(not bad, "f_divergence_type",
+                 f"{self.f_divergence_type} has no valid generalisation for {bad} "
+                 "(only losses built on the chosen-rejected score difference)")
+        need(self.f_divergence_type == "alpha_divergence" or self.f_alpha_divergence_coef == 0.5,
+             "f_alpha_divergence_coef", "only used with f_divergence_type: alpha_divergence")
+        need(self.discopop_tau > 0, "discopop_tau", "must be > 0")
+
+    @property
+    def names(self) -> list[str]:
+        """The loss terms' canonical names, in order (RPO's ``sft`` last)."""
+        return [name for name, _ in self.terms]
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when no term reads reference log-probs: the score stage is skipped."""
+        return not (self.reference_free or all(LOSSES[name].reference_free for name in self.names))
+
+    def __call__(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        *,
+        chosen_lengths: torch.Tensor | None = None,
+        rejected_lengths: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
+        chosen_nll_sum: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Per-pair losses (B,) and detached rewards (B,) of one batch of pairs.
+
+        All inputs (B,). Reference log-probs may be None when ``needs_reference`` is false
+        (they are 0). ``pair_weights``, detached, multiplies every term (WPO).
+        ``chosen_nll_sum`` is the plain sum of the chosen per-token log-probs for the NLL
+        terms when ``chosen_logps`` is re-aggregated (LD-DPO, mean); default
+        ``chosen_logps``. Rewards follow the first term: beta * log-ratio, or beta * (mean)
+        log-prob for reference-free losses.
+        """
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            if self.needs_reference:
+                raise ValueError(f"{self.names} need reference log-probs")
+            ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
+        to_f = lambda lr: f_divergence_scores(lr, self.f_divergence_type, self.f_alpha_divergence_coef)  # noqa: E731
+        p = Pairs(
+            chosen=chosen_logps, rejected=rejected_logps,
+            ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
+            chosen_scores=to_f(chosen_logps - ref_chosen_logps),
+            rejected_scores=to_f(rejected_logps - ref_rejected_logps),
+            chosen_lengths=None if chosen_lengths is None else chosen_lengths.to(chosen_logps.dtype),
+            rejected_lengths=None if rejected_lengths is None else rejected_lengths.to(chosen_logps.dtype),
+            chosen_nll_sum=chosen_logps if chosen_nll_sum is None else chosen_nll_sum,
+        )
+        total = torch.zeros_like(chosen_logps)
+        for name, w in self.terms:
+            per_pair = LOSSES[name].fn(p, self)
+            if pair_weights is not None:
+                per_pair = per_pair * pair_weights
+            total = total + w * per_pair
+        kind = LOSSES[self.names[0]].rewards
+        return LossOutput(
+            losses=total,
+            chosen_rewards=_rewards(kind, self.beta, chosen_logps, ref_chosen_logps, p.chosen_lengths),
+            rejected_rewards=_rewards(kind, self.beta, rejected_logps, ref_rejected_logps, p.rejected_lengths),
+        )
 
 
 def _rewards(kind: str, beta: float, logps, ref_logps, lengths) -> torch.Tensor:
@@ -356,46 +473,11 @@ def preference_loss(
     pair_weights: torch.Tensor | None = None,
     chosen_nll_sum: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Per-pair losses (B,) and detached rewards (B,) of one batch of pairs.
-
-    ``loss_type`` may be a list, combined as ``sum_k loss_weights[k] * loss_k`` (TRL).
-    ``pair_weights`` (B,), detached, multiplies every loss (WPO). ``chosen_nll_sum`` is the
-    plain sum of the chosen per-token log-probs for the NLL terms when ``chosen_logps`` is
-    re-aggregated (LD-DPO, mean); it defaults to ``chosen_logps``. Rewards follow the first
-    loss type: beta * log-ratio, or beta * (mean) log-prob for reference-free losses.
-    """
-    names = as_list(loss_type)
-    for name in names:
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss_type {name!r}; known: {sorted(LOSSES) + sorted(ALIASES)}")
-    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ValueError(f"loss_weights has {len(weights)} values for {len(names)} loss types")
-    if f_divergence_type != "reverse_kl":
-        bad = [n for n in names if not LOSSES[n].f_divergence]
-        if bad:
-            raise ValueError(f"f_divergence_type={f_divergence_type!r} does not apply to {bad}")
-    to_f = lambda lr: f_divergence_scores(lr, f_divergence_type, f_alpha_divergence_coef)  # noqa: E731
-    p = Pairs(
-        chosen=chosen_logps, rejected=rejected_logps,
-        ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
-        chosen_scores=to_f(chosen_logps - ref_chosen_logps),
-        rejected_scores=to_f(rejected_logps - ref_rejected_logps),
-        chosen_lengths=None if chosen_lengths is None else chosen_lengths.to(chosen_logps.dtype),
-        rejected_lengths=None if rejected_lengths is None else rejected_lengths.to(chosen_logps.dtype),
-        chosen_nll_sum=chosen_logps if chosen_nll_sum is None else chosen_nll_sum,
-    )
-    o = Options(beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
-                simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha)
-    total = torch.zeros_like(chosen_logps)
-    for name, w in zip(names, weights):
-        per_pair = LOSSES[name].fn(p, o)
-        if pair_weights is not None:
-            per_pair = per_pair * pair_weights
-        total = total + w * per_pair
-    kind = LOSSES[names[0]].rewards
-    return LossOutput(
-        losses=total,
-        chosen_rewards=_rewards(kind, beta, chosen_logps, ref_chosen_logps, p.chosen_lengths),
-        rejected_rewards=_rewards(kind, beta, rejected_logps, ref_rejected_logps, p.rejected_lengths),
-    )
+    """The functional form, with TRL's DPOConfig names: builds a ``PreferenceLoss`` and calls
+    it once. ``loss_type`` may be a list, combined as ``sum_k loss_weights[k] * loss_k``."""
+    loss = PreferenceLoss(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+                          f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                          discopop_tau=discopop_tau, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha)
+    return loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                pair_weights=pair_weights, chosen_nll_sum=chosen_nll_sum)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import yaml
 
-from pipeline.config import PipelineConfig, needs_reference, redact, to_dict
+from pipeline.config import PipelineConfig, build_loss, redact, to_dict
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.storage import Loc
 
@@ -43,7 +43,7 @@ def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
         return fp
 
     tok_fp = add("tokenize", tokenize.fingerprint_inputs(cfg, cache))
-    if needs_reference(cfg):
+    if build_loss(cfg.train).needs_reference:
         add("train", train.fingerprint_inputs(cfg, cache, add("score", score.fingerprint_inputs(cfg, cache, tok_fp))))
     else:  # a reference-free loss trains on the tokenized rows: no score stage at all
         add("train", train.fingerprint_inputs(cfg, cache, tok_fp))
@@ -71,18 +71,18 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
 
     plan = plans[name]
     if name == "tokenize":
-        return (tokenize.run if use_ray else tokenize.run_local)(cfg, plan.dir)
+        return (tokenize.run_on_ray if use_ray else tokenize.run_in_process)(cfg, plan.dir)
     if name == "score":
         upstream = plans["tokenize"]
         manifest = read_manifest(upstream.dir)
-        return (score.run if use_ray else score.run_local)(cfg, upstream.dir, manifest, plan.dir)
+        return (score.run_on_ray if use_ray else score.run_in_process)(cfg, upstream.dir, manifest, plan.dir)
     info = {
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
         "config": redact(to_dict(cfg)),
         "tokenized_dir": str(plans["tokenize"].dir),
     }
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
-    return (train.run if use_ray else train.run_local)(cfg, rows_dir, plan.dir, info)
+    return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
 
 def run_pipeline(

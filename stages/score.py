@@ -182,7 +182,7 @@ def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     return shards, stats
 
 
-def run_local(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
     if todo:
@@ -192,20 +192,20 @@ def run_local(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc)
     return _finish(in_manifest, out_dir)
 
 
-def run(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     import ray
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
     if todo:
-        s = cfg.score
+        score_cfg = cfg.score
         ds = ray.data.from_items(todo).map_batches(
             ShardScorer,
             fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(s.actors, len(todo))),
-            num_cpus=s.num_cpus_per_actor,
-            num_gpus=s.num_gpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=min(score_cfg.actors, len(todo))),
+            num_cpus=score_cfg.num_cpus_per_actor,
+            num_gpus=score_cfg.num_gpus_per_actor,
         )
         ds.take_all()  # shards are committed by the actors; this only drives the pipeline
     return _finish(in_manifest, out_dir)

@@ -14,8 +14,8 @@ Core functions work on plain files and tables and run without Ray:
 * ``write_shard_group``: a group of shards whose token lists fit ``pack_buffer_tokens``,
   each unit file read once, rows assembled with Arrow and numpy.
 
-``run`` places ``TokenizeChunk`` on a Ray Data actor pool and the shard groups on Ray
-tasks; ``run_local`` runs the same code in-process. The driver never holds a token list.
+``run_on_ray`` places ``TokenizeChunk`` on a Ray Data actor pool and the shard groups on Ray
+tasks; ``run_in_process`` runs the same code in-process. The driver never holds a token list.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class TokenizeChunk:
         return meta
 
     def tokenize_chunk(self, chunk: dict) -> list[dict]:
-        d, t = self.cfg.data, self.cfg.tokenize
+        d, tokenize_cfg = self.cfg.data, self.cfg.tokenize
         records = []
         for index, row, text in sources.read_chunk(chunk):
             base = dict(source=chunk["label"], row_index=int(index), expansion=0)
@@ -153,9 +153,9 @@ class TokenizeChunk:
                 rec = dict(base, expansion=pair.expansion, format=pair.format)
                 try:
                     tp = formats.tokenize_pair(
-                        pair, self.tokenizer, max_length=t.max_length, max_prompt_length=t.max_prompt_length,
-                        truncation_mode=t.truncation_mode, strict=t.strict,
-                        max_completion_length=t.max_completion_length)
+                        pair, self.tokenizer, max_length=tokenize_cfg.max_length, max_prompt_length=tokenize_cfg.max_prompt_length,
+                        truncation_mode=tokenize_cfg.truncation_mode, strict=tokenize_cfg.strict,
+                        max_completion_length=tokenize_cfg.max_completion_length)
                 except formats.BadRow as bad:
                     records.append(dict(rec, reason=bad.reason, detail=bad.detail, raw=raw))
                     continue
@@ -360,8 +360,8 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     ``records`` is the per-pair table (PAIR_META_SCHEMA) of every read unit, whose token
     lists are in ``out_dir/_units``; ``write_groups`` runs ``write_shard_group`` over a
     list of its arguments and returns the written shards in order (in-process here, Ray
-    tasks in ``run``)."""
-    t, seed = cfg.tokenize, cfg.train.seed
+    tasks in ``run_on_ray``)."""
+    tokenize_cfg, seed = cfg.tokenize, cfg.train.seed
     # Ray returns rows in any order: sort by source row so everything after is deterministic.
     order = pc.sort_indices(records, sort_keys=[("source", "ascending"), ("row_index", "ascending"),
                                                 ("expansion", "ascending")])
@@ -380,12 +380,12 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     n_in = len(set(zip(records.column("source").to_pylist(), records.column("row_index").to_pylist())))
     reasons = Counter(quarantine.column("reason").to_pylist())
     n_bad = quarantine.num_rows
-    if n_in and n_bad / records.num_rows > t.max_bad_fraction:
+    if n_in and n_bad / records.num_rows > tokenize_cfg.max_bad_fraction:
         top = ", ".join(f"{r}: {c}" for r, c in reasons.most_common())
         raise ValueError(
             f"tokenize: {n_bad} of {records.num_rows} pairs quarantined "
             f"({n_bad / records.num_rows:.1%} > tokenize.max_bad_fraction "
-            f"{t.max_bad_fraction:.1%}): {top}; see {final}"
+            f"{tokenize_cfg.max_bad_fraction:.1%}): {top}; see {final}"
         )
 
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
@@ -405,33 +405,33 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
         "prefix_mismatch_pairs": int(
             np.sum(pairs.column("prefix_mismatch").to_numpy(zero_copy_only=False))
         ),
-        "max_tokens_per_row": t.max_tokens_per_row,
+        "max_tokens_per_row": tokenize_cfg.max_tokens_per_row,
         "share_prompt": share,
     }
     row_id, plan = 0, []
     for split, mask in (("train", ~eval_mask), ("eval", eval_mask)):
         index = np.nonzero(mask)[0]
-        bins = packing.first_fit_decreasing(lengths[index], t.max_tokens_per_row)
+        bins = packing.first_fit_decreasing(lengths[index], tokenize_cfg.max_tokens_per_row)
         bins = packing.shuffled([[int(index[i]) for i in b] for b in bins], seed)
         plan += [{"name": f"{split}-{k:05d}.parquet", "first_row_id": row_id + start,
-                  "bins": bins[start:start + t.rows_per_shard]}
-                 for k, start in enumerate(range(0, len(bins), t.rows_per_shard))]
+                  "bins": bins[start:start + tokenize_cfg.rows_per_shard]}
+                 for k, start in enumerate(range(0, len(bins), tokenize_cfg.rows_per_shard))]
         row_id += len(bins)
         tokens = int(lengths[index].sum())
-        capacity = len(bins) * t.max_tokens_per_row
+        capacity = len(bins) * tokenize_cfg.max_tokens_per_row
         stats[split] = {
             "pairs": int(len(index)),
             "rows": len(bins),
             "tokens": tokens,  # stored in rows (what the model computes)
             "shared_prompt_tokens": int(shared[index].sum()),  # not stored twice
             "waste_fraction": round(1 - tokens / capacity, 6) if capacity else 0.0,
-            "pair_tokens_histogram": length_histogram(lengths[index], t.max_tokens_per_row),
+            "pair_tokens_histogram": length_histogram(lengths[index], tokenize_cfg.max_tokens_per_row),
         }
     stats["rows"] = stats["train"]["rows"] + stats["eval"]["rows"]
     stats["tokens"] = stats["train"]["tokens"] + stats["eval"]["tokens"]
     if stats["train"]["rows"] == 0:
         raise ValueError("tokenize: no training pairs left (all quarantined or in eval)")
-    groups = shard_groups(pairs, plan, held, t.pack_buffer_tokens)
+    groups = shard_groups(pairs, plan, held, tokenize_cfg.pack_buffer_tokens)
     stats["write_groups"] = len(groups)
     for group in groups:
         group.update(units_dir=str(out_dir / UNITS_DIR), out_dir=str(out_dir), share_prompt=share)
@@ -482,7 +482,7 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         units_dir.rmtree()
 
 
-def run_local(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+def run_in_process(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     from pipeline.config import to_dict
 
     def tokenize_units(chunks, units_dir):
@@ -492,12 +492,12 @@ def run_local(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]
     return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local)
 
 
-def run(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+def run_on_ray(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
     import ray
 
     from pipeline.config import for_workers
 
-    t = cfg.tokenize
+    tokenize_cfg = cfg.tokenize
 
     def tokenize_units(chunks, units_dir):
         if not chunks:
@@ -507,13 +507,13 @@ def run(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
             fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir)},
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(t.actors, len(chunks))),
-            num_cpus=t.num_cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=min(tokenize_cfg.actors, len(chunks))),
+            num_cpus=tokenize_cfg.num_cpus_per_actor,
         )
         return ray.get(ds.to_arrow_refs())  # per-pair columns only: the token lists stay in files
 
     def write_groups(groups):
-        task = ray.remote(num_cpus=t.num_cpus_per_actor)(write_shard_group)
+        task = ray.remote(num_cpus=tokenize_cfg.num_cpus_per_actor)(write_shard_group)
         return ray.get([task.remote(**group) for group in groups])
 
     return tokenize_all(cfg, out_dir, tokenize_units, write_groups)

@@ -1,13 +1,17 @@
-"""Shared fixtures: demo assets built once, one Ray cluster per test session.
+"""Shared fixtures: demo assets built once, one Ray cluster per test session, and the
+guard of the test tiers.
 
 The cluster is started with ``address="local"`` (a private cluster, never a leftover one
 on the machine) and every pipeline run in the session reuses it.
+
+Tiers: a test that starts Ray or a subprocess is marked ``slow``; ``make test-fast`` runs
+the others (``-m "not slow"``). A test outside the slow tier that starts either fails,
+naming itself, so the fast tier stays fast. Helpers shared by test modules are in
+helpers.py.
 """
 
 import os
-import signal
-import threading
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-from helpers import tiny_config  # noqa: E402,F401  (moving to helpers)
 from pipeline.demo import make_assets  # noqa: E402
 
 
@@ -47,65 +50,22 @@ def ray_cluster():
     ray.shutdown()
 
 
-class Killer(threading.Thread):
-    """SIGKILLs the first process whose command line names ``name`` (a Ray actor's class)
-    once ``ready()`` is true; ``killed`` holds its pid."""
-
-    def __init__(self, name: str, ready, timeout: float = 300.0):
-        super().__init__(daemon=True)
-        self.name_in_cmdline, self.ready, self.timeout = name, ready, timeout
-        self.killed: list[int] = []
-
-    def run(self) -> None:
-        import psutil
-
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.ready():
-                pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                        if any(self.name_in_cmdline in part for part in (p.info["cmdline"] or []))]
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    self.killed.append(pids[0])
-                    return
-            time.sleep(0.02)
+class FastTierViolation(RuntimeError):
+    pass
 
 
-def shared_and_unshared_rows(g, pairs):
-    """The same random pairs of (prompt, chosen, rejected) lengths as one packed row twice,
-    in the stored row format: unshared segments [P C][P R], and shared ones [P C][R]
-    (tokenize.share_prompt)."""
-    import torch
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("slow"):
+        return
 
-    unshared = {"input_ids": [], "position_ids": [], "seq_lens": [], "prompt_lens": []}
-    shared = {"input_ids": [], "position_ids": [], "seq_lens": [], "prompt_lens": []}
-    for p, c, r in pairs:
-        prompt, chosen, rejected = (torch.randint(3, 500, (n,), generator=g).tolist() for n in (p, c, r))
-        unshared["input_ids"] += prompt + chosen + prompt + rejected
-        unshared["position_ids"] += list(range(p + c)) + list(range(p + r))
-        unshared["seq_lens"] += [p + c, p + r]
-        unshared["prompt_lens"] += [p, p]
-        shared["input_ids"] += prompt + chosen + rejected
-        shared["position_ids"] += list(range(p + c)) + list(range(p, p + r))
-        shared["seq_lens"] += [p + c, r]
-        shared["prompt_lens"] += [p, 0]
-    return unshared, shared
+    def refuse(*args, **kwargs):
+        raise FastTierViolation(f"{request.node.nodeid} started a subprocess or Ray but is not marked "
+                                f"slow: mark it @pytest.mark.slow (the fast tier starts neither)")
 
+    if "ray_cluster" in request.fixturenames:
+        refuse()
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    import ray
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False):
-    """The semantics of torch's ``varlen_attn`` with causal attention (flash attention's,
-    aligned to the last key), written out in plain torch: the oracle for the CPU, where
-    the flash kernel does not exist (tests/test_gpu.py runs the kernel itself)."""
-    import torch
-
-    outs = []
-    for s in range(cu_q.numel() - 1):
-        qs, ks, vs = (x[c[s]:c[s + 1]].transpose(0, 1).double()
-                      for x, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
-        assert qs.shape[1] <= max_q and ks.shape[1] <= max_k
-        if enable_gqa:
-            ks, vs = (x.repeat_interleave(qs.shape[0] // x.shape[0], dim=0) for x in (ks, vs))
-        scores = qs @ ks.transpose(1, 2) * (scale if scale is not None else qs.shape[-1] ** -0.5)
-        keep = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(ks.shape[1] - qs.shape[1])
-        outs.append((scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vs).transpose(0, 1).to(q.dtype))
-    return torch.cat(outs)
+    monkeypatch.setattr(ray, "init", refuse)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline.config import dump_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -61,7 +62,7 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         cfg = tiny_config(assets, tmp_path / "run", train={"max_steps": 4, "eval_steps": 100})
         config = tmp_path / "job.yaml"
         config.write_text(dump_yaml(cfg))
-        for attempt in range(30):
+        for _attempt in range(30):
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
                  str(REPO), "--", sys.executable, "-m", "pipeline", "run", str(config)],
@@ -93,7 +94,7 @@ def test_deepspeed_config_worked_values(assets, tmp_path):
     from cluster.deepspeed_config import build_ds_config
 
     cpu = tiny_config(assets, tmp_path, train={"gradient_accumulation_steps": 4, "max_grad_norm": 0.5})
-    ds = build_ds_config(cpu, world_size=2)
+    ds = build_ds_config(cpu.train, cpu.model.dtype, world_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 4, 8)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
     zero = ds["zero_optimization"]
@@ -101,5 +102,5 @@ def test_deepspeed_config_worked_values(assets, tmp_path):
     assert zero["memory_efficient_linear"] is False  # cluster/zero3_linear.py replaces it
     gpu = tiny_config(assets, tmp_path, train={"use_gpu": True})
     gpu.model.dtype = "bfloat16"
-    ds = build_ds_config(gpu, world_size=8)
+    ds = build_ds_config(gpu.train, gpu.model.dtype, world_size=8)
     assert ds["zero_optimization"]["overlap_comm"] is True and ds["bf16"] == {"enabled": True}

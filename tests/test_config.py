@@ -70,6 +70,7 @@ def test_share_prompt_follows_the_attention_and_refuses_what_cannot_run_it(tmp_p
         load_config(write(tmp_path, BASE), ["model.attn_implementation=flash_attention_2", "tokenize.share_prompt=true"])
 
 
+@pytest.mark.slow
 def test_cli_reports_a_typo_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "tiny.yaml"), "train.bta=0.2"],
@@ -102,13 +103,15 @@ def test_impossible_loss_settings_name_the_setting(tmp_path, overrides, message)
 
 
 def test_reference_free_losses_skip_scoring(tmp_path):
-    from pipeline.config import loss_plan, needs_reference
+    from pipeline.config import build_loss
 
-    assert not needs_reference(load_config(write(tmp_path, BASE), ["train.loss_type=simpo"]))
-    assert not needs_reference(load_config(write(tmp_path, BASE), ["train.reference_free=true"]))
-    assert needs_reference(load_config(write(tmp_path, BASE), ["train.loss_type=[simpo, sigmoid]"]))
-    cfg = load_config(write(tmp_path, BASE), ["train.rpo_alpha=0.3", "train.loss_type=aot_pair"])
-    assert loss_plan(cfg.train) == (["aot_unpaired", "sft"], [1.0, 0.3])
+    def loss(*overrides):
+        return build_loss(load_config(write(tmp_path, BASE), list(overrides)).train)
+
+    assert not loss("train.loss_type=simpo").needs_reference
+    assert not loss("train.reference_free=true").needs_reference
+    assert loss("train.loss_type=[simpo, sigmoid]").needs_reference
+    assert loss("train.rpo_alpha=0.3", "train.loss_type=aot_pair").terms == (("aot_unpaired", 1.0), ("sft", 0.3))
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-1.5b-1node.yaml", "llama3.1-8b-multinode.yaml"])

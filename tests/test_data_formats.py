@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline.config import config_from_dict, to_dict
 from pipeline.packing import first_fit_decreasing
 from stages import tokenize
@@ -46,7 +46,7 @@ def run_stage(assets, tmp_path, files=None, hf_dataset=None, **groups):
     cfg = config_from_dict(raw)
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
-    shards, stats = tokenize.run_local(cfg, out)
+    shards, stats = tokenize.run_in_process(cfg, out)
     rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*-0*.parquet"))]).to_pylist()
     quarantine = pq.read_table(out / "quarantine.parquet").to_pylist()
     return stats, rows, quarantine

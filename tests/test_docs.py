@@ -7,17 +7,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".git", ".venv", "runs", "__pycache__", ".ci", ".pytest_cache", ".whl", "node_modules"}
 # Built from pieces so that this file does not contain what it looks for.
-OUTSIDE_REFERENCES = ("ENVIRON" + "MENT.md", "DES" + "IGN.md", ".." + "/shared")
+OUTSIDE_REFERENCES = ("ENVIRON" + "MENT.md", "DES" + "IGN.md", "DES" + "IGN:", ".." + "/shared")
 
 
 def _generator():
     spec = importlib.util.spec_from_file_location("gen_configuration", REPO / "docs" / "gen_configuration.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

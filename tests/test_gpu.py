@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from conftest import reference_varlen, shared_and_unshared_rows, tiny_config
+from helpers import reference_varlen, shared_and_unshared_rows, tiny_config
 from pipeline.config import ModelConfig, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 from pipeline.logps import packed_token_logps, segment_layout
@@ -169,9 +169,10 @@ def test_score_loop_never_waits_for_the_gpu_and_matches_per_row(assets, tmp_path
             assert torch.equal(torch.tensor(out["ref_logps"], dtype=torch.float32), expected.cpu())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [3, 0])
 def test_step0_is_ln2_in_bf16_on_the_gpu(assets, tmp_path, zero_stage):
-    from test_train_options import biased_qwen2, run_without_ray
+    from helpers import biased_qwen2, run_and_read_metrics
 
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(300, seed=5), data)
@@ -180,7 +181,7 @@ def test_step0_is_ln2_in_bf16_on_the_gpu(assets, tmp_path, zero_stage):
                              "num_workers": 1})
     cfg.model.path = str(biased_qwen2(assets, tmp_path))
     cfg.model.dtype = "bfloat16"
-    records = run_without_ray(cfg, tmp_path)
+    records = run_and_read_metrics(cfg, tmp_path)
     ln2 = float(torch.tensor(math.log(2), dtype=torch.float32))
     step0, step1 = records[0], [r for r in records if "loss" in r][0]
     assert step0["eval_rewards/chosen"] == 0.0 and step0["eval_rewards/rejected"] == 0.0

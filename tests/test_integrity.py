@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline import runner
 from pipeline.config import config_from_dict, redact, to_dict
 from pipeline.demo import make_pairs, write_jsonl

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import reference_varlen, shared_and_unshared_rows
+from helpers import reference_varlen, shared_and_unshared_rows
 
 from pipeline.logps import (
     lm_head_target_logps,
@@ -95,9 +95,10 @@ def test_sequence_logps_sum_mean_and_ld_weights():
     assert sequence_logps(per_token, layout, ld_alpha=0.5).tolist() == [-1.0 - 0.5 * 6.0, -8.0]
 
 
-@pytest.mark.parametrize("attn", ["segment_sdpa", "sdpa", "eager", "flex_attention"])
+# flex_attention compiles its kernel with inductor, which runs the C++ compiler: slow tier
+@pytest.mark.parametrize("attn", ["segment_sdpa", "sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_packed_row_equals_separate_forwards(assets, attn):
-    """Segments of a packed row must not attend to each other (ENVIRONMENT.md's trap).
+    """Segments of a packed row must not attend to each other (docs/design.md, "Packed rows and attention").
     flex_attention (the GPU fast path: a block-sparse mask, never a dense one) is checked
     here on CPU, where torch compiles it with inductor."""
     from transformers import AutoModelForCausalLM

@@ -49,7 +49,7 @@ def test_gradient_matches_closed_form():
 
 
 def test_unknown_loss_names_the_choices():
-    with pytest.raises(ValueError, match="unknown loss_type 'sigmod'.*sigmoid"):
+    with pytest.raises(ValueError, match="loss_type: 'sigmod' is not one of.*sigmoid"):
         preference_loss(t(-1), t(-1), t(-1), t(-1), loss_type="sigmod")
     assert "sigmoid" in LOSSES
 
@@ -130,7 +130,7 @@ def test_f_divergences_worked_numbers():
                           f_alpha_divergence_coef=0.5)
     delta = 2 * (1 - math.exp(-1)) - 2 * (1 - math.exp(0.5))
     assert out.losses.item() == pytest.approx(sp(-0.1 * delta), abs=1e-12)
-    with pytest.raises(ValueError, match="does not apply to"):
+    with pytest.raises(ValueError, match="f_divergence_type: forward_kl has no valid generalisation for"):
         preference_loss(t(-10), t(-15), t(-12), t(-14), loss_type="bco_pair", f_divergence_type="forward_kl")
 
 

@@ -4,11 +4,11 @@ same log-prob pass, weighted as the model config (or train.router_aux_loss_coef)
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline.config import config_from_dict, to_dict
 from pipeline.losses import router_load_balancing_loss
 from pipeline.modeling import load_causal_lm, moe_router
-from stages.train import pair_loss
+from stages.train import preference_objective
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_aux_loss_is_the_model_configs_weighted_router_loss(assets, mixtral_dir,
     cfg.model.path = str(mixtral_dir)
     model = load_causal_lm(cfg.model.path, cfg.model)
     assert moe_router(model, None) == (0.02, 4, 2)
-    batch, out = pair_loss(model, row(), cfg, "cpu")
+    batch = preference_objective(cfg).pairs(model, row(), "cpu")
     r = row()
     dec = model.get_decoder()(input_ids=torch.tensor([r["input_ids"]]), position_ids=torch.tensor([r["position_ids"]]),
                               use_cache=False, output_router_logits=True)
@@ -67,7 +67,7 @@ def test_router_coefficient_override(assets, mixtral_dir, tmp_path):
     raw = to_dict(cfg)
     raw["model"]["path"] = str(mixtral_dir)
     raw["train"]["router_aux_loss_coef"] = 0.0
-    batch, _ = pair_loss(model, row(), config_from_dict(raw), "cpu")
+    batch = preference_objective(config_from_dict(raw)).pairs(model, row(), "cpu")
     assert batch.aux_loss is None
     dense = load_causal_lm(str(assets["model"]), cfg.model)
     assert moe_router(dense, 0.5) is None

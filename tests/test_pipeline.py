@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline import cli, runner
 from pipeline.config import dump_yaml, load_config
 from pipeline.logps import packed_token_logps, segment_layout, segment_sums
@@ -18,7 +18,7 @@ from pipeline.modeling import row_tensors
 from pipeline.packing import epoch_plan
 from stages.train import RowReader, read_metrics, split_files
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Killer, tiny_config
+from helpers import Killer, tiny_config
 from pipeline import runner
 from pipeline.rundir import read_manifest
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_killed_score_actor_is_retried_in_the_same_run(assets, tmp_path, ray_cluster):

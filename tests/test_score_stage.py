@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline import runner
 from pipeline.config import to_dict
 from pipeline.logps import packed_token_logps, segment_layout, segment_sums

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Killer, tiny_config
+from helpers import Killer, tiny_config
 from pipeline.demo import make_pairs
 from stages import tokenize
 
@@ -50,7 +50,7 @@ def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs, share_prompt):
     cfg.data.train_files = files
     out = tmp_path / "out"
     out.mkdir()
-    shards, stats = tokenize.run_local(cfg, out)
+    shards, stats = tokenize.run_in_process(cfg, out)
 
     quarantine = pq.read_table(out / "quarantine.parquet").to_pylist()
     assert Counter(q["reason"] for q in quarantine) == Counter(r for _, r in BAD_LINES)
@@ -89,10 +89,11 @@ def test_too_many_bad_rows_fail_with_a_summary(assets, tmp_path, inputs):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined .*max_bad_fraction"):
-        tokenize.run_local(cfg, out)
+        tokenize.run_in_process(cfg, out)
     assert not (out / tokenize.UNITS_DIR).exists()  # the workers' token lists go either way
 
 
+@pytest.mark.slow
 def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray_cluster):
     files, _ = inputs
     cfg = tiny_config(assets, tmp_path / "run", data_file=files[0],
@@ -101,9 +102,9 @@ def test_ray_and_local_runs_write_identical_shards(assets, tmp_path, inputs, ray
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     local.mkdir()
     ray_out.mkdir()
-    shards_local, stats_local = tokenize.run_local(cfg, local)
+    shards_local, stats_local = tokenize.run_in_process(cfg, local)
     cfg.tokenize.pack_buffer_tokens = 2000  # shards written by several Ray tasks
-    shards_ray, stats_ray = tokenize.run(cfg, ray_out)
+    shards_ray, stats_ray = tokenize.run_on_ray(cfg, ray_out)
     assert [s.sha256 for s in shards_local] == [s.sha256 for s in shards_ray]
     assert stats_local["write_groups"] == 1 and stats_ray["write_groups"] > 2
     assert {**stats_local, "write_groups": 0} == {**stats_ray, "write_groups": 0}
@@ -122,7 +123,7 @@ def test_rows_do_not_depend_on_the_write_buffer(assets, tmp_path, inputs):
         cfg.data.train_files = files
         out = tmp_path / f"out-{buffer}"
         out.mkdir()
-        shards, stats = tokenize.run_local(cfg, out)
+        shards, stats = tokenize.run_in_process(cfg, out)
         written[buffer] = [(s.name, s.sha256) for s in shards], stats.pop("write_groups")
     (one, groups_one), (few, groups_few), (each, groups_each) = written.values()
     assert one == few == each
@@ -208,6 +209,7 @@ def test_assemble_rows_worked_example():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path, ray_cluster):
     """A tokenize actor killed (SIGKILL) once the first unit file is written: Ray Data
@@ -217,10 +219,10 @@ def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path,
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     local.mkdir()
     ray_out.mkdir()
-    shards_local, stats_local = tokenize.run_local(cfg, local)
+    shards_local, stats_local = tokenize.run_in_process(cfg, local)
     killer = Killer("TokenizeChunk", lambda: bool(list((ray_out / tokenize.UNITS_DIR).glob("unit-*.parquet"))))
     killer.start()
-    shards_ray, stats_ray = tokenize.run(cfg, ray_out)
+    shards_ray, stats_ray = tokenize.run_on_ray(cfg, ray_out)
     killer.join()
     assert killer.killed, "no tokenize actor was found to kill"
     assert stats_local["pairs"] == stats_ray["pairs"] == 3000 and stats_local == stats_ray

@@ -2,17 +2,15 @@
 (W&B offline, MLflow on a local file store: no network)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import tiny_config
-from pipeline.config import ConfigError, dump_yaml
+from helpers import run_and_read_metrics, tiny_config, train_dir
+from pipeline.config import ConfigError
 from pipeline.demo import make_pairs, write_jsonl
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wandb_and_mlflow_receive_every_logged_metric(assets, tmp_path):
     data = tmp_path / "pairs.jsonl"
@@ -20,16 +18,11 @@ def test_wandb_and_mlflow_receive_every_logged_metric(assets, tmp_path):
     cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"max_steps": 3, "eval_steps": 2, "report_to": ["tensorboard", "wandb", "mlflow"],
                              "run_name": "tracked"})
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_PROJECT="dpo-test",
+    env = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_PROJECT="dpo-test",
                MLFLOW_TRACKING_URI=f"file://{tmp_path}/mlruns", MLFLOW_ALLOW_FILE_STORE="true",
                MLFLOW_EXPERIMENT_NAME="dpo-test")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
-                          capture_output=True, text=True, timeout=540, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_dir = next((tmp_path / "run" / "train").iterdir())
-    records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    records = run_and_read_metrics(cfg, tmp_path, env=env)
+    out = train_dir(cfg)
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     eval_losses = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert sorted(losses) == [1, 2, 3] and sorted(eval_losses) == [0, 2, 3]
@@ -39,7 +32,7 @@ def test_wandb_and_mlflow_receive_every_logged_metric(assets, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert (run / "tags" / "mlflow.runName").read_text() == "tracked"
-    assert (run / "tags" / "dpo_pipeline.fingerprint").read_text() == train_dir.name
+    assert (run / "tags" / "dpo_pipeline.fingerprint").read_text() == out.name
     logged = [line.split() for line in (run / "metrics" / "train" / "loss").read_text().splitlines()]
     assert {int(step): float(value) for _, value, step in logged} == losses
     logged = [line.split() for line in (run / "metrics" / "eval" / "loss").read_text().splitlines()]
@@ -47,14 +40,14 @@ def test_wandb_and_mlflow_receive_every_logged_metric(assets, tmp_path):
     assert (run / "params" / "train.loss_type").read_text() == "sigmoid"
 
     # W&B (offline): the run file, named by the train fingerprint, holds every logged loss
-    wandb_runs = list((train_dir / "wandb").glob(f"offline-run-*-{train_dir.name}/run-{train_dir.name}.wandb"))
+    wandb_runs = list((out / "wandb").glob(f"offline-run-*-{out.name}/run-{out.name}.wandb"))
     assert len(wandb_runs) == 1
     blob = wandb_runs[0].read_bytes()
     assert b"train/loss" in blob and b"eval/rewards/accuracies" in blob
     for value in list(losses.values()) + list(eval_losses.values()):
         assert json.dumps(value).encode() in blob, value
     # and TensorBoard as before
-    assert list((train_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_unknown_tracker_is_a_config_error(assets, tmp_path):

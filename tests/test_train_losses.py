@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
-from pipeline.config import config_from_dict, needs_reference, to_dict
+from helpers import tiny_config
+from pipeline.config import build_loss, config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 from pipeline.logps import packed_token_logps, segment_layout
 from pipeline.losses import LOSSES
 from pipeline.modeling import load_causal_lm, row_tensors
 from stages import score, tokenize
-from stages.train import RowReader, pair_loss, split_files
+from stages.train import RowReader, preference_objective, split_files
 from test_losses import STEP0
 
 
@@ -27,9 +27,9 @@ def scored(assets, tmp_path_factory):
     tok_dir, score_dir = root / "tok", root / "score"
     tok_dir.mkdir()
     score_dir.mkdir()
-    shards, _ = tokenize.run_local(cfg, tok_dir)
+    shards, _ = tokenize.run_in_process(cfg, tok_dir)
     manifest = {"shards": [s.__dict__ for s in shards]}
-    score.run_local(cfg, tok_dir, manifest, score_dir)
+    score.run_in_process(cfg, tok_dir, manifest, score_dir)
     return cfg, RowReader(split_files(score_dir, "train"))
 
 
@@ -58,8 +58,9 @@ def test_offline_reference_equals_live_reference(scored):
         with torch.no_grad():
             live = packed_token_logps(ref_model, t["input_ids"], t["position_ids"],
                                       segment_layout(t["seq_lens"], t["prompt_lens"])).logps
-        _, out_off = pair_loss(offline, row, cfg, "cpu")
-        _, out_on = pair_loss(online, dict(row, ref_logps=live.tolist()), cfg, "cpu")
+        objective = preference_objective(cfg)
+        out_off = objective.pairs(offline, row, "cpu").loss
+        out_on = objective.pairs(online, dict(row, ref_logps=live.tolist()), "cpu").loss
         for opt, out in ((opt_off, out_off), (opt_on, out_on)):
             opt.zero_grad()
             out.losses.mean().backward()
@@ -82,9 +83,9 @@ def test_each_loss_trains_a_few_steps(scored, loss_type):
     model = load_causal_lm(cfg.model.path, cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     values = []
-    for step in range(4):
-        _, out = pair_loss(model, rows[0], cfg, "cpu")
-        loss = out.losses.mean()
+    objective = preference_objective(cfg)
+    for _ in range(4):
+        loss = objective.pairs(model, rows[0], "cpu").loss.losses.mean()
         opt.zero_grad()
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -92,7 +93,7 @@ def test_each_loss_trains_a_few_steps(scored, loss_type):
         opt.step()
     if loss_type in STEP0:  # reference losses: each one's own value at policy == reference
         assert values[0] == pytest.approx(STEP0[loss_type], abs=1e-5)
-    assert needs_reference(cfg) == (not LOSSES[loss_type].reference_free)
+    assert build_loss(cfg.train).needs_reference == (not LOSSES[loss_type].reference_free)
     assert values[-1] != values[0] and all(math.isfinite(v) for v in values)
 
 
@@ -103,7 +104,7 @@ def test_regularisers_train(scored):
                   {"reference_free": True}):
         c = with_train(cfg, **train)
         model = load_causal_lm(c.model.path, c.model)
-        _, out = pair_loss(model, rows[0], c, "cpu")
+        out = preference_objective(c).pairs(model, rows[0], "cpu").loss
         out.losses.mean().backward()
         assert math.isfinite(out.losses.mean().item()), train
         if "ld_alpha" in train or "aggregation" in train or "f_divergence_type" in train:

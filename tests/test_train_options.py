@@ -8,10 +8,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
-from pipeline.config import dump_yaml
+from helpers import biased_qwen2, run_and_read_metrics, run_cli, tiny_config, train_metrics, write_config
 from pipeline.demo import make_pairs, write_jsonl
-from stages.train import lr_lambda, param_groups
+from stages.train.engine import lr_lambda, param_groups
 
 
 def test_linear_schedule_with_warmup_worked_numbers():
@@ -39,37 +38,7 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(no_decay["params"]) == 3  # linear bias, norm weight, norm bias
 
 
-def run_without_ray(cfg, tmp_path) -> list[dict]:
-    """``python -m pipeline run CONFIG --no-ray`` (one rank in its own process); the metrics."""
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_dir = next((Path(cfg.run_dir) / "train").iterdir())
-    return [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def biased_qwen2(assets, tmp_path) -> Path:
-    """A tiny Qwen2 (biases on q/k/v, set large so they matter) with the demo tokenizer, bf16."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(assets["model"])
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(std=0.5)
-    model_dir = tmp_path / "qwen2-tiny"
-    model.to(torch.bfloat16).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return model_dir
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     """The in-process path (no Ray, one rank) with the non-default numerics options."""
@@ -82,7 +51,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
                              "lr_scheduler_type": "linear", "warmup_steps": 1,
                              "learning_rate": 1e-3, "eval_steps": 100})
     cfg.model.dtype = "bfloat16"
-    records = run_without_ray(cfg, tmp_path)
+    records = run_and_read_metrics(cfg, tmp_path)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # bf16 policy == bf16 reference
@@ -94,32 +63,7 @@ def test_bf16_checkpointing_rmsprop_accumulation_without_ray(assets, tmp_path):
     assert saved["model"]["dtype"] == "bfloat16"
 
 
-# The train loop in-process, with pipeline.offload instrumented: which offload context each
-# micro-batch's forward ran in, and how many saved tensors went through its hooks.
-OFFLOAD_PROBE = """
-import json, sys
-import pipeline.offload as offload
-import stages.train as train
-from pipeline import runner
-from pipeline.config import load_config
-
-contexts, saved = [], [0]
-real_context, real_moves = train.offload_activations, offload.moves
-
-def context(enabled, *args, **kwargs):
-    contexts.append(enabled)
-    return real_context(enabled, *args, **kwargs)
-
-def moves(tensor, *args):
-    saved[0] += 1
-    return real_moves(tensor, *args)
-
-train.offload_activations, offload.moves = context, moves
-runner.run_pipeline(load_config(sys.argv[1]), use_ray=False, log=lambda _: None)
-print(json.dumps({"contexts": contexts, "saved": saved[0]}))
-"""
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("offloading", [True, False])
 def test_activation_offloading_wraps_every_training_forward(assets, tmp_path, offloading):
@@ -131,9 +75,9 @@ def test_activation_offloading_wraps_every_training_forward(assets, tmp_path, of
     cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"gradient_checkpointing": True, "activation_offloading": offloading,
                              "gradient_accumulation_steps": 2, "max_steps": 2, "eval_steps": 100})
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-c", OFFLOAD_PROBE, str(path)], capture_output=True, text=True,
+    path = write_config(cfg, tmp_path / "c.yaml")
+    probe_script = Path(__file__).parent / "offload_probe.py"
+    proc = subprocess.run([sys.executable, str(probe_script), str(path)], capture_output=True, text=True,
                           timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,28 +85,25 @@ def test_activation_offloading_wraps_every_training_forward(assets, tmp_path, of
     assert (probe["saved"] > 0) is offloading
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(300, seed=4), data)
     cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"loss_type": "simpo", "cpo_alpha": 0.0, "max_steps": 2, "eval_steps": 100})
-    path = tmp_path / "c.yaml"
-    path.write_text(dump_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--no-ray"],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = write_config(cfg, tmp_path / "c.yaml")
+    proc = run_cli(path)
     assert "[score] not needed: the loss is reference-free" in proc.stdout
     assert not (tmp_path / "run" / "score").exists()
-    train_dir = next((tmp_path / "run" / "train").iterdir())
-    steps = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    steps = [r for r in train_metrics(cfg) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
-    status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(path)],
-                            capture_output=True, text=True, timeout=120).stdout.splitlines()
+    status = run_cli(path, command="status", timeout=120).stdout.splitlines()
     assert [line.split()[0:3] for line in status[1:]] == [
         ["tokenize", status[1].split()[1], "done"], ["score", "-", "not"], ["train", status[3].split()[1], "done"]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
     """A Qwen2-style model (biases on q/k/v), bf16, ZeRO-3: the policy's step-0 log-probs
@@ -176,7 +117,7 @@ def test_step0_is_ln2_in_bf16_under_zero3_with_linear_biases(assets, tmp_path):
                       train={"max_steps": 1, "eval_steps": 100, "zero_stage": 3})
     cfg.model.path = str(biased_qwen2(assets, tmp_path))
     cfg.model.dtype = "bfloat16"
-    records = run_without_ray(cfg, tmp_path)
+    records = run_and_read_metrics(cfg, tmp_path)
     step0 = records[0]
     assert step0["step"] == 0 and step0["eval_pairs"] > 0
     assert step0["eval_rewards/chosen"] == 0.0 and step0["eval_rewards/rejected"] == 0.0

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from pipeline import runner
 from pipeline.storage import Loc
 from stages.train import read_metrics
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TRAIN = {"max_steps": 10, "save_steps": 5, "eval_steps": 5}
 

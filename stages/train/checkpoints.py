@@ -1,0 +1,118 @@
+"""Checkpoints: save every ``save_steps`` (each rank its own ZeRO partition), keep the last
+``save_total_limit`` complete ones, and resume from the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+from pipeline.storage import Loc
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "COMPLETE.json"  # written in a checkpoint's folder once every rank's part is on disk
+
+
+def complete_checkpoints(out: Loc) -> list[Loc]:
+    """Checkpoint folders whose every rank finished writing, oldest first."""
+    found = [p for p in (Loc(out) / CHECKPOINT_DIR).glob("step-*") if (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: json.loads((p / COMPLETE).read_text())["step"])
+
+
+def rank_files(files: list[str], rank: int) -> list[str]:
+    """The files of a ZeRO checkpoint one rank loads: its own partition
+    (``*zero_pp_rank_<rank>_*``) and the unpartitioned ones."""
+    return [f for f in files if "zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f]
+
+
+def save_checkpoint(engine, ctx, step: int, log) -> None:
+    """Model, optimizer and LR-scheduler state (DeepSpeed, each rank its own part), the
+    step (the data position: plans are deterministic) and the RNG state.
+
+    With a URI run directory each rank writes to its scratch directory and uploads only
+    its own files. DeepSpeed's own ``latest`` is written by rank 0 before the other ranks
+    finish; ours (``COMPLETE.json``, ``latest_complete``) is written only after the barrier
+    that follows every rank's part, so it never names a partial checkpoint. Under Ray Train
+    the complete checkpoint is then registered (``ray.train.report``, no second copy)."""
+    import torch.distributed as dist
+
+    root = ctx.out_dir / CHECKPOINT_DIR
+    tag = f"step-{step:08d}"
+    final = ctx.out / CHECKPOINT_DIR / tag
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           client_state={"step": step, "world_size": ctx.world, "rng": torch.get_rng_state()})
+    if ctx.staged:
+        final.upload(root / tag)
+        shutil.rmtree(root / tag)
+    if dist.is_initialized():
+        dist.barrier()
+    if ctx.rank == 0:
+        info = {"step": step, "world_size": ctx.world, "zero_stage": ctx.train_cfg.zero_stage}
+        (final / COMPLETE).write_text(json.dumps(info))
+        (ctx.out / CHECKPOINT_DIR / "latest_complete").write_text(tag)
+        limit = ctx.train_cfg.save_total_limit
+        for old in complete_checkpoints(ctx.out)[:-limit] if limit else []:
+            old.rmtree()
+        log.sync()
+    if dist.is_initialized():
+        dist.barrier()
+    if ctx.ray_train:
+        register_checkpoint(ctx, step, final)
+
+
+def register_checkpoint(ctx, step: int, final: Loc) -> None:
+    """Tell Ray Train about a complete checkpoint where it already lies: the Ray Train run
+    directory is ``<train output>/checkpoints``, so no upload happens (NO_UPLOAD). Every
+    rank calls ``report``; rank 0 names the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    checkpoint = Checkpoint(path=final.path, filesystem=final.fs) if ctx.rank == 0 else None
+    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=final.name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def checkpoint_to_resume(ctx) -> Loc | None:
+    spec = ctx.train_cfg.resume_from_checkpoint
+    complete = complete_checkpoints(ctx.out)
+    if spec is None:
+        return complete[-1] if complete else None
+    path = Loc(spec) if ("://" in spec or "/" in spec) else ctx.out / CHECKPOINT_DIR / spec
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume_from_checkpoint: {spec} does not exist")
+    if not (path / COMPLETE).is_file():
+        raise RuntimeError(f"train.resume_from_checkpoint: {path} is incomplete (not every rank finished "
+                           f"writing it); complete ones: {[p.name for p in complete]}")
+    return path
+
+
+def resume(engine, ctx, log) -> int:
+    """Load the checkpoint to resume from, if any; returns the steps already done."""
+    path = checkpoint_to_resume(ctx)
+    if path is None:
+        log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
+        return 0
+    info = json.loads((path / COMPLETE).read_text())
+    if info["world_size"] != ctx.world:
+        raise RuntimeError(
+            f"checkpoint {path} was written by {info['world_size']} workers and this run has {ctx.world}: "
+            f"ZeRO partitions and the data plan depend on the worker count. Resume with "
+            f"train.num_workers={info['world_size']}, or start a new run (--force)")
+    if path.remote:  # fetch only this rank's part of the checkpoint
+        local = ctx.out_dir / CHECKPOINT_DIR / path.name
+        for name in rank_files([f.relative_to(path) for f in path.files()], ctx.rank):
+            (path / name).download(local / name)
+        load_root = local.parent
+    else:
+        load_root = path.local.parent
+    load_path, client = engine.load_checkpoint(str(load_root), tag=path.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    torch.set_rng_state(client["rng"])
+    log.fetch()
+    log.truncate_after(client["step"])
+    if ctx.rank == 0:
+        print(f"[train] resumed from {path} at step {client['step']}", flush=True)
+    return int(client["step"])

@@ -1,0 +1,130 @@
+"""The train stage's driver side: its fingerprint, the check that the rows to train on are
+the tokenized rows, the objective built from the config, and the two ways to run the
+ranks: Ray Train (``run_on_ray``) or one rank in this process (``run_in_process``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pyarrow.parquet as pq
+
+from pipeline.config import PipelineConfig, build_loss, for_workers
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.storage import Loc
+
+from .checkpoints import CHECKPOINT_DIR
+from .export import EXPORT_DIR, merge_adapter
+from .loop import WorkerSpec, train_worker
+from .metrics import METRICS_FILE, read_metrics
+from .objective import PreferenceObjective
+from .rows import split_files
+
+STAGE_VERSION = 1
+
+# How a run is checkpointed, resumed, restarted, staged or tracked does not change what it trains.
+RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
+                     "report_to", "run_name")
+
+
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
+    return {
+        "version": STAGE_VERSION,
+        "upstream": upstream,
+        "policy_model": hash_checkpoint(cfg.model.path, "model", cache),
+        "model_settings": asdict(cfg.model) | {"path": None, "reference_path": None,
+                                               "tokenizer_path": None},
+        "train_settings": {k: v for k, v in asdict(cfg.train).items() if k not in RUN_ONLY_SETTINGS},
+    }
+
+
+def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
+    """The train stage's objective: the run's loss object, built once here from the YAML."""
+    return PreferenceObjective(build_loss(cfg.train), cfg.train, cfg.model.logp_chunk_tokens)
+
+
+def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
+    """Before the first step: the rows to train on are the tokenized rows, pair for pair,
+    and the reference columns were scored from them. Refuses, naming what differs."""
+    rows_dir, tokenized_dir = Loc(rows_dir), Loc(tokenized_dir)
+    manifest = read_manifest(rows_dir)
+    if rows_dir != tokenized_dir:
+        upstream = (manifest or {}).get("inputs", {}).get("upstream")
+        if upstream != fingerprints["tokenize"]:
+            raise RuntimeError(f"train: the reference columns in {rows_dir} were scored from tokenize output "
+                               f"{upstream}, not {fingerprints['tokenize']}: rescore (--from score)")
+    for split in ("train", "eval"):
+        ours, theirs = split_files(rows_dir, split), split_files(tokenized_dir, split)
+        if [p.name for p in ours] != [p.name for p in theirs]:
+            raise RuntimeError(f"train: {split} shards differ between {rows_dir} {[p.name for p in ours]} "
+                               f"and {tokenized_dir} {[p.name for p in theirs]}")
+        for a, b in zip(ours, theirs):
+            ids_a, ids_b = (pq.ParquetFile(x.open_input()).read(columns=["pair_ids"]).column(0).to_pylist()
+                            for x in (a, b))
+            if ids_a != ids_b:
+                k = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y) if len(ids_a) == len(ids_b) else 0
+                raise RuntimeError(f"train: {a.name} row {k}: pair_ids {ids_a[k] if ids_a else None} in {rows_dir} "
+                                   f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
+
+
+def summarize(out: Loc) -> dict:
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "step0_loss": train[0]["loss"] if train else None,
+        "final_loss": train[-1]["loss"] if train else None,
+        "eval_step0_loss": evals[0]["eval_loss"] if evals else None,
+        "final_eval": {k: v for k, v in evals[-1].items()} if evals else {},
+        "rows": int(sum(r["rows"] for r in train)),
+        "tokens": int(sum(r["tokens"] for r in train)),
+        "export": str(Loc(out) / EXPORT_DIR),
+    }
+
+
+def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
+    return WorkerSpec(for_workers(cfg), preference_objective(cfg), str(Loc(rows_dir)), str(Loc(out)), info,
+                      ray_train)
+
+
+def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:
+    """The files the manifest commits (metrics and the exported model) and the summary."""
+    out = Loc(out)
+    if cfg.train.merge_adapter:
+        merge_adapter(cfg, out)
+    files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
+    return [ShardInfo.of(f, 0, base=out) for f in files], summarize(out)
+
+
+def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
+    """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
+    ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
+    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    train_worker({"spec": worker_spec(cfg, rows_dir, out, info)})
+    return outputs(cfg, out)
+
+
+def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
+    """``train.num_workers`` ranks placed by Ray Train, restarted ``train.max_failures`` times."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    out = Loc(out)
+    train_cfg = cfg.train
+    resources = {"CPU": train_cfg.cpus_per_worker}
+    if train_cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": worker_spec(cfg, rows_dir, out, info, ray_train=True)},
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        # Ray Train's run directory is our checkpoints folder, so registering a checkpoint
+        # (register_checkpoint) copies nothing.
+        run_config=RunConfig(storage_path=str(out), name=CHECKPOINT_DIR,
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
+    )
+    trainer.fit()
+    return outputs(cfg, out)

@@ -1,0 +1,109 @@
+"""The DeepSpeed engine a rank trains: process group, the policy sharded while it loads
+(ZeRO-3), LoRA adapters, the optimizer (no decay on norms and biases) and the schedule."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.modeling import load_causal_lm
+
+
+def init_distributed(backend: str) -> tuple[int, int]:
+    """The process group (Ray Train sets RANK, WORLD_SIZE ...; one rank in-process)."""
+    import deepspeed
+
+    # DeepSpeed's shared-memory comm op is a g++ JIT build (36 s, and it fails without a
+    # compiler) that gloo and NCCL do not need.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)
+    deepspeed.init_distributed(dist_backend=backend)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    """LR multiplier per optimizer step, as transformers' schedules (lr 0 at step 0 of a
+    warmup); cosine decays to ``min_ratio`` (seed minimind's floor) instead of 0."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 placeholders keep the real shape here
+        is_1d = len(shape) < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if is_1d else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, train_cfg.weight_decay)
+    if train_cfg.optimizer == "rmsprop":  # the DPO paper's optimizer
+        return torch.optim.RMSprop(groups, lr=train_cfg.learning_rate, eps=train_cfg.adam_epsilon)
+    return torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                             eps=train_cfg.adam_epsilon)
+
+
+def add_lora(model, lora):
+    """LoRA adapters (peft) on the loaded policy; B starts at 0, so policy == base model
+    (the reference) at step 0. Under ZeRO-3, DeepSpeed partitions the new parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, total_steps: int):
+    """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cluster.deepspeed_config import build_ds_config
+
+    ds_config = build_ds_config(train_cfg, model_cfg.dtype, world)
+    if train_cfg.zero_stage == 3:
+        from cluster import zero3_linear
+
+        zero3_linear.install()  # ZeRO-3's memory-saving linear with torch's forward bits
+    # zero.Init is on while this object lives, so from_pretrained partitions the weights.
+    hf_ds = HfDeepSpeedConfig(ds_config) if train_cfg.zero_stage == 3 else None
+    model = load_causal_lm(model_cfg.path, model_cfg)
+    if hf_ds is not None and not hasattr(next(model.parameters()), "ds_id"):
+        raise RuntimeError("ZeRO-3: the policy was not partitioned while loading "
+                           "(HfDeepSpeedConfig was not active during from_pretrained)")
+    if train_cfg.peft is not None:
+        model = add_lora(model, train_cfg.peft)
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    warmup = train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
+    schedule = lr_lambda(train_cfg.lr_scheduler_type, warmup, total_steps, train_cfg.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, train_cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    engine.train()
+    return engine

@@ -1,0 +1,172 @@
+"""The per-rank training loop, shared by every training stage.
+
+``train_worker`` runs on each Ray Train worker (or in-process as one rank) and reads top
+to bottom: set up the rank, build the engine, resume, then for each step of the seeded
+plan: the objective on each micro-batch, ``engine.backward``, ``engine.step``, metrics;
+eval at step 0, every ``eval_steps`` and at the end; checkpoints; the export. What is
+trained (the objective: DPO's pairs, or another method's rows) is the only part that
+differs between stages; the loop names none of it.
+
+Loss scaling: a step's loss is the sum of per-unit losses (a preference objective's
+pairs) over every micro-batch and rank of the step, divided by the step's unit count,
+which every rank knows from the plan. DeepSpeed divides each micro-batch loss by the
+accumulation steps and averages gradients over ranks; each micro-batch loss is
+multiplied by ``world * accum`` to undo it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
+from pipeline.offload import offload_activations
+from pipeline.packing import MicroBatch, eval_plan
+from pipeline.storage import Loc
+
+from .checkpoints import resume, save_checkpoint
+from .engine import build_engine, init_distributed
+from .export import export_model
+from .metrics import MetricsLog, MetricSums
+from .objective import Objective
+from .rows import RowReader, planned_steps, split_files, steps_per_epoch
+
+
+@dataclass
+class WorkerSpec:
+    """What the driver hands every rank (pickled by Ray Train)."""
+
+    cfg: dict  # the run's config, local paths made absolute (``config.for_workers``)
+    objective: Objective  # what is trained
+    rows_dir: str  # the rows to train on: scored, or tokenized for a reference-free loss
+    out_dir: str  # the stage's output in the run directory (a local path or a URI)
+    info: dict  # fingerprints and config, written next to the exported model
+    ray_train: bool = False  # under Ray Train: checkpoints are registered with it
+
+
+@dataclass
+class RankContext:
+    """What one rank knows about the run; built once by ``setup``, read by the loop's helpers."""
+
+    cfg: PipelineConfig
+    train_cfg: TrainConfig  # the training settings (optimizer, schedule, steps, checkpoints)
+    objective: Objective
+    rank: int
+    world: int
+    device: torch.device
+    train_rows: RowReader
+    eval_rows: RowReader
+    units_per_row: np.ndarray  # the objective's normalising count of each train row
+    steps_per_epoch: int
+    total_steps: int
+    out: Loc  # the stage's output in the run directory (a local path or a URI)
+    out_dir: Path  # where this rank writes: ``out`` itself, or local scratch uploaded to it
+    ray_train: bool = False
+
+    @property
+    def staged(self) -> bool:
+        return self.out.remote
+
+
+def setup(spec: WorkerSpec) -> RankContext:
+    cfg = config_from_dict(spec.cfg)
+    train_cfg = cfg.train
+    use_cuda = train_cfg.use_gpu and torch.cuda.is_available()
+    rank, world = init_distributed("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
+    torch.manual_seed(train_cfg.seed)
+    train_rows = RowReader(split_files(spec.rows_dir, "train"), spec.objective.columns)
+    per_epoch = steps_per_epoch(train_rows.num_rows, world, train_cfg.gradient_accumulation_steps)
+    total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.num_train_epochs * per_epoch
+    out = Loc(spec.out_dir)
+    return RankContext(cfg, train_cfg, spec.objective, rank, world, device, train_rows,
+                       RowReader(split_files(spec.rows_dir, "eval"), spec.objective.columns),
+                       spec.objective.units_per_row(train_rows), per_epoch, total_steps, out,
+                       out.local or scratch_dir(train_cfg, out, rank), spec.ray_train)
+
+
+def scratch_dir(train_cfg: TrainConfig, out: Loc, rank: int) -> Path:
+    """A rank's local working directory for a URI run directory."""
+    import hashlib
+    import tempfile
+
+    root = Path(train_cfg.local_dir or tempfile.gettempdir()) / "dpo-pipeline"
+    path = root / hashlib.sha256(str(out).encode()).hexdigest()[:16] / f"rank-{rank}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBatch]]) -> dict:
+    """One optimizer step: this rank's micro-batches, each scaled so the step's gradient is
+    that of sum(per-unit loss) / (units in the step over all ranks)."""
+    step_units = sum(ctx.units_per_row[mb.row] * mb.weight for rank_plan in step_plan for mb in rank_plan)
+    scale = ctx.world * ctx.train_cfg.gradient_accumulation_steps / step_units
+    lr = engine.get_lr()[0]
+    sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
+    for mb in step_plan[ctx.rank]:
+        with offload_activations(ctx.train_cfg.activation_offloading):
+            out = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
+        loss = out.loss_sum * (mb.weight * scale)
+        if out.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
+            loss = loss + mb.weight * out.aux_loss
+        engine.backward(loss)
+        engine.step()
+        sums.add(out, mb.weight)
+    metrics = sums.reduce()
+    metrics.update(step=step, epoch=step / ctx.steps_per_epoch, learning_rate=lr,
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                   tokens_per_second=metrics["tokens"] / max(time.time() - t0, 1e-9))
+    return metrics
+
+
+def evaluate(engine, ctx: RankContext, step: int) -> dict:
+    sums = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device)
+    engine.module.eval()
+    with torch.no_grad():
+        for mb in eval_plan(ctx.eval_rows.num_rows, ctx.world)[ctx.rank]:
+            sums.add(ctx.objective(engine.module, ctx.eval_rows[mb.row], ctx.device), mb.weight)
+    engine.module.train()
+    return {"step": step, **sums.reduce("eval_")}
+
+
+def write_pid(ctx: RankContext) -> None:
+    """Each rank's pid, so operators (and the tests) can find and kill a worker."""
+    (ctx.out_dir / "workers").mkdir(exist_ok=True)
+    (ctx.out_dir / "workers" / f"rank-{ctx.rank}.pid").write_text(str(os.getpid()))
+
+
+def train_worker(config: dict) -> None:
+    """One rank of training. ``config``: {"spec": WorkerSpec} (Ray Train's loop config)."""
+    # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
+    spec: WorkerSpec = config["spec"]
+    ctx = setup(spec)
+    write_pid(ctx)
+    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps)
+    log = MetricsLog(ctx)
+    train_cfg = ctx.train_cfg
+
+    done = resume(engine, ctx, log)
+    if done == 0:
+        log.write(evaluate(engine, ctx, step=0))
+    for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
+                                         train_cfg.seed, ctx.total_steps, done):
+        log.step(train_step(engine, ctx, step, step_plan))
+        if step % train_cfg.eval_steps == 0 and step < ctx.total_steps:
+            log.write(evaluate(engine, ctx, step))
+        if train_cfg.save_steps and step % train_cfg.save_steps == 0 and step < ctx.total_steps:
+            save_checkpoint(engine, ctx, step, log)
+    log.write(evaluate(engine, ctx, ctx.total_steps))
+    export_model(engine, ctx, spec.info)
+    log.close()
+    log.sync()
