@@ -19,6 +19,12 @@ aligned to the last key, which is exactly the shared-prompt block.
 Registered with transformers' ``AttentionInterface`` under this name and absent from the
 mask interface, so transformers builds no mask for it. Anything that is not one packed
 row (a batch, a padding mask) goes to transformers' own ``sdpa``.
+
+A layer's sliding window (``layer_window``: Mistral, Phi-3, the sliding layers of
+Gemma-2/3 and Qwen2) is applied as transformers defines it, query i seeing keys
+i - window < j <= i in the segment's own positions. Only a segment longer than the window
+needs it: such a segment gets an explicit boolean mask, and its row runs the per-segment
+loop instead of the one variable-length call.
 """
 
 from __future__ import annotations
@@ -126,8 +132,56 @@ def find_blocks(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return [(a, b, a, a) for a, b in zip(bounds, bounds[1:])]
 
 
-def _block(query, key, value, a, b, pa, pb, dropout, scaling, gqa):
-    """Queries [a, b) over keys [pa, pb) + [a, b), causal within [a, b)."""
+# Layer types (transformers' ``config.layer_types``) whose masks are more than causal with
+# an optional sliding window: segment_sdpa cannot compute them.
+MASK_ONLY_LAYER_TYPES = ("chunked_attention", "window_attention", "indexed_attention", "compressed_sparse_attention",
+                         "heavily_compressed_attention", "minimax_m3_sparse", "reference_sliding_attention")
+
+
+def layer_window(module, kwargs: dict) -> int | None:
+    """The sliding window of the attention layer ``module`` (keys i - window < j <= i), or
+    None, read as transformers 5 models carry it: the ``sliding_window`` keyword the layer
+    passes to its attention function (Mistral, Phi-3: ``config.sliding_window``; Gemma-2/3,
+    Qwen2/3: the layer's own, None on full-attention layers); else the module's
+    ``sliding_window`` attribute (Qwen2-MoE sets it on sliding layers only); else the
+    config, as transformers' masks read it (``layer_types[layer_idx]``, or
+    ``sliding_window`` for every layer). Layers whose masks are not causal (chunked,
+    indexed attention) are refused."""
+    config = getattr(module, "config", None)
+    layer_types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    kind = layer_types[idx] if layer_types and isinstance(idx, int) and 0 <= idx < len(layer_types) else None
+    if kind in MASK_ONLY_LAYER_TYPES:
+        raise NotImplementedError(f"segment_sdpa: layer {idx} is {kind}, whose mask SDPA per segment cannot compute; "
+                                  "use model.attn_implementation sdpa, eager or flex_attention")
+    if kwargs.get("sliding_window") is not None:
+        return int(kwargs["sliding_window"])
+    if "sliding_window" in kwargs or "sliding_window" in vars(module):
+        window = getattr(module, "sliding_window", None)
+        return None if window is None else int(window)
+    window = getattr(config, "sliding_window", None)
+    if kind is not None:
+        return window if kind == "sliding_attention" else None
+    return window
+
+
+def _block(query, key, value, a, b, pa, pb, dropout, scaling, gqa, window=None):
+    """Queries [a, b) over keys [pa, pb) + [a, b), causal within [a, b). ``window``: also
+    a sliding window over the block's positions (the prefix's 0 .. P-1, then the segment's
+    P .. P + n - 1), given only where it cuts something."""
+    if window is not None:
+        p, n = pb - pa, b - a
+        q = query[:, :, a:b]
+        k = torch.cat([key[:, :, pa:pb], key[:, :, a:b]], dim=2) if p else key[:, :, a:b]
+        v = torch.cat([value[:, :, pa:pb], value[:, :, a:b]], dim=2) if p else value[:, :, a:b]
+        q_pos = torch.arange(p, p + n, device=q.device)[:, None]
+        k_pos = torch.arange(p + n, device=q.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+        if gqa and q.device.type == "cuda":  # the masked fused kernels expect as many key as query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa)
     if pb == pa:
         return F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
                                               is_causal=True, scale=scaling, enable_gqa=gqa)
@@ -152,7 +206,10 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     ints (``SegmentLayout.blocks``), passed once per forward by
     ``pipeline.logps.packed_token_logps`` (no per-layer device sync); otherwise one causal
     block per segment is found from ``position_ids``. ``segment_varlen``: the same
-    blocks as a ``VarlenPlan`` on the query's device, used where ``varlen_usable``."""
+    blocks as a ``VarlenPlan`` on the query's device, used where ``varlen_usable`` and no
+    segment is longer than the layer's sliding window (``layer_window``): torch's
+    ``varlen_attn`` takes a ``window_size``, but its cuDNN backend refuses one and it is
+    not verified against transformers' window here, so such rows take the loop."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -165,14 +222,14 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     blocks = segment_blocks if segment_blocks is not None else find_blocks(position_ids[0])
     if blocks[-1][1] != query.shape[2]:
         raise ValueError(f"segment_sdpa: segment blocks end at {blocks[-1][1]}, the row has {query.shape[2]} tokens")
-    window = kwargs.get("sliding_window")
-    if window is not None and max(b - a + pb - pa for a, b, pa, pb in blocks) > window:
-        raise NotImplementedError(f"segment_sdpa: a segment is longer than the model's sliding window ({window}); "
-                                  "use model.attn_implementation sdpa or flash_attention_2")
-    if segment_varlen is not None and varlen_usable(query, dropout):
+    window = layer_window(module, kwargs)
+    # the window cuts a block only where its last position (prefix + own tokens - 1) reaches it
+    windows = [window if window is not None and b - a + pb - pa > window else None for a, b, pa, pb in blocks]
+    if segment_varlen is not None and all(w is None for w in windows) and varlen_usable(query, dropout):
         return varlen_forward(query, key, value, segment_varlen, scaling), None
     gqa = query.shape[1] != key.shape[1]
-    outs = [_block(query, key, value, a, b, pa, pb, dropout, scaling, gqa) for a, b, pa, pb in blocks]
+    outs = [_block(query, key, value, a, b, pa, pb, dropout, scaling, gqa, w)
+            for (a, b, pa, pb), w in zip(blocks, windows)]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.logps import SegmentLayout, check_model_supported, segment_layout
+from pipeline.logps import SegmentLayout, check_model_supported, probe_packed_logps, segment_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +34,11 @@ def load_causal_lm(path: str, mcfg: ModelConfig, device: torch.device | str | No
     full copy in host memory (eight 8B-model actors on one node would hold 128 GB there).
     Under ZeRO-3 the caller passes none and keeps an ``HfDeepSpeedConfig`` alive instead,
     so the weights are partitioned while they load instead of materialising on every rank.
+
+    The model is refused (NotImplementedError) where the log-prob pass cannot reproduce it:
+    a logit transform it does not know (``check_model_supported``), or, run on a tiny packed
+    row, log-probs that differ from the model's own forward (``probe_packed_logps``; not
+    here when ZeRO-3 partitioned the weights).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,7 +57,16 @@ def load_causal_lm(path: str, mcfg: ModelConfig, device: torch.device | str | No
     )
     disable_dropout(model)
     check_model_supported(model)
+    if not is_partitioned(model):
+        # Under ZeRO-3 no plain forward runs before the DeepSpeed engine exists: the train
+        # stage probes engine.module after deepspeed.initialize instead.
+        probe_packed_logps(model, path)
     return model
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned the parameters while they loaded."""
+    return hasattr(next(model.parameters()), "ds_id")
 
 
 def row_tensors(row: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

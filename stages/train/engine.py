@@ -9,6 +9,7 @@ import os
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.logps import probe_packed_logps
 from pipeline.modeling import load_causal_lm
 
 
@@ -105,5 +106,10 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    if hf_ds is not None:
+        # The load-time probe of the log-prob pass (pipeline.logps.probe_packed_logps) needs a
+        # forward, which a partitioned model runs only inside its engine; every rank runs it
+        # (the forward gathers parameters collectively), and all refuse alike.
+        probe_packed_logps(engine.module, model_cfg.path)
     engine.train()
     return engine
