@@ -443,6 +443,17 @@ PROBE_ATOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 0.1, tor
 PROBE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-8, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 
 
+def _probe_gap(ours: torch.Tensor, own: torch.Tensor) -> float:
+    """Max |ours - own| where the model's own log-prob is finite (NaN where ours is not).
+
+    Positions where the model's own forward is already NaN/inf say nothing about the
+    packed pass: such weights are the score stage's NaN check to report, naming the rows.
+    """
+    ours, own = ours.cpu(), own.cpu()
+    keep = own.isfinite()
+    return (ours[keep] - own[keep]).abs().max().item() if keep.any() else 0.0
+
+
 def probe_packed_logps(model, name: str | None = None) -> float:
     """Refuse ``model`` unless the packed log-prob pass reproduces its own forward.
 
@@ -476,7 +487,8 @@ def probe_packed_logps(model, name: str | None = None) -> float:
             own, magnitude = [], 0.0
             for seg in segs:
                 logits = model(input_ids=seg[None], use_cache=False).logits[0].float()
-                magnitude = max(magnitude, logits.abs().max().item())
+                finite = logits[logits.isfinite()]
+                magnitude = max(magnitude, finite.abs().max().item() if finite.numel() else 0.0)
                 logp = logits.log_softmax(-1)[:-1].gather(-1, seg[1:, None]).squeeze(-1)
                 own.append(logp[_PROBE_PROMPT - 1:])
             alone = packed_token_logps(model, segs[0], torch.arange(_PROBE_LEN, device=device),
@@ -485,9 +497,8 @@ def probe_packed_logps(model, name: str | None = None) -> float:
                 len(segs)), _device_layout(segment_layout(lens, prompts), device), chunk=3).logps
     finally:
         model.train(was_training)
-    alone_diff = (alone[_PROBE_PROMPT:].cpu() - own[0].cpu()).abs().max().item()
-    packed_diff = max((packed[i * _PROBE_LEN + _PROBE_PROMPT:(i + 1) * _PROBE_LEN].cpu() - own[i].cpu()).abs().max().item()
-                      for i in range(len(segs)))
+    alone_diff = _probe_gap(alone[_PROBE_PROMPT:], own[0])
+    packed_diff = max(_probe_gap(packed[i * _PROBE_LEN + _PROBE_PROMPT:(i + 1) * _PROBE_LEN], own[i]) for i in range(len(segs)))
     tol = PROBE_ATOL.get(dtype, 0.1) + PROBE_RTOL.get(dtype, 2.0**-7) * magnitude
     diff = max(alone_diff, packed_diff)
     if not diff <= tol:  # NaN fails too

@@ -9,13 +9,15 @@ its committed shards and scores only the missing ones.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import yaml
 
-from pipeline.config import PipelineConfig, build_loss, redact, to_dict
+from pipeline.config import ConfigError, PipelineConfig, build_loss, redact, to_dict
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.storage import Loc
 
@@ -85,6 +87,25 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
 
+def check_run_dir(run_dir: str, environ: dict | None = None) -> None:
+    """Refuse a relative ``run_dir`` in a job submitted with ``ray job submit``: the job runs
+    in Ray's temporary copy of its working directory, deleted when the job ends, so the
+    outputs would be lost with it."""
+    environ = os.environ if environ is None else environ
+    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray Jobs for the entrypoint
+    if not job or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
+        return
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except ValueError:
+        working_dir = None
+    where = f"Ray's temporary copy of the job's working directory ({working_dir})" if working_dir else \
+        "a directory Ray manages for the job"
+    raise ConfigError(f"run_dir: {run_dir!r} is relative, and under `ray job submit` it would resolve inside "
+                      f"{where}, which is deleted when the job ends: the outputs would be lost. Use an absolute "
+                      f"path on storage every node sees, or a URI (s3://bucket/prefix)")
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     stages: list[str] | None = None,
@@ -93,6 +114,7 @@ def run_pipeline(
     use_ray: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict]:
+    check_run_dir(cfg.run_dir)
     selected = select_stages(stages, from_stage)
     plans = plan_stages(cfg)
     run_dir = Loc(cfg.run_dir)

@@ -1,7 +1,6 @@
 """Shared test helpers (imported by test modules as ``from helpers import ...``); the
 fixtures live in conftest.py."""
 
-import json
 import os
 import signal
 import subprocess
@@ -59,8 +58,11 @@ def train_dir(cfg) -> Path:
 
 
 def train_metrics(cfg) -> list[dict]:
-    """The records of the train stage's metrics.jsonl, in order."""
-    return [json.loads(line) for line in (train_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    """The records of the train stage's metrics.jsonl, in order (a local or URI run dir)."""
+    from pipeline import runner
+    from stages.train import read_metrics
+
+    return read_metrics(runner.plan_stages(cfg)["train"].dir)
 
 
 def run_and_read_metrics(cfg, tmp_path: Path, *args: str, **kwargs) -> list[dict]:

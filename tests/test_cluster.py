@@ -82,6 +82,16 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         train = json.loads(manifests[2].read_text())
         assert train["stats"]["steps"] == 4
         assert abs(train["stats"]["step0_loss"] - 0.693147) < 1e-6
+
+        # configs/tiny.yaml's run_dir (runs/tiny) is relative: under the job it would land in
+        # Ray's temporary copy of the working directory, so the job refuses it at once
+        rel = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+             str(REPO), "--", sys.executable, "-m", "pipeline", "run", str(config), "run_dir=runs/tiny"],
+            env=env, capture_output=True, text=True, timeout=300)
+        out = rel.stdout + rel.stderr
+        assert rel.returncode != 0 and "error: run_dir: 'runs/tiny' is relative" in out, out[-3000:]
+        assert "[tokenize] running" not in out
     finally:
         head.terminate()
         try:

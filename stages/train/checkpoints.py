@@ -41,24 +41,38 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
     tag = f"step-{step:08d}"
     final = ctx.out / CHECKPOINT_DIR / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
-                           client_state={"step": step, "world_size": ctx.world, "rng": torch.get_rng_state()})
+                           client_state={"step": step, "world_size": ctx.world, **rng_state()})
     if ctx.staged:
         final.upload(root / tag)
         shutil.rmtree(root / tag)
     if dist.is_initialized():
         dist.barrier()
     if ctx.rank == 0:
+        # The metrics up to this step are uploaded before the checkpoint is marked complete:
+        # a resume from it finds every step it does not replay already logged.
+        log.sync()
         info = {"step": step, "world_size": ctx.world, "zero_stage": ctx.train_cfg.zero_stage}
         (final / COMPLETE).write_text(json.dumps(info))
         (ctx.out / CHECKPOINT_DIR / "latest_complete").write_text(tag)
         limit = ctx.train_cfg.save_total_limit
         for old in complete_checkpoints(ctx.out)[:-limit] if limit else []:
             old.rmtree()
-        log.sync()
     if dist.is_initialized():
         dist.barrier()
     if ctx.ray_train:
         register_checkpoint(ctx, step, final)
+
+
+def rng_state() -> dict:
+    """The host RNG and, on a GPU, every device's (LoRA dropout draws from it)."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(client: dict) -> None:
+    torch.set_rng_state(client["rng"])
+    if client.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(client["cuda_rng"])
 
 
 def register_checkpoint(ctx, step: int, final: Loc) -> None:
@@ -110,7 +124,7 @@ def resume(engine, ctx, log) -> int:
                                                load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    torch.set_rng_state(client["rng"])
+    set_rng_state(client)
     log.fetch()
     log.truncate_after(client["step"])
     if ctx.rank == 0:
