@@ -57,6 +57,9 @@ class DataConfig:
     duplicates: Literal["keep", "drop"] = "keep"
     # Fraction of prompts held out for eval (pairs sharing a prompt stay on one side).
     eval_fraction: float = 0.05
+    # Seeds the eval split and the order of packed rows: the data's own seed, so a sweep
+    # over train.seed trains again on the same tokenized and scored rows.
+    seed: int = 42
     # Column of the prompt (absent in the implicit-prompt format).
     prompt_key: str = "prompt"
     # Column of the chosen completion.

@@ -18,6 +18,7 @@ from typing import Callable
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, build_loss, redact, to_dict
+from pipeline.devices import check_ray_cluster_gpus
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.storage import Loc
 
@@ -152,6 +153,8 @@ def run_pipeline(
 
             connect(cfg.cluster, log)
             connected = True
+            # before anything is placed: Ray waits forever for GPUs the cluster cannot have
+            check_ray_cluster_gpus(cfg, [s for s in selected if s in plans])
         log(f"[{name}] running -> {plan.dir}")
         start = time.time()
         shards, stats = _run_stage(name, cfg, plans, use_ray)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
+from pipeline.devices import require_gpu
 from pipeline.logps import packed_token_logps, segment_sums
 from pipeline.modeling import load_causal_lm, row_inputs
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
@@ -60,6 +61,7 @@ def iter_rows(table: pa.Table):
 class ShardScorer:
     def __init__(self, cfg_dict: dict):
         self.cfg = config_from_dict(cfg_dict)
+        require_gpu(self.cfg.score.num_gpus_per_actor > 0, "score.num_gpus_per_actor")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(self.cfg.score.cpu_threads)

@@ -361,7 +361,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     lists are in ``out_dir/_units``; ``write_groups`` runs ``write_shard_group`` over a
     list of its arguments and returns the written shards in order (in-process here, Ray
     tasks in ``run_on_ray``)."""
-    tokenize_cfg, seed = cfg.tokenize, cfg.train.seed
+    tokenize_cfg, seed = cfg.tokenize, cfg.data.seed
     # Ray returns rows in any order: sort by source row so everything after is deterministic.
     order = pc.sort_indices(records, sort_keys=[("source", "ascending"), ("row_index", "ascending"),
                                                 ("expansion", "ascending")])
@@ -463,7 +463,6 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
             k: v for k, v in asdict(cfg.tokenize).items()
             if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template", "pack_buffer_tokens")
         } | {"share_prompt": shares_prompt(cfg)},  # resolved: null's meaning follows the attention
-        "seed": cfg.train.seed,
     }
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from pipeline.config import config_from_dict, dump_yaml
 
 
+class FastTierViolation(RuntimeError):
+    """Raised by conftest's guard when a test outside the slow tier starts a process."""
+
+
 def tiny_config(assets, run_dir, data_file=None, **groups):
     """The demo config, pointed at the session's assets; ``groups`` update sub-configs."""
     raw = {

@@ -52,6 +52,8 @@ def test_each_input_changes_exactly_the_stages_it_feeds(small):
     assert differ(changed(cfg, "model", "dtype", "bfloat16")) == ["score", "train"]
     assert differ(changed(cfg, "model", "attn_implementation", "eager")) == ["score", "train"]
     assert differ(changed(cfg, "train", "beta", 0.3)) == ["train"]
+    assert differ(changed(cfg, "train", "seed", 7)) == ["train"]  # epoch plans, torch
+    assert differ(changed(cfg, "data", "seed", 7)) == ["tokenize", "score", "train"]  # split, row shuffle
     # settings that do not change any output
     assert differ(changed(cfg, "tokenize", "actors", 2)) == []
     assert differ(changed(cfg, "tokenize", "pack_buffer_tokens", 5)) == []
@@ -79,6 +81,23 @@ def test_each_input_changes_exactly_the_stages_it_feeds(small):
     assert differ(fps(cfg)) == ["score", "train"]  # reference weights (= the policy's start)
     (model / "model.safetensors").touch()  # a new mtime alone re-hashes, same content
     assert fps(cfg) == fps(cfg) and differ(fps(cfg)) == ["score", "train"]
+
+
+def test_a_train_seed_sweep_reuses_the_tokenized_and_scored_rows(small):
+    """train.seed seeds the epoch plans and torch only; the split and the row shuffle are
+    data.seed's, so a seed sweep trains again on the same rows and never rescores."""
+    cfg, _ = small
+    first = runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    raw = to_dict(cfg)
+    raw["train"]["seed"] = 7
+    sweep = runner.run_pipeline(config_from_dict(raw), stages=["tokenize", "score"], use_ray=False,
+                                log=lambda _: None)
+    assert [r["ran"] for r in sweep.values()] == [False, False]  # done: both skip
+    assert [sweep[s]["dir"] for s in ("tokenize", "score")] == [first[s]["dir"] for s in ("tokenize", "score")]
+    assert runner.plan_stages(config_from_dict(raw))["train"].dir != runner.plan_stages(cfg)["train"].dir
+    raw["data"]["seed"] = 7
+    resplit = runner.run_pipeline(config_from_dict(raw), stages=["tokenize"], use_ray=False, log=lambda _: None)
+    assert resplit["tokenize"]["ran"] and resplit["tokenize"]["dir"] != first["tokenize"]["dir"]
 
 
 def test_stage_version_is_in_the_fingerprint(small, monkeypatch):
@@ -117,7 +136,7 @@ def test_train_refuses_rows_whose_pair_ids_differ(small, assets, tmp_path):
     fingerprints = {k: p.fingerprint for k, p in plans.items()}
     train.verify_rows(plans["score"].dir, plans["tokenize"].dir, fingerprints)  # consistent: no error
     other = tiny_config(assets, tmp_path / "other", data_file=cfg.data.train_files[0],
-                        tokenize={"max_tokens_per_row": 256, "rows_per_shard": 4}, train={"seed": 7})
+                        tokenize={"max_tokens_per_row": 256, "rows_per_shard": 4}, data={"seed": 7})
     runner.run_pipeline(other, stages=["tokenize"], use_ray=False, log=lambda _: None)
     other_tok = Path(runner.plan_stages(other)["tokenize"].dir)
     # the same pairs packed with another seed: same shard names, other pairs in each row

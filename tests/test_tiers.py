@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import ray
-from conftest import FastTierViolation
+from helpers import FastTierViolation
 
 
 def test_a_fast_test_that_starts_a_subprocess_fails():

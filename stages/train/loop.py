@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
+from pipeline.devices import require_gpu
 from pipeline.offload import offload_activations
 from pipeline.packing import MicroBatch, eval_plan
 from pipeline.storage import Loc
@@ -77,7 +78,8 @@ class RankContext:
 def setup(spec: WorkerSpec) -> RankContext:
     cfg = config_from_dict(spec.cfg)
     train_cfg = cfg.train
-    use_cuda = train_cfg.use_gpu and torch.cuda.is_available()
+    require_gpu(train_cfg.use_gpu, "train.use_gpu")
+    use_cuda = train_cfg.use_gpu
     rank, world = init_distributed("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
     if use_cuda:

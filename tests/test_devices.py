@@ -1,0 +1,66 @@
+"""A GPU job with no GPU stops at once with the reason: in the process that computes (no
+CUDA device), and on the driver before anything is placed (a Ray cluster with no GPU
+resource, where Ray would otherwise wait forever)."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from pipeline import runner
+from pipeline.config import for_workers
+from pipeline.devices import NoGPUError, check_cluster_gpus
+from pipeline.rundir import stage_state
+from stages.score import ShardScorer
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def test_the_driver_check_counts_gpus_per_stage(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path, score={"num_gpus_per_actor": 1},
+                      train={"use_gpu": True, "num_workers": 4})
+    with pytest.raises(NoGPUError, match=r"score.num_gpus_per_actor needs 1 GPU\(s\), but the Ray cluster has 0: "
+                                         r"Ray would wait for them forever"):
+        check_cluster_gpus(cfg, ["tokenize", "score", "train"], {"CPU": 16.0}, None)
+    with pytest.raises(NoGPUError, match=r"train.use_gpu needs 4 GPU\(s\), but the Ray cluster has 2 "
+                                         r"\(and its autoscaler can add at most 2"):
+        check_cluster_gpus(cfg, ["train"], {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16, "GPU": 2})
+    check_cluster_gpus(cfg, ["tokenize"], {"CPU": 16.0}, None)  # tokenize needs none
+    # an autoscaler that can bring GPU nodes up: the request is not refused
+    check_cluster_gpus(cfg, ["score", "train"], {"CPU": 16.0}, {"CPU": 192, "GPU": 32})
+    cpu = tiny_config(assets, tmp_path)
+    check_cluster_gpus(cpu, ["tokenize", "score", "train"], {"CPU": 2.0}, None)
+
+
+@no_cuda
+def test_a_score_actor_that_asks_for_a_gpu_and_sees_none_refuses_before_loading(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path, score={"num_gpus_per_actor": 1})
+    with pytest.raises(NoGPUError, match="score.num_gpus_per_actor asks for a GPU, but this process sees "
+                                         "no CUDA device"):
+        ShardScorer(for_workers(cfg))
+
+
+@no_cuda
+def test_a_no_ray_train_with_use_gpu_and_no_cuda_refuses_instead_of_training_on_the_cpu(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
+                      train={"use_gpu": True, "num_workers": 1, "max_steps": 2})
+    runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    with pytest.raises(NoGPUError, match="train.use_gpu asks for a GPU"):
+        runner.run_pipeline(cfg, stages=["train"], use_ray=False, log=lambda _: None)
+    train_dir = Path(runner.plan_stages(cfg)["train"].dir)
+    assert not (train_dir / "metrics.jsonl").exists()  # no step ran
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ray_cluster_without_gpus_refuses_a_gpu_score_before_placing_anything(assets, tmp_path, ray_cluster):
+    cfg = tiny_config(assets, tmp_path / "run", score={"num_gpus_per_actor": 1},
+                      cluster={"address": ray_cluster})
+    start = time.time()
+    with pytest.raises(NoGPUError, match=r"score.num_gpus_per_actor needs 1 GPU\(s\), but the Ray cluster has 0"):
+        runner.run_pipeline(cfg, log=lambda _: None)
+    assert time.time() - start < 60
+    # refused on connecting, before the first stage: tokenize did not run either
+    assert stage_state(runner.plan_stages(cfg)["tokenize"].dir) != "done"
