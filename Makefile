@@ -23,7 +23,7 @@ demo: install
 test: install lint
 	$(PY) -m pytest -q tests
 
-# The fast tier: tests that start neither Ray nor a subprocess (under 3 minutes on 2 cores).
+# The fast tier: tests that start neither Ray nor a subprocess (about a minute on 2 cores).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -11,18 +11,17 @@ from pipeline.config import TrainConfig
 
 
 def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int) -> dict:
-    t = train_cfg
     ds: dict = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.gradient_accumulation_steps * world_size,
-        "gradient_clipping": t.max_grad_norm,
+        "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
+        "train_batch_size": train_cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": train_cfg.max_grad_norm,
         "zero_optimization": {
-            "stage": t.zero_stage,
+            "stage": train_cfg.zero_stage,
             # On GPUs the gradient reduce-scatter runs on its own stream beside the
             # backward (DeepSpeed's and HF's recommended ZeRO-3 setting); gloo on CPU has
             # no streams to overlap on.
-            "overlap_comm": bool(t.use_gpu),
+            "overlap_comm": bool(train_cfg.use_gpu),
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": True,
             # DeepSpeed's F.linear replacement rounds twice in bf16 (matmul, += bias); the
@@ -32,7 +31,7 @@ def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int) -> dict
         },
         # ZeRO wraps any torch optimizer; DeepSpeed only whitelists Adam-family ones, so
         # RMSprop (the DPO paper's) needs this flag.
-        "zero_allow_untested_optimizer": t.optimizer != "adamw",
+        "zero_allow_untested_optimizer": train_cfg.optimizer != "adamw",
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # the pipeline logs its own metrics

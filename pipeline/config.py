@@ -432,8 +432,9 @@ def _validate(cfg: PipelineConfig) -> None:
 
 
 def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
-    """The run's loss object from the flat, TRL-named ``train`` fields: built here once (at
-    config load, which checks it, and in each worker's setup), then held by the run."""
+    """The run's loss object from the flat, TRL-named ``train`` fields. Built at config load
+    (which checks it), by the runner (is there a score stage?) and once by the train
+    driver, whose object the ranks receive."""
     import dataclasses as dc
 
     from pipeline.losses import LossSettingError, PreferenceLoss
@@ -448,6 +449,8 @@ def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
 def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
     """Loss settings that meet the log-prob pass's: aggregation, LD-DPO, WPO, and the
     options that need a live reference model."""
+    from pipeline.losses import LOSSES
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
@@ -457,10 +460,11 @@ def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
         need(train_cfg.aggregation == "sum", "train.ld_alpha: LD-DPO re-weights summed log-probs; "
                                      "use train.aggregation: sum")
     if train_cfg.aggregation == "mean":
-        normed = [x for x in names if x in ("ipo", "sigmoid_norm", "simpo", "orpo")]
+        normed = [x for x in names if LOSSES[x].length_normalised]
         need(not normed, f"train.aggregation: mean would length-normalise {normed} twice")
-    need(not (train_cfg.use_weighting and {"aot", "aot_unpaired"} & set(names)),
-         "train.use_weighting: WPO weights are per pair and aot/aot_unpaired sort pairs")
+    sorting = [x for x in names if LOSSES[x].sorts_pairs]
+    need(not (train_cfg.use_weighting and sorting),
+         f"train.use_weighting: WPO weights are per pair and {'/'.join(sorting)} sort pairs")
     need(not train_cfg.sync_ref_model,
          "train.sync_ref_model: TR-DPO updates the reference during training; this pipeline scores "
          "the reference once, offline (no reference model at train time)")

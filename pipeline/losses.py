@@ -1,9 +1,9 @@
 """Preference losses: pure functions of per-pair sequence log-probs, looked up by name.
 
-A run's loss is a value, built once from its settings (TRL's DPOConfig names) and called
-on every batch of pairs, as torchtune's ``DPOLoss``::
+A run's loss is a value, built from its settings (TRL's DPOConfig names), checked when
+built, and called on every batch of pairs, as torchtune's ``DPOLoss``::
 
-    loss = PreferenceLoss(loss_type="sigmoid", beta=0.1)     # checked here, once
+    loss = PreferenceLoss(loss_type="sigmoid", beta=0.1)     # checked here
     losses, chosen_rewards, rejected_rewards = loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,  # (B,)
         chosen_lengths=None, rejected_lengths=None,  # completion tokens, (B,)
@@ -75,6 +75,8 @@ class LossSpec:
     f_divergence: bool = False  # built on the chosen-rejected score difference
     label_smoothing: bool = False  # reads label_smoothing
     rewards: str = "logratio"  # logratio: beta*(logp - ref); logp: beta*logp; mean_logp: beta*logp/len
+    length_normalised: bool = False  # normalises by length itself (aggregation: mean would do it twice)
+    sorts_pairs: bool = False  # couples the pairs of a batch (per-pair WPO weights do not apply)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -117,7 +119,7 @@ def hinge(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     return torch.relu(1 - o.beta * p.delta_score)
 
 
-@register("ipo", f_divergence=True)
+@register("ipo", f_divergence=True, length_normalised=True)
 def ipo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), beta = tau, with TRL's per-token
     normalisation: :math:`(s_w/|y_w| - s_l/|y_l| - \frac{1}{2\beta})^2`."""
@@ -168,7 +170,7 @@ def sppo_hard(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     return (p.chosen_logratios - 0.5 / o.beta) ** 2 + (p.rejected_logratios + 0.5 / o.beta) ** 2
 
 
-@register("aot", label_smoothing=True)
+@register("aot", label_smoothing=True, sorts_pairs=True)
 def aot(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): sort the policy and reference
     chosen-minus-rejected log-prob differences across the batch (here: the pairs of a packed
@@ -178,7 +180,7 @@ def aot(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     return _smoothed_sigmoid(o.beta * delta, o.label_smoothing)
 
 
-@register("aot_unpaired", label_smoothing=True)
+@register("aot_unpaired", label_smoothing=True, sorts_pairs=True)
 def aot_unpaired(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, unpaired (Melnyk et al. 2024): :math:`\Delta = \mathrm{sort}(\rho_w) - \mathrm{sort}(\rho_l)`
     across the batch, then the smoothed sigmoid. Also accepted as ``aot_pair``."""
@@ -211,7 +213,7 @@ def discopop(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
 
 
-@register("sigmoid_norm", f_divergence=True)
+@register("sigmoid_norm", f_divergence=True, length_normalised=True)
 def sigmoid_norm(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""Length-normalised DPO (TRL 1.16 ``sigmoid_norm``):
     :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`."""
@@ -231,7 +233,7 @@ def sft(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 # ----------------------------------------------------------------------------- reference-free
 
 
-@register("simpo", reference_free=True, label_smoothing=True, rewards="mean_logp")
+@register("simpo", reference_free=True, label_smoothing=True, rewards="mean_logp", length_normalised=True)
 def simpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""SimPO (Meng et al. 2024, arXiv:2405.14734), as TRL's CPO trainer with
     ``loss_type="simpo"``: :math:`-\log\sigma(\beta(\bar{\log\pi}_w - \bar{\log\pi}_l) - \gamma)`
@@ -255,7 +257,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-@register("orpo", reference_free=True, rewards="mean_logp")
+@register("orpo", reference_free=True, rewards="mean_logp", length_normalised=True)
 def orpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
     r"""ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 4 and 7), on length-averaged logps:
     :math:`\mathcal{L}_{NLL} - \beta\log\sigma\Big(\log\frac{\bar p_w}{1-\bar p_w} - \log\frac{\bar p_l}{1-\bar p_l}\Big)`."""

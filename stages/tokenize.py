@@ -34,7 +34,7 @@ from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.storage import Loc
 
-STAGE_VERSION = 3  # 3: rows may share prompts
+STAGE_VERSION = 4  # 3: rows may share prompts; 4: data.seed (not train.seed) seeds the split and shuffle
 ROW_GROUP_ROWS = 16  # small row groups: the trainer reads rows at random
 
 PAIR_SCHEMA = pa.schema(

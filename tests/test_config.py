@@ -1,10 +1,9 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import run_cli
 from pipeline.config import ConfigError, dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +70,8 @@ def test_share_prompt_follows_the_attention_and_refuses_what_cannot_run_it(tmp_p
 
 
 @pytest.mark.slow
-def test_cli_reports_a_typo_without_a_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "tiny.yaml"), "train.bta=0.2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )
+def test_cli_reports_a_typo_without_a_traceback():
+    proc = run_cli(REPO / "configs" / "tiny.yaml", "train.bta=0.2", check=False, timeout=120)
     assert proc.returncode == 2
     assert "error: unknown config key train.bta" in proc.stderr
     assert "Traceback" not in proc.stderr

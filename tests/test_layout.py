@@ -27,3 +27,14 @@ def test_the_loop_names_no_preference_concept():
     dpo_words = {"pair", "pairs", "chosen", "rejected", "beta", "reference", "ref_logps", "PreferenceLoss",
                  "preference_loss", "PreferenceObjective"}
     assert not names & dpo_words, names & dpo_words
+
+
+def test_the_shared_modules_import_no_training_method():
+    """The loop and its helpers reach a method only through the Objective it is given."""
+    shared = ["loop.py", "metrics.py", "objective.py", "checkpoints.py", "engine.py", "rows.py", "export.py"]
+    imported = {}
+    for name in shared:
+        tree = ast.parse((TRAIN / name).read_text())
+        imported[name] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    method_modules = {"pipeline.losses", "preference", "driver"}
+    assert {k: v & method_modules for k, v in imported.items() if v & method_modules} == {}

@@ -16,7 +16,7 @@ from .checkpoints import CHECKPOINT_DIR
 from .export import EXPORT_DIR, merge_adapter
 from .loop import WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
-from .objective import PreferenceObjective
+from .preference import PreferenceObjective
 from .rows import split_files
 
 STAGE_VERSION = 1

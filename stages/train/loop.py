@@ -43,7 +43,7 @@ from .rows import RowReader, planned_steps, split_files, steps_per_epoch
 class WorkerSpec:
     """What the driver hands every rank (pickled by Ray Train)."""
 
-    cfg: dict  # the run's config, local paths made absolute (``config.for_workers``)
+    cfg_dict: dict  # the run's config as a dict, local paths made absolute (``config.for_workers``)
     objective: Objective  # what is trained
     rows_dir: str  # the rows to train on: scored, or tokenized for a reference-free loss
     out_dir: str  # the stage's output in the run directory (a local path or a URI)
@@ -76,7 +76,7 @@ class RankContext:
 
 
 def setup(spec: WorkerSpec) -> RankContext:
-    cfg = config_from_dict(spec.cfg)
+    cfg = config_from_dict(spec.cfg_dict)
     train_cfg = cfg.train
     require_gpu(train_cfg.use_gpu, "train.use_gpu")
     use_cuda = train_cfg.use_gpu
@@ -117,13 +117,13 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
     for mb in step_plan[ctx.rank]:
         with offload_activations(ctx.train_cfg.activation_offloading):
-            out = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
-        loss = out.loss_sum * (mb.weight * scale)
-        if out.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
-            loss = loss + mb.weight * out.aux_loss
+            row_loss = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
+        loss = row_loss.loss_sum * (mb.weight * scale)
+        if row_loss.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
+            loss = loss + mb.weight * row_loss.aux_loss
         engine.backward(loss)
         engine.step()
-        sums.add(out, mb.weight)
+        sums.add(row_loss, mb.weight)
     metrics = sums.reduce()
     metrics.update(step=step, epoch=step / ctx.steps_per_epoch, learning_rate=lr,
                    grad_norm=float(engine.get_global_grad_norm() or 0.0),
