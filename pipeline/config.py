@@ -542,28 +542,17 @@ def for_workers(cfg: PipelineConfig) -> dict:
     return out
 
 
-SECRET_WORDS = ("token", "key", "secret", "password", "passwd", "credential", "auth")
-
-
-def _redact_secrets(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: ("<redacted>" if isinstance(k, str) and any(w in k.lower() for w in SECRET_WORDS)
-                    and isinstance(v, (str, int, float)) and not isinstance(v, bool) else _redact_secrets(v))
-                for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_redact_secrets(v) for v in raw]
-    return raw
-
-
 def redact(raw: dict) -> dict:
-    """A config dict fit to be written down: in ``cluster.runtime_env`` (its env_vars above
-    all), values of secret-looking keys (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY ...)
-    become "<redacted>". Secrets belong in the environment; they never reach a manifest, a
-    saved config or a log."""
+    """A config dict fit to be written down (``pipeline/redaction.py``): in
+    ``cluster.runtime_env`` the values of secret-looking keys (HF_TOKEN, WANDB_API_KEY ...),
+    and everywhere the credentials inside values (``s3://KEY:SECRET@``, ``https://user:pass@``,
+    ``?token=``) and the values of secret-named environment variables, become "<redacted>"."""
+    from pipeline.redaction import redact_runtime_env, redact_values
+
     out = dict(raw)
     if isinstance(out.get("cluster"), dict):
-        out["cluster"] = dict(out["cluster"], runtime_env=_redact_secrets(out["cluster"].get("runtime_env", {})))
-    return out
+        out["cluster"] = dict(out["cluster"], runtime_env=redact_runtime_env(out["cluster"].get("runtime_env", {})))
+    return redact_values(out)
 
 
 def to_dict(cfg: Any) -> dict:

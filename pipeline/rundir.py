@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.redaction import redact_values
 from pipeline.storage import Loc
 
 MANIFEST = "_MANIFEST.json"
@@ -212,5 +213,6 @@ def write_manifest(
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    manifest = redact_values(manifest)  # data labels, paths and stats hold no credential
     (Loc(stage_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
     return manifest

@@ -26,6 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.redaction import redact_text
+
 KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -85,12 +87,12 @@ def expand_inputs(patterns: list[str]) -> list[Source]:
         if is_uri(pattern):
             found = _expand_uri(pattern)
             if not found:
-                raise FileNotFoundError(f"data.train_files: {pattern!r} matches no file")
+                raise FileNotFoundError(f"data.train_files: {redact_text(pattern)!r} matches no file")
             for f in found:
                 kind = KINDS.get(Path(f).suffix)
                 if kind is None:
-                    raise ValueError(f"data.train_files: {f!r} is not .jsonl, .json, .parquet or .csv")
-                sources.append(Source(f, f, kind))
+                    raise ValueError(f"data.train_files: {redact_text(f)!r} is not .jsonl, .json, .parquet or .csv")
+                sources.append(Source(redact_text(f), f, kind))  # the label is written down
             continue
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         found: list[str] = []

@@ -13,6 +13,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from pipeline.redaction import redact_values
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -44,6 +46,7 @@ class Trackers:
 
     def __init__(self, report_to: list[str], log_dir: Path, run_name: str, run_id: str, config: dict):
         check_installed(report_to)
+        config = redact_values(config)  # trackers store their parameters: no credential goes there
         self.tb = self.wandb = self.mlflow = None
         if "tensorboard" in report_to:
             from tensorboardX import SummaryWriter

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.modeling import load_causal_lm
+from pipeline.redaction import redact_values
 from pipeline.storage import Loc
 
 EXPORT_DIR = "model"
@@ -27,7 +28,7 @@ def export_model(engine, ctx, info: dict) -> None:
         # a PeftModel saves only its adapter (picked out of the full state dict)
         engine.module.save_pretrained(export, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(ctx.cfg.tokenizer_path).save_pretrained(export)
-        (export / "dpo_pipeline.json").write_text(json.dumps(info, indent=2))
+        (export / "dpo_pipeline.json").write_text(json.dumps(redact_values(info), indent=2))
         if ctx.staged:
             (ctx.out / EXPORT_DIR).upload(export)
 
