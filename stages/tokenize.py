@@ -99,6 +99,23 @@ def load_tokenizer(cfg: PipelineConfig):
     return tokenizer
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (ChatML's
+    ``<|im_end|>``, Llama-3's ``<|eot_id|>``): the first special token after the content of
+    a rendered assistant turn. None without a template, or when the turn ends in plain text."""
+    marker = "END-OF-TURN-PROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that refuses this conversation
+        return None
+    if marker not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), None)
+
+
 class TokenizeChunk:
     """Callable over a batch of read units; loads the tokenizer once (per Ray actor).
 

@@ -168,7 +168,10 @@ def train_worker(config: dict) -> None:
             log.write(evaluate(engine, ctx, step))
         if train_cfg.save_steps and step % train_cfg.save_steps == 0 and step < ctx.total_steps:
             save_checkpoint(engine, ctx, step, log)
-    log.write(evaluate(engine, ctx, ctx.total_steps))
+    if done < ctx.total_steps:  # a rerun after a failed export resumes here, with nothing left to do
+        log.write(evaluate(engine, ctx, ctx.total_steps))
+        # the trained weights are kept before the export, which can still fail (disk, tokenizer)
+        save_checkpoint(engine, ctx, ctx.total_steps, log)
     export_model(engine, ctx, spec.info)
     log.close()
     log.sync()
