@@ -114,7 +114,12 @@ def checkpoint_files(directory: str, kind: str) -> list[Path]:
     """Files of an HF checkpoint directory that define its tokenizer or its model.
 
     kind "tokenizer": the tokenizer files and chat template; kind "model": config and
-    weights (the tokenizer does not change log-probs of given token ids)."""
+    weights (the tokenizer does not change log-probs of given token ids). Both kinds also
+    include the directory's ``*.py`` files: with ``model.trust_remote_code`` transformers
+    runs them (its modelling or tokenizer code, and what they import relatively, all
+    top-level files), so changed code changes the fingerprint. They are hashed whether or
+    not the flag is set: the fingerprint does not depend on reading the config right, and
+    a model directory without code (every tiny test model) hashes as before."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -128,7 +133,7 @@ def checkpoint_files(directory: str, kind: str) -> list[Path]:
         ]
     if not files:
         raise FileNotFoundError(f"no {kind} files in {directory}")
-    return files
+    return files + [f for f in sorted(d.glob("*.py")) if f.is_file()]
 
 
 def hash_checkpoint(directory: str, kind: str, cache: HashCache) -> dict[str, str]:

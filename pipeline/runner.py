@@ -118,6 +118,10 @@ def run_pipeline(
     check_run_dir(cfg.run_dir)
     selected = select_stages(stages, from_stage)
     plans = plan_stages(cfg)
+    if "train" in selected and cfg.train.report_to:  # not on rank 0 after hours of scoring
+        from pipeline.tracking import check_ready
+
+        check_ready(cfg.train.report_to, {**os.environ, **cfg.cluster.runtime_env.get("env_vars", {})})
     run_dir = Loc(cfg.run_dir)
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))

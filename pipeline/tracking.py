@@ -5,13 +5,20 @@ environment the way TRL users set them (``WANDB_PROJECT``, ``WANDB_API_KEY``,
 ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ...), for example through
 ``cluster.runtime_env.env_vars``, whose secrets are redacted from everything written down.
 Only rank 0 logs. Metric names follow TRL's layout: ``train/loss``, ``eval/rewards/accuracies``.
+
+A tracker that cannot start must not be found out on rank 0 after hours of tokenizing and
+scoring (and, with ``max_failures: -1``, restarted forever): ``check_ready`` runs on the
+driver before any stage, and ``forwarded_env`` carries the driver's tracker settings to
+ranks on other nodes, which do not share its environment or its ``~/.netrc``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pipeline.redaction import redact_values
 
@@ -19,12 +26,58 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
 
 
+ENV_PREFIXES = {"tensorboard": (), "wandb": ("WANDB_",), "mlflow": ("MLFLOW_", "DATABRICKS_")}
+WANDB_OFFLINE = ("offline", "disabled", "dryrun")
+
+
+class TrackerNotReady(RuntimeError):
+    """A tracker of ``train.report_to`` that could not start on rank 0; the message says why."""
+
+
 def check_installed(report_to: list[str]) -> None:
     """Fail before any work when a requested tracker's package is missing."""
     for name in report_to:
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise RuntimeError(f"train.report_to includes {name!r} but the {PACKAGES[name]} package is not "
-                               f"installed: pip install {PACKAGES[name]} (on a cluster: cluster.runtime_env.pip)")
+            raise TrackerNotReady(f"train.report_to includes {name!r} but the {PACKAGES[name]} package is not "
+                                  f"installed: pip install 'dpo-pipeline[tracking]' (on a cluster: "
+                                  f"cluster.runtime_env.pip, or ray_cluster.yaml's setup_commands)")
+
+
+def wandb_netrc_key(environ) -> str | None:
+    """The API key ``wandb login`` stored in the netrc file for the W&B host, if any."""
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = environ.get("NETRC") or os.path.join(environ.get("HOME", os.path.expanduser("~")), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry and entry[2] else None
+
+
+def check_ready(report_to: list[str], environ) -> None:
+    """On the driver, before any stage: every tracker is installed, and W&B has credentials
+    unless it runs offline. ``environ``: the driver's environment with
+    ``cluster.runtime_env.env_vars`` over it (what the ranks will see)."""
+    check_installed(report_to)
+    if "wandb" in report_to and environ.get("WANDB_MODE", "").lower() not in WANDB_OFFLINE:
+        if not environ.get("WANDB_API_KEY") and wandb_netrc_key(environ) is None:
+            raise TrackerNotReady(
+                "train.report_to includes 'wandb' but no W&B credentials were found: set WANDB_API_KEY "
+                "(in the environment or cluster.runtime_env.env_vars), run `wandb login`, or set "
+                "WANDB_MODE=offline to log to local files")
+
+
+def forwarded_env(report_to: list[str], environ) -> dict[str, str]:
+    """The driver's settings of the chosen trackers, for ranks on other nodes (applied there
+    under any value the rank's own environment sets). A W&B key that ``wandb login`` put in
+    the driver's netrc travels as WANDB_API_KEY; nothing here is written to a file."""
+    prefixes = tuple(p for name in report_to for p in ENV_PREFIXES[name])
+    env = {k: v for k, v in environ.items() if prefixes and k.startswith(prefixes)}
+    if "wandb" in report_to and "WANDB_API_KEY" not in env:
+        key = wandb_netrc_key(environ)
+        if key is not None:
+            env["WANDB_API_KEY"] = key
+    return env
 
 
 def metric_tag(key: str) -> str:

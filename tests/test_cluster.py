@@ -33,6 +33,15 @@ def test_ray_cluster_yaml_passes_rays_schema():
         validate_config(bad)
 
 
+def test_the_cluster_installs_the_trackers_the_example_configs_report_to():
+    """Otherwise rank 0 fails after tokenizing and scoring (the driver checks this too)."""
+    raw = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    used = {t for path in (REPO / "configs").glob("*.yaml")
+            for t in (yaml.safe_load(path.read_text()).get("train") or {}).get("report_to", [])}
+    assert "wandb" in used  # the 8B example reports to W&B
+    assert any('pip install -e ".[tracking]"' in c for c in raw["setup_commands"]), raw["setup_commands"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import run_and_read_metrics, tiny_config, train_dir
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 
 
@@ -64,3 +64,62 @@ def test_missing_tracker_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(RuntimeError, match=r"report_to includes 'wandb' but the wandb package is not installed"):
         check_installed(["tensorboard", "wandb"])
+
+
+def test_wandb_without_credentials_is_refused_on_the_driver_unless_offline(tmp_path):
+    from pipeline.tracking import TrackerNotReady, check_ready, forwarded_env
+
+    home = {"HOME": str(tmp_path)}  # no ~/.netrc there
+    with pytest.raises(TrackerNotReady, match="report_to includes 'wandb' but no W&B credentials were found: "
+                                              "set WANDB_API_KEY"):
+        check_ready(["tensorboard", "wandb"], home)
+    for mode in ("offline", "disabled", "dryrun"):
+        check_ready(["wandb"], {**home, "WANDB_MODE": mode})
+    check_ready(["wandb"], {**home, "WANDB_API_KEY": "x" * 40})
+    check_ready(["tensorboard", "mlflow"], home)  # they need no credentials to start
+    # `wandb login` writes the key to ~/.netrc, for the W&B host in use
+    (tmp_path / ".netrc").write_text("machine wandb.example.com\n  login user\n  password k" + "1" * 39 + "\n")
+    with pytest.raises(TrackerNotReady):
+        check_ready(["wandb"], home)  # a key for another host
+    on_prem = {**home, "WANDB_BASE_URL": "https://wandb.example.com"}
+    check_ready(["wandb"], on_prem)
+    # ranks on other nodes have neither the driver's netrc nor its environment: both travel
+    assert forwarded_env(["wandb"], {**on_prem, "WANDB_PROJECT": "p", "MLFLOW_RUN_ID": "r", "PATH": "/bin"}) == {
+        "WANDB_BASE_URL": "https://wandb.example.com", "WANDB_PROJECT": "p", "WANDB_API_KEY": "k" + "1" * 39}
+    assert forwarded_env(["tensorboard"], {**on_prem, "WANDB_PROJECT": "p"}) == {}
+
+
+def test_a_run_whose_tracker_cannot_start_stops_before_tokenizing(assets, tmp_path, monkeypatch):
+    from pipeline import runner
+    from pipeline.rundir import stage_state
+    from pipeline.tracking import TrackerNotReady
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tiny_config(assets, tmp_path / "run", train={"report_to": ["wandb"]})
+    with pytest.raises(TrackerNotReady, match="no W&B credentials"):
+        runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
+    assert stage_state(runner.plan_stages(cfg)["tokenize"].dir) != "done"
+    # a key given to the workers through cluster.runtime_env counts
+    raw = to_dict(cfg)
+    raw["cluster"]["runtime_env"] = {"env_vars": {"WANDB_MODE": "offline"}}
+    runner.run_pipeline(config_from_dict(raw), stages=["tokenize"], use_ray=False, log=lambda _: None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ranks_get_the_drivers_tracker_settings(assets, tmp_path, monkeypatch, ray_cluster):
+    """The Ray workers were started before these variables were set (as on another node,
+    they do not see the driver's environment): MLflow still logs where the driver says."""
+    from pipeline import runner
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "forwarded")
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
+                      train={"max_steps": 2, "report_to": ["mlflow"], "run_name": "forwarded-run"})
+    runner.run_pipeline(cfg, log=lambda _: None)
+    runs = [p.parent for p in store.glob("*/*/meta.yaml")]
+    assert len(runs) == 1 and (runs[0] / "tags" / "mlflow.runName").read_text() == "forwarded-run"

@@ -4,6 +4,7 @@ ranks: Ray Train (``run_on_ray``) or one rank in this process (``run_in_process`
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 import pyarrow.parquet as pq
@@ -83,8 +84,10 @@ def summarize(out: Loc) -> dict:
 
 
 def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
+    from pipeline.tracking import forwarded_env
+
     return WorkerSpec(for_workers(cfg), preference_objective(cfg), str(Loc(rows_dir)), str(Loc(out)), info,
-                      ray_train)
+                      ray_train, env=forwarded_env(cfg.train.report_to, os.environ))
 
 
 def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:

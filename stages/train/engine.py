@@ -106,6 +106,9 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    from .safe_load import install
+
+    install(engine)  # checkpoints are loaded with weights_only=True (stages/train/safe_load.py)
     if hf_ds is not None:
         # The load-time probe of the log-prob pass (pipeline.logps.probe_packed_logps) needs a
         # forward, which a partitioned model runs only inside its engine; every rank runs it

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class WorkerSpec:
     out_dir: str  # the stage's output in the run directory (a local path or a URI)
     info: dict  # fingerprints and config, written next to the exported model
     ray_train: bool = False  # under Ray Train: checkpoints are registered with it
+    env: dict = field(default_factory=dict)  # the driver's tracker settings (``tracking.forwarded_env``)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class RankContext:
 
 def setup(spec: WorkerSpec) -> RankContext:
     cfg = config_from_dict(spec.cfg_dict)
+    for key, value in spec.env.items():  # a rank on another node lacks the driver's environment
+        os.environ.setdefault(key, value)
     train_cfg = cfg.train
     require_gpu(train_cfg.use_gpu, "train.use_gpu")
     use_cuda = train_cfg.use_gpu
