@@ -116,3 +116,21 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
         probe_packed_logps(engine.module, model_cfg.path)
     engine.train()
     return engine
+
+
+def zero3_coordinator(engine):
+    """ZeRO-3's parameter coordinator (which gathers each module's parameters before it
+    runs, and prefetches the next ones once it knows the order), or None below stage 3."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    return None if offload is None else offload.get_param_coordinator()
+
+
+def start_forward(engine) -> None:
+    """Tell ZeRO-3 that a forward starts. DeepSpeed does this in a pre-forward hook of the
+    top-level module, which the log-prob pass never calls (it runs the decoder and the LM
+    head itself, ``pipeline.logps.packed_token_logps``): the coordinator then never
+    completes its trace of the module order, and every all-gather, in forward and backward,
+    waits in line instead of being prefetched. The arithmetic is the same either way."""
+    coordinator = zero3_coordinator(engine)
+    if coordinator is not None:
+        coordinator.reset_step()

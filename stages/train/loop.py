@@ -32,7 +32,7 @@ from pipeline.packing import MicroBatch, eval_plan
 from pipeline.storage import Loc
 
 from .checkpoints import resume, save_checkpoint
-from .engine import build_engine, init_distributed
+from .engine import build_engine, init_distributed, start_forward
 from .export import export_model
 from .metrics import MetricsLog, MetricSums
 from .objective import Objective
@@ -119,6 +119,7 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
     for mb in step_plan[ctx.rank]:
+        start_forward(engine)  # ZeRO-3 prefetches along the module order it traced
         with offload_activations(ctx.train_cfg.activation_offloading):
             row_loss = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
         loss = row_loss.loss_sum * (mb.weight * scale)
@@ -139,6 +140,7 @@ def evaluate(engine, ctx: RankContext, step: int) -> dict:
     engine.module.eval()
     with torch.no_grad():
         for mb in eval_plan(ctx.eval_rows.num_rows, ctx.world)[ctx.rank]:
+            start_forward(engine)
             sums.add(ctx.objective(engine.module, ctx.eval_rows[mb.row], ctx.device), mb.weight)
     engine.module.train()
     return {"step": step, **sums.reduce("eval_")}
