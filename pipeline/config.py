@@ -208,7 +208,8 @@ class TrainConfig:
     # Eval every N steps, and at step 0 and at the end.
     eval_steps: int = 50
     # DeepSpeed checkpoint every save_steps optimizer steps (0: none); the last
-    # save_total_limit complete ones are kept (null: all).
+    # save_total_limit complete ones are kept (null: all). A final one is written before the
+    # export (a failed export loses no training); with 0 it is removed once the export is done.
     save_steps: int = 0
     save_total_limit: Optional[int] = 2
     # null: resume from the newest complete checkpoint of this run's output if there is one;

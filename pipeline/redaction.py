@@ -21,8 +21,10 @@ from typing import Any
 
 REDACTED = "<redacted>"
 SECRET_WORDS = ("token", "key", "secret", "password", "passwd", "credential", "auth", "signature")
-# scheme://user[:password]@  (the user-info of a URI)
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
+# scheme://user[:password]@  (the user-info of a URI). A password may hold "/" and "@"
+# (AWS secret keys hold "/"): after "user:" it runs to the last "@" before whitespace. A
+# user-info without ":" (a token alone) holds neither, so "git+https://host/repo@v1" stays.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s?#:]*:\S*|[^/@\s?#]+)@")
 # ?name=value or &name=value where the name looks secret (sig, token, X-Amz-Signature ...)
 _QUERY = re.compile(r"(?P<name>[?&][^=&\s#]*(?:token|key|secret|password|sig|signature|credential|auth)"
                     r"[^=&\s#]*=)(?P<value>[^&\s#]+)", re.IGNORECASE)

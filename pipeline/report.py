@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.redaction import redact_text
 from pipeline.storage import Loc
 
 
@@ -82,7 +83,7 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
     lines = ["# Run report", "", "| stage | state | rows | tokens | seconds | output |", "|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {'ran' if r['ran'] else 'skipped (done)'} | {r['rows']} | {r['tokens']} | "
-                     f"{r['seconds']} | `{r['dir']}` |")
+                     f"{r['seconds']} | `{redact_text(r['dir'])}` |")
     tok = results.get("tokenize")
     if tok:
         s = tok["stats"]

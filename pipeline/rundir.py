@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.redaction import redact_values
+from pipeline.redaction import redact_text, redact_values
 from pipeline.storage import Loc
 
 MANIFEST = "_MANIFEST.json"
@@ -69,14 +69,15 @@ class HashCache:
         filesystem, inner = fs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(inner)
         stamp = [info.size, info.mtime_ns]
-        hit = self.entries.get(uri)
+        key = redact_text(uri)  # the cache file is written: no credential in it
+        hit = self.entries.get(key)
         if hit and hit["stamp"] == stamp and stamp[1] is not None:
             return hit["sha256"]
         h = hashlib.sha256()
         with filesystem.open_input_stream(inner) as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        self.entries[uri] = {"stamp": stamp, "sha256": h.hexdigest()}
+        self.entries[key] = {"stamp": stamp, "sha256": h.hexdigest()}
         self.save()
         return h.hexdigest()
 
@@ -89,8 +90,8 @@ def hash_tree(paths: Iterable[Path], cache: HashCache) -> dict[str, str]:
     hidden files skipped), plain files are named by their path as given."""
     out = {}
     for p in paths:
-        if "://" in str(p):
-            out[str(p)] = cache.file(str(p))
+        if "://" in str(p):  # named without its credentials: rotating a key changes no fingerprint
+            out[redact_text(str(p), env_values=[])] = cache.file(str(p))
             continue
         p = Path(p)
         if p.is_dir():

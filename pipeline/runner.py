@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, build_loss, redact, to_dict
 from pipeline.devices import check_ray_cluster_gpus
+from pipeline.redaction import redact_text
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.storage import Loc
 
@@ -88,6 +89,10 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
 
+def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda line: log(redact_text(line))
+
+
 def check_run_dir(run_dir: str, environ: dict | None = None) -> None:
     """Refuse a relative ``run_dir`` in a job submitted with ``ray job submit``: the job runs
     in Ray's temporary copy of its working directory, deleted when the job ends, so the
@@ -116,12 +121,15 @@ def run_pipeline(
     log: Callable[[str], None] = print,
 ) -> dict[str, dict]:
     check_run_dir(cfg.run_dir)
+    log = _redacting(log)  # stage directories are printed: a run_dir URI may hold credentials
     selected = select_stages(stages, from_stage)
     plans = plan_stages(cfg)
     if "train" in selected and cfg.train.report_to:  # not on rank 0 after hours of scoring
         from pipeline.tracking import check_ready
 
-        check_ready(cfg.train.report_to, {**os.environ, **cfg.cluster.runtime_env.get("env_vars", {})})
+        # the ranks see runtime_env's env_vars only under Ray
+        ranks_env = {**os.environ, **(cfg.cluster.runtime_env.get("env_vars", {}) if use_ray else {})}
+        check_ready(cfg.train.report_to, ranks_env, on_ray=use_ray)
     run_dir = Loc(cfg.run_dir)
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
@@ -197,7 +205,7 @@ def status(cfg: PipelineConfig) -> list[dict]:
             figures = {"rows": f"{len(plan.dir.glob('*.parquet'))} shards"}
         table.append({"stage": name, "fingerprint": plan.fingerprint, "state": state,
                       "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
-                      "seconds": figures.get("seconds", "-"), "dir": str(plan.dir)})
+                      "seconds": figures.get("seconds", "-"), "dir": redact_text(str(plan.dir))})
     return table
 
 
@@ -211,7 +219,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 def format_summary(results: dict[str, dict]) -> str:
     rows = [
         {"stage": name, "state": "ran" if r["ran"] else "skipped", "rows": r["rows"],
-         "tokens": r["tokens"], "seconds": r["seconds"], "output": r["dir"]}
+         "tokens": r["tokens"], "seconds": r["seconds"], "output": redact_text(r["dir"])}
         for name, r in results.items()
     ]
     text = format_table(rows, ["stage", "state", "rows", "tokens", "seconds", "output"])

@@ -28,6 +28,11 @@ PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
 
 ENV_PREFIXES = {"tensorboard": (), "wandb": ("WANDB_",), "mlflow": ("MLFLOW_", "DATABRICKS_")}
 WANDB_OFFLINE = ("offline", "disabled", "dryrun")
+# Settings of the driver's own process and machine, not of the run: a local directory, a
+# running W&B service, the run or sweep the driver itself belongs to.
+PROCESS_LOCAL_ENV = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR",
+                     "WANDB_SERVICE", "WANDB__", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_SWEEP_ID",
+                     "WANDB_SWEEP_PARAM_PATH", "WANDB_AGENT_", "MLFLOW_RUN_ID")
 
 
 class TrackerNotReady(RuntimeError):
@@ -54,11 +59,21 @@ def wandb_netrc_key(environ) -> str | None:
     return entry[2] if entry and entry[2] else None
 
 
-def check_ready(report_to: list[str], environ) -> None:
-    """On the driver, before any stage: every tracker is installed, and W&B has credentials
-    unless it runs offline. ``environ``: the driver's environment with
-    ``cluster.runtime_env.env_vars`` over it (what the ranks will see)."""
+def check_ready(report_to: list[str], environ, on_ray: bool = True) -> None:
+    """On the driver, before any stage: every tracker is installed, W&B has credentials
+    unless it runs offline, MLflow has a store the run outlives. ``environ``: what the ranks
+    will see (under Ray, the driver's environment with ``cluster.runtime_env.env_vars``)."""
     check_installed(report_to)
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in report_to and on_ray and not uri:
+        raise TrackerNotReady(
+            "train.report_to includes 'mlflow' but MLFLOW_TRACKING_URI is not set: a Ray rank would write "
+            "./mlruns in its own working directory (under `ray job submit`, a temporary copy deleted with "
+            "the job); set it to a tracking server, or a file:// path every node shares")
+    if "mlflow" in report_to and uri.startswith("databricks") and not (
+            environ.get("DATABRICKS_HOST") and environ.get("DATABRICKS_TOKEN")):
+        raise TrackerNotReady(f"train.report_to includes 'mlflow' with MLFLOW_TRACKING_URI {uri!r}, which needs "
+                              f"DATABRICKS_HOST and DATABRICKS_TOKEN in the ranks' environment")
     if "wandb" in report_to and environ.get("WANDB_MODE", "").lower() not in WANDB_OFFLINE:
         if not environ.get("WANDB_API_KEY") and wandb_netrc_key(environ) is None:
             raise TrackerNotReady(
@@ -72,7 +87,8 @@ def forwarded_env(report_to: list[str], environ) -> dict[str, str]:
     under any value the rank's own environment sets). A W&B key that ``wandb login`` put in
     the driver's netrc travels as WANDB_API_KEY; nothing here is written to a file."""
     prefixes = tuple(p for name in report_to for p in ENV_PREFIXES[name])
-    env = {k: v for k, v in environ.items() if prefixes and k.startswith(prefixes)}
+    env = {k: v for k, v in environ.items()
+           if prefixes and k.startswith(prefixes) and not k.startswith(PROCESS_LOCAL_ENV)}
     if "wandb" in report_to and "WANDB_API_KEY" not in env:
         key = wandb_netrc_key(environ)
         if key is not None:

@@ -68,3 +68,4 @@ def test_a_failed_export_keeps_the_trained_weights_and_a_rerun_only_exports(temp
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # no step trained twice
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 1, 2]  # nor evaluated twice
     assert (out / "model" / "model.safetensors").is_file() and (out / "_MANIFEST.json").is_file()
+    assert not final.exists()  # train.save_steps: 0 asked for no checkpoint: it only guarded the export

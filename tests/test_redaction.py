@@ -23,7 +23,14 @@ ENV_SECRET = "wandb-0123456789abcdef0123"
     ("https://bucket.s3.amazonaws.com/m.bin?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&part=3",
      "https://bucket.s3.amazonaws.com/m.bin?X-Amz-Credential=<redacted>&X-Amz-Signature=<redacted>&part=3"),
     ("https://hub.example.com/data?token=abc123", "https://hub.example.com/data?token=<redacted>"),
+    # AWS secret keys hold "/", passwords may hold "@"
+    ("s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@bucket/k",
+     "s3://<redacted>@bucket/k"),
+    ("https://user:p@ss@host/x", "https://<redacted>@host/x"),
+    ("https://TOKEN123@pypi.fury.io/acme/", "https://<redacted>@pypi.fury.io/acme/"),
     # what must stay as it is
+    ("git+https://github.com/org/repo@v1.0", "git+https://github.com/org/repo@v1.0"),
+    ("https://host:443/x, or write to me@example.com", "https://host:443/x, or write to me@example.com"),
     ("s3://bucket/runs/tiny", "s3://bucket/runs/tiny"),
     ("/data/prompt_key/max_tokens_per_row.jsonl", "/data/prompt_key/max_tokens_per_row.jsonl"),
     ("user@example.com wrote this", "user@example.com wrote this"),
@@ -75,3 +82,14 @@ def test_no_file_of_a_run_holds_a_credential(assets, tmp_path, monkeypatch):
     assert f"https://pkgs.example.com/{REDACTED}/simple" in saved
     export = next(p for p in written if p.name == "dpo_pipeline.json")
     assert json.loads(export.read_text())["config"]["cluster"]["runtime_env"]["env_vars"]["HF_TOKEN"] == REDACTED
+
+
+def test_the_spec_ray_train_displays_holds_no_credential():
+    """Ray Train shows str(train_loop_config) in its dashboard and state API."""
+    from stages.train.loop import WorkerSpec
+
+    spec = WorkerSpec({"cluster": {"runtime_env": {"env_vars": {"HF_TOKEN": "hf_SECRETSECRETSECRET"}}}}, None,
+                      "s3://AKIA:SECRETKEY@bucket/rows", "s3://AKIA:SECRETKEY@bucket/out", {}, True,
+                      env={"WANDB_API_KEY": ENV_SECRET})
+    text = str({"spec": spec})
+    assert not any(s in text for s in ("hf_SECRETSECRETSECRET", "SECRETKEY", ENV_SECRET)), text

@@ -76,7 +76,7 @@ def test_wandb_without_credentials_is_refused_on_the_driver_unless_offline(tmp_p
     for mode in ("offline", "disabled", "dryrun"):
         check_ready(["wandb"], {**home, "WANDB_MODE": mode})
     check_ready(["wandb"], {**home, "WANDB_API_KEY": "x" * 40})
-    check_ready(["tensorboard", "mlflow"], home)  # they need no credentials to start
+    check_ready(["tensorboard", "mlflow"], {**home, "MLFLOW_TRACKING_URI": "https://mlflow.example.com"})  # no key needed
     # `wandb login` writes the key to ~/.netrc, for the W&B host in use
     (tmp_path / ".netrc").write_text("machine wandb.example.com\n  login user\n  password k" + "1" * 39 + "\n")
     with pytest.raises(TrackerNotReady):
@@ -87,6 +87,21 @@ def test_wandb_without_credentials_is_refused_on_the_driver_unless_offline(tmp_p
     assert forwarded_env(["wandb"], {**on_prem, "WANDB_PROJECT": "p", "MLFLOW_RUN_ID": "r", "PATH": "/bin"}) == {
         "WANDB_BASE_URL": "https://wandb.example.com", "WANDB_PROJECT": "p", "WANDB_API_KEY": "k" + "1" * 39}
     assert forwarded_env(["tensorboard"], {**on_prem, "WANDB_PROJECT": "p"}) == {}
+    # not the driver's own process state: its directories, service, run or sweep
+    local = {"WANDB_DIR": "/home/me/wandb", "WANDB_SERVICE": "2-123-tcp-localhost-4567", "WANDB_RUN_ID": "abc",
+             "WANDB_SWEEP_ID": "s", "WANDB__SERVICE_WAIT": "30", "MLFLOW_RUN_ID": "r", "WANDB_API_KEY": "k" * 40}
+    assert forwarded_env(["wandb", "mlflow"], local) == {"WANDB_API_KEY": "k" * 40}
+
+
+def test_mlflow_on_ray_needs_a_store_the_run_outlives():
+    from pipeline.tracking import TrackerNotReady, check_ready
+
+    with pytest.raises(TrackerNotReady, match="MLFLOW_TRACKING_URI is not set: a Ray rank would write ./mlruns"):
+        check_ready(["mlflow"], {})
+    check_ready(["mlflow"], {}, on_ray=False)  # --no-ray: ./mlruns of the driver's directory
+    check_ready(["mlflow"], {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
+    with pytest.raises(TrackerNotReady, match="needs DATABRICKS_HOST and DATABRICKS_TOKEN"):
+        check_ready(["mlflow"], {"MLFLOW_TRACKING_URI": "databricks"})
 
 
 def test_a_run_whose_tracker_cannot_start_stops_before_tokenizing(assets, tmp_path, monkeypatch):
@@ -101,9 +116,12 @@ def test_a_run_whose_tracker_cannot_start_stops_before_tokenizing(assets, tmp_pa
     with pytest.raises(TrackerNotReady, match="no W&B credentials"):
         runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
     assert stage_state(runner.plan_stages(cfg)["tokenize"].dir) != "done"
-    # a key given to the workers through cluster.runtime_env counts
+    # cluster.runtime_env's env_vars reach the ranks only under Ray: with --no-ray they do not count
     raw = to_dict(cfg)
     raw["cluster"]["runtime_env"] = {"env_vars": {"WANDB_MODE": "offline"}}
+    with pytest.raises(TrackerNotReady, match="no W&B credentials"):
+        runner.run_pipeline(config_from_dict(raw), use_ray=False, log=lambda _: None)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     runner.run_pipeline(config_from_dict(raw), stages=["tokenize"], use_ray=False, log=lambda _: None)
 
 

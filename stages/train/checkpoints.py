@@ -63,16 +63,32 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
         register_checkpoint(ctx, step, final)
 
 
+def discard_checkpoint(ctx, step: int) -> None:
+    """Remove the checkpoint of ``step`` (every rank has finished with it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    if ctx.rank == 0:
+        (ctx.out / CHECKPOINT_DIR / f"step-{step:08d}").rmtree()
+        latest = ctx.out / CHECKPOINT_DIR / "latest_complete"
+        if latest.is_file() and latest.read_text() == f"step-{step:08d}":
+            latest.unlink()
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def rng_state() -> dict:
-    """The host RNG and, on a GPU, every device's (LoRA dropout draws from it)."""
+    """The host RNG and, on a GPU, this rank's device's (LoRA dropout draws from it). Only
+    the current device: a resume may see another number of devices per node."""
     return {"rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(client: dict) -> None:
     torch.set_rng_state(client["rng"])
     if client.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(client["cuda_rng"])
+        torch.cuda.set_rng_state(client["cuda_rng"])  # the current device: torch.cuda.set_device(rank's)
 
 
 def register_checkpoint(ctx, step: int, final: Loc) -> None:

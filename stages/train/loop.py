@@ -31,7 +31,7 @@ from pipeline.offload import offload_activations
 from pipeline.packing import MicroBatch, eval_plan
 from pipeline.storage import Loc
 
-from .checkpoints import resume, save_checkpoint
+from .checkpoints import discard_checkpoint, resume, save_checkpoint
 from .engine import build_engine, init_distributed, start_forward
 from .export import export_model
 from .metrics import MetricsLog, MetricSums
@@ -43,13 +43,15 @@ from .rows import RowReader, planned_steps, split_files, steps_per_epoch
 class WorkerSpec:
     """What the driver hands every rank (pickled by Ray Train)."""
 
-    cfg_dict: dict  # the run's config as a dict, local paths made absolute (``config.for_workers``)
-    objective: Objective  # what is trained
-    rows_dir: str  # the rows to train on: scored, or tokenized for a reference-free loss
-    out_dir: str  # the stage's output in the run directory (a local path or a URI)
-    info: dict  # fingerprints and config, written next to the exported model
+    # repr=False: Ray Train shows str(train_loop_config) in its dashboard and state API, and
+    # these hold the unredacted config, URIs and the forwarded tracker credentials.
+    cfg_dict: dict = field(repr=False)  # the run's config as a dict, local paths made absolute (``config.for_workers``)
+    objective: Objective = field(repr=False)  # what is trained
+    rows_dir: str = field(repr=False)  # the rows to train on: scored, or tokenized for a reference-free loss
+    out_dir: str = field(repr=False)  # the stage's output in the run directory (a local path or a URI)
+    info: dict = field(repr=False)  # fingerprints and config, written next to the exported model
     ray_train: bool = False  # under Ray Train: checkpoints are registered with it
-    env: dict = field(default_factory=dict)  # the driver's tracker settings (``tracking.forwarded_env``)
+    env: dict = field(default_factory=dict, repr=False)  # the driver's tracker settings (``tracking.forwarded_env``)
 
 
 @dataclass
@@ -178,5 +180,7 @@ def train_worker(config: dict) -> None:
         # the trained weights are kept before the export, which can still fail (disk, tokenizer)
         save_checkpoint(engine, ctx, ctx.total_steps, log)
     export_model(engine, ctx, spec.info)
+    if not train_cfg.save_steps:  # no checkpoints asked for: the final one only guarded the export
+        discard_checkpoint(ctx, ctx.total_steps)
     log.close()
     log.sync()
