@@ -115,10 +115,29 @@ def build_assets(out: Path, model: str, a) -> dict:
             tok = AutoTokenizer.from_pretrained(demo["model"])
             build_model(model, len(tok), a.dtype).save_pretrained(model_dir, safe_serialization=True)
             tok.save_pretrained(model_dir)
-    data = out / f"pairs-{a.pairs}-{a.pair_words.replace(',', '_')}.jsonl"
+    data = out / f"pairs-{a.pairs}-{a.pair_words.replace(',', '_')}-max{a.max_length}.jsonl"
     if not data.exists():
-        write_jsonl(make_text_pairs(a.pairs, seed=1, words=a.pair_words), data)
+        from transformers import AutoTokenizer
+
+        write_jsonl(whole_pairs(a, AutoTokenizer.from_pretrained(demo["model"])), data)
     return {"model": str(model_dir), "data": str(data)}
+
+
+def whole_pairs(a, tokenizer) -> list[dict]:
+    """``a.pairs`` pairs whose both sides fit ``--max-length`` whole. TRL and the pipeline
+    truncate a long pair differently (TRL cuts the concatenation, the pipeline the
+    completion with the prompt kept), so a pair either would cut is left out: both then
+    train on the same tokens, which the comparison checks step by step."""
+    def fits(p):
+        return all(len(tokenizer(p["prompt"] + p[side])["input_ids"]) <= a.max_length
+                   for side in ("chosen", "rejected"))
+
+    candidates = make_text_pairs(4 * a.pairs, seed=1, words=a.pair_words)
+    kept = [p for p in candidates if fits(p)][:a.pairs]
+    if len(kept) < a.pairs:
+        raise SystemExit(f"only {len(kept)} of {4 * a.pairs} generated pairs fit --max-length {a.max_length} "
+                         f"whole; shorten --pair-words ({a.pair_words}) or raise --row-tokens")
+    return kept
 
 
 def our_config(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True):

@@ -20,11 +20,28 @@ def init_distributed(backend: str) -> tuple[int, int]:
     # DeepSpeed's shared-memory comm op is a g++ JIT build (36 s, and it fails without a
     # compiler) that gloo and NCCL do not need.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
-    deepspeed.init_distributed(dist_backend=backend)
+    # One rank in this process (no Ray, no torchrun): any free port. A fixed one would clash
+    # with the next run on the machine while this process holds it; and it is not left in
+    # the environment, where the processes this one starts would inherit it.
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
+        os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        deepspeed.init_distributed(dist_backend=backend)
+    finally:
+        if own_port:
+            del os.environ["MASTER_PORT"]
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
