@@ -73,8 +73,8 @@ def test_safe_load_reads_the_allow_listed_deepspeed_types(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_auto_resume_refuses_a_checkpoint_file_that_holds_pickled_code(assets, tmp_path):
-    """A run is interrupted after its step-5 checkpoint (its manifest removed: the rerun
-    auto-resumes from the newest complete checkpoint). With the model-states file (which
+    """A run's manifest is removed, so the rerun auto-resumes from the newest complete
+    checkpoint (the final one, step 6). With the model-states file (which
     also holds the pipeline's step and RNG state) or the ZeRO optimizer-state file replaced
     by a pickled callable, the rerun refuses it, naming the file, and the callable never
     runs; with the real files back the rerun resumes."""
@@ -88,7 +88,9 @@ def test_auto_resume_refuses_a_checkpoint_file_that_holds_pickled_code(assets, t
         env = {"MASTER_PORT": str(s.getsockname()[1])}
     run_cli(path, env=env)
     out = train_dir(cfg)
-    ckpt = out / "checkpoints" / "step-00000005"
+    # the newest complete checkpoint: the final one, written before the export
+    ckpt = out / "checkpoints" / "step-00000006"
+    assert (ckpt / "COMPLETE.json").is_file() and (out / "checkpoints" / "step-00000005").is_dir()
     (out / "_MANIFEST.json").unlink()
 
     marker = tmp_path / "owned"
@@ -104,7 +106,7 @@ def test_auto_resume_refuses_a_checkpoint_file_that_holds_pickled_code(assets, t
         target.write_bytes(original)
 
     proc = run_cli(path, env=env)
-    assert f"resumed from {ckpt} at step 5" in proc.stdout
+    assert f"resumed from {ckpt} at step 6" in proc.stdout
 
 
 def test_editing_remote_code_changes_the_model_fingerprint(assets, tmp_path):
