@@ -104,7 +104,7 @@ class TokenizeConfig:
     # CPUs per tokenize actor and per row-writing task.
     num_cpus_per_actor: float = 0.5
     # Stage fails when more than this fraction of the records (pairs, each rejected
-    # completion of a row counted) is quarantined.
+    # completion of a row counted) is quarantined as bad (dropped duplicates do not count).
     max_bad_fraction: float = 0.05
 
 

@@ -397,11 +397,13 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     n_in = len(set(zip(records.column("source").to_pylist(), records.column("row_index").to_pylist())))
     reasons = Counter(quarantine.column("reason").to_pylist())
     n_bad = quarantine.num_rows
-    if n_in and n_bad / records.num_rows > tokenize_cfg.max_bad_fraction:
-        top = ", ".join(f"{r}: {c}" for r, c in reasons.most_common())
+    # duplicates dropped as data.duplicates: drop asked are not bad rows: they do not count
+    bad = {r: c for r, c in reasons.items() if r != "duplicate"}
+    if n_in and sum(bad.values()) / records.num_rows > tokenize_cfg.max_bad_fraction:
+        top = ", ".join(f"{r}: {c}" for r, c in Counter(bad).most_common())
         raise ValueError(
-            f"tokenize: {n_bad} of {records.num_rows} pairs quarantined "
-            f"({n_bad / records.num_rows:.1%} > tokenize.max_bad_fraction "
+            f"tokenize: {sum(bad.values())} of {records.num_rows} pairs quarantined as bad "
+            f"({sum(bad.values()) / records.num_rows:.1%} > tokenize.max_bad_fraction "
             f"{tokenize_cfg.max_bad_fraction:.1%}): {top}; see {final}"
         )
 

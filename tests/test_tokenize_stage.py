@@ -83,12 +83,28 @@ def test_rows_are_packed_or_quarantined(assets, tmp_path, inputs, share_prompt):
     assert 0 <= stats["train"]["waste_fraction"] < 0.1
 
 
+def test_dropped_duplicates_are_not_bad_rows(assets, tmp_path):
+    """data.duplicates: drop quarantines what it was asked to drop; those entries do not
+    count against tokenize.max_bad_fraction (here 20% of the pairs, the limit 1%)."""
+    rows = make_pairs(80, seed=4)
+    rows += rows[:20]
+    data = tmp_path / "dups.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(assets, tmp_path / "run", data_file=data, data={"duplicates": "drop"},
+                      tokenize={"max_bad_fraction": 0.01})
+    out = tmp_path / "out"
+    out.mkdir()
+    _, stats = tokenize.run_in_process(cfg, out)
+    assert stats["quarantine_reasons"] == {"duplicate": 20} and stats["duplicate_pairs"] == 20
+    assert stats["pairs"] == 80
+
+
 def test_too_many_bad_rows_fail_with_a_summary(assets, tmp_path, inputs):
     files, _ = inputs
     cfg = tiny_config(assets, tmp_path / "run", data_file=files[0], tokenize={"max_bad_fraction": 0.01})
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined .*max_bad_fraction"):
+    with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined as bad .*max_bad_fraction"):
         tokenize.run_in_process(cfg, out)
     assert not (out / tokenize.UNITS_DIR).exists()  # the workers' token lists go either way
 
