@@ -118,9 +118,10 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
         final = s.get("final_eval", {})
         lines += ["", "## train", "",
                   f"- {s['steps']} steps, step-0 loss {s['step0_loss']:.6f}, last loss {s['final_loss']:.6f}",
-                  f"- final eval: loss {final.get('eval_loss', float('nan')):.4f}, rewards/accuracies "
-                  f"{final.get('eval_rewards/accuracies', float('nan')):.3f}, rewards/margins "
-                  f"{final.get('eval_rewards/margins', float('nan')):.4f}",
+                  (f"- final eval: loss {final['eval_loss']:.4f}, rewards/accuracies "
+                   f"{final['eval_rewards/accuracies']:.3f}, rewards/margins "
+                   f"{final['eval_rewards/margins']:.4f}") if final else
+                  "- no eval split (data.eval_fraction: 0), so no eval metrics",
                   f"- model: `{s['export']}`", "",
                   "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![margins](margins.png)"]
     md = out / "report.md"

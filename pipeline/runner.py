@@ -89,6 +89,9 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
 
+NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"
+
+
 def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: log(redact_text(line))
 
@@ -227,9 +230,8 @@ def format_summary(results: dict[str, dict]) -> str:
     if train:
         s = train["stats"]
         final = s.get("final_eval", {})
-        text += (
-            f"\ntrain: {s['steps']} steps, step-0 loss {s['step0_loss']:.6f} (ln 2 = 0.693147), "
-            f"final eval rewards/accuracies {final.get('eval_rewards/accuracies', float('nan')):.3f}, "
-            f"eval loss {final.get('eval_loss', float('nan')):.4f}\nmodel: {s['export']}"
-        )
+        evaluated = (f"final eval rewards/accuracies {final['eval_rewards/accuracies']:.3f}, "
+                     f"eval loss {final['eval_loss']:.4f}") if final else NO_EVAL
+        text += (f"\ntrain: {s['steps']} steps, step-0 loss {s['step0_loss']:.6f} (ln 2 = 0.693147), "
+                 f"{evaluated}\nmodel: {s['export']}")
     return text

@@ -148,6 +148,13 @@ def evaluate(engine, ctx: RankContext, step: int) -> dict:
     return {"step": step, **sums.reduce("eval_")}
 
 
+def log_eval(engine, ctx: RankContext, log: MetricsLog, step: int) -> None:
+    """Without an eval split (data.eval_fraction: 0) there is nothing to log: no eval loss
+    of 0 for the report to draw."""
+    if ctx.eval_rows.num_rows:
+        log.write(evaluate(engine, ctx, step))
+
+
 def write_pid(ctx: RankContext) -> None:
     """Each rank's pid, so operators (and the tests) can find and kill a worker."""
     (ctx.out_dir / "workers").mkdir(exist_ok=True)
@@ -167,16 +174,16 @@ def train_worker(config: dict) -> None:
 
     done = resume(engine, ctx, log)
     if done == 0:
-        log.write(evaluate(engine, ctx, step=0))
+        log_eval(engine, ctx, log, 0)
     for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
                                          train_cfg.seed, ctx.total_steps, done):
         log.step(train_step(engine, ctx, step, step_plan))
         if step % train_cfg.eval_steps == 0 and step < ctx.total_steps:
-            log.write(evaluate(engine, ctx, step))
+            log_eval(engine, ctx, log, step)
         if train_cfg.save_steps and step % train_cfg.save_steps == 0 and step < ctx.total_steps:
             save_checkpoint(engine, ctx, step, log)
     if done < ctx.total_steps:  # a rerun after a failed export resumes here, with nothing left to do
-        log.write(evaluate(engine, ctx, ctx.total_steps))
+        log_eval(engine, ctx, log, ctx.total_steps)
         # the trained weights are kept before the export, which can still fail (disk, tokenizer)
         save_checkpoint(engine, ctx, ctx.total_steps, log)
     export_model(engine, ctx, spec.info)
