@@ -86,6 +86,9 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         connected = [line for line in out.splitlines() if line.startswith("[ray] ")]
         assert len(connected) == 1 and connected[0].startswith("[ray] connected to cluster at ")
         assert connected[0].endswith(f":{gcs}")  # joined the submitted-to head, started none
+        # each progress line once (Ray Train's print patch showed every one twice)
+        steps = [line.split("[train] ")[1] for line in out.splitlines() if "[train] step " in line]
+        assert [s.split()[1] for s in steps] == ["1/4", "2/4", "3/4", "4/4"], steps
         manifests = sorted((tmp_path / "run").glob("*/*/_MANIFEST.json"))
         assert [m.parent.parent.name for m in manifests] == ["score", "tokenize", "train"]
         train = json.loads(manifests[2].read_text())

@@ -10,6 +10,8 @@ import torch
 
 from pipeline.storage import Loc
 
+from .metrics import say
+
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE.json"  # written in a checkpoint's folder once every rank's part is on disk
 
@@ -144,5 +146,5 @@ def resume(engine, ctx, log) -> int:
     log.fetch()
     log.truncate_after(client["step"])
     if ctx.rank == 0:
-        print(f"[train] resumed from {path} at step {client['step']}", flush=True)
+        say(f"[train] resumed from {path} at step {client['step']}")
     return int(client["step"])

@@ -4,6 +4,7 @@ log they go to (metrics.jsonl, TensorBoard and the configured trackers, rank 0 o
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 
@@ -112,8 +113,16 @@ class MetricsLog:
         self.write(m)
         if self.ctx.rank == 0:
             eta = (time.time() - self.start) / m["step"] * (total - m["step"])
-            print(f"[train] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
-                  f"tok/s {m['tokens_per_second']:.0f} eta {eta:.0f}s", flush=True)
+            say(f"[train] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
+                f"tok/s {m['tokens_per_second']:.0f} eta {eta:.0f}s")
+
+
+def say(line: str) -> None:
+    """A progress line on the rank's stdout, once. Not ``print``: Ray Train v2 replaces it
+    with one that logs to its console handler and, when stdout is wrapped (it is, in the
+    workers), also prints, so the driver showed every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def read_metrics(out) -> list[dict]:
