@@ -285,6 +285,9 @@ def pair_id(tp: TokenizedPair, source: str, row_index: int, expansion: int = 0) 
     return h.hexdigest()[:24]
 
 
-def prompt_key(tp: TokenizedPair) -> bytes:
-    """Key of the prompt tokens: the unit of the train/eval split."""
-    return hashlib.sha256(_ids_bytes(tp.chosen.input_ids[: tp.chosen.prompt_len])).digest()
+def prompt_key(pair: Pair) -> bytes:
+    """Key of the row's prompt as written: the unit of the train/eval split. Not of its
+    tokens: a prompt that does not tokenise as a prefix of prompt + completion is cut to
+    a different length per completion, and the pairs of one row would then fall on both
+    sides of the split."""
+    return hashlib.sha256(json.dumps(pair.prompt, sort_keys=True, ensure_ascii=False).encode()).digest()

@@ -34,7 +34,7 @@ from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.storage import Loc
 
-STAGE_VERSION = 4  # 3: rows may share prompts; 4: data.seed (not train.seed) seeds the split and shuffle
+STAGE_VERSION = 5  # 3: rows may share prompts; 4: data.seed seeds the split and shuffle; 5: split keyed on the row's prompt
 ROW_GROUP_ROWS = 16  # small row groups: the trainer reads rows at random
 
 PAIR_SCHEMA = pa.schema(
@@ -180,7 +180,7 @@ class TokenizeChunk:
                     rec,
                     pair_id=formats.pair_id(tp, rec["source"], index, pair.expansion),
                     content_key=formats.content_key(tp),
-                    prompt_key=formats.prompt_key(tp),
+                    prompt_key=formats.prompt_key(pair),
                     chosen_ids=tp.chosen.input_ids,
                     chosen_prompt_len=tp.chosen.prompt_len,
                     rejected_ids=tp.rejected.input_ids,

@@ -85,3 +85,30 @@ def test_max_completion_length_keeps_the_completion_start(tokenizer):
     for seg, whole in ((tp.chosen, full.chosen), (tp.rejected, full.rejected)):
         assert seg.input_ids[: seg.prompt_len] == whole.input_ids[: whole.prompt_len]
         assert seg.input_ids[seg.prompt_len:] == whole.input_ids[whole.prompt_len: whole.prompt_len + 7]
+
+
+
+def test_the_pairs_of_one_row_share_a_split_key_whatever_their_tokens():
+    """Prompt "Answer:" with rejected ["4", " four"], under a tokenizer that merges ":4":
+    the first pair's prompt is cut before ":" (prefix mismatch), the second keeps it, so
+    keys of the prompt tokens differed and the row's pairs could land on both sides of the
+    split. The key is the row's prompt itself."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.formats import prompt_key
+
+    corpus = ["Question. Answer: four"] * 5 + [":4"] * 200 + ["Question. Answer:"] * 3
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=len(set("".join(corpus))) + 3, special_tokens=["<unk>", "</s>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.tokenize("Answer:4")[-1] == ":4"  # the merge
+    row = {"prompt": "Question. Answer:", "chosen": " 4.", "rejected": ["4", " four"]}
+    pairs = normalize(row, "prompt", "chosen", "rejected")
+    tokenized = [tokenize_pair(p, tokenizer, max_length=64) for p in pairs]
+    prompts = [tuple(tp.chosen.input_ids[:tp.chosen.prompt_len]) for tp in tokenized]
+    assert [tp.prefix_mismatch for tp in tokenized] == [True, False] and prompts[0] != prompts[1]
+    assert prompt_key(pairs[0]) == prompt_key(pairs[1])
+    other = normalize({"prompt": "Question. Answer: ", "chosen": "a", "rejected": "b"}, "prompt", "chosen", "rejected")
+    assert prompt_key(other[0]) != prompt_key(pairs[0])
