@@ -203,7 +203,8 @@ class TrainConfig:
     # The train/eval split and the packing shuffle (so it is in the tokenize fingerprint),
     # the epoch plans, torch.
     seed: int = 42
-    # Log every N steps (and the first and the last).
+    # Log every N steps (and the first, the last and at checkpoints): the means over those
+    # steps, their rows and tokens summed (as TRL averages over its logging window).
     logging_steps: int = 1
     # Eval every N steps, and at step 0 and at the end.
     eval_steps: int = 50

@@ -69,6 +69,7 @@ class MetricsLog:
         from pipeline.tracking import Trackers
 
         self.ctx, self.start = ctx, time.time()
+        self.window: list[dict] = []  # the steps since the last logged one
         self.path = ctx.out_dir / METRICS_FILE
         self.trackers = None
         if ctx.rank == 0:
@@ -76,6 +77,15 @@ class MetricsLog:
             config = {"model": asdict(ctx.cfg.model), "train": asdict(train_cfg)}
             self.trackers = Trackers(train_cfg.report_to, ctx.out_dir,
                                      train_cfg.run_name or f"dpo-{ctx.out.name}", ctx.out.name, config)
+
+    def flush(self) -> dict | None:
+        """Write the window's record; returns it (None for an empty window)."""
+        if not self.window:
+            return None
+        record = window_record(self.window, ("rows", self.ctx.objective.unit, "tokens"))
+        self.window = []
+        self.write(record)
+        return record
 
     def write(self, record: dict) -> None:
         if self.ctx.rank == 0:
@@ -88,6 +98,7 @@ class MetricsLog:
             self.trackers.close()
 
     def sync(self) -> None:
+        self.flush()  # a checkpoint's (or the end's) steps are all logged before it is marked
         ctx = self.ctx
         if ctx.rank == 0 and ctx.staged:
             if self.path.exists():
@@ -107,14 +118,35 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, m: dict) -> None:
+        """Log every ``logging_steps`` steps (and the first and the last) the window's
+        means, as TRL does, with its counts summed: no step goes uncounted."""
         every, total = self.ctx.train_cfg.logging_steps, self.ctx.total_steps
+        self.window.append(m)
         if m["step"] % every and m["step"] not in (1, total):
             return
-        self.write(m)
+        m = self.flush()
         if self.ctx.rank == 0:
             eta = (time.time() - self.start) / m["step"] * (total - m["step"])
             say(f"[train] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
                 f"tok/s {m['tokens_per_second']:.0f} eta {eta:.0f}s")
+
+
+def window_record(window: list[dict], counts: tuple[str, ...]) -> dict:
+    """One record for several steps: the counts summed, the step, epoch and learning rate of
+    the last step, throughput over the window, every other metric the mean of the steps'."""
+    last = window[-1]
+    record = {}
+    for key, value in last.items():
+        if key in counts:
+            record[key] = sum(r[key] for r in window)
+        elif key in ("step", "epoch", "learning_rate") or not isinstance(value, (int, float)):
+            record[key] = value
+        elif key == "tokens_per_second":
+            seconds = sum(r["tokens"] / r[key] for r in window if r[key])
+            record[key] = sum(r["tokens"] for r in window) / seconds if seconds else value
+        else:
+            record[key] = sum(r[key] for r in window) / len(window)
+    return record
 
 
 def say(line: str) -> None:
