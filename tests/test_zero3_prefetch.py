@@ -58,7 +58,7 @@ def test_zero3_trace_completes_prefetches_and_leaves_the_losses_bitwise(assets, 
         first_checkpoint = next(i for i, e in enumerate(events) if e.startswith("checkpoint"))
         assert not any(e.startswith("invalidated") for e in events[first_checkpoint:]), events
         settled = max(int(e.split()[-1]) for e in events if e.startswith("invalidated")) + 2
-        assert settled < 40 and all(states[settled:]), (states, events)
+        assert all(states[settled:]), (states, events)
         assert rank["prefetches"] > 0
     for rank in unfixed:  # before: only the top-level forwards (the load-time probe) start a step
         assert rank["complete_after_reset"].count(True) <= 1 and rank["prefetches"] == 0, rank
