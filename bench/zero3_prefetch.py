@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(a, mode: str):
@@ -98,6 +91,8 @@ def main() -> None:
     results = {}
     for mode in ("prefetch", "no-prefetch"):
         runner.run_pipeline(config(a, mode), stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+        from stages.train.engine import free_port
+
         start = time.time()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), __file__, "--steps", str(a.steps), "--hidden", str(a.hidden), "--layers",

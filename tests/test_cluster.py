@@ -4,7 +4,6 @@ as a Ray job submitted to a real head started with `ray start` (loopback)."""
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import yaml
 
 from helpers import tiny_config
 from pipeline.config import dump_yaml
+from stages.train.engine import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,12 +40,6 @@ def test_the_cluster_installs_the_trackers_the_example_configs_report_to():
             for t in (yaml.safe_load(path.read_text()).get("train") or {}).get("report_to", [])}
     assert "wandb" in used  # the 8B example reports to W&B
     assert any('pip install -e ".[tracking]"' in c for c in raw["setup_commands"]), raw["setup_commands"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

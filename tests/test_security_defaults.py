@@ -4,7 +4,6 @@ and a model directory's code is part of its fingerprint (pipeline/rundir.py)."""
 import pickle
 import re
 import shutil
-import socket
 
 import pytest
 import torch
@@ -83,10 +82,7 @@ def test_auto_resume_refuses_a_checkpoint_file_that_holds_pickled_code(assets, t
     cfg = tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256},
                       train={"max_steps": 6, "save_steps": 5, "eval_steps": 1000, "num_workers": 1})
     path = write_config(cfg, tmp_path / "c.yaml")
-    with socket.socket() as s:  # the rank's rendezvous port: not the default one another run may hold
-        s.bind(("127.0.0.1", 0))
-        env = {"MASTER_PORT": str(s.getsockname()[1])}
-    run_cli(path, env=env)
+    run_cli(path)
     out = train_dir(cfg)
     # the newest complete checkpoint: the final one, written before the export
     ckpt = out / "checkpoints" / "step-00000006"
@@ -98,14 +94,14 @@ def test_auto_resume_refuses_a_checkpoint_file_that_holds_pickled_code(assets, t
         (target,) = ckpt.glob(pattern)
         original = target.read_bytes()
         torch.save({"optimizer_state_dict": Payload(marker)}, target)
-        proc = run_cli(path, env=env, check=False)
+        proc = run_cli(path, check=False)
         assert not marker.exists(), f"{target.name}: the pickled callable ran"
         assert proc.returncode != 0
         assert f"refused to load checkpoint file {target}" in proc.stderr, proc.stderr[-3000:]
         assert "resumed from" not in proc.stdout
         target.write_bytes(original)
 
-    proc = run_cli(path, env=env)
+    proc = run_cli(path)
     assert f"resumed from {ckpt} at step 6" in proc.stdout
 
 

@@ -5,7 +5,6 @@ within the first steps, stays complete across evals and checkpoints, prefetches 
 the losses are bitwise those of the run without prefetching."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,9 @@ import pytest
 
 from helpers import tiny_config, write_config
 from pipeline import runner
+from stages.train.engine import free_port
 
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe(assets, tmp_path, mode: str) -> tuple[list[dict], list[dict]]:
