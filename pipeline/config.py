@@ -78,6 +78,14 @@ class TokenizeConfig:
     max_completion_length: Optional[int] = None
     # keep_end: a cut prompt keeps its end; keep_start: its start.
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    # A prompt that leaves a completion fewer than min_completion_tokens tokens of
+    # max_length: quarantine (the default: the pair is counted and kept out, nothing
+    # trains on a prompt it never saw whole) or truncate (TRL's behaviour: the prompt is
+    # cut as truncation_mode says, keep_end losing its start, and the pair trains).
+    prompt_too_long: Literal["quarantine", "truncate"] = "quarantine"
+    # Completion tokens each side keeps at least (all of it when shorter), for the
+    # prompt_too_long rule.
+    min_completion_tokens: int = 1
     # Packing budget, tokens per packed row; >= 2 * max_length (both sides of a pair go
     # in one row).
     max_tokens_per_row: int = 4096
@@ -399,6 +407,8 @@ def _validate(cfg: PipelineConfig) -> None:
         )
     if tokenize_cfg.max_completion_length is not None:
         need(tokenize_cfg.max_completion_length >= 1, "tokenize.max_completion_length: must be >= 1")
+    need(1 <= tokenize_cfg.min_completion_tokens < tokenize_cfg.max_length,
+         f"tokenize.min_completion_tokens: must be in [1, tokenize.max_length ({tokenize_cfg.max_length}))")
     need(tokenize_cfg.rows_per_shard >= 1, "tokenize.rows_per_shard: must be >= 1")
     need(tokenize_cfg.rows_per_task >= 1, "tokenize.rows_per_task: must be >= 1")
     need(tokenize_cfg.pack_buffer_tokens >= 1, "tokenize.pack_buffer_tokens: must be >= 1")

@@ -67,6 +67,7 @@ class TokenizedPair:
     rejected: Segment
     truncated: bool
     prefix_mismatch: bool
+    prompt_truncated: bool = False  # the prompt was cut (max_prompt_length, or prompt_too_long: truncate)
 
     @property
     def num_tokens(self) -> int:
@@ -208,25 +209,26 @@ def _end_with_one_eos(completion: list[int], eos_id: int) -> list[int]:
     return completion + [eos_id]
 
 
-def _truncate(
-    prompt: list[int], completion: list[int], max_length: int, max_prompt_length: int | None, mode: str,
-    max_completion_length: int | None = None,
-) -> tuple[list[int], list[int], bool]:
-    truncated = False
-    if max_completion_length is not None and len(completion) > max_completion_length:
-        completion = completion[:max_completion_length]
-        truncated = True
+def _keep(ids: list[int], n: int, mode: str) -> list[int]:
+    return ids[-n:] if mode == "keep_end" else ids[:n]
+
+
+def _fit_prompt(prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None,
+                mode: str, min_completion_tokens: int, too_long: str) -> tuple[list[int], bool]:
+    """The pair's prompt (one for both sides), cut to ``max_prompt_length`` and so that
+    each completion keeps ``min_completion_tokens`` (or all of itself when shorter):
+    a prompt that leaves less room is quarantined, or with ``too_long: truncate`` cut
+    as ``mode`` says (TRL's behaviour: the pair is trained on its truncated prompt)."""
+    cut = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:] if mode == "keep_end" else prompt[:max_prompt_length]
-        truncated = True
-    if len(prompt) >= max_length:
-        raise BadRow("prompt_too_long", f"prompt has {len(prompt)} tokens, max_length {max_length}")
-    if len(prompt) + len(completion) > max_length:
-        completion = completion[: max_length - len(prompt)]
-        truncated = True
-    if not completion:
-        raise BadRow("completion_truncated_to_nothing")
-    return prompt, completion, truncated
+        prompt, cut = _keep(prompt, max_prompt_length, mode), True
+    room = min(min_completion_tokens, max(len(c) for c in completions))
+    if len(prompt) + room > max_length:
+        if too_long != "truncate":
+            need = f", and completions keep {min_completion_tokens}" if min_completion_tokens > 1 else ""
+            raise BadRow("prompt_too_long", f"prompt has {len(prompt)} tokens, max_length {max_length}{need}")
+        prompt, cut = _keep(prompt, max_length - room, mode), True
+    return prompt, cut
 
 
 def tokenize_pair(
@@ -238,6 +240,8 @@ def tokenize_pair(
     truncation_mode: str = "keep_end",
     strict: bool = False,
     max_completion_length: int | None = None,
+    min_completion_tokens: int = 1,
+    prompt_too_long: str = "quarantine",
 ) -> TokenizedPair:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -251,16 +255,18 @@ def tokenize_pair(
     prompt = full[0][:prompt_len]
     if not prompt:
         raise BadRow("empty_prompt", "the prompt tokenises to nothing")
-    segments, truncated_any = [], False
-    for ids in full:
-        p, c, truncated = _truncate(prompt, _end_with_one_eos(ids[prompt_len:], eos_id), max_length,
-                                    max_prompt_length, truncation_mode, max_completion_length)
-        segments.append(Segment(p + c, len(p)))
-        truncated_any |= truncated
-    chosen, rejected = segments
+    completions = [_end_with_one_eos(ids[prompt_len:], eos_id) for ids in full]
+    truncated = False
+    if max_completion_length is not None and any(len(c) > max_completion_length for c in completions):
+        completions, truncated = [c[:max_completion_length] for c in completions], True
+    prompt, prompt_cut = _fit_prompt(prompt, completions, max_length, max_prompt_length, truncation_mode,
+                                     min_completion_tokens, prompt_too_long)
+    room = max_length - len(prompt)
+    truncated |= prompt_cut or any(len(c) > room for c in completions)
+    chosen, rejected = (Segment(prompt + c[:room], len(prompt)) for c in completions)
     if chosen.input_ids == rejected.input_ids:
         raise BadRow("identical_after_tokenization")
-    return TokenizedPair(chosen, rejected, truncated_any, mismatch)
+    return TokenizedPair(chosen, rejected, truncated, mismatch, prompt_cut)
 
 
 def _ids_bytes(ids: list[int]) -> bytes:

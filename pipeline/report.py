@@ -90,7 +90,8 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
         lines += ["", "## tokenize", "",
                   f"- input rows {s['input_rows']}, pairs {s['pairs']}, quarantined {s['quarantined']} "
                   f"({json.dumps(s['quarantine_reasons'])}), format {s.get('format')}, "
-                  f"duplicate pairs {s.get('duplicate_pairs', 0)}, truncated pairs {s['truncated_pairs']}",
+                  f"duplicate pairs {s.get('duplicate_pairs', 0)}, truncated pairs {s['truncated_pairs']} "
+                  f"(prompt cut in {s.get('prompt_truncated_pairs', 0)})",
                   f"- train: {s['train']['pairs']} pairs in {s['train']['rows']} rows, waste "
                   f"{s['train']['waste_fraction']:.2%}; eval: {s['eval']['pairs']} pairs in {s['eval']['rows']} rows, "
                   f"waste {s['eval']['waste_fraction']:.2%}"]

@@ -52,6 +52,7 @@ PAIR_SCHEMA = pa.schema(
         ("rejected_prompt_len", pa.int32()),
         ("truncated", pa.bool_()),
         ("prefix_mismatch", pa.bool_()),
+        ("prompt_truncated", pa.bool_()),
         ("reason", pa.string()),  # null for a good pair
         ("detail", pa.string()),
         ("raw", pa.string()),  # the input row as JSON, kept for quarantined rows only
@@ -72,6 +73,10 @@ ROW_SCHEMA = pa.schema(
 
 QUARANTINE_COLUMNS = ["source", "row_index", "expansion", "reason", "detail", "raw"]
 TOKEN_COLUMNS = ["chosen_ids", "rejected_ids"]
+# Settings added after the output format settled, with the default that reproduces the
+# output from before them: fingerprinted only when set otherwise, so that a run directory
+# made before they existed does not tokenize (and score) again.
+ADDED_SETTINGS = {"prompt_too_long": "quarantine", "min_completion_tokens": 1}
 UNITS_DIR = "_units"  # the workers' token lists; removed when the stage ends
 
 # What a worker returns per pair: PAIR_SCHEMA without the token lists, plus their lengths
@@ -172,7 +177,9 @@ class TokenizeChunk:
                     tp = formats.tokenize_pair(
                         pair, self.tokenizer, max_length=tokenize_cfg.max_length, max_prompt_length=tokenize_cfg.max_prompt_length,
                         truncation_mode=tokenize_cfg.truncation_mode, strict=tokenize_cfg.strict,
-                        max_completion_length=tokenize_cfg.max_completion_length)
+                        max_completion_length=tokenize_cfg.max_completion_length,
+                        min_completion_tokens=tokenize_cfg.min_completion_tokens,
+                        prompt_too_long=tokenize_cfg.prompt_too_long)
                 except formats.BadRow as bad:
                     records.append(dict(rec, reason=bad.reason, detail=bad.detail, raw=raw))
                     continue
@@ -187,6 +194,7 @@ class TokenizeChunk:
                     rejected_prompt_len=tp.rejected.prompt_len,
                     truncated=tp.truncated,
                     prefix_mismatch=tp.prefix_mismatch,
+                    prompt_truncated=tp.prompt_truncated,
                 ))
         return records
 
@@ -424,6 +432,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
         "prefix_mismatch_pairs": int(
             np.sum(pairs.column("prefix_mismatch").to_numpy(zero_copy_only=False))
         ),
+        "prompt_truncated_pairs": int(np.sum(pairs.column("prompt_truncated").to_numpy(zero_copy_only=False))),
         "max_tokens_per_row": tokenize_cfg.max_tokens_per_row,
         "share_prompt": share,
     }
@@ -481,6 +490,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
         "tokenize_settings": {
             k: v for k, v in asdict(cfg.tokenize).items()
             if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template", "pack_buffer_tokens")
+            and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])
         } | {"share_prompt": shares_prompt(cfg)},  # resolved: null's meaning follows the attention
     }
 
