@@ -497,11 +497,13 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
 
 def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups) -> tuple[list[ShardInfo], dict]:
     """Plan the read units, tokenize them (``tokenize_units(chunks, units_dir)`` -> the
-    per-pair tables), pack and write; the unit files are removed whatever happens."""
+    per-pair tables), pack and write; the unit files (and inputs restaged for reading)
+    are removed whatever happens."""
     units_dir = Loc(out_dir) / UNITS_DIR
-    chunks = [dict(c, unit=i) for i, c in enumerate(
-        sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split))]
     try:
+        chunks = [dict(c, unit=i) for i, c in enumerate(
+            sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,
+                                staging=units_dir / "inputs"))]
         tables = tokenize_units(chunks, units_dir)
         records = (pa.concat_tables([tb.cast(PAIR_META_SCHEMA) for tb in tables]) if tables
                    else PAIR_META_SCHEMA.empty_table())
