@@ -10,7 +10,28 @@ from __future__ import annotations
 from pipeline.config import TrainConfig
 
 
-def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int) -> dict:
+# Parameters one optimizer call updates under ZeRO-3. DeepSpeed steps each rank's partition
+# in sub-groups of this many parameters, and each call holds the sub-group's gradients
+# flattened into a new buffer and the optimizer's temporaries (torch's AdamW: two tensors
+# the size of its input): DeepSpeed's default, 1e9, is a transient 12 bytes a parameter of
+# the whole partition of any model under a billion parameters a rank. 5e7 caps it at 600 MB.
+SUB_GROUP_SIZE = 50_000_000
+
+
+def zero3_sizes(hidden_size: int | None) -> dict:
+    """ZeRO-3's buffer sizes. The gradient reduce bucket and the prefetch bucket follow the
+    model's width as the HF Trainer's ``auto`` values do (hidden², 0.9·hidden²), with a
+    floor of 2^20 elements under which a collective costs its latency: DeepSpeed's default
+    reduce bucket, 5e8 elements, is a 2 GB fp32 buffer, which a model under 500M parameters
+    fills with its whole gradient before reducing it."""
+    sizes = {"sub_group_size": SUB_GROUP_SIZE}
+    if hidden_size:
+        bucket = max(hidden_size * hidden_size, 1 << 20)
+        sizes |= {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket)}
+    return sizes
+
+
+def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int, hidden_size: int | None = None) -> dict:
     ds: dict = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
         "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
@@ -28,6 +49,7 @@ def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int) -> dict
             # train stage installs cluster/zero3_linear.py instead: the same memory saving,
             # torch's forward arithmetic, so step 0 reproduces the scored reference.
             "memory_efficient_linear": False,
+            **(zero3_sizes(hidden_size) if train_cfg.zero_stage == 3 else {}),
         },
         # ZeRO wraps any torch optimizer; DeepSpeed only whitelists Adam-family ones, so
         # RMSprop (the DPO paper's) needs this flag.

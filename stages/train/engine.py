@@ -93,6 +93,15 @@ def add_lora(model, lora):
                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
+def hidden_size(model_cfg: ModelConfig) -> int | None:
+    """The policy's width (its text model's, for a multimodal config), which sizes ZeRO-3's buffers."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "hidden_size", None)
+
+
 def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, total_steps: int):
     """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule."""
     import deepspeed
@@ -100,11 +109,12 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
 
     from cluster.deepspeed_config import build_ds_config
 
-    ds_config = build_ds_config(train_cfg, model_cfg.dtype, world)
+    ds_config = build_ds_config(train_cfg, model_cfg.dtype, world, hidden_size(model_cfg))
     if train_cfg.zero_stage == 3:
-        from cluster import zero3_linear
+        from cluster import zero3_linear, zero3_master_weights
 
         zero3_linear.install()  # ZeRO-3's memory-saving linear with torch's forward bits
+        zero3_master_weights.install()  # no second fp32 copy of an fp32 model's partition
     # zero.Init is on while this object lives, so from_pretrained partitions the weights.
     hf_ds = HfDeepSpeedConfig(ds_config) if train_cfg.zero_stage == 3 else None
     model = load_causal_lm(model_cfg.path, model_cfg)
