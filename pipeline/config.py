@@ -51,6 +51,11 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     # Or a datasets.load_dataset call: {path, name, split, data_files, revision}.
     hf_dataset: Optional[dict[str, Any]] = None
+    # Or a mixture, as open-instruct's dataset_mixer_list: a list of
+    # {name, files | hf_dataset, weight | max_pairs}. Each source's rows are drawn with
+    # data.seed: weight is the fraction kept (0 < weight <= 1), max_pairs at most this
+    # many rows. Counted per source in the manifest and the report.
+    sources: Optional[list[dict[str, Any]]] = None
     # The split of a save_to_disk DatasetDict.
     split: str = "train"
     # Pairs with the same tokens: keep them (reported) or drop all but the first (quarantined).
@@ -385,13 +390,23 @@ def _validate(cfg: PipelineConfig) -> None:
     need(not (cfg.tokenize.share_prompt and cfg.model.attn_implementation not in PROMPT_SHARING_ATTENTION),
          f"tokenize.share_prompt: true needs model.attn_implementation {', '.join(PROMPT_SHARING_ATTENTION)} "
          f"(it is {cfg.model.attn_implementation}, which isolates packed sequences only by position_ids)")
-    need(bool(cfg.data.train_files) != bool(cfg.data.hf_dataset),
-         "data.train_files or data.hf_dataset: exactly one is required")
-    if cfg.data.hf_dataset is not None:
+    given = [k for k in ("train_files", "hf_dataset", "sources") if getattr(cfg.data, k)]
+    need(len(given) == 1, "data.train_files, data.hf_dataset or data.sources: exactly one is required"
+         + (f" (set: {', '.join('data.' + k for k in given)})" if given else ""))
+
+    def check_hf_dataset(spec: Any, key: str) -> None:
         known = {"path", "name", "split", "data_files", "revision"}
-        bad = sorted(set(cfg.data.hf_dataset) - known)
-        need(not bad, f"data.hf_dataset: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
-        need("path" in cfg.data.hf_dataset, "data.hf_dataset.path: required")
+        need(isinstance(spec, dict), f"{key}: a mapping of {sorted(known)}")
+        bad = sorted(set(spec) - known)
+        need(not bad, f"{key}: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
+        need("path" in spec, f"{key}.path: required")
+
+    if cfg.data.hf_dataset is not None:
+        check_hf_dataset(cfg.data.hf_dataset, "data.hf_dataset")
+    if cfg.data.sources is not None:
+        from pipeline import mixing
+
+        mixing.check(cfg.data.sources, need, check_hf_dataset)
     need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
     tokenize_cfg = cfg.tokenize
     need(tokenize_cfg.max_length >= 2, "tokenize.max_length: must be >= 2")

@@ -95,6 +95,10 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
                   f"- train: {s['train']['pairs']} pairs in {s['train']['rows']} rows, waste "
                   f"{s['train']['waste_fraction']:.2%}; eval: {s['eval']['pairs']} pairs in {s['eval']['rows']} rows, "
                   f"waste {s['eval']['waste_fraction']:.2%}"]
+        if s.get("sources"):
+            lines += ["", "| source | rows | rows drawn | pairs | quarantined |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {redact_text(name)} | {c['rows']} | {c['sampled_rows']} | {c['pairs']} | {c['quarantined']} |"
+                      for name, c in s["sources"].items()]
     score = results.get("score")
     if score:
         values = reference_logps(Loc(score["dir"]))

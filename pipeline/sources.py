@@ -43,6 +43,7 @@ class Source:
     label: str
     path: str
     kind: str
+    group: str | None = None  # the data.sources entry it belongs to (pipeline/mixing.py)
 
 
 def is_uri(path: str) -> bool:
@@ -271,7 +272,8 @@ def _array_units(sc: _JsonScanner, pos: int, rows_per_task: int) -> tuple[list[d
             raise json.JSONDecodeError(f"row {count}: {e.msg}", e.doc, e.pos) from None
         count += 1
         if count % rows_per_task == 0:
-            chunks.append(dict(start=start, stop=sc.base + end, first_row=count - rows_per_task, kind="json"))
+            chunks.append(dict(start=start, stop=sc.base + end, first_row=count - rows_per_task, rows=rows_per_task,
+                               kind="json"))
             start = None
         pos = sc.skip_ws(end)
         sep = sc.buf[pos:pos + 1]
@@ -283,7 +285,8 @@ def _array_units(sc: _JsonScanner, pos: int, rows_per_task: int) -> tuple[list[d
         if pos > sc.BLOCK:
             pos = sc.trim(pos)
     if start is not None:
-        chunks.append(dict(start=start, stop=sc.base + end, first_row=count - count % rows_per_task, kind="json"))
+        chunks.append(dict(start=start, stop=sc.base + end, first_row=count - count % rows_per_task,
+                           rows=count % rows_per_task, kind="json"))
     return chunks, pos + 1
 
 
@@ -343,13 +346,14 @@ def _csv_chunks(path: str, rows_per_task: int) -> list[dict]:
                     continue  # a blank line is not a row (pyarrow skips it too)
                 count += 1
                 if count % rows_per_task == 0:
-                    chunks.append(dict(start=start, stop=pos, first_row=count - rows_per_task, kind="csv",
-                                       header=header))
+                    chunks.append(dict(start=start, stop=pos, first_row=count - rows_per_task, rows=rows_per_task,
+                                       kind="csv", header=header))
                     start = pos
         except csv.Error as e:
             raise ValueError(f"data.train_files: {redact_text(path)}: not CSV at record {reader.line_num}: {e}") from None
     if count % rows_per_task:
-        chunks.append(dict(start=start, stop=pos, first_row=count - count % rows_per_task, kind="csv", header=header))
+        chunks.append(dict(start=start, stop=pos, first_row=count - count % rows_per_task, rows=count % rows_per_task,
+                           kind="csv", header=header))
     return chunks
 
 
@@ -382,12 +386,13 @@ def _jsonl_chunks(source: Source, rows_per_task: int) -> list[dict]:
                 offsets.append(size)
     if offsets[-1] != size:
         offsets.append(size)
-    return [dict(start=offsets[i], stop=offsets[i + 1], first_row=i * rows_per_task, kind="jsonl")
-            for i in range(len(offsets) - 1)]
+    return [dict(start=offsets[i], stop=offsets[i + 1], first_row=i * rows_per_task,
+                 rows=min(rows_per_task, line - i * rows_per_task), kind="jsonl") for i in range(len(offsets) - 1)]
 
 
 def _range_chunks(n: int, rows_per_task: int, kind: str) -> list[dict]:
-    return [dict(start=s, stop=min(s + rows_per_task, n), first_row=s, kind=kind) for s in range(0, n, rows_per_task)]
+    return [dict(start=s, stop=min(s + rows_per_task, n), first_row=s, rows=min(rows_per_task, n - s), kind=kind)
+            for s in range(0, n, rows_per_task)]
 
 
 def _parquet_chunks(path: str, rows_per_task: int, staging) -> list[dict]:
@@ -413,13 +418,13 @@ def _parquet_chunks(path: str, rows_per_task: int, staging) -> list[dict]:
     for g, size in enumerate(sizes):
         rows += size
         if rows >= rows_per_task or g == len(sizes) - 1:
-            parts.append(dict(start=start, stop=g + 1, first_row=first, kind="parquet", path=path))
+            parts.append(dict(start=start, stop=g + 1, first_row=first, rows=rows, kind="parquet", path=path))
             first, rows, start = first + rows, 0, g + 1
     return parts
 
 
 def plan_chunks(sources: list[Source], rows_per_task: int, split: str = "train", staging=None) -> list[dict]:
-    """Read units: {label, path, kind, start, stop, first_row, split}, each read without
+    """Read units: {label, path, kind, start, stop, first_row, rows, split, group}, each read without
     parsing the rest of its file. ``staging`` (a ``Loc``) is where a Parquet file of huge
     row groups is rewritten in smaller ones; without it such a file is one unit per group."""
     chunks = []
@@ -436,7 +441,8 @@ def plan_chunks(sources: list[Source], rows_per_task: int, split: str = "train",
             parts = _csv_chunks(src.path, rows_per_task)
         else:
             parts = _range_chunks(len(_load_hf_disk(src.path, split)), rows_per_task, "hf_disk")
-        chunks += [dict(dict(label=src.label, path=src.path, split=split), **p) for p in parts]
+        chunks += [dict(dict(label=src.label, path=src.path, split=split, group=src.group or src.label), **p)
+                   for p in parts]
     return chunks
 
 

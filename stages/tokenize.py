@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import formats, packing, sources
+from pipeline import formats, mixing, packing, sources
 from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.storage import Loc
@@ -161,7 +162,10 @@ class TokenizeChunk:
     def tokenize_chunk(self, chunk: dict) -> list[dict]:
         d, tokenize_cfg = self.cfg.data, self.cfg.tokenize
         records = []
+        keep = set(chunk["keep"]) if chunk.get("keep") is not None else None  # a mixture's draw
         for index, row, text in sources.read_chunk(chunk):
+            if keep is not None and index - chunk["first_row"] not in keep:
+                continue
             base = dict(source=chunk["label"], row_index=int(index), expansion=0)
             raw = text if text is not None else json.dumps(row, default=str, ensure_ascii=False)
             try:
@@ -467,12 +471,31 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     return shards, stats
 
 
+def source_stats(records: pa.Table, quarantine: pa.Table, chunks: list[dict],
+                 drawn: dict[str, dict]) -> dict[str, dict]:
+    """Per mixture source: its rows, the rows drawn, the pairs they gave (packed) and the
+    records quarantined (for any reason, the dataset-wide checks' included)."""
+    group = {c["label"]: c["group"] for c in chunks}
+    out = {name: dict(counts, pairs=0, quarantined=0) for name, counts in drawn.items()}
+    for label, n in Counter(records.column("source").to_pylist()).items():
+        out[group[label]]["pairs"] += n
+    for label, n in Counter(quarantine.column("source").to_pylist()).items():
+        out[group[label]]["pairs"] -= n
+        out[group[label]]["quarantined"] += n
+    return out
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
 def resolve_sources(cfg: PipelineConfig) -> list[sources.Source]:
+    cache = Loc(cfg.run_dir) / "sources"
+    if cfg.data.sources:
+        return [replace(s, group=mixing.source_name(spec)) for spec in cfg.data.sources
+                for s in ([sources.hf_dataset_source(spec["hf_dataset"], cache)] if spec.get("hf_dataset")
+                          else sources.expand_inputs(mixing.files_of(spec)))]
     if cfg.data.hf_dataset is not None:
-        return [sources.hf_dataset_source(cfg.data.hf_dataset, Loc(cfg.run_dir) / "sources")]
+        return [sources.hf_dataset_source(cfg.data.hf_dataset, cache)]
     return sources.expand_inputs(cfg.data.train_files)
 
 
@@ -486,7 +509,9 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
         "data": {s.label: hash_tree([s.path if sources.is_uri(s.path) else Path(s.path)], cache) for s in srcs},
         "tokenizer": hash_checkpoint(cfg.tokenizer_path, "tokenizer", cache),
         "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
-        "data_settings": asdict(cfg.data) | {"train_files": None, "hf_dataset": None},
+        "data_settings": {k: v for k, v in asdict(cfg.data).items() if k != "sources"}
+        | {"train_files": None, "hf_dataset": None},
+        **({"mixture": mixing.settings(cfg.data.sources)} if cfg.data.sources else {}),
         "tokenize_settings": {
             k: v for k, v in asdict(cfg.tokenize).items()
             if k not in ("actors", "num_cpus_per_actor", "rows_per_task", "chat_template", "pack_buffer_tokens")
@@ -501,13 +526,20 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
     are removed whatever happens."""
     units_dir = Loc(out_dir) / UNITS_DIR
     try:
-        chunks = [dict(c, unit=i) for i, c in enumerate(
-            sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,
-                                staging=units_dir / "inputs"))]
+        chunks = sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,
+                                     staging=units_dir / "inputs")
+        drawn = None
+        if cfg.data.sources:
+            chunks, drawn = mixing.sample(chunks, cfg.data.sources, cfg.data.seed)
+        chunks = [dict(c, unit=i) for i, c in enumerate(chunks)]
         tables = tokenize_units(chunks, units_dir)
         records = (pa.concat_tables([tb.cast(PAIR_META_SCHEMA) for tb in tables]) if tables
                    else PAIR_META_SCHEMA.empty_table())
-        return pack_and_write(records, cfg, out_dir, chunks, write_groups)
+        shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups)
+        if drawn is not None:
+            with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
+                stats["sources"] = source_stats(records, pq.read_table(f, columns=["source"]), chunks, drawn)
+        return shards, stats
     finally:
         units_dir.rmtree()
 

@@ -1,0 +1,135 @@
+"""data.sources: a mixture of datasets, each source's rows drawn with data.seed, counted per
+source in the manifest and the report, fingerprinted."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import tiny_config
+from pipeline.config import ConfigError, config_from_dict, to_dict
+from pipeline.mixing import sample
+from pipeline.rundir import HashCache
+from stages import tokenize
+
+
+def pairs(tag, n):
+    return [{"prompt": f"Describe {tag} item {i}.", "chosen": " It is great.", "rejected": " It is awful."}
+            for i in range(n)]
+
+
+def write_inputs(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in pairs("alpha", 100)))
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs("beta", 50)), b, row_group_size=8)
+    return a, b
+
+
+def run(assets, tmp_path, name, mixture, seed=42, **tok):
+    raw = to_dict(tiny_config(assets, tmp_path / name, tokenize={"rows_per_task": 16, **tok},
+                              data={"eval_fraction": 0.0, "seed": seed}))
+    raw["data"]["train_files"] = []
+    raw["data"]["sources"] = mixture
+    cfg = config_from_dict(raw)
+    out = tmp_path / name / "out"
+    out.mkdir(parents=True)
+    _, stats = tokenize.run_in_process(cfg, out)
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("train-*.parquet"))]).to_pylist()
+    return cfg, stats, sorted(pid for r in rows for pid in r["pair_ids"])
+
+
+def test_each_source_gives_its_share_drawn_with_the_seed(assets, tmp_path):
+    a, b = write_inputs(tmp_path)
+    mixture = [{"name": "alpha", "files": str(a), "weight": 0.3}, {"files": [str(b)], "max_pairs": 20}]
+    cfg, stats, ids = run(assets, tmp_path, "one", mixture)
+    assert stats["sources"] == {
+        "alpha": {"rows": 100, "sampled_rows": 30, "pairs": 30, "quarantined": 0},
+        "b": {"rows": 50, "sampled_rows": 20, "pairs": 20, "quarantined": 0},  # named after the file
+    }
+    assert stats["input_rows"] == stats["pairs"] == len(ids) == 50
+    # The same seed draws the same rows, whatever the read units; another seed others.
+    _, _, again = run(assets, tmp_path, "again", mixture, rows_per_task=7)
+    assert again == ids
+    _, other_stats, other = run(assets, tmp_path, "other", mixture, seed=7)
+    assert other_stats["sources"] == stats["sources"] and other != ids
+    # weight 1 and no limit: every row
+    _, full, _ = run(assets, tmp_path, "full", [{"files": str(a)}, {"files": str(b), "weight": 1.0}])
+    assert full["sources"]["a"]["sampled_rows"] == 100 and full["sources"]["b"]["pairs"] == 50
+
+
+def test_the_draw_is_uniform_over_the_plan_and_units_that_keep_nothing_are_not_read():
+    chunks = [dict(label="f", group="s", rows=10, first_row=10 * i, unit=i) for i in range(10)]
+    kept, counts = sample(chunks, [{"name": "s", "max_pairs": 3}], seed=0)
+    assert counts == {"s": {"rows": 100, "sampled_rows": 3}}
+    assert len(kept) <= 3 and sum(len(c["keep"]) for c in kept) == 3
+    assert all(0 <= k < 10 for c in kept for k in c["keep"])
+    kept, _ = sample(chunks, [{"name": "s"}], seed=0)
+    assert kept == chunks  # all of it: no draw, every unit as planned
+
+
+def test_the_mixture_is_fingerprinted_and_reported(assets, tmp_path):
+    from pipeline.report import write_report
+
+    a, b = write_inputs(tmp_path)
+    mixture = [{"name": "alpha", "files": str(a), "weight": 0.3}, {"name": "beta", "files": str(b)}]
+    cfg, stats, _ = run(assets, tmp_path, "fp", mixture)
+    cache = HashCache(tmp_path / "hashes.json")
+    fp = tokenize.fingerprint_inputs(cfg, cache)
+    assert fp["mixture"][0] == {"name": "alpha", "weight": 0.3, "max_pairs": None, "files": [str(a)],
+                                "hf_dataset": None}
+    raw = to_dict(cfg)
+    raw["data"]["sources"][0]["weight"] = 0.4
+    assert tokenize.fingerprint_inputs(config_from_dict(raw), cache) != fp
+    # a config without a mixture fingerprints as before data.sources existed
+    plain = tokenize.fingerprint_inputs(tiny_config(assets, tmp_path / "plain"), cache)
+    assert "sources" not in plain["data_settings"] and "mixture" not in plain
+    report = write_report(tmp_path / "fp", {"tokenize": {"ran": True, "rows": 1, "tokens": 1, "seconds": 0,
+                                                         "dir": str(tmp_path), "stats": stats}})
+    text = report.read_text()
+    assert "| alpha | 100 | 30 | 30 | 0 |" in text and "| beta | 50 | 50 | 50 | 0 |" in text
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"files": "a.jsonl", "weight": 1.5}, r"data.sources\[0\].weight: the fraction of the source's rows kept, in \(0, 1\]"),
+    ({"files": "a.jsonl", "weight": 0.5, "max_pairs": 2}, r"data.sources\[0\]: weight or max_pairs, not both"),
+    ({"files": "a.jsonl", "max_pairs": 0}, r"data.sources\[0\].max_pairs: an integer >= 1"),
+    ({"weight": 0.5}, r"data.sources\[0\]: exactly one of files and hf_dataset"),
+    ({"files": "a.jsonl", "ratio": 1}, r"data.sources\[0\]: unknown key ratio"),
+    ({"hf_dataset": {"name": "x"}}, r"data.sources\[0\].hf_dataset.path: required"),
+])
+def test_a_bad_source_names_its_key(assets, tmp_path, source, message):
+    raw = to_dict(tiny_config(assets, tmp_path))
+    raw["data"]["train_files"] = []
+    raw["data"]["sources"] = [source]
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+    raw["data"]["sources"] = [{"files": "x/a.jsonl"}, {"files": "y/a.jsonl"}]
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].name: 'a' names two sources"):
+        config_from_dict(raw)
+    raw["data"]["train_files"] = ["a.jsonl"]
+    with pytest.raises(ConfigError, match=r"exactly one is required \(set: data.train_files, data.sources\)"):
+        config_from_dict(raw)
+
+
+@pytest.mark.slow
+def test_a_mixture_on_ray_writes_the_shards_of_the_in_process_run(assets, tmp_path, ray_cluster):
+    import pyarrow.csv as pacsv
+
+    a, b = write_inputs(tmp_path)
+    c = tmp_path / "c.csv"
+    pacsv.write_csv(pa.Table.from_pylist(pairs("gamma", 40)), c)  # CSV units carry a header range, others not
+    mixture = [{"files": str(a), "weight": 0.5}, {"files": str(b)}, {"files": str(c), "max_pairs": 25}]
+    raw = to_dict(tiny_config(assets, tmp_path / "run", tokenize={"rows_per_task": 16}))
+    raw["data"]["train_files"] = []
+    raw["data"]["sources"] = mixture
+    cfg = config_from_dict(raw)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    local.mkdir()
+    on_ray.mkdir()
+    shards_local, stats_local = tokenize.run_in_process(cfg, local)
+    shards_ray, stats_ray = tokenize.run_on_ray(cfg, on_ray)
+    assert [s.sha256 for s in shards_local] == [s.sha256 for s in shards_ray]
+    assert stats_ray["sources"] == stats_local["sources"]
+    assert {name: s["pairs"] for name, s in stats_ray["sources"].items()} == {"a": 50, "b": 50, "c": 25}
