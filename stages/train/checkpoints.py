@@ -53,7 +53,8 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
         # The metrics up to this step are uploaded before the checkpoint is marked complete:
         # a resume from it finds every step it does not replay already logged.
         log.sync()
-        info = {"step": step, "world_size": ctx.world, "zero_stage": ctx.train_cfg.zero_stage}
+        info = {"step": step, "world_size": ctx.world, "zero_stage": ctx.train_cfg.zero_stage,
+                "zero_sub_groups": zero_sub_groups(engine)}
         (final / COMPLETE).write_text(json.dumps(info))
         (ctx.out / CHECKPOINT_DIR / "latest_complete").write_text(tag)
         limit = ctx.train_cfg.save_total_limit
@@ -119,6 +120,27 @@ def checkpoint_to_resume(ctx) -> Loc | None:
     return path
 
 
+def zero_sub_groups(engine) -> int | None:
+    """How many sub-groups ZeRO-3's optimizer state is cut into on a rank (its layout in a
+    checkpoint: ``cluster/deepspeed_config.py`` SUB_GROUP_SIZE); None below stage 3."""
+    groups = getattr(engine.optimizer, "fp16_partitioned_groups_flat", None)
+    return None if groups is None else len(groups)
+
+
+def layout_mismatch(info: dict, world: int, sub_groups: int | None) -> str | None:
+    """Why a checkpoint (its ``COMPLETE.json``) cannot be loaded by this run, or None."""
+    if info["world_size"] != world:
+        return (f"it was written by {info['world_size']} workers and this run has {world}: ZeRO partitions and "
+                f"the data plan depend on the worker count. Resume with train.num_workers={info['world_size']}, "
+                "or start a new run (--force)")
+    saved = info.get("zero_sub_groups", sub_groups)  # not recorded before: DeepSpeed's own check decides
+    if saved != sub_groups:
+        return (f"its ZeRO-3 optimizer state is cut into {saved} sub-groups a rank and this run's into "
+                f"{sub_groups} (DeepSpeed's sub_group_size changed with the pipeline version): the state "
+                "cannot be mapped. Resume with the version that wrote it, or start a new run (--force)")
+    return None
+
+
 def resume(engine, ctx, log) -> int:
     """Load the checkpoint to resume from, if any; returns the steps already done."""
     path = checkpoint_to_resume(ctx)
@@ -126,11 +148,9 @@ def resume(engine, ctx, log) -> int:
         log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
         return 0
     info = json.loads((path / COMPLETE).read_text())
-    if info["world_size"] != ctx.world:
-        raise RuntimeError(
-            f"checkpoint {path} was written by {info['world_size']} workers and this run has {ctx.world}: "
-            f"ZeRO partitions and the data plan depend on the worker count. Resume with "
-            f"train.num_workers={info['world_size']}, or start a new run (--force)")
+    why = layout_mismatch(info, ctx.world, zero_sub_groups(engine))
+    if why:
+        raise RuntimeError(f"checkpoint {path}: {why}")
     if path.remote:  # fetch only this rank's part of the checkpoint
         local = ctx.out_dir / CHECKPOINT_DIR / path.name
         for name in rank_files([f.relative_to(path) for f in path.files()], ctx.rank):
@@ -138,8 +158,12 @@ def resume(engine, ctx, log) -> int:
         load_root = local.parent
     else:
         load_root = path.local.parent
-    load_path, client = engine.load_checkpoint(str(load_root), tag=path.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+    try:
+        load_path, client = engine.load_checkpoint(str(load_root), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+    except ValueError as e:  # torch's "parameter group that doesn't match": a layout from another version
+        raise RuntimeError(f"checkpoint {path}: its optimizer state does not fit this run's ({e}); it was "
+                           "probably written by another pipeline version. Start a new run (--force)") from e
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     set_rng_state(client)
