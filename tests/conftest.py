@@ -41,8 +41,39 @@ def tokenizer(assets):
     return AutoTokenizer.from_pretrained(assets["model"])
 
 
+S3_BUCKET = "pipeline-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_bucket():
+    """A standalone S3-compatible server (moto's, in a thread) on 127.0.0.1 with one bucket,
+    reached the way users reach MinIO or Ceph: ``AWS_ENDPOINT_URL_S3`` and credentials in
+    the environment, which pyarrow's S3 filesystem reads. Ray's workers inherit them (the
+    Ray fixture starts after this one)."""
+
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    filesystem, bucket = fs.FileSystem.from_uri(f"s3://{S3_BUCKET}?allow_bucket_creation=true")
+    filesystem.create_dir(bucket)
+    yield f"s3://{S3_BUCKET}"
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_bucket):
     import ray
 
     ray.init(
