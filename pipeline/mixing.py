@@ -13,8 +13,9 @@ A mixture is a list of sources, each ``{name, files | hf_dataset, weight | max_p
 Which rows are kept is drawn once on the driver, after the read plan, with
 ``data.seed``: ``round(weight * rows)`` (or ``min(max_pairs, rows)``) row positions
 drawn without replacement from the source's rows, in the plan's order. Each read unit
-carries the positions it keeps (``keep``), so the workers read and tokenise only those,
-and the draw does not depend on how many workers there are or on ``rows_per_task``.
+carries the positions it keeps (``keep``), so the workers tokenise only those (a unit
+that keeps none is not read at all), and the draw does not depend on how many workers
+there are or on ``rows_per_task``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def source_name(src: dict) -> str:
         return str(src["name"])
     if src.get("hf_dataset"):
         return str(src["hf_dataset"].get("path"))
-    files = src["files"] if isinstance(src["files"], list) else [src["files"]]
-    return PurePosixPath(str(files[0]).rstrip("/")).name.split(".")[0] or str(files[0])
+    first = files_of(src)[0]
+    return PurePosixPath(first.rstrip("/")).name.split(".")[0] or first
 
 
 def files_of(src: dict) -> list[str]:

@@ -59,7 +59,7 @@ def test_each_source_gives_its_share_drawn_with_the_seed(assets, tmp_path):
     assert full["sources"]["a"]["sampled_rows"] == 100 and full["sources"]["b"]["pairs"] == 50
 
 
-def test_the_draw_is_uniform_over_the_plan_and_units_that_keep_nothing_are_not_read():
+def test_the_draw_keeps_exactly_its_count_and_units_that_keep_nothing_are_left_out():
     chunks = [dict(label="f", group="s", rows=10, first_row=10 * i, unit=i) for i in range(10)]
     kept, counts = sample(chunks, [{"name": "s", "max_pairs": 3}], seed=0)
     assert counts == {"s": {"rows": 100, "sampled_rows": 3}}
