@@ -24,12 +24,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # HF checkpoint (directory) the policy starts from.
+    # The policy's starting checkpoint: a local HF checkpoint directory, a Hub id
+    # (org/name, or org/name@revision) or a URI (s3://, gs://) of one (docs/models.md).
     path: str = ""
+    # The Hub revision (branch, tag or commit) of model.path, and of the two keys below
+    # where they default to it. The commit it resolves to is recorded in the manifests.
+    revision: Optional[str] = None
     # Reference model for the score stage; null = the policy's starting checkpoint.
     reference_path: Optional[str] = None
-    # Tokenizer directory; null = the policy checkpoint.
+    # Tokenizer; null = the policy checkpoint's.
     tokenizer_path: Optional[str] = None
+    # Where each node keeps the models it downloads from a URI (once per node); ~ and
+    # $VARS are expanded on each node, so it can point at each node's local disk.
+    cache_dir: str = "~/.cache/dpo-pipeline/models"
     # Numerics shared by score and train (one log-prob function, one dtype policy:
     # docs/design.md). float16 is refused.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -383,7 +390,7 @@ def _validate(cfg: PipelineConfig) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(bool(cfg.model.path), "model.path: required (the policy's HF checkpoint directory)")
+    need(bool(cfg.model.path), "model.path: required (the policy's HF checkpoint: a directory, a Hub id or a URI)")
     need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.train.use_gpu),
          "model.attn_implementation: flex_attention has no backward on CPU (train.use_gpu is false); "
          "use segment_sdpa")
@@ -563,8 +570,9 @@ def for_workers(cfg: PipelineConfig) -> dict:
     driver's working directory (Ray Train runs them in its storage directory)."""
     out = to_dict(cfg)
     out["run_dir"] = _absolute(cfg.run_dir)
-    for key in ("path", "reference_path", "tokenizer_path"):
-        out["model"][key] = _absolute(out["model"][key])
+    for key in ("path", "reference_path", "tokenizer_path"):  # a Hub id is left as it is
+        if out["model"][key] and Path(out["model"][key]).expanduser().is_dir():
+            out["model"][key] = _absolute(out["model"][key])
     out["tokenize"]["chat_template"] = _absolute(out["tokenize"]["chat_template"])
     return out
 

@@ -43,7 +43,9 @@ def load_causal_lm(path: str, mcfg: ModelConfig, device: torch.device | str | No
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.attention import register
+    from pipeline.models import local_dir
 
+    path = local_dir(path, mcfg)  # a Hub id or a bucket URI: this node's copy
     register()  # segment_sdpa, in every process that loads a model (Ray workers included)
     config = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code)
     disable_dropout_in_config(config)

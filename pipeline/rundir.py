@@ -208,12 +208,14 @@ def write_manifest(
     shards: list[ShardInfo],
     stats: dict,
     seconds: float,
+    models: dict | None = None,
 ) -> dict:
     manifest = {
         "stage": stage,
         "fingerprint": fp,
         "inputs": inputs,
         "settings": settings,
+        **({"models": models} if models else {}),  # where each model came from (a Hub commit ...)
         "shards": [s.__dict__ for s in shards],
         "stats": stats,
         "seconds": round(seconds, 3),

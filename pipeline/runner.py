@@ -17,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from pipeline import models
 from pipeline.config import ConfigError, PipelineConfig, build_loss, redact, to_dict
 from pipeline.devices import check_ray_cluster_gpus
 from pipeline.redaction import redact_text
@@ -24,6 +25,8 @@ from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, 
 from pipeline.storage import Loc
 
 STAGES = ("tokenize", "score", "train")
+# The model keys (ModelConfig) each stage loads; its manifest records where they came from.
+STAGE_MODELS = {"tokenize": ("tokenizer_path",), "score": ("reference_path",), "train": ("path", "tokenizer_path")}
 
 
 @dataclass
@@ -82,7 +85,7 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         return (score.run_on_ray if use_ray else score.run_in_process)(cfg, upstream.dir, manifest, plan.dir)
     info = {
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
-        "config": redact(to_dict(cfg)),
+        "config": redact(to_dict(cfg)),  # model names pinned: Hub ids at their commits
         "tokenized_dir": str(plans["tokenize"].dir),
     }
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
@@ -126,6 +129,8 @@ def run_pipeline(
     check_run_dir(cfg.run_dir)
     log = _redacting(log)  # stage directories are printed: a run_dir URI may hold credentials
     selected = select_stages(stages, from_stage)
+    written = redact(to_dict(cfg))  # the config as given (Hub ids, not the commits they resolved to)
+    cfg, pinned = models.pin(cfg)  # once, on the driver: every worker loads the same files
     plans = plan_stages(cfg)
     if "train" in selected and cfg.train.report_to:  # not on rank 0 after hours of scoring
         from pipeline.tracking import check_ready
@@ -135,7 +140,7 @@ def run_pipeline(
         check_ready(cfg.train.report_to, ranks_env, on_ray=use_ray)
     run_dir = Loc(cfg.run_dir)
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
 
     results: dict[str, dict] = {}
     connected = False
@@ -176,7 +181,8 @@ def run_pipeline(
         seconds = time.time() - start
         manifest = write_manifest(
             plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
-            settings=redact(to_dict(cfg)), shards=shards, stats=stats, seconds=seconds,
+            settings=written, shards=shards, stats=stats, seconds=seconds,
+            models={p.key: p.record() for k, p in pinned.items() if k in STAGE_MODELS[name]},
         )
         results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
         log(f"[{name}] done in {seconds:.1f}s")
@@ -195,7 +201,7 @@ def _figures(manifest: dict) -> dict:
 
 def status(cfg: PipelineConfig) -> list[dict]:
     table = []
-    plans = plan_stages(cfg)
+    plans = plan_stages(models.pin(cfg)[0])
     for name in STAGES:
         if name not in plans:
             table.append({"stage": name, "fingerprint": "-", "state": "not needed"})

@@ -26,6 +26,7 @@ from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_di
 from pipeline.devices import require_gpu
 from pipeline.logps import packed_token_logps, segment_sums
 from pipeline.modeling import load_causal_lm, row_inputs
+from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.storage import Loc
 from stages.tokenize import ROW_GROUP_ROWS
@@ -129,7 +130,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
     return {
         "version": STAGE_VERSION,
         "upstream": upstream,
-        "reference_model": hash_checkpoint(cfg.reference_path, "model", cache),
+        "reference_model": hash_checkpoint(local_dir(cfg.reference_path, cfg.model), "model", cache),
         "dtype": cfg.model.dtype,
         "attn_implementation": cfg.model.attn_implementation,
     }

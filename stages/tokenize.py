@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline import formats, mixing, packing, sources
 from pipeline.config import PipelineConfig, shares_prompt
+from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.storage import Loc
 
@@ -99,7 +100,8 @@ def unit_file(units_dir: Loc, unit: int) -> Loc:
 def load_tokenizer(cfg: PipelineConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(local_dir(cfg.tokenizer_path, cfg.model),
+                                              trust_remote_code=cfg.model.trust_remote_code)
     if cfg.tokenize.chat_template:
         tokenizer.chat_template = Path(cfg.tokenize.chat_template).read_text()
     return tokenizer
@@ -507,7 +509,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     return {
         "version": STAGE_VERSION,
         "data": {s.label: hash_tree([s.path if sources.is_uri(s.path) else Path(s.path)], cache) for s in srcs},
-        "tokenizer": hash_checkpoint(cfg.tokenizer_path, "tokenizer", cache),
+        "tokenizer": hash_checkpoint(local_dir(cfg.tokenizer_path, cfg.model), "tokenizer", cache),
         "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
         "data_settings": {k: v for k, v in asdict(cfg.data).items() if k != "sources"}
         | {"train_files": None, "hf_dataset": None},

@@ -159,3 +159,31 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=F
         keep = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(ks.shape[1] - qs.shape[1])
         outs.append((scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vs).transpose(0, 1).to(q.dtype))
     return torch.cat(outs)
+
+
+def hub_cache(hub_cache_dir: Path, repo: str, files_dir: Path, refs: tuple[str, ...] = ("main",)) -> str:
+    """Put ``files_dir`` into a Hugging Face Hub cache (``HF_HUB_CACHE``) as ``huggingface_hub``
+    lays out a downloaded snapshot: ``models--org--name/blobs/<etag>`` (the sha256 of an LFS
+    file such as weights, the git blob sha1 of any other), ``snapshots/<commit>/<file>``
+    relative symlinks to the blobs, and ``refs/<revision>`` holding the commit. The commit is
+    the hash of the files, as a git commit's is of its tree. Returns the commit."""
+    import hashlib
+
+    files = sorted(f for f in files_dir.rglob("*") if f.is_file())
+    commit = hashlib.sha1(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in files)).hexdigest()
+    repo_dir = hub_cache_dir / ("models--" + repo.replace("/", "--"))
+    for f in files:
+        data = f.read_bytes()
+        lfs = f.suffix in (".safetensors", ".bin")
+        etag = hashlib.sha256(data).hexdigest() if lfs else \
+            hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo_dir / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo_dir / "snapshots" / commit / f.relative_to(files_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+    return commit

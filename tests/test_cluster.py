@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_config
+from helpers import hub_cache, tiny_config
 from pipeline.config import dump_yaml
 from stages.train.engine import free_port
 
@@ -62,13 +62,19 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
                              env=env, capture_output=True, timeout=60).returncode != 0:
             assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
-        cfg = tiny_config(assets, tmp_path / "run", train={"max_steps": 4, "eval_steps": 100})
+        # the model named by Hub id, from the HF_HOME the job's environment names (offline,
+        # as on a cluster without internet whose cache was filled beforehand)
+        commit = hub_cache(tmp_path / "hf" / "hub", "dpo-pipeline/tiny", assets["model"])
+        cfg = tiny_config(assets, tmp_path / "run", train={"max_steps": 4, "eval_steps": 100},
+                          model={"path": "dpo-pipeline/tiny"})
         config = tmp_path / "job.yaml"
         config.write_text(dump_yaml(cfg))
+        runtime_env = json.dumps({"env_vars": {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}})
         for _attempt in range(30):
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
-                 str(REPO), "--", sys.executable, "-m", "pipeline", "run", str(config)],
+                 str(REPO), f"--runtime-env-json={runtime_env}", "--", sys.executable, "-m", "pipeline", "run",
+                 str(config)],
                 env=env, capture_output=True, text=True, timeout=720)
             out = submit.stdout + submit.stderr
             # The dashboard answers before the node's job agent registers; no job was created.
@@ -88,6 +94,9 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         train = json.loads(manifests[2].read_text())
         assert train["stats"]["steps"] == 4
         assert abs(train["stats"]["step0_loss"] - 0.693147) < 1e-6
+        assert train["models"]["model.path"] == {"name": "dpo-pipeline/tiny", "kind": "hub", "revision": "main",
+                                                 "commit": commit, "pinned": f"dpo-pipeline/tiny@{commit}"}
+        assert "dpo-pipeline/tiny" in (tmp_path / "run" / "config.yaml").read_text()  # as the user wrote it
 
         # configs/tiny.yaml's run_dir (runs/tiny) is relative: under the job it would land in
         # Ray's temporary copy of the working directory, so the job refuses it at once

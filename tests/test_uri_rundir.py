@@ -35,26 +35,37 @@ def step_losses(train_dir) -> dict[int, float]:
 @pytest.fixture(scope="module", params=["file", "s3"])
 def both_runs(request, assets, tmp_path_factory, ray_cluster, s3_bucket):
     base = tmp_path_factory.mktemp("uri")
-    if request.param == "s3":  # the data on the server too, read by every worker from there
+    model = {}
+    if request.param == "s3":  # the data and the model on the server too, read by every worker from there
         root = f"{s3_bucket}/{base.name}"
         data = Loc(f"{root}/data/pairs.jsonl")
         data.upload(assets["data"])
+        for f in assets["model"].iterdir():
+            Loc(f"{root}/base-model/{f.name}").upload(f)
+        model = {"path": f"{root}/base-model", "cache_dir": str(base / "model-cache")}
     else:
         root, data = f"file://{base}/uri", assets["data"]
     plain = runner.run_pipeline(tiny_config(assets, base / "plain", data_file=str(data), train=TRAIN))
-    uri_cfg = tiny_config(assets, root, data_file=str(data), train=TRAIN)
+    uri_cfg = tiny_config(assets, root, data_file=str(data), train=TRAIN, model=model)
     uri = runner.run_pipeline(uri_cfg)
     return Loc(root), plain, uri, uri_cfg
 
 
 def test_a_uri_run_dir_works_like_a_plain_path(both_runs):
-    root, plain, uri, _ = both_runs
+    root, plain, uri, cfg = both_runs
     for stage in ("tokenize", "score", "train"):
         assert uri[stage]["ran"]
         assert uri[stage]["dir"].startswith(f"{root}/{stage}/")
         # same inputs, same fingerprint: where the run directory lives is not an input
         assert Path(uri[stage]["dir"]).name == Path(plain[stage]["dir"]).name
         assert uri[stage]["rows"] == plain[stage]["rows"] and uri[stage]["tokens"] == plain[stage]["tokens"]
+    if cfg.model.path.startswith("s3://"):  # the model came from the bucket: recorded, pinned by content
+        for stage, keys in (("tokenize", ["model.tokenizer_path"]), ("score", ["model.reference_path"]),
+                            ("train", ["model.path", "model.tokenizer_path"])):
+            recorded = json.loads((Loc(uri[stage]["dir"]) / "_MANIFEST.json").read_text())["models"]
+            assert sorted(recorded) == keys
+            assert {r["kind"] for r in recorded.values()} == {"uri"}
+            assert all(r["pinned"] == f"{root}/base-model#sha256={r['digest']}" for r in recorded.values())
     # the shards are the same bytes
     for stage in ("tokenize", "score"):
         a, b = Path(plain[stage]["dir"]), Loc(uri[stage]["dir"])

@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pyarrow.parquet as pq
 
 from pipeline.config import PipelineConfig, build_loss, for_workers
+from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
 from pipeline.storage import Loc
 
@@ -23,6 +24,7 @@ from .rows import split_files
 STAGE_VERSION = 1
 
 # How a run is checkpointed, resumed, restarted, staged or tracked does not change what it trains.
+MODEL_SOURCE_SETTINGS = ("revision", "cache_dir")
 RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
                      "report_to", "run_name")
 
@@ -31,9 +33,10 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
     return {
         "version": STAGE_VERSION,
         "upstream": upstream,
-        "policy_model": hash_checkpoint(cfg.model.path, "model", cache),
-        "model_settings": asdict(cfg.model) | {"path": None, "reference_path": None,
-                                               "tokenizer_path": None},
+        "policy_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache),
+        # where the models come from is not what they are: their files are hashed instead
+        "model_settings": {k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
+        | {"path": None, "reference_path": None, "tokenizer_path": None},
         "train_settings": {k: v for k, v in asdict(cfg.train).items() if k not in RUN_ONLY_SETTINGS},
     }
 

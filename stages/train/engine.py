@@ -97,7 +97,9 @@ def hidden_size(model_cfg: ModelConfig) -> int | None:
     """The policy's width (its text model's, for a multimodal config), which sizes ZeRO-3's buffers."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    from pipeline.models import local_dir
+
+    config = AutoConfig.from_pretrained(local_dir(model_cfg.path, model_cfg), trust_remote_code=model_cfg.trust_remote_code)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "hidden_size", None)
 

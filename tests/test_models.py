@@ -1,0 +1,196 @@
+"""Models named by Hub id or bucket URI (pipeline/models.py).
+
+The Hub: a cache laid out as ``huggingface_hub`` lays it out (helpers.hub_cache), read in
+offline mode, as a cluster without internet reads a pre-filled ``HF_HOME``. The bucket:
+the tests' S3-compatible server (conftest.s3_bucket). No network is used.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import hub_cache, tiny_config
+from pipeline import models, runner
+from pipeline.config import ConfigError
+from pipeline.storage import Loc
+
+REPO = "dpo-pipeline/tiny"
+
+
+@pytest.fixture
+def hub(assets, tmp_path, monkeypatch):
+    """A Hub cache holding the demo model as REPO (refs main), and a second commit with other
+    weights (refs v2); huggingface_hub pointed at it, offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    main = hub_cache(cache, REPO, assets["model"])
+    other = tmp_path / "other-weights"
+    shutil.copytree(assets["model"], other)
+    from pipeline.demo import build_model
+
+    tokenizer_len = json.loads((assets["model"] / "config.json").read_text())["vocab_size"]
+    build_model(tokenizer_len, seed=1).save_pretrained(other, safe_serialization=True)
+    v2 = hub_cache(cache, REPO, other, refs=("v2",))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return {"cache": cache, "main": main, "v2": v2}
+
+
+def fingerprints(cfg) -> dict[str, str]:
+    return {name: plan.fingerprint for name, plan in runner.plan_stages(models.pin(cfg)[0]).items()}
+
+
+def test_the_hub_cache_is_the_layout_huggingface_hub_reads(hub):
+    from huggingface_hub import scan_cache_dir
+
+    report = scan_cache_dir(hub["cache"])
+    assert report.warnings == []
+    (repo,) = report.repos
+    assert repo.repo_id == REPO and repo.repo_type == "model"
+    assert {r.commit_hash: r.refs for r in repo.revisions} == {hub["main"]: {"main"}, hub["v2"]: {"v2"}}
+
+
+def test_a_hub_id_is_pinned_to_its_commit_and_hashed_by_content(assets, hub, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "run", model={"path": REPO})
+    pinned_cfg, pinned = models.pin(cfg)
+    assert pinned_cfg.model.path == pinned_cfg.model.reference_path == pinned_cfg.model.tokenizer_path \
+        == f"{REPO}@{hub['main']}"
+    assert pinned_cfg.model.revision is None  # carried by the pinned names
+    assert pinned["path"].record() == {"name": REPO, "kind": "hub", "pinned": f"{REPO}@{hub['main']}",
+                                       "revision": "main", "commit": hub["main"]}
+    snapshot = models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
+    assert snapshot == str(hub["cache"] / f"models--{REPO.replace('/', '--')}" / "snapshots" / hub["main"])
+    # the same files as the local directory: the same fingerprints, whatever the name
+    assert fingerprints(cfg) == fingerprints(tiny_config(assets, tmp_path / "run"))
+
+
+def test_another_revision_is_other_weights_and_the_same_tokenizer(assets, hub, tmp_path):
+    main = fingerprints(tiny_config(assets, tmp_path / "run", model={"path": REPO}))
+    v2 = fingerprints(tiny_config(assets, tmp_path / "run", model={"path": REPO, "revision": "v2"}))
+    assert v2["tokenize"] == main["tokenize"]  # the tokenizer files are the same bytes
+    assert v2["score"] != main["score"] and v2["train"] != main["train"]
+    # org/name@revision says the same; a commit hash is a revision too
+    assert fingerprints(tiny_config(assets, tmp_path / "run", model={"path": f"{REPO}@v2"})) == v2
+    assert fingerprints(tiny_config(assets, tmp_path / "run", model={"path": f"{REPO}@{hub['v2']}"})) == v2
+    # a reference at another revision than the policy's
+    mixed = fingerprints(tiny_config(assets, tmp_path / "run", model={"path": REPO, "reference_path": f"{REPO}@v2"}))
+    assert mixed["score"] == v2["score"] and mixed["train"] != v2["train"]
+    with pytest.raises(ConfigError, match=r"model.path: 'dpo-pipeline/tiny@v2' names revision 'v2' and "
+                                          r"model.revision is 'main'; give one of them"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": f"{REPO}@v2", "revision": "main"}))
+
+
+def test_a_missing_id_or_revision_is_refused_before_any_stage(assets, hub, tmp_path):
+    cases = {
+        "dpo-pipeline/absent": r"model.path: 'dpo-pipeline/absent' at revision 'main': it is not a local directory, "
+                               r"and the model is not in the Hub cache .* \(HF_HUB_OFFLINE is set\)",
+        f"{REPO}@v9": r"model.path: 'dpo-pipeline/tiny' at revision 'v9': the revision is not in the Hub cache "
+                      r"\(cached revisions: main, v2\)",
+        "not a hub id": r"model.path: 'not a hub id' is not a local directory, a URI or a Hub model id",
+    }
+    for name, message in cases.items():
+        run_dir = tmp_path / "run"
+        with pytest.raises(ConfigError, match=message):
+            runner.run_pipeline(tiny_config(assets, run_dir, model={"path": name}), use_ray=False)
+        assert not run_dir.exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=r"model.reference_path: 'dpo-pipeline/absent' at revision 'main'"):
+        runner.status(tiny_config(assets, tmp_path / "run", model={"reference_path": "dpo-pipeline/absent"}))
+
+
+def test_a_local_directory_of_that_name_wins(assets, hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(assets["model"], tmp_path / REPO)
+    cfg, pinned = models.pin(tiny_config(assets, tmp_path / "run", model={"path": REPO}))
+    assert pinned["path"].kind == "local" and cfg.model.path == str(tmp_path / REPO)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def upload_model(assets, uri: str) -> None:
+    for f in sorted(assets["model"].iterdir()):
+        Loc(f"{uri}/{f.name}").upload(f)
+
+
+def test_a_bucket_model_is_downloaded_once_per_cache_and_checked(assets, s3_bucket, tmp_path, monkeypatch):
+    uri = f"{s3_bucket}/models/{tmp_path.name}/tiny"
+    upload_model(assets, uri)
+    monkeypatch.setenv("NODE_LOCAL", str(tmp_path / "node-a"))
+    cfg = tiny_config(assets, tmp_path / "run", model={"path": uri, "cache_dir": "$NODE_LOCAL/models"})
+    pinned_cfg, pinned = models.pin(cfg)
+    digest = pinned["path"].digest
+    assert pinned_cfg.model.path == f"{uri}#sha256={digest}" and pinned["path"].kind == "uri"
+    # the same files: the same fingerprints as the local directory
+    assert fingerprints(cfg) == fingerprints(tiny_config(assets, tmp_path / "run"))
+    (copy_a,) = (tmp_path / "node-a" / "models").glob("*-tiny")
+    marker = json.loads((copy_a / models.MARKER).read_text())
+    assert sorted(marker["files"]) == sorted(f.name for f in assets["model"].iterdir())
+    for name, entry in marker["files"].items():
+        assert (copy_a / name).read_bytes() == (assets["model"] / name).read_bytes()
+        assert entry["sha256"] == __import__("hashlib").sha256((assets["model"] / name).read_bytes()).hexdigest()
+
+    # another node (another cache): one download, then the copy is reused as it is
+    monkeypatch.setenv("NODE_LOCAL", str(tmp_path / "node-b"))
+    first = models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
+    stamp = os.stat(Path(first) / models.MARKER).st_mtime_ns
+    assert models.local_dir(pinned_cfg.model.path, pinned_cfg.model) == first
+    assert os.stat(Path(first) / models.MARKER).st_mtime_ns == stamp
+    assert Path(first).parent == tmp_path / "node-b" / "models"
+
+    # the bucket changed after the driver pinned it: refused, not trained on
+    Loc(f"{uri}/config.json").write_text((assets["model"] / "config.json").read_text() + "\n")
+    monkeypatch.setenv("NODE_LOCAL", str(tmp_path / "node-c"))
+    with pytest.raises(RuntimeError, match=rf"tiny: its files changed after the driver hashed them .* pinned {digest}"):
+        models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
+    # a new run pins the new files (the changed config.json changes the policy's hash)
+    assert models.pin(cfg)[1]["path"].digest != digest
+
+    monkeypatch.delenv("NODE_LOCAL")
+    with pytest.raises(ConfigError, match=r"model.cache_dir: '\$NODE_LOCAL/models': an environment variable"):
+        models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
+    with pytest.raises(ConfigError, match=r"model.path: s3://pipeline-test/nothing-here: no config.json or tokenizer"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": f"{s3_bucket}/nothing-here",
+                                                              "cache_dir": str(tmp_path / "c")}))
+
+
+@pytest.mark.slow
+def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, s3_bucket, ray_cluster, tmp_path):
+    import ray
+
+    uri = f"{s3_bucket}/models/{tmp_path.name}/tiny"
+    upload_model(assets, uri)
+    cfg = tiny_config(assets, tmp_path / "run", model={"path": uri, "cache_dir": "$NODE_LOCAL/models",
+                                                       "dtype": "float32"})
+    os.environ["NODE_LOCAL"] = str(tmp_path / "driver")
+    try:
+        pinned_cfg, _ = models.pin(cfg)
+    finally:
+        del os.environ["NODE_LOCAL"]
+
+    @ray.remote(num_cpus=0)
+    def load_twice(model_cfg):
+        from pipeline.modeling import load_causal_lm
+
+        out = []
+        for _ in range(2):
+            path = Path(models.local_dir(model_cfg.path, model_cfg))
+            model = load_causal_lm(model_cfg.path, model_cfg)  # the copy, loaded as score/train load it
+            out.append((str(path), json.loads((path / models.MARKER).read_text())["downloaded_at"],
+                        float(sum(p.double().sum() for p in model.parameters()))))
+        return out
+
+    caches = [tmp_path / "worker-0", tmp_path / "worker-1"]
+    results = ray.get([load_twice.options(runtime_env={"env_vars": {"NODE_LOCAL": str(c)}}).remote(pinned_cfg.model)
+                       for c in caches])
+    from transformers import AutoModelForCausalLM
+
+    want = float(sum(p.double().sum() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters()))
+    for cache, runs in zip(caches, results):
+        (copy,) = (cache / "models").glob("*-tiny")
+        assert [r[0] for r in runs] == [str(copy)] * 2
+        assert runs[0][1] == runs[1][1]  # downloaded once: the second load found the copy
+        assert runs[0][2] == runs[1][2] == want
