@@ -27,20 +27,30 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
+
+import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, ModelConfig, PipelineConfig
 from pipeline.redaction import redact_text
 from pipeline.storage import Loc, is_uri
 
 MODEL_KEYS = ("path", "reference_path", "tokenizer_path")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
+KIND_OF_KEY = {"path": "model", "reference_path": "model", "tokenizer_path": "tokenizer"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 MARKER = ".dpo_pipeline_model.json"  # written last into a downloaded copy: its files and their hashes
-# Weight files other than the one format transformers loads (safetensors, else .bin) are
-# never fetched from the Hub: Llama 3.1 ships an 16 GB original/consolidated.pth beside them.
-HUB_IGNORE = ["original/*", "*.pth", "*.pt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite"]
+# What is fetched from the Hub, top-level files only: a tokenizer's files, or a model's
+# config, weights and tokenizer. Never original/*.pth (Llama 3.1: 16 GB), Mistral's
+# consolidated.safetensors (a second copy of the weights), GGUF or TF/Flax weights.
+HUB_FILES = {
+    "tokenizer": ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                  "chat_template.json", "chat_template.jinja", "*.tiktoken", "config.json", "*.py"],
+    "model": ["*.json", "*.safetensors", "*.py", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+}
+HUB_SKIP = ["*/*", "consolidated*"]
+# The environment huggingface_hub reads; the driver resolves Hub ids with its own.
+HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT")
 
 
 @dataclass(frozen=True)
@@ -99,71 +109,118 @@ def _revision_for(key: str, name: str, mcfg: ModelConfig) -> tuple[str, Optional
 
 
 def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
-    """The config with every model name resolved (on the driver, before any stage starts),
-    and what was resolved. A name that does not resolve is a ``ConfigError`` naming its key."""
+    """The config with every model name the run loads resolved (on the driver, before any
+    stage starts), and what was resolved. A name that does not resolve is a ``ConfigError``
+    naming its key. A reference-free loss loads no reference: its name is left alone."""
+    from pipeline.config import build_loss
+
     mcfg = cfg.model
-    names = {"path": mcfg.path, "reference_path": cfg.reference_path, "tokenizer_path": cfg.tokenizer_path}
-    done: dict[str, Pinned] = {}
-    by_name: dict[str, Pinned] = {}
+    names = {"path": mcfg.path, "tokenizer_path": cfg.tokenizer_path}
+    if build_loss(cfg.train).needs_reference:
+        names["reference_path"] = cfg.reference_path
+    _check_names(cfg, names)
+    kinds: dict[str, set] = {}
     for key, name in names.items():
-        if name not in by_name:
-            by_name[name] = _pin_one(f"model.{key}", name, mcfg)
-        done[key] = dataclasses.replace(by_name[name], key=f"model.{key}")
-    model = dataclasses.replace(mcfg, revision=None, **{k: done[k].pinned for k in MODEL_KEYS})
+        kinds.setdefault(name, set()).add(KIND_OF_KEY[key])
+    by_name = {name: _pin_one(f"model.{next(k for k, n in names.items() if n == name)}", name, mcfg, kinds[name])
+               for name in kinds}
+    done = {key: dataclasses.replace(by_name[name], key=f"model.{key}") for key, name in names.items()}
+    model = dataclasses.replace(mcfg, revision=None, **{k: p.pinned for k, p in done.items()})
     return dataclasses.replace(cfg, model=model), done
 
 
-def _pin_one(key: str, name: str, mcfg: ModelConfig) -> Pinned:
+def _check_names(cfg: PipelineConfig, names: dict[str, str]) -> None:
+    kinds = {key: kind_of(name) for key, name in names.items()}
+    if cfg.model.revision is not None and kinds["path"] != "hub":
+        raise ConfigError(f"model.revision: {cfg.model.revision!r} is for a Hub id, and model.path "
+                          f"{cfg.model.path!r} is a {'local directory' if kinds['path'] == 'local' else 'URI'}")
+    env_vars = (cfg.cluster.runtime_env or {}).get("env_vars") or {}
+    if "hub" in kinds.values():
+        for var in HUB_ENV:
+            if var in env_vars and os.environ.get(var) != env_vars[var]:
+                raise ConfigError(f"cluster.runtime_env.env_vars.{var}: set for the workers only, but the driver "
+                                  f"resolves the Hub ids before any worker starts: set {var} for the job too "
+                                  f"(ray job submit --runtime-env-json, or the driver's environment)")
+
+
+def _pin_one(key: str, name: str, mcfg: ModelConfig, kinds: set) -> Pinned:
     kind = kind_of(name)
     if kind == "local":
         return Pinned(key, name, "local", str(Path(name).expanduser().resolve()))
     if kind == "uri":
-        base, _ = _split_digest(name)
-        digest = _digest(_fetch_uri(key, base, mcfg, expect=None)[1])
+        base, written = _split_digest(name)  # a digest written in the config is checked, not replaced
+        local, files = _fetch_uri(key, base, mcfg, expect=written)
+        _check_complete(key, redact_text(base, env_values=[]), local, kinds)
+        digest = _digest(files)
         return Pinned(key, name, "uri", f"{base}#sha256={digest}", digest=digest)
     repo, rev = _revision_for(key.split(".", 1)[1], name, mcfg)
-    snapshot = _hub_snapshot(key, repo, rev)
+    snapshot = _hub_snapshot(key, repo, rev, kinds)
+    _check_complete(key, f"{repo!r} at revision {rev or 'main'!r}", Path(snapshot), kinds)
     commit = Path(snapshot).name
     return Pinned(key, name, "hub", f"{repo}@{commit}", revision=rev or "main", commit=commit)
+
+
+def _check_complete(key: str, where: str, local: Path, kinds: set) -> None:
+    """A model's config and every weight file transformers will load are there (a cache
+    filled by hand can lack them), so that no worker finds out after hours of tokenizing."""
+    from pipeline.rundir import TOKENIZER_FILES, model_weight_files
+
+    present = sorted(p.name for p in local.iterdir())
+    if "model" in kinds:
+        weights = model_weight_files(local)
+        missing = [w.name for w in weights if not w.is_file()]  # shards an index names
+        if not (local / "config.json").is_file() or not weights or missing:
+            detail = f"missing: {', '.join(missing[:4])}" if missing else f"found: {', '.join(present[:8]) or 'nothing'}"
+            raise ConfigError(f"{key}: {where}: {local} does not hold config.json and the weights ({detail})")
+    if "tokenizer" in kinds and not any(n in TOKENIZER_FILES for n in present):
+        raise ConfigError(f"{key}: {where}: {local} holds no tokenizer files (found: {', '.join(present[:8])})")
 
 
 # ----------------------------------------------------------------------------- any node
 
 
-def local_dir(name: str, mcfg: ModelConfig) -> str:
-    """A local directory holding the files ``name`` stands for, on this node."""
-    kind = kind_of(name)
-    if kind == "local":
+def local_dir(name: str, mcfg: ModelConfig, kind: str = "model") -> str:
+    """A local directory holding the files ``name`` stands for, on this node. ``kind``:
+    "model" (config, weights, tokenizer) or "tokenizer" (what is fetched from the Hub)."""
+    where = kind_of(name)
+    if where == "local":
         return str(Path(name).expanduser().resolve())
-    if kind == "uri":
+    if where == "uri":
         base, digest = _split_digest(name)
         return str(_fetch_uri("model", base, mcfg, expect=digest)[0])
     repo, rev = _revision_for("path" if name == mcfg.path else "", name, mcfg)
-    return _hub_snapshot("model", repo, rev)
+    return _hub_snapshot("model", repo, rev, {kind})
 
 
 # ----------------------------------------------------------------------------- the Hub
 
 
-def _hub_snapshot(key: str, repo: str, revision: Optional[str]) -> str:
+def _hub_snapshot(key: str, repo: str, revision: Optional[str], kinds: set) -> str:
     """The snapshot directory of ``repo`` at ``revision`` in the Hub cache (downloaded if
-    the Hub is reachable and the files are not cached). Weights: safetensors, or .bin
-    where a repository has no safetensors."""
+    the Hub is reachable and the files are not cached): HUB_FILES of ``kinds``; weights
+    are safetensors, or .bin where a repository has no safetensors."""
+    import httpx
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    not_local = f"(no local directory {Path(repo).expanduser().resolve()})"
     if not HUB_ID.match(repo):
-        raise ConfigError(f"{key}: {repo!r} is not a local directory, a URI or a Hub model id (org/name)")
+        raise ConfigError(f"{key}: {repo!r} is not a local directory, a URI or a Hub model id (org/name) {not_local}")
     where = f"{repo!r} at revision {revision or 'main'!r}"
+    patterns = sorted({p for kind in kinds for p in HUB_FILES[kind]})
     try:
-        path = snapshot_download(repo, revision=revision, ignore_patterns=HUB_IGNORE + ["*.bin"])
-        if not any(Path(path).glob("*.safetensors")) and not list(Path(path).glob("*.bin")):
-            path = snapshot_download(repo, revision=revision, ignore_patterns=HUB_IGNORE)
+        path = snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_SKIP)
+        if "model" in kinds and not any(Path(path).glob("*.safetensors")):
+            path = snapshot_download(repo, revision=revision, allow_patterns=patterns + ["*.bin"],
+                                     ignore_patterns=HUB_SKIP)
     except RevisionNotFoundError as e:
         raise ConfigError(f"{key}: {where}: the revision does not exist ({_first_line(e)})") from None
-    except RepositoryNotFoundError as e:
-        raise ConfigError(f"{key}: {where}: no such model on the Hub, or it is private and HF_TOKEN "
-                          f"does not grant it ({_first_line(e)})") from None
+    except RepositoryNotFoundError as e:  # GatedRepoError too
+        raise ConfigError(f"{key}: {where}: no such model on the Hub, or it is private or gated and HF_TOKEN "
+                          f"does not grant it {not_local} ({_first_line(e)})") from None
+    except IncompleteSnapshotError as e:
+        raise ConfigError(f"{key}: {where}: {_first_line(e)}") from None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else " and the Hub cannot be reached"
         refs = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "refs"
@@ -171,8 +228,13 @@ def _hub_snapshot(key: str, repo: str, revision: Optional[str]) -> str:
         what = f"the revision is not in the Hub cache (cached revisions: {', '.join(cached)})" if cached else \
             "it is not a local directory, and the model is not in the Hub cache"
         raise ConfigError(f"{key}: {where}: {what} {constants.HF_HUB_CACHE}{offline}") from None
+    except HFValidationError as e:
+        raise ConfigError(f"{key}: {repo!r} is not a valid Hub model id {not_local} ({_first_line(e)})") from None
     except HfHubHTTPError as e:
         raise ConfigError(f"{key}: {where}: the Hub refused it ({_first_line(e)})") from None
+    except (OSError, httpx.HTTPError) as e:
+        raise ConfigError(f"{key}: {where}: the Hub could not be reached {not_local} ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
     return path
 
 
@@ -199,41 +261,52 @@ def _digest(files: dict[str, str]) -> str:
 
 
 def _fetch_uri(key: str, uri: str, mcfg: ModelConfig, expect: Optional[str]) -> tuple[Path, dict[str, str]]:
-    """The files under ``uri`` in this node's cache, and their sha256, downloaded once (a lock keeps the
-    processes of one node from downloading it side by side). ``expect``: the digest the
-    driver pinned; a copy that does not match it is downloaded again, and files that
-    still do not match are refused."""
+    """The files under ``uri`` (top level) in this node's cache, and their sha256,
+    downloaded once: a lock keeps the processes of one node from downloading side by side.
+    ``expect``: the digest the driver pinned. A copy that has it is used without asking the
+    bucket again; otherwise the files are downloaded into a new directory, checked, and
+    only then swapped in, so a copy in use is never replaced by files that are refused."""
     from filelock import FileLock
 
     source = Loc(uri)
-    label = redact_text(uri, env_values=[]).split("?", 1)[0]
+    label = redact_text(uri, env_values=[])
     root = cache_root(mcfg)
     root.mkdir(parents=True, exist_ok=True)
     local = root / (hashlib.sha256(label.encode()).hexdigest()[:16] + "-" + (source.name or "model"))
     with FileLock(str(local) + ".lock"):
-        listing = _listing(key, source, label)
         cached = _read_marker(local)
-        if cached is not None and _stamps(cached) == listing and (expect is None or _digest(_hashes(cached)) == expect):
+        if cached is not None and expect is not None and _digest(_hashes(cached)) == expect:
             return local, _hashes(cached)
-        files = _download(source, listing, local)
+        listing = _listing(key, source, label.split("?", 1)[0])
+        if cached is not None and expect is None and _stamps(cached) == listing:
+            return local, _hashes(cached)
+        for stale in root.glob(f"{local.name}.tmp-*"):  # left by a process killed while downloading
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}")
+        files = _download(source, listing, tmp)
         if expect is not None and _digest(files) != expect:
-            raise RuntimeError(f"{label}: its files changed after the driver hashed them (digest {_digest(files)}, "
-                               f"pinned {expect}); rerun the pipeline so that every stage sees one version")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{label.split('?', 1)[0]}: its files changed after the driver hashed them (digest "
+                               f"{_digest(files)}, pinned {expect}); rerun the pipeline so that every stage sees one "
+                               f"version")
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(tmp, local)
         return local, files
 
 
 def _listing(key: str, source: Loc, label: str) -> dict[str, list]:
-    """{relative name: [size, mtime_ns]} of the files under the URI, hidden ones left out."""
+    """{name: [size, mtime_ns]} of the files directly under the URI, hidden ones left out
+    (a model directory's subfolders, checkpoints or a merged copy, are not the model)."""
     try:
-        files = source.files()
+        entries = source.iterdir()
+        out = {}
+        for f in entries:
+            info = f.info()
+            if info.type == pafs.FileType.File and not f.name.startswith("."):
+                out[f.name] = [info.size, info.mtime_ns]
     except OSError as e:
         raise ConfigError(f"{key}: {label}: cannot list it ({e})") from None
-    out = {}
-    for f in files:
-        rel = f.relative_to(source)
-        if not any(part.startswith(".") for part in PurePosixPath(rel).parts):
-            info = f.info()
-            out[rel] = [info.size, info.mtime_ns]
     if "config.json" not in out and not any(n.startswith("tokenizer") for n in out):
         raise ConfigError(f"{key}: {label}: no config.json or tokenizer files under it "
                           f"(found {sorted(out)[:5] or 'nothing'})")
@@ -255,25 +328,20 @@ def _hashes(marker: dict) -> dict:
     return {n: f["sha256"] for n, f in marker["files"].items()}
 
 
-def _download(source: Loc, listing: dict[str, list], local: Path) -> dict[str, str]:
-    """Copy the files into a fresh directory beside ``local``, hashing as they stream, then
-    swap it in; the marker (names, stamps, sha256) is written last."""
-    tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}")
+def _download(source: Loc, listing: dict[str, list], tmp: Path) -> dict[str, str]:
+    """Copy the files into ``tmp``, hashing as they stream; the marker (names, stamps,
+    sha256) is written last."""
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     hashes = {}
-    for rel, _ in sorted(listing.items()):
-        dst = tmp / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    for name in sorted(listing):
         h = hashlib.sha256()
-        with (source / rel).fs.open_input_stream((source / rel).path) as f, open(dst, "wb") as out:
+        with (source / name).fs.open_input_stream((source / name).path) as f, open(tmp / name, "wb") as out:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
                 out.write(chunk)
-        hashes[rel] = h.hexdigest()
+        hashes[name] = h.hexdigest()
     marker = {"source": redact_text(str(source), env_values=[]), "downloaded_at": time.time(),
               "files": {n: {"stamp": listing[n], "sha256": hashes[n]} for n in sorted(listing)}}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    if local.exists():
-        shutil.rmtree(local)
-    os.replace(tmp, local)
     return hashes

@@ -127,14 +127,29 @@ def checkpoint_files(directory: str, kind: str) -> list[Path]:
     if kind == "tokenizer":
         files = [d / n for n in TOKENIZER_FILES if (d / n).is_file()]
     else:
-        files = [
-            f for f in sorted(d.iterdir())
-            if f.is_file() and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
-                                or f.name.endswith(".index.json"))
-        ]
+        files = [d / "config.json"] if (d / "config.json").is_file() else []
+        files += model_weight_files(d)
     if not files:
         raise FileNotFoundError(f"no {kind} files in {directory}")
     return files + [f for f in sorted(d.glob("*.py")) if f.is_file()]
+
+
+def model_weight_files(d: Path) -> list[Path]:
+    """The weight files transformers loads from a checkpoint directory, and their index:
+    safetensors before .bin before .pt/.pth; with an index, the files it lists (Mistral's
+    repositories also hold consolidated.safetensors, a second copy the index does not
+    name); without one, model.safetensors where there is one."""
+    for suffix in WEIGHT_SUFFIXES:
+        found = sorted(f for f in d.iterdir() if f.is_file() and f.suffix == suffix)
+        if not found:
+            continue
+        index = d / f"model{suffix}.index.json" if suffix != ".bin" else d / "pytorch_model.bin.index.json"
+        if index.is_file():
+            listed = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            return [index] + [d / name for name in listed]
+        single = d / ("model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin")
+        return [single] if single.is_file() else found
+    return []
 
 
 def hash_checkpoint(directory: str, kind: str, cache: HashCache) -> dict[str, str]:

@@ -25,6 +25,7 @@ import torch
 from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
 from pipeline.devices import require_gpu
 from pipeline.logps import packed_token_logps, segment_sums
+from pipeline import placement
 from pipeline.modeling import load_causal_lm, row_inputs
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
@@ -119,11 +120,11 @@ class ShardScorer:
             table = pq.read_table(f)
         scored = self.score_table(table)
         final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
-        return {"name": final.name, "rows": scored.num_rows}
+        return {"name": final.name, "rows": scored.num_rows, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
         results = [self.score_shard(s, d) for s, d in zip(batch["src"], batch["dst"])]
-        return {"name": [r["name"] for r in results], "rows": [r["rows"] for r in results]}
+        return {k: [r[k] for r in results] for k in ("name", "rows", "node_id", "hostname")}
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
@@ -158,7 +159,9 @@ def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc) -> list[dict]:
     return todo
 
 
-def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[ShardInfo], dict]:
+    """The manifest's shards and stats; ``scored``: what this attempt scored, and where
+    (shards committed by an earlier, interrupted attempt are counted as such)."""
     for leftover in out_dir.iterdir():  # half-written files of actors that were killed
         if ".tmp-" in leftover.name:
             leftover.unlink()
@@ -181,6 +184,8 @@ def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
         "tokens": tokens,
         "completion_tokens": completion_tokens,
         "mean_ref_logp_per_token": logp_sum / completion_tokens if completion_tokens else math.nan,
+        "workers": placement.by_node(scored, "shards"),
+        "shards_from_earlier_attempts": len(shards) - len({s["name"] for s in scored}),
     }
     return shards, stats
 
@@ -188,11 +193,11 @@ def _finish(in_manifest: dict, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
 def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
+    scored = []
     if todo:
         scorer = ShardScorer(to_dict(cfg))
-        for item in todo:
-            scorer.score_shard(item["src"], item["dst"])
-    return _finish(in_manifest, out_dir)
+        scored = [scorer.score_shard(item["src"], item["dst"]) for item in todo]
+    return _finish(in_manifest, out_dir, scored)
 
 
 def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
@@ -200,6 +205,7 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir)
+    scored = []
     if todo:
         score_cfg = cfg.score
         ds = ray.data.from_items(todo).map_batches(
@@ -210,5 +216,5 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
             num_cpus=score_cfg.num_cpus_per_actor,
             num_gpus=score_cfg.num_gpus_per_actor,
         )
-        ds.take_all()  # shards are committed by the actors; this only drives the pipeline
-    return _finish(in_manifest, out_dir)
+        scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
+    return _finish(in_manifest, out_dir, scored)

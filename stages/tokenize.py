@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import formats, mixing, packing, sources
+from pipeline import formats, mixing, packing, placement, sources
 from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
@@ -100,7 +100,7 @@ def unit_file(units_dir: Loc, unit: int) -> Loc:
 def load_tokenizer(cfg: PipelineConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_dir(cfg.tokenizer_path, cfg.model),
+    tokenizer = AutoTokenizer.from_pretrained(local_dir(cfg.tokenizer_path, cfg.model, "tokenizer"),
                                               trust_remote_code=cfg.model.trust_remote_code)
     if cfg.tokenize.chat_template:
         tokenizer.chat_template = Path(cfg.tokenize.chat_template).read_text()
@@ -141,7 +141,12 @@ class TokenizeChunk:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
             dict(zip(batch, vals)) for vals in zip(*batch.values())
         ]
-        return pa.concat_tables([self.tokenize_unit(chunk) for chunk in chunks])
+        where = placement.here()
+        tables = [self.tokenize_unit(chunk) for chunk in chunks]
+        # where each unit was tokenised: one row of these per unit, dropped before packing
+        return pa.concat_tables([t.append_column("node_id", pa.array([where["node_id"]] * t.num_rows, pa.string()))
+                                 .append_column("hostname", pa.array([where["hostname"]] * t.num_rows, pa.string()))
+                                 for t in tables])
 
     def tokenize_unit(self, chunk: dict) -> pa.Table:
         """Tokenise read unit ``chunk["unit"]``: its token lists are written to its unit
@@ -509,7 +514,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     return {
         "version": STAGE_VERSION,
         "data": {s.label: hash_tree([s.path if sources.is_uri(s.path) else Path(s.path)], cache) for s in srcs},
-        "tokenizer": hash_checkpoint(local_dir(cfg.tokenizer_path, cfg.model), "tokenizer", cache),
+        "tokenizer": hash_checkpoint(local_dir(cfg.tokenizer_path, cfg.model, "tokenizer"), "tokenizer", cache),
         "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
         "data_settings": {k: v for k, v in asdict(cfg.data).items() if k != "sources"}
         | {"train_files": None, "hf_dataset": None},
@@ -535,9 +540,12 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
             chunks, drawn = mixing.sample(chunks, cfg.data.sources, cfg.data.seed)
         chunks = [dict(c, unit=i) for i, c in enumerate(chunks)]
         tables = tokenize_units(chunks, units_dir)
-        records = (pa.concat_tables([tb.cast(PAIR_META_SCHEMA) for tb in tables]) if tables
-                   else PAIR_META_SCHEMA.empty_table())
+        workers = [dict(zip(("node_id", "hostname"), w)) for tb in tables if "node_id" in tb.column_names
+                   for w in zip(tb.column("node_id").to_pylist(), tb.column("hostname").to_pylist())]
+        records = (pa.concat_tables([tb.select(PAIR_META_SCHEMA.names).cast(PAIR_META_SCHEMA) for tb in tables])
+                   if tables else PAIR_META_SCHEMA.empty_table())
         shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups)
+        stats["workers"] = placement.by_node(workers or [placement.here()] * records.num_rows, "pairs")
         if drawn is not None:
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
                 stats["sources"] = source_stats(records, pq.read_table(f, columns=["source"]), chunks, drawn)

@@ -101,6 +101,83 @@ def test_a_missing_id_or_revision_is_refused_before_any_stage(assets, hub, tmp_p
         runner.status(tiny_config(assets, tmp_path / "run", model={"reference_path": "dpo-pipeline/absent"}))
 
 
+def test_a_cache_without_the_weights_is_refused_on_the_driver(assets, hub, tmp_path):
+    from huggingface_hub import constants
+
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tokenizer_only.mkdir()
+    for f in assets["model"].iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, tokenizer_only / f.name)
+    hub_cache(Path(constants.HF_HUB_CACHE), "dpo-pipeline/tokenizer-only", tokenizer_only)
+    with pytest.raises(ConfigError, match=r"model.path: 'dpo-pipeline/tokenizer-only' at revision 'main': .* does not "
+                                          r"hold config.json and the weights \(found: chat_template.jinja, "):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": "dpo-pipeline/tokenizer-only"}))
+    # as a tokenizer it is fine, and hashes as the model directory's tokenizer does
+    cfg = tiny_config(assets, tmp_path / "run", model={"tokenizer_path": "dpo-pipeline/tokenizer-only"})
+    assert fingerprints(cfg) == fingerprints(tiny_config(assets, tmp_path / "run"))
+
+
+def test_settings_that_cannot_apply_are_refused(assets, hub, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"model.revision: 'v2' is for a Hub id, and model.path '.*' is a local "
+                                          r"directory"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"revision": "v2"}))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"cluster.runtime_env.env_vars.HF_TOKEN: set for the workers only, but the "
+                                          r"driver resolves the Hub ids"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": REPO},
+                               cluster={"runtime_env": {"env_vars": {"HF_TOKEN": "hf_x"}}}))
+    # a reference-free loss loads no reference: an unresolvable one is not looked up
+    cfg, pinned = models.pin(tiny_config(assets, tmp_path / "run", model={"reference_path": "dpo-pipeline/absent"},
+                                         train={"loss_type": "simpo"}))
+    assert sorted(pinned) == ["path", "tokenizer_path"] and cfg.model.reference_path == "dpo-pipeline/absent"
+
+
+@pytest.mark.parametrize("error, message", [
+    ("RepositoryNotFoundError", r"no such model on the Hub, or it is private or gated and HF_TOKEN does not grant it "
+                                r"\(no local directory .*/org/model\)"),
+    ("RevisionNotFoundError", r"at revision 'main': the revision does not exist"),
+    ("ConnectError", r"the Hub could not be reached \(no local directory .*\) \(ConnectError: "),
+])
+def test_online_hub_errors_name_the_key(assets, tmp_path, monkeypatch, error, message):
+    """Online the Hub answers; huggingface_hub turns its answers into these exceptions (the
+    Hub itself cannot be reached from the tests, so snapshot_download raises them here)."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def refuse(repo_id, **kwargs):
+        if error == "ConnectError":
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise getattr(errors, error)(f"{error}: {repo_id}", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"model.path: 'org/model'.*{message}"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": "org/model"}))
+
+
+def test_the_weights_hashed_are_the_ones_transformers_loads(assets, tmp_path):
+    """A Mistral-style repository: sharded safetensors with their index, plus a second copy
+    (consolidated.safetensors) and .bin weights that transformers does not load."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.rundir import model_weight_files
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(assets["model"], sharded)
+    (sharded / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(assets["model"]).save_pretrained(sharded, max_shard_size="100KB")
+    names = [f.name for f in model_weight_files(sharded)]
+    assert names[0] == "model.safetensors.index.json" and len(names) > 2
+    before = fingerprints(tiny_config(assets, tmp_path / "run", model={"path": str(sharded)}))
+    shutil.copy(sharded / names[1], sharded / "consolidated.safetensors")
+    (sharded / "pytorch_model.bin").write_bytes(b"unused")
+    assert [f.name for f in model_weight_files(sharded)] == names
+    assert fingerprints(tiny_config(assets, tmp_path / "run", model={"path": str(sharded)})) == before
+
+
 def test_a_local_directory_of_that_name_wins(assets, hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(assets["model"], tmp_path / REPO)
@@ -149,6 +226,10 @@ def test_a_bucket_model_is_downloaded_once_per_cache_and_checked(assets, s3_buck
     # a new run pins the new files (the changed config.json changes the policy's hash)
     assert models.pin(cfg)[1]["path"].digest != digest
 
+    # a digest written in the config is checked, not replaced
+    with pytest.raises(RuntimeError, match=r"its files changed after the driver hashed them .* pinned 0000000000000000"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"path": f"{uri}#sha256=0000000000000000",
+                                                              "cache_dir": str(tmp_path / "node-d")}))
     monkeypatch.delenv("NODE_LOCAL")
     with pytest.raises(ConfigError, match=r"model.cache_dir: '\$NODE_LOCAL/models': an environment variable"):
         models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
@@ -183,7 +264,8 @@ def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, 
                         float(sum(p.double().sum() for p in model.parameters()))))
         return out
 
-    caches = [tmp_path / "worker-0", tmp_path / "worker-1"]
+    # two "nodes" (caches), the first with two processes loading side by side
+    caches = [tmp_path / "node-0", tmp_path / "node-0", tmp_path / "node-1"]
     results = ray.get([load_twice.options(runtime_env={"env_vars": {"NODE_LOCAL": str(c)}}).remote(pinned_cfg.model)
                        for c in caches])
     from transformers import AutoModelForCausalLM
@@ -194,3 +276,6 @@ def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, 
         assert [r[0] for r in runs] == [str(copy)] * 2
         assert runs[0][1] == runs[1][1]  # downloaded once: the second load found the copy
         assert runs[0][2] == runs[1][2] == want
+    # one download per node: the two processes of node-0 used the same copy (the lock)
+    assert results[0][0][1] == results[1][0][1] != results[2][0][1]
+    assert not list((tmp_path / "node-0" / "models").glob("*.tmp-*"))

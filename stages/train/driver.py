@@ -4,6 +4,7 @@ ranks: Ray Train (``run_on_ray``) or one rank in this process (``run_in_process`
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 
@@ -16,7 +17,7 @@ from pipeline.storage import Loc
 
 from .checkpoints import CHECKPOINT_DIR
 from .export import EXPORT_DIR, merge_adapter
-from .loop import WorkerSpec, train_worker
+from .loop import WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
 from .preference import PreferenceObjective
 from .rows import split_files
@@ -72,6 +73,7 @@ def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
 
 def summarize(out: Loc) -> dict:
     records = read_metrics(out)
+    attempts = json.loads((Loc(out) / WORKERS_FILE).read_text())["attempts"]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     return {
@@ -83,6 +85,8 @@ def summarize(out: Loc) -> dict:
         "rows": int(sum(r["rows"] for r in train)),
         "tokens": int(sum(r["tokens"] for r in train)),
         "export": str(Loc(out) / EXPORT_DIR),
+        "workers": attempts[-1],  # each rank's node id, hostname and pid in the attempt that finished
+        "attempts": len(attempts),
     }
 
 

@@ -16,6 +16,7 @@ multiplied by ``world * accum`` to undo it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import placement
 from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
 from pipeline.devices import require_gpu
 from pipeline.offload import offload_activations
@@ -37,6 +39,9 @@ from .export import export_model
 from .metrics import MetricsLog, MetricSums
 from .objective import Objective
 from .rows import RowReader, planned_steps, split_files, steps_per_epoch
+
+
+WORKERS_FILE = "workers.json"  # where the ranks ran, per attempt (record_workers)
 
 
 @dataclass
@@ -161,6 +166,20 @@ def write_pid(ctx: RankContext) -> None:
     (ctx.out_dir / "workers" / f"rank-{ctx.rank}.pid").write_text(str(os.getpid()))
 
 
+def record_workers(ctx: RankContext) -> None:
+    """Every rank's node id, hostname and pid, gathered on rank 0 and appended to
+    ``workers.json`` (one entry per attempt: a restarted run shows where each ran)."""
+    import torch.distributed as dist
+
+    where = dict(placement.here(), rank=ctx.rank)
+    everyone = [None] * ctx.world
+    dist.all_gather_object(everyone, where)
+    if ctx.rank == 0:
+        path = ctx.out / WORKERS_FILE
+        attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
+        path.write_text(json.dumps({"attempts": attempts + [everyone]}, indent=1))
+
+
 def train_worker(config: dict) -> None:
     """One rank of training. ``config``: {"spec": WorkerSpec} (Ray Train's loop config)."""
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
@@ -168,6 +187,7 @@ def train_worker(config: dict) -> None:
     spec: WorkerSpec = config["spec"]
     ctx = setup(spec)
     write_pid(ctx)
+    record_workers(ctx)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg
