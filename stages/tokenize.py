@@ -545,7 +545,7 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         records = (pa.concat_tables([tb.select(PAIR_META_SCHEMA.names).cast(PAIR_META_SCHEMA) for tb in tables])
                    if tables else PAIR_META_SCHEMA.empty_table())
         shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups)
-        stats["workers"] = placement.by_node(workers or [placement.here()] * records.num_rows, "pairs")
+        stats["workers"] = placement.by_node(workers or [placement.here()] * records.num_rows, "records")
         if drawn is not None:
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
                 stats["sources"] = source_stats(records, pq.read_table(f, columns=["source"]), chunks, drawn)

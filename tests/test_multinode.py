@@ -1,0 +1,184 @@
+"""A real two-node Ray cluster on one machine: a head and a second node, each started with
+``ray start --block`` in its own process group, with its own CPUs and a custom resource.
+The tiny pipeline is submitted with ``ray job submit``; the manifests say where each stage's
+work ran. Then the second node is lost during score (its raylet SIGKILLed by pid, never
+``ray stop``, which would stop every Ray process on the machine) and the run finishes on
+the head."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import tiny_config
+from pipeline.config import dump_yaml
+from stages.train.engine import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+class Node:
+    """One ``ray start --block`` process (its own session, so it and its children can be
+    killed as a group without touching any other Ray on the machine)."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def raylet_pid(self) -> int:
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if child.name() == "raylet" or "raylet" in " ".join(child.cmdline()[:1]):
+                return child.pid
+        raise AssertionError("no raylet under this node's ray start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what the block process left behind
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def ray_json(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *cmd], env=env, capture_output=True, text=True, timeout=120)
+
+
+def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900) -> str:
+    for _attempt in range(30):
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--", sys.executable, "-m", "pipeline", "run", str(config), *args],
+            env=env, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:  # the node's job agent was not up yet
+            break
+        time.sleep(3)
+    assert proc.returncode == 0 and "succeeded" in out, out[-5000:]
+    return out
+
+
+def manifests(run_dir: Path) -> dict[str, dict]:
+    """Each stage's newest manifest (with its directory)."""
+    out = {}
+    for m in sorted(run_dir.glob("*/*/_MANIFEST.json"), key=lambda p: p.stat().st_mtime):
+        out[m.parent.parent.name] = dict(json.loads(m.read_text()), dir=m.parent)
+    return out
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"ray2n{gcs}"  # ray's socket paths must stay short
+    head = Node(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"head_node": 1}',
+                 "--object-store-memory=400000000", f"--temp-dir={temp}"], env, tmp_path / "head.log")
+    nodes = [head]
+    try:
+        deadline = time.time() + 180
+        while ray_json(["job", "list", f"--address=http://127.0.0.1:{dash}"], env).returncode != 0:
+            assert head.proc.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        # the second node: its own ports for the per-node agents (two nodes share one machine)
+        second = Node(["--address=127.0.0.1:%d" % gcs, "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                       '--resources={"second_node": 1}', "--object-store-memory=400000000",
+                       f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"],
+                      env, tmp_path / "second.log")
+        nodes.append(second)
+        probe = ("import ray, json; ray.init(address='127.0.0.1:%d'); "
+                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % gcs)
+        while True:
+            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+            alive = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+            if len(alive) == 2:
+                break
+            assert second.proc.poll() is None and time.time() < deadline, (tmp_path / "second.log").read_text()[-3000:]
+            time.sleep(2)
+        yield {"env": env, "dash": dash, "head": head, "second": second}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp_path, two_nodes):
+    env, dash = two_nodes["env"], two_nodes["dash"]
+    # 2 CPUs a node: two train ranks of 2 CPUs cannot share a node; score actors of 1 CPU
+    # are spread by Ray Data; small shards so that score is still running when a node goes.
+    cfg = tiny_config(assets, tmp_path / "run", tokenize={"rows_per_shard": 8, "num_cpus_per_actor": 1},
+                      score={"actors": 2, "num_cpus_per_actor": 1},
+                      train={"max_steps": 4, "eval_steps": 100, "cpus_per_worker": 2})
+    config = tmp_path / "job.yaml"
+    config.write_text(dump_yaml(cfg))
+    submit(dash, env, config)
+    done = manifests(tmp_path / "run")
+    assert sorted(done) == ["score", "tokenize", "train"]
+    nodes = {w["node_id"] for stage in done.values() for w in stage["stats"]["workers"]}
+    assert len(nodes) == 2 and None not in nodes
+    train = done["train"]["stats"]
+    assert sorted(w["rank"] for w in train["workers"]) == [0, 1] and train["attempts"] == 1
+    assert len({w["node_id"] for w in train["workers"]}) == 2  # the two ranks ran on different nodes
+    assert all(w["hostname"] for w in train["workers"])
+    score = done["score"]["stats"]
+    assert len({w["node_id"] for w in score["workers"]}) == 2  # score actors on both nodes
+    assert sum(w["shards"] for w in score["workers"]) == len(done["score"]["shards"]) > 10
+    assert abs(train["step0_loss"] - 0.693147) < 1e-6
+
+    out = submit(dash, env, config)  # a rerun skips everything
+    assert all(f"[{s}] done already" in out for s in ("tokenize", "score", "train")), out[-3000:]
+
+    # Score again, and lose the second node once the first shard is written: its raylet is
+    # SIGKILLed; the head finishes the stage (and trains, its 2 CPUs now hold both ranks).
+    score_dir = done["score"]["dir"]
+    shutil.copytree(score_dir, tmp_path / "score-before")
+    killed = []
+
+    def kill_when_scoring():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if any(score_dir.glob("*.parquet")):
+                pid = two_nodes["second"].raylet_pid()
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_scoring, daemon=True)
+    killer.start()
+    out = submit(dash, env, config, "--from", "score", "--force", "train.cpus_per_worker=1")
+    killer.join(timeout=10)
+    assert killed, "the second node was not killed during score"
+    after = manifests(tmp_path / "run")
+    names = [s["name"] for s in after["score"]["shards"]]
+    tokenized = [s["name"] for s in after["tokenize"]["shards"] if s["name"] != "quarantine.parquet"]
+    assert names == tokenized and len(set(names)) == len(names)  # every shard exactly once
+    row_ids = [r for n in names for r in pq.read_table(score_dir / n).column("row_id").to_pylist()]
+    assert len(row_ids) == len(set(row_ids)) == after["tokenize"]["stats"]["rows"]
+    assert not [p.name for p in score_dir.iterdir() if ".tmp-" in p.name]
+    for name in names:  # the same bytes as when both nodes scored
+        assert (score_dir / name).read_bytes() == (tmp_path / "score-before" / name).read_bytes(), name
+    train_dir = after["train"]["dir"]
+    assert train_dir != done["train"]["dir"]  # train.cpus_per_worker is part of its fingerprint
+    assert len({w["node_id"] for w in after["train"]["stats"]["workers"]}) == 1  # only the head is left
+    assert after["train"]["stats"]["steps"] == 4
+    assert (train_dir / "model" / "model.safetensors").is_file()
