@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install torch==2.13.0
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install -e ".[test]"
+	# DeepSpeed's CPU Adam (ZeRO-Offload, train.deepspeed) is a C++ op built on first use:
+	# built here once (about a minute), into torch's extension cache.
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,13 +1,38 @@
-"""The DeepSpeed config, built from the train settings in one place.
+"""The DeepSpeed config, built from the train settings in one place, and the user's own
+DeepSpeed JSON (``train.deepspeed``) merged over it.
 
 The optimizer and LR scheduler are client objects (``stages/train/engine.py``) so that weight
 decay can skip norms and biases and the schedules match TRL's; DeepSpeed owns gradient
 accumulation, clipping, mixed precision and ZeRO partitioning.
+
+A user's JSON is deep-merged over the built config, as the HF Trainer takes one: it can set
+anything the pipeline leaves to DeepSpeed (offload, bucket sizes, communication ...). The
+keys the pipeline sets from its own settings (``OWNED``) may be repeated or written
+``"auto"`` but not changed, and the sections it builds itself (``BUILT_SECTIONS``) may not
+appear: either would train with other settings than the config and the fingerprint say.
 """
 
 from __future__ import annotations
 
-from pipeline.config import TrainConfig
+from typing import Any
+
+from pipeline.config import ConfigError, TrainConfig
+
+OWNED = {
+    "train_micro_batch_size_per_gpu": "the pipeline (one packed row is one micro-batch)",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.gradient_accumulation_steps x train.num_workers",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype (float16 is refused)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+BUILT_SECTIONS = {
+    "optimizer": "train.optimizer, learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay",
+    "scheduler": "train.lr_scheduler_type, warmup_ratio, warmup_steps, min_lr_ratio",
+    "amp": "model.dtype",
+}
+OFFLOADS = ("offload_optimizer", "offload_param")
 
 
 # Parameters one optimizer call updates under ZeRO-3. DeepSpeed steps each rank's partition
@@ -59,4 +84,71 @@ def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int, hidden_
         "steps_per_print": 10**9,  # the pipeline logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if train_cfg.deepspeed:
+        ds = merge_user_config(ds, train_cfg.deepspeed)
+        check_offload(ds, train_cfg)
     return ds
+
+
+def merge_user_config(built: dict, user: dict) -> dict:
+    """``user`` deep-merged over ``built``; "auto" keeps the built value (or DeepSpeed's
+    default where the pipeline sets none). A conflict is a ConfigError naming the key."""
+    for section, settings in BUILT_SECTIONS.items():
+        if section in user:
+            raise ConfigError(f"train.deepspeed: {section}: the pipeline builds it from {settings}; "
+                              f"remove it from the DeepSpeed JSON")
+    return _merge(built, user, "")
+
+
+def _merge(base: dict, over: dict, prefix: str) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        path = prefix + key
+        if value == "auto":
+            continue  # the built value, or DeepSpeed's default
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, path + ".")
+            continue
+        if path in OWNED and base.get(key) != value:
+            raise ConfigError(f"train.deepspeed: {path} is {value!r}, and the pipeline sets {base.get(key)!r} from "
+                              f"{OWNED[path]}: change that setting instead (or leave the key out, or write \"auto\")")
+        out[key] = _resolve_auto(value)
+    return out
+
+
+def _resolve_auto(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve_auto(v) for k, v in value.items() if v != "auto"}
+    return value
+
+
+def offload_device(ds: dict, which: str) -> str | None:
+    """"cpu", "nvme" or None: where ``zero_optimization.<which>`` puts its tensors."""
+    device = (ds.get("zero_optimization", {}).get(which) or {}).get("device", "none")
+    return None if device in (None, "none") else device
+
+
+def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
+    """What ZeRO-Offload needs that the pipeline would otherwise fail on deep in DeepSpeed."""
+    if offload_device(ds, "offload_param") and train_cfg.zero_stage != 3:
+        raise ConfigError(f"train.deepspeed: zero_optimization.offload_param needs train.zero_stage 3 "
+                          f"(it is {train_cfg.zero_stage})")
+    if offload_device(ds, "offload_optimizer") and train_cfg.optimizer != "adamw":
+        raise ConfigError(f"train.deepspeed: zero_optimization.offload_optimizer steps the optimizer on the CPU with "
+                          f"DeepSpeedCPUAdam, and train.optimizer is {train_cfg.optimizer!r}: use adamw, or no offload")
+
+
+def check_nvme(ds: dict) -> None:
+    """NVMe offload needs DeepSpeed's async_io op (libaio): refused with the reason on a
+    node that cannot build it, before anything is loaded."""
+    import socket
+
+    wanted = [w for w in OFFLOADS if offload_device(ds, w) == "nvme"]
+    if not wanted:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"train.deepspeed: zero_optimization.{wanted[0]}.device nvme needs DeepSpeed's async_io op, "
+                          f"which cannot be built on {socket.gethostname()}: libaio (its headers and .so, Debian's "
+                          f"libaio-dev) is not installed. Install it on every node, or offload to cpu")

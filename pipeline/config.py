@@ -258,6 +258,12 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     # DeepSpeed ZeRO stage.
     zero_stage: Literal[0, 1, 2, 3] = 3
+    # Your own DeepSpeed config: a JSON file's path (read when the config is loaded, so its
+    # content is in the fingerprint) or a mapping, deep-merged over the one the pipeline
+    # builds, as the HF Trainer's --deepspeed: ZeRO-Offload (cpu; nvme where libaio is
+    # installed), bucket sizes, communication. The keys the pipeline sets from these
+    # settings may be repeated or "auto", not changed (docs/deepspeed.md).
+    deepspeed: Optional[Union[str, dict[str, Any]]] = None
 
 
 @dataclass
@@ -537,6 +543,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _read_files(cfg: PipelineConfig) -> None:
+    """Settings given as a file's path, read now: their content is what the fingerprint and
+    the workers see."""
+    import json
+
+    ds = cfg.train.deepspeed
+    if isinstance(ds, str):
+        path = Path(ds).expanduser()
+        try:
+            cfg.train.deepspeed = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"train.deepspeed: {ds}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.deepspeed: {ds}: not valid JSON ({e})") from None
+        if not isinstance(cfg.train.deepspeed, dict):
+            raise ConfigError(f"train.deepspeed: {ds}: the top level must be a mapping")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     path = Path(path)
     if not path.exists():
@@ -548,13 +572,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
-    cfg = _build(PipelineConfig, raw, "")
-    _validate(cfg)
-    return cfg
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict) -> PipelineConfig:
     cfg = _build(PipelineConfig, raw, "")
+    _read_files(cfg)
     _validate(cfg)
     return cfg
 

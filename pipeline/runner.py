@@ -131,6 +131,10 @@ def run_pipeline(
     selected = select_stages(stages, from_stage)
     written = redact(to_dict(cfg))  # the config as given (Hub ids, not the commits they resolved to)
     cfg, pinned = models.pin(cfg)  # once, on the driver: every worker loads the same files
+    if "train" in selected:  # not on the ranks after hours of scoring
+        from stages import train
+
+        train.preflight(cfg)
     plans = plan_stages(cfg)
     if "train" in selected and cfg.train.report_to:  # not on rank 0 after hours of scoring
         from pipeline.tracking import check_ready

@@ -26,6 +26,9 @@ STAGE_VERSION = 1
 
 # How a run is checkpointed, resumed, restarted, staged or tracked does not change what it trains.
 MODEL_SOURCE_SETTINGS = ("revision", "cache_dir")
+# Settings added after runs were made: fingerprinted only when set, so that those runs'
+# outputs keep their fingerprints.
+ADDED_SETTINGS = {"deepspeed": None}
 RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
                      "report_to", "run_name")
 
@@ -38,8 +41,18 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
         # where the models come from is not what they are: their files are hashed instead
         "model_settings": {k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
         | {"path": None, "reference_path": None, "tokenizer_path": None},
-        "train_settings": {k: v for k, v in asdict(cfg.train).items() if k not in RUN_ONLY_SETTINGS},
+        "train_settings": {k: v for k, v in asdict(cfg.train).items()
+                           if k not in RUN_ONLY_SETTINGS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])},
     }
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """What would stop the train stage, checked on the driver before any stage runs: the
+    user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op."""
+    from cluster.deepspeed_config import build_ds_config, check_nvme
+
+    if cfg.train.deepspeed:
+        check_nvme(build_ds_config(cfg.train, cfg.model.dtype, cfg.train.num_workers))
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:

@@ -76,10 +76,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, on_cpu: bool = False) -> torch.optim.Optimizer:
+    """``on_cpu``: ZeRO-Offload keeps the optimizer state in host memory and steps it there,
+    with DeepSpeed's vectorised CPU Adam (a C++ op, JIT-built on first use; ``make install``
+    builds it ahead)."""
     groups = param_groups(model, train_cfg.weight_decay)
     if train_cfg.optimizer == "rmsprop":  # the DPO paper's optimizer
         return torch.optim.RMSprop(groups, lr=train_cfg.learning_rate, eps=train_cfg.adam_epsilon)
+    if on_cpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                                eps=train_cfg.adam_epsilon, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
                              eps=train_cfg.adam_epsilon)
 
@@ -109,9 +117,10 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from cluster.deepspeed_config import build_ds_config
+    from cluster.deepspeed_config import build_ds_config, check_nvme, offload_device
 
     ds_config = build_ds_config(train_cfg, model_cfg.dtype, world, hidden_size(model_cfg))
+    check_nvme(ds_config)  # on this node, before the model is loaded
     if train_cfg.zero_stage == 3:
         from cluster import zero3_linear, zero3_master_weights
 
@@ -131,7 +140,7 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
     schedule = lr_lambda(train_cfg.lr_scheduler_type, warmup, total_steps, train_cfg.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=build_optimizer(model, train_cfg),
+        optimizer=build_optimizer(model, train_cfg, on_cpu=offload_device(ds_config, "offload_optimizer") is not None),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
