@@ -4,7 +4,7 @@ The train stage starts each forward of ZeRO-3's parameter coordinator itself
 (``stages/train/engine.start_forward``), since the log-prob pass never calls the top-level
 module whose hook does it; without it DeepSpeed never completes its trace and never
 prefetches. This runs the same train stage twice on 2 ranks (torchrun, gloo on CPU or
-NCCL on GPUs): "prefetch" as shipped, "no-prefetch" with ``start_forward`` disabled, and
+NCCL on GPUs): "prefetch" as shipped, "no-prefetch" with the coordinator never told a step starts, and
 prints the mean step time of each (first two steps excluded) and their ratio.
 
     python bench/zero3_prefetch.py [--steps 8] [--hidden 512] [--layers 8] [--out /tmp/zero3-bench]
@@ -40,12 +40,12 @@ def config(a, mode: str):
 
 def rank_main(a) -> None:
     """One rank (under torchrun): the train stage on the scored rows."""
-    import stages.train.loop as loop
+    import stages.train.engine as train_engine
     from pipeline import runner
     from stages import train
 
     if a.mode == "no-prefetch":
-        loop.start_forward = lambda engine: None
+        train_engine.zero3_coordinator = lambda engine: None  # no step starts: no trace, no prefetch
     cfg = config(a, a.mode)
     plans = runner.plan_stages(cfg)
     info = {"fingerprints": {s: p.fingerprint for s, p in plans.items()}, "config": {},

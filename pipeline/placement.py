@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections import Counter
 from typing import Iterable
 
@@ -12,13 +13,9 @@ from typing import Iterable
 def here() -> dict:
     """This process's node: the Ray node id (None outside Ray) and the hostname."""
     node_id = None
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node_id = ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    ray = sys.modules.get("ray")  # never imported here: a run without Ray stays without it
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
     return {"node_id": node_id, "hostname": socket.gethostname(), "pid": os.getpid()}
 
 

@@ -72,7 +72,7 @@ def select_stages(stages: list[str] | None, from_stage: str | None) -> list[str]
     return list(STAGES)
 
 
-def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool):
+def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool, force: bool = False):
     """Run one stage's core; returns (shards, stats)."""
     from stages import score, tokenize, train
 
@@ -87,6 +87,8 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
         "config": redact(to_dict(cfg)),  # model names pinned: Hub ids at their commits
         "tokenized_dir": str(plans["tokenize"].dir),
+        "inputs": plan.inputs,
+        "force": force,
     }
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
@@ -181,7 +183,7 @@ def run_pipeline(
             check_ray_cluster_gpus(cfg, [s for s in selected if s in plans])
         log(f"[{name}] running -> {plan.dir}")
         start = time.time()
-        shards, stats = _run_stage(name, cfg, plans, use_ray)
+        shards, stats = _run_stage(name, cfg, plans, use_ray, force)
         seconds = time.time() - start
         manifest = write_manifest(
             plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,

@@ -5,7 +5,7 @@ start of a forward, how often it was invalidated, and how many prefetch all-gath
 submitted.
 
 Usage: torchrun --nproc_per_node 2 tests/zero3_trace_probe.py CONFIG fixed|unfixed OUT_PREFIX
-("unfixed": the loop's start_forward disabled, as before the fix).
+("unfixed": start_forward without the coordinator's reset, as before the fix).
 """
 
 import json
@@ -16,6 +16,7 @@ from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedPara
 from deepspeed.utils.timer import SynchronizedWallClockTimer
 
 import cluster.deepspeed_config as deepspeed_config
+import stages.train.engine as train_engine
 import stages.train.loop as loop
 from pipeline import runner
 from pipeline.config import load_config
@@ -65,8 +66,8 @@ def build_ds_config(*args, **kwargs):
 
 
 deepspeed_config.build_ds_config = build_ds_config
-if mode == "unfixed":
-    loop.start_forward = lambda engine: None
+if mode == "unfixed":  # the coordinator is never told a step starts (accumulation still counted)
+    train_engine.zero3_coordinator = lambda engine: None
 
 cfg = load_config(config)
 plans = runner.plan_stages(cfg)

@@ -1,5 +1,7 @@
 """Checkpoints: save every ``save_steps`` (each rank its own ZeRO partition), keep the last
-``save_total_limit`` complete ones, and resume from the newest complete one."""
+``save_total_limit`` complete ones, and resume from the newest complete one, on the same
+number of workers or, through DeepSpeed's universal checkpoint, on another one that keeps
+the global batch (workers x gradient_accumulation_steps)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import torch
 from pipeline.storage import Loc
 
 from .metrics import say
+from .safe_load import safe_load, weights_only_loads
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE.json"  # written in a checkpoint's folder once every rank's part is on disk
+UNIVERSAL = "universal"  # a checkpoint converted for another worker count: <tag>/universal/
 
 
 def complete_checkpoints(out: Loc) -> list[Loc]:
@@ -54,7 +58,9 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
         # a resume from it finds every step it does not replay already logged.
         log.sync()
         info = {"step": step, "world_size": ctx.world, "zero_stage": ctx.train_cfg.zero_stage,
-                "zero_sub_groups": zero_sub_groups(engine)}
+                "zero_sub_groups": zero_sub_groups(engine),
+                "gradient_accumulation_steps": ctx.train_cfg.gradient_accumulation_steps,
+                "optimizer": ctx.train_cfg.optimizer}
         (final / COMPLETE).write_text(json.dumps(info))
         (ctx.out / CHECKPOINT_DIR / "latest_complete").write_text(tag)
         limit = ctx.train_cfg.save_total_limit
@@ -127,18 +133,103 @@ def zero_sub_groups(engine) -> int | None:
     return None if groups is None else len(groups)
 
 
-def layout_mismatch(info: dict, world: int, sub_groups: int | None) -> str | None:
-    """Why a checkpoint (its ``COMPLETE.json``) cannot be loaded by this run, or None."""
+def layout_mismatch(info: dict, world: int, sub_groups: int | None, train_cfg) -> str | None:
+    """Why a checkpoint (its ``COMPLETE.json``) cannot be loaded by this run as it is, or
+    None. ``UNIVERSAL``: it can, converted to a universal checkpoint (another worker count)."""
     if info["world_size"] != world:
-        return (f"it was written by {info['world_size']} workers and this run has {world}: ZeRO partitions and "
-                f"the data plan depend on the worker count. Resume with train.num_workers={info['world_size']}, "
-                "or start a new run (--force)")
+        return elastic_mismatch(info, world, train_cfg) or UNIVERSAL
     saved = info.get("zero_sub_groups", sub_groups)  # not recorded before: DeepSpeed's own check decides
     if saved != sub_groups:
         return (f"its ZeRO-3 optimizer state is cut into {saved} sub-groups a rank and this run's into "
                 f"{sub_groups} (DeepSpeed's sub_group_size changed with the pipeline version): the state "
                 "cannot be mapped. Resume with the version that wrote it, or start a new run (--force)")
     return None
+
+
+def elastic_mismatch(info: dict, world: int, train_cfg) -> str | None:
+    """Why a checkpoint written by ``info["world_size"]`` workers cannot resume on ``world``."""
+    accum = info.get("gradient_accumulation_steps")
+    if accum is None:
+        return (f"it was written by {info['world_size']} workers and this run has {world}, and it does not record "
+                f"its gradient accumulation (an older version wrote it). Resume with "
+                f"train.num_workers={info['world_size']}, or start a new run (--force)")
+    saved, now = info["world_size"] * accum, world * train_cfg.gradient_accumulation_steps
+    if saved != now:
+        fits = [f"{w} workers x {saved // w}" for w in range(1, saved + 1) if saved % w == 0]
+        return (f"its global batch is {saved} rows a step ({info['world_size']} workers x {accum} accumulation "
+                f"steps) and this run's {now} ({world} x {train_cfg.gradient_accumulation_steps}): the steps "
+                f"would train other rows. Keep the global batch ({', '.join(fits)}), or start a new run (--force)")
+    if info.get("zero_stage") != 3:
+        return (f"it was written by {info['world_size']} workers and this run has {world}: another worker count "
+                f"is resumed through DeepSpeed's universal checkpoint, which the pipeline uses for ZeRO-3 only "
+                f"(this checkpoint is ZeRO-{info.get('zero_stage')})")
+    if info.get("optimizer", train_cfg.optimizer) != "adamw" or train_cfg.optimizer != "adamw":
+        return (f"it was written by {info['world_size']} workers and this run has {world}: DeepSpeed's universal "
+                f"checkpoint restores Adam's moments only, so an RMSprop run can only resume on "
+                f"{info['world_size']} workers")
+    return None
+
+
+def convert_to_universal(ctx, path: Loc) -> str:
+    """``<tag>/universal``, DeepSpeed's universal checkpoint of ``path`` (every parameter and
+    its Adam moments whole, in fp32), made once by rank 0 (``ds_to_universal``) and loaded
+    by each rank, whatever their number. Returns the local folder that holds ``universal``."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    local = ctx.out_dir / CHECKPOINT_DIR / path.name  # == path itself on a local run directory
+    done = path / UNIVERSAL / COMPLETE
+    if ctx.rank == 0 and not done.is_file():
+        if path.remote:  # every rank's part is needed to rebuild whole parameters
+            for f in path.files():
+                rel = f.relative_to(path)
+                if not rel.startswith(UNIVERSAL + "/"):
+                    f.download(local / rel)
+        shutil.rmtree(local / UNIVERSAL, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(local), output_folder=str(local / UNIVERSAL),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        with weights_only_loads():
+            ds_to_universal.main(args)  # one process: no pool forked inside a Ray worker
+        (local / UNIVERSAL / COMPLETE).write_text(json.dumps({"from_world_size": json.loads(
+            (path / COMPLETE).read_text())["world_size"]}))
+        if path.remote:
+            (path / UNIVERSAL).upload(local / UNIVERSAL)
+    if dist.is_initialized():
+        dist.barrier()
+    if path.remote and ctx.rank != 0:
+        (path / UNIVERSAL).download(local / UNIVERSAL)
+    return str(local)
+
+
+def repair_universal_load(engine, universal: str) -> None:
+    """Two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong, put right:
+
+    * it copies param group 0's settings onto every group, so the no-decay group (biases,
+      norms) would get weight decay: each group gets its own back, from the checkpoint's
+      optimizer state;
+    * it gives every sub-group of the optimizer state the same ``step`` tensor, which torch's
+      Adam increments in place once per sub-group: the step count would run ahead, and the
+      bias correction with it, after the first step. Each sub-group gets its own copy."""
+    import torch
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    saved = safe_load(f"{universal}/{UNIVERSAL}/zero/optimizer_state.pt")[OPTIMIZER_STATE_DICT]["param_groups"]
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"universal checkpoint {universal}: {len(saved)} optimizer param groups, this run has "
+                           f"{len(groups)}")
+    for group, own in zip(groups, saved):
+        for key, value in own.items():
+            if key != "params":
+                group[key] = value
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = engine.optimizer.optimizer.state[flat]
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def resume(engine, ctx, log) -> int:
@@ -148,7 +239,9 @@ def resume(engine, ctx, log) -> int:
         log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
         return 0
     info = json.loads((path / COMPLETE).read_text())
-    why = layout_mismatch(info, ctx.world, zero_sub_groups(engine))
+    why = layout_mismatch(info, ctx.world, zero_sub_groups(engine), ctx.train_cfg)
+    if why == UNIVERSAL:
+        return resume_universal(engine, ctx, log, path, info)
     if why:
         raise RuntimeError(f"checkpoint {path}: {why}")
     if path.remote:  # fetch only this rank's part of the checkpoint
@@ -166,9 +259,32 @@ def resume(engine, ctx, log) -> int:
                            "probably written by another pipeline version. Start a new run (--force)") from e
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    return resumed(ctx, log, path, client)
+
+
+def resumed(ctx, log, path: Loc, client: dict, how: str = "") -> int:
     set_rng_state(client)
     log.fetch()
     log.truncate_after(client["step"])
     if ctx.rank == 0:
-        say(f"[train] resumed from {path} at step {client['step']}")
+        say(f"[train] resumed from {path} at step {client['step']}{how}")
     return int(client["step"])
+
+
+def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
+    """Resume on another worker count that keeps the global batch: the step plans then
+    give every step the same rows (``pipeline.packing.epoch_plan`` cuts one seeded order
+    into steps of workers x accumulation rows), so no pair trains twice or not at all."""
+    load_root = convert_to_universal(ctx, path)
+    engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no other use
+    try:
+        with weights_only_loads():
+            load_path, client = engine.load_checkpoint(load_root, tag=UNIVERSAL, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint of {path}")
+    repair_universal_load(engine, load_root)
+    return resumed(ctx, log, path, client, f" (written by {info['world_size']} workers, resumed on {ctx.world} "
+                                            f"through its universal checkpoint)")

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PipelineConfig, build_loss, for_workers
 from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.config import ConfigError
+from pipeline.rundir import MANIFEST, HashCache, ShardInfo, hash_checkpoint, read_manifest
 from pipeline.storage import Loc
 
-from .checkpoints import CHECKPOINT_DIR
+from .checkpoints import CHECKPOINT_DIR, complete_checkpoints
 from .export import EXPORT_DIR, merge_adapter
 from .loop import WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
@@ -31,6 +32,12 @@ MODEL_SOURCE_SETTINGS = ("revision", "cache_dir")
 ADDED_SETTINGS = {"deepspeed": None}
 RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
                      "report_to", "run_name")
+# What a step trains is its global batch, workers x accumulation steps rows (the seeded plan
+# cuts one order into steps of that many rows): the fingerprint names the product, so a run
+# resumed on another worker count that keeps it is the same run (checkpoints.resume_universal).
+GLOBAL_BATCH = "global_batch_rows"
+SPLIT_SETTINGS = ("num_workers", "gradient_accumulation_steps")
+INPUTS_FILE = "_INPUTS.json"  # the stage's fingerprint inputs, written when it starts
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
@@ -42,8 +49,38 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
         "model_settings": {k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
         | {"path": None, "reference_path": None, "tokenizer_path": None},
         "train_settings": {k: v for k, v in asdict(cfg.train).items()
-                           if k not in RUN_ONLY_SETTINGS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])},
+                           if k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
+                           and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+        | {GLOBAL_BATCH: cfg.train.num_workers * cfg.train.gradient_accumulation_steps},
     }
+
+
+def _batch_apart(inputs: dict) -> tuple[dict, int]:
+    settings = dict(inputs["train_settings"])
+    batch = settings.pop(GLOBAL_BATCH, None)
+    return dict(inputs, train_settings=settings), batch
+
+
+def check_global_batch(out: Loc, info: dict) -> None:
+    """Before training: a partial train output of this same run at another global batch
+    (more or fewer workers, the accumulation not changed to match) holds checkpoints that
+    this run would silently not resume. Refused with the way to keep the global batch,
+    unless --force. Then this output records its inputs (INPUTS_FILE)."""
+    out = Loc(out)
+    if "inputs" not in info:  # a caller outside the runner (a benchmark): nothing to compare
+        return
+    mine, batch = _batch_apart(info["inputs"])
+    for other in out.parent.iterdir() if not info.get("force") else []:
+        if other.name == out.name or (other / MANIFEST).is_file() or not (other / INPUTS_FILE).is_file():
+            continue
+        theirs, their_batch = _batch_apart(json.loads((other / INPUTS_FILE).read_text()))
+        if theirs == mine and their_batch != batch and complete_checkpoints(other):
+            fits = ", ".join(f"{w} x {their_batch // w}" for w in range(1, their_batch + 1) if their_batch % w == 0)
+            raise ConfigError(f"train: {other} holds checkpoints of this run at a global batch of {their_batch} rows "
+                              f"a step, and this one's is {batch} (train.num_workers x train.gradient_accumulation_steps)"
+                              f": to resume it on another worker count keep the global batch ({fits}); to train anew "
+                              f"at {batch}, pass --force or remove that output")
+    (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -106,6 +143,7 @@ def summarize(out: Loc) -> dict:
 def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
     from pipeline.tracking import forwarded_env
 
+    info = {k: v for k, v in info.items() if k not in ("inputs", "force")}  # the export records the rest
     return WorkerSpec(for_workers(cfg), preference_objective(cfg), str(Loc(rows_dir)), str(Loc(out)), info,
                       ray_train, env=forwarded_env(cfg.train.report_to, os.environ))
 
@@ -123,6 +161,7 @@ def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    check_global_batch(out, info)
     train_worker({"spec": worker_spec(cfg, rows_dir, out, info)})
     return outputs(cfg, out)
 
@@ -133,6 +172,7 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    check_global_batch(out, info)
     out = Loc(out)
     train_cfg = cfg.train
     resources = {"CPU": train_cfg.cpus_per_worker}

@@ -164,11 +164,24 @@ def zero3_coordinator(engine):
 
 
 def start_forward(engine) -> None:
-    """Tell ZeRO-3 that a forward starts. DeepSpeed does this in a pre-forward hook of the
-    top-level module, which the log-prob pass never calls (it runs the decoder and the LM
-    head itself, ``pipeline.logps.packed_token_logps``): the coordinator then never
-    completes its trace of the module order, and every all-gather, in forward and backward,
-    waits in line instead of being prefetched. The arithmetic is the same either way."""
+    """What DeepSpeed does when a forward starts, which the log-prob pass skips: it runs the
+    decoder and the LM head itself (``pipeline.logps.packed_token_logps``), never
+    ``engine.forward`` nor the top-level module's forward. Called before every micro-batch.
+
+    * ``engine.forward`` calls the ZeRO optimizer's ``clear_backward_seen_flag``, which moves
+      its micro-step counter on after a backward; at micro-step 0 a backward's gradient
+      replaces the partition's gradient instead of adding to it. Without this call every
+      micro-batch of a step replaced the one before, so gradient accumulation trained on
+      the last micro-batch of each rank only (1 rank x 2 micro-batches trained otherwise
+      than 2 ranks x 1: tests/test_accumulation.py).
+    * ZeRO-3's parameter coordinator starts a new step in a pre-forward hook of the top-level
+      module: without it the coordinator never completes its trace of the module order, and
+      every all-gather, in forward and backward, waits in line instead of being prefetched
+      (the arithmetic is the same either way)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
     coordinator = zero3_coordinator(engine)
     if coordinator is not None:
         coordinator.reset_step()

@@ -126,7 +126,7 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
     for mb in step_plan[ctx.rank]:
-        start_forward(engine)  # ZeRO-3 prefetches along the module order it traced
+        start_forward(engine)  # what engine.forward does first: count the micro-step, start ZeRO-3's trace
         with offload_activations(ctx.train_cfg.activation_offloading):
             row_loss = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
         loss = row_loss.loss_sum * (mb.weight * scale)

@@ -24,15 +24,18 @@ anything else is refused with ``UnsafeCheckpointError``, naming the file.
 ``install`` puts it on an engine right after ``deepspeed.initialize``. Every load of the
 resume path (``engine.load_checkpoint`` with optimizer states: the model-states file via
 ``SDLoaderFactory``, the ZeRO partitions via ``_get_all_zero_checkpoint_state_dicts``)
-goes through ``engine.checkpoint_engine``. The DeepSpeed paths that call ``torch.load``
-themselves are ones the pipeline never takes: ZeRO-3 without optimizer states
-(``zero_to_fp32``) and universal checkpoints; ``install`` refuses the latter.
+goes through ``engine.checkpoint_engine``. DeepSpeed's universal-checkpoint code calls
+``torch.load(..., weights_only=False)`` itself (``ds_to_universal`` reading the partitions,
+ZeRO-3's universal load reading each parameter's files): the pipeline runs both inside
+``weights_only_loads``, where every ``torch.load`` is ``safe_load``. ``install`` refuses an
+engine configured to load universal checkpoints outside it.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+from contextlib import contextmanager
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -41,6 +44,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 CHECKPOINT_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+_torch_load = torch.load  # the real one (weights_only_loads replaces torch.load for a while)
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -52,7 +56,7 @@ def safe_load(path: str, map_location=None):
     naming the file, what the weights_only unpickler refuses."""
     try:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
@@ -63,6 +67,21 @@ def safe_load(path: str, map_location=None):
             f"refused to load checkpoint file {path}: it holds {what}, which is not a tensor, plain data or an "
             f"allow-listed type ({allowed}). A checkpoint this pipeline writes never does: something else "
             f"wrote this file. Delete the checkpoint (or resume from another one)") from None
+
+
+@contextmanager
+def weights_only_loads():
+    """Within the block every ``torch.load`` is ``safe_load``, whatever its caller asks for:
+    for DeepSpeed code that calls ``torch.load(weights_only=False)`` itself."""
+
+    def load(f, map_location=None, weights_only=None, **_):
+        return safe_load(f, map_location=map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
