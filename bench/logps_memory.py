@@ -37,7 +37,7 @@ def measure(variant: str, vocab: int, tokens: int, hidden: int, chunk: int) -> d
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if variant == "chunked":
-        logps, _ = lm_head_target_logps(head, h, targets, chunk)
+        logps, _, _ = lm_head_target_logps(head, h, targets, chunk)
     else:
         logps = torch.log_softmax(head(h).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     logps.sum().backward()

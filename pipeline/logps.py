@@ -177,16 +177,19 @@ class _ChunkedTargetLogps(torch.autograd.Function):
 
     Saved for backward: the inputs and one fp32 logsumexp per token, never the logits, so
     the extra memory is O(chunk x vocab) in forward and backward alike (two such buffers
-    in the backward with soft-capping, for its derivative). Optionally also returns
-    log(sum_v p_v^2) per token (WPO's weights), without gradient.
+    in the backward with soft-capping, for its derivative). Optionally also returns, without
+    gradient, log(sum_v p_v^2) per token (WPO's weights) and whether the target is the
+    most likely token (SFT's token accuracy: its logit is the chunk row's max, which the
+    logsumexp computes anyway).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, want_sq, transform=IDENTITY):
+    def forward(ctx, hidden, weight, bias, targets, chunk, want_sq, transform=IDENTITY, want_correct=False):
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         sq = torch.empty_like(logps) if want_sq else None
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_correct else None
         for s in range(0, n, chunk):
             z = _transform_(F.linear(hidden[s : s + chunk], weight, bias).float(), transform)
             target_z = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
@@ -194,6 +197,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 sq_z = torch.logsumexp(2 * z, dim=-1)
             # logsumexp in place: one chunk-sized buffer, no second temporary
             m = z.max(dim=-1).values
+            if want_correct:
+                correct[s : s + chunk] = target_z >= m
             lse[s : s + chunk] = z.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
             logps[s : s + chunk] = target_z - lse[s : s + chunk]
             if want_sq:
@@ -201,13 +206,11 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         ctx.transform = transform
-        if sq is None:
-            return logps, None
-        ctx.mark_non_differentiable(sq)
-        return logps, sq
+        ctx.mark_non_differentiable(*[t for t in (sq, correct) if t is not None])
+        return logps, sq, correct
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_sq):
+    def backward(ctx, grad_logps, _grad_sq, _grad_correct):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         transform = ctx.transform
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -245,15 +248,16 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += grad_z.float().sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def lm_head_target_logps(
     lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-    log_sum_sq: bool = False, transform: LogitTransform = IDENTITY,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, H) hidden states -> ((N,) fp32 target log-probs, (N,) log sum p^2 or None), the
-    logits being ``transform`` of ``lm_head(hidden)`` (see ``logit_transform``).
+    log_sum_sq: bool = False, transform: LogitTransform = IDENTITY, correct: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(N, H) hidden states -> ((N,) fp32 target log-probs, (N,) log sum p^2 or None, (N,)
+    bool "the target is the argmax" or None), the logits being ``transform`` of
+    ``lm_head(hidden)`` (see ``logit_transform``).
 
     The chunked function runs *as the LM head module's forward* (its forward is swapped for
     the call), so whatever wraps that module still sees a module call: DeepSpeed ZeRO-3
@@ -262,7 +266,8 @@ def lm_head_target_logps(
     """
 
     def fused(h):
-        return _ChunkedTargetLogps.apply(h, lm_head.weight, lm_head.bias, targets, chunk, log_sum_sq, transform)
+        return _ChunkedTargetLogps.apply(h, lm_head.weight, lm_head.bias, targets, chunk, log_sum_sq, transform,
+                                         correct)
 
     lm_head.forward = fused
     try:
@@ -276,6 +281,7 @@ class TokenLogps:
     logps: torch.Tensor  # (T,) fp32, completion positions only, 0 elsewhere
     log_sum_sq: torch.Tensor | None  # (T,) log sum_v p_v^2 at completion positions (WPO)
     router_logits: tuple | None = None  # MoE: one (T, experts) tensor per layer, when asked
+    correct: torch.Tensor | None = None  # (T,) bool: the token is the model's argmax (completion positions), when asked
 
 
 def packed_token_logps(
@@ -286,11 +292,13 @@ def packed_token_logps(
     chunk: int = 1024,
     log_sum_sq: bool = False,
     router_logits: bool = False,
+    correct: bool = False,
 ) -> TokenLogps:
     """Per-token log-probs of one packed row, aligned with ``input_ids``: (T,) fp32.
 
     Completion tokens hold log p(token | its own segment's prefix); prompt tokens hold 0.
-    ``router_logits``: also return an MoE decoder's router logits (for the aux loss). The
+    ``router_logits``: also return an MoE decoder's router logits (for the aux loss);
+    ``correct``: also whether each completion token is the model's most likely one. The
     model's transform of its LM head's output (``logit_transform``) is applied.
     """
     decoder = model.get_decoder()
@@ -314,14 +322,15 @@ def packed_token_logps(
     hidden = out.last_hidden_state[0]
     # Token t is predicted by the hidden state at t - 1, or for the first token of a
     # shared-prompt segment by the prompt's last token (``layout.sources``).
-    logps, sq = lm_head_target_logps(
+    logps, sq, hits = lm_head_target_logps(
         model.get_output_embeddings(), hidden[layout.sources], input_ids[layout.targets], chunk,
-        log_sum_sq, logit_transform(model),
+        log_sum_sq, logit_transform(model), correct,
     )
     zeros = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return TokenLogps(zeros.index_put((layout.targets,), logps),
                       None if sq is None else zeros.index_put((layout.targets,), sq),
-                      tuple(out.router_logits) if router_logits else None)
+                      tuple(out.router_logits) if router_logits else None,
+                      None if hits is None else torch.zeros_like(zeros, dtype=torch.bool).index_put((layout.targets,), hits))
 
 
 def segment_sums(per_token: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:

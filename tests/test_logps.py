@@ -68,7 +68,7 @@ def test_chunked_equals_naive_log_softmax_with_grads(chunk, bias):
     hidden = torch.randn(17, 8, generator=g, requires_grad=True)
     head = torch.nn.Linear(8, 50, bias=bias)
     targets = torch.randint(0, 50, (17,), generator=g)
-    ours, sq = lm_head_target_logps(head, hidden, targets, chunk, log_sum_sq=True)
+    ours, sq, _ = lm_head_target_logps(head, hidden, targets, chunk, log_sum_sq=True)
     assert "forward" not in vars(head)  # the module's own forward is back
     h64 = hidden.detach().double().requires_grad_()
     head64 = torch.nn.Linear(8, 50, bias=bias).double()

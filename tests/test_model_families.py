@@ -163,7 +163,7 @@ def test_chunked_transform_equals_naive_with_grads(chunk, scale, softcap):
     hidden = (3 * torch.randn(13, 8, generator=g)).requires_grad_()
     head = torch.nn.Linear(8, 40, bias=True)
     targets = torch.randint(0, 40, (13,), generator=g)
-    ours, sq = lm_head_target_logps(head, hidden, targets, chunk, log_sum_sq=True, transform=transform)
+    ours, sq, _ = lm_head_target_logps(head, hidden, targets, chunk, log_sum_sq=True, transform=transform)
     h64 = hidden.detach().double().requires_grad_()
     head64 = torch.nn.Linear(8, 40).double()
     head64.load_state_dict(head.state_dict())
