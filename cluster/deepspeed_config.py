@@ -109,6 +109,9 @@ def _merge(base: dict, over: dict, prefix: str) -> dict:
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             out[key] = _merge(base[key], value, path + ".")
             continue
+        if isinstance(base.get(key), dict):
+            raise ConfigError(f"train.deepspeed: {path} is {value!r}, and DeepSpeed expects a section (a mapping) "
+                              f"there: write its keys, e.g. {{\"{path.rsplit('.', 1)[-1]}\": {{\"enabled\": ...}}}}")
         if path in OWNED and base.get(key) != value:
             raise ConfigError(f"train.deepspeed: {path} is {value!r}, and the pipeline sets {base.get(key)!r} from "
                               f"{OWNED[path]}: change that setting instead (or leave the key out, or write \"auto\")")
@@ -130,6 +133,9 @@ def offload_device(ds: dict, which: str) -> str | None:
 
 def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
     """What ZeRO-Offload needs that the pipeline would otherwise fail on deep in DeepSpeed."""
+    if offload_device(ds, "offload_optimizer") and train_cfg.zero_stage == 0:
+        raise ConfigError("train.deepspeed: zero_optimization.offload_optimizer needs train.zero_stage 1, 2 or 3 "
+                          "(it is 0: no ZeRO optimizer to offload)")
     if offload_device(ds, "offload_param") and train_cfg.zero_stage != 3:
         raise ConfigError(f"train.deepspeed: zero_optimization.offload_param needs train.zero_stage 3 "
                           f"(it is {train_cfg.zero_stage})")

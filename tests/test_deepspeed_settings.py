@@ -58,7 +58,17 @@ def test_the_keys_the_pipeline_owns_cannot_be_changed(ds, message):
         built(ds)
 
 
+def test_a_section_must_stay_a_section():
+    with pytest.raises(ConfigError, match=r"train.deepspeed: zero_optimization is True, and DeepSpeed expects a "
+                                          r"section \(a mapping\) there"):
+        built({"zero_optimization": True})
+    with pytest.raises(ConfigError, match=r"train.deepspeed: bf16 is True, and DeepSpeed expects a section"):
+        built({"bf16": True})
+
+
 def test_offload_needs_what_it_needs():
+    with pytest.raises(ConfigError, match=r"offload_optimizer needs train.zero_stage 1, 2 or 3 \(it is 0"):
+        built({"zero_optimization": {"stage": "auto", "offload_optimizer": {"device": "cpu"}}}, zero_stage=0)
     with pytest.raises(ConfigError, match=r"offload_param needs train.zero_stage 3 \(it is 2\)"):
         built({"zero_optimization": {"stage": "auto", "offload_param": {"device": "cpu"}}}, zero_stage=2)
     with pytest.raises(ConfigError, match=r"offload_optimizer steps the optimizer on the CPU with DeepSpeedCPUAdam, and "
@@ -106,7 +116,7 @@ def test_zero3_cpu_offload_on_two_ranks_trains_as_without(assets, tmp_path, ray_
     """Optimizer state and parameters in host memory, the step on DeepSpeedCPUAdam (a C++
     op JIT-built by DeepSpeed's op builder): the same losses as torch's AdamW on the
     partitions, to 1e-5, and the same scored rows (offload is a train setting only)."""
-    steps = {"max_steps": 6, "eval_steps": 3, "save_steps": 3}
+    steps = {"max_steps": 6, "eval_steps": 3, "save_steps": 3, "weight_decay": 0.1}  # decay on one group only
     plain = tiny_config(assets, tmp_path / "run", train=steps)
     offload = tiny_config(assets, tmp_path / "run", train=dict(steps, deepspeed=OFFLOAD))
     runner.run_pipeline(plain, log=lambda _: None)

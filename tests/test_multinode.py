@@ -62,14 +62,22 @@ def ray_json(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *cmd], env=env, capture_output=True, text=True, timeout=120)
 
 
+# Ray Data starts a pool's work as soon as one actor is up; the tiny model's shards are all
+# scored before an actor on the second node (which first unpacks the job's working dir) is
+# ready. Waiting for the pool (a Ray Data setting, read by the job's driver) makes the
+# placement what this test checks; it applies when a stage starts, not after a node is lost.
+JOB_ENV = json.dumps({"env_vars": {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}})
+
+
 def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900) -> str:
-    for _attempt in range(30):
+    deadline = time.time() + 600  # the second node's job agent can take minutes on a loaded machine
+    while True:
         proc = subprocess.run(
             [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", sys.executable, "-m", "pipeline", "run", str(config), *args],
+             f"--runtime-env-json={JOB_ENV}", "--", sys.executable, "-m", "pipeline", "run", str(config), *args],
             env=env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in out:  # the node's job agent was not up yet
+        if "No available agent to submit job" not in out or time.time() > deadline:  # the agent was not up yet
             break
         time.sleep(3)
     assert proc.returncode == 0 and "succeeded" in out, out[-5000:]
@@ -123,10 +131,10 @@ def two_nodes(tmp_path):
 
 def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp_path, two_nodes):
     env, dash = two_nodes["env"], two_nodes["dash"]
-    # 2 CPUs a node: two train ranks of 2 CPUs cannot share a node; score actors of 1 CPU
-    # are spread by Ray Data; small shards so that score is still running when a node goes.
+    # 2 CPUs a node: two train ranks of 2 CPUs cannot share a node, nor three score actors
+    # of 1 CPU; small shards so that score is still running when a node goes.
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"rows_per_shard": 8, "num_cpus_per_actor": 1},
-                      score={"actors": 2, "num_cpus_per_actor": 1},
+                      score={"actors": 3, "num_cpus_per_actor": 1},
                       train={"max_steps": 4, "eval_steps": 100, "cpus_per_worker": 2})
     config = tmp_path / "job.yaml"
     config.write_text(dump_yaml(cfg))
@@ -147,27 +155,36 @@ def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp
     out = submit(dash, env, config)  # a rerun skips everything
     assert all(f"[{s}] done already" in out for s in ("tokenize", "score", "train")), out[-3000:]
 
-    # Score again, and lose the second node once the first shard is written: its raylet is
-    # SIGKILLed; the head finishes the stage (and trains, its 2 CPUs now hold both ranks).
+    # Score again, and lose the second node once the rerun's first shard is written: its
+    # raylet is SIGKILLed; the head finishes the stage (and trains, its 2 CPUs now hold both
+    # ranks). --force removes the first run's shards when the job starts: only a shard
+    # written after the submission counts.
     score_dir = done["score"]["dir"]
     shutil.copytree(score_dir, tmp_path / "score-before")
     killed = []
+    submitted = time.time()
 
     def kill_when_scoring():
         deadline = time.time() + 600
         while time.time() < deadline:
-            if any(score_dir.glob("*.parquet")):
+            try:
+                fresh = [p for p in score_dir.glob("*.parquet") if p.stat().st_mtime > submitted]
+            except FileNotFoundError:  # removed between the glob and the stat
+                fresh = []
+            if fresh:
                 pid = two_nodes["second"].raylet_pid()
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                killed.append((pid, len(list(score_dir.glob("*.parquet")))))
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_when_scoring, daemon=True)
     killer.start()
     out = submit(dash, env, config, "--from", "score", "--force", "train.cpus_per_worker=1")
     killer.join(timeout=10)
     assert killed, "the second node was not killed during score"
+    assert killed[0][1] < len(done["score"]["shards"]), killed  # shards were still to score when it went
+    assert "[score] running" in out and "[score] done in" in out
     after = manifests(tmp_path / "run")
     names = [s["name"] for s in after["score"]["shards"]]
     tokenized = [s["name"] for s in after["tokenize"]["shards"] if s["name"] != "quarantine.parquet"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -28,8 +29,9 @@ def complete_checkpoints(out: Loc) -> list[Loc]:
 
 def rank_files(files: list[str], rank: int) -> list[str]:
     """The files of a ZeRO checkpoint one rank loads: its own partition
-    (``*zero_pp_rank_<rank>_*``) and the unpartitioned ones."""
-    return [f for f in files if "zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f]
+    (``*zero_pp_rank_<rank>_*``) and the unpartitioned ones (not a universal copy)."""
+    return [f for f in files if not f.startswith(UNIVERSAL + "/")
+            and ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
 
 
 def save_checkpoint(engine, ctx, step: int, log) -> None:
@@ -46,6 +48,10 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
     root = ctx.out_dir / CHECKPOINT_DIR
     tag = f"step-{step:08d}"
     final = ctx.out / CHECKPOINT_DIR / tag
+    if ctx.rank == 0:  # a folder left by an attempt on another worker count: none of its files stay
+        final.rmtree()
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                            client_state={"step": step, "world_size": ctx.world, **rng_state()})
     if ctx.staged:
@@ -173,36 +179,52 @@ def elastic_mismatch(info: dict, world: int, train_cfg) -> str | None:
 def convert_to_universal(ctx, path: Loc) -> str:
     """``<tag>/universal``, DeepSpeed's universal checkpoint of ``path`` (every parameter and
     its Adam moments whole, in fp32), made once by rank 0 (``ds_to_universal``) and loaded
-    by each rank, whatever their number. Returns the local folder that holds ``universal``."""
+    by each rank, whatever their number. Its ``COMPLETE.json`` is written last. Returns the
+    local folder that holds ``universal``; on a URI run directory that is each rank's
+    scratch copy, which ``drop_scratch`` removes after the load."""
     import argparse
 
     import torch.distributed as dist
 
     from deepspeed.checkpoint import ds_to_universal
 
-    local = ctx.out_dir / CHECKPOINT_DIR / path.name  # == path itself on a local run directory
+    local = path.local if not path.remote else ctx.out_dir / CHECKPOINT_DIR / path.name
     done = path / UNIVERSAL / COMPLETE
     if ctx.rank == 0 and not done.is_file():
+        parts = [f.relative_to(path) for f in path.files() if not f.relative_to(path).startswith(UNIVERSAL + "/")]
+        world = json.loads((path / COMPLETE).read_text())["world_size"]
+        ranks = {p.split("zero_pp_rank_")[1].split("_")[0] for p in parts if "zero_pp_rank_" in p}
+        if ranks != {str(r) for r in range(world)}:
+            raise RuntimeError(f"checkpoint {path}: written by {world} workers, but it holds the parts of ranks "
+                               f"{sorted(ranks, key=int)}: it cannot be converted")
         if path.remote:  # every rank's part is needed to rebuild whole parameters
-            for f in path.files():
-                rel = f.relative_to(path)
-                if not rel.startswith(UNIVERSAL + "/"):
-                    f.download(local / rel)
+            for rel in parts:
+                (path / rel).download(local / rel)
         shutil.rmtree(local / UNIVERSAL, ignore_errors=True)
         args = argparse.Namespace(input_folder=str(local), output_folder=str(local / UNIVERSAL),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=False)
         with weights_only_loads():
             ds_to_universal.main(args)  # one process: no pool forked inside a Ray worker
-        (local / UNIVERSAL / COMPLETE).write_text(json.dumps({"from_world_size": json.loads(
-            (path / COMPLETE).read_text())["world_size"]}))
-        if path.remote:
+        marker = json.dumps({"from_world_size": world})
+        if path.remote:  # the marker goes up last: an upload cut short is not taken for a copy
             (path / UNIVERSAL).upload(local / UNIVERSAL)
+            for rel in parts:
+                (local / rel).unlink()
+            (local / UNIVERSAL / COMPLETE).write_text(marker)
+        (path / UNIVERSAL / COMPLETE).write_text(marker)
     if dist.is_initialized():
         dist.barrier()
-    if path.remote and ctx.rank != 0:
+    if path.remote and not (Path(local) / UNIVERSAL / COMPLETE).is_file():
         (path / UNIVERSAL).download(local / UNIVERSAL)
     return str(local)
+
+
+def drop_scratch(ctx, path: Loc, local: str) -> None:
+    """A URI run directory's universal copy in this rank's scratch: loaded, so removed
+    (about 12 bytes a parameter)."""
+    if path.remote:
+        shutil.rmtree(Path(local) / UNIVERSAL, ignore_errors=True)
 
 
 def repair_universal_load(engine, universal: str) -> None:
@@ -286,5 +308,6 @@ def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint of {path}")
     repair_universal_load(engine, load_root)
+    drop_scratch(ctx, path, load_root)
     return resumed(ctx, log, path, client, f" (written by {info['world_size']} workers, resumed on {ctx.world} "
                                             f"through its universal checkpoint)")

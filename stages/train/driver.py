@@ -79,7 +79,7 @@ def check_global_batch(out: Loc, info: dict) -> None:
             raise ConfigError(f"train: {other} holds checkpoints of this run at a global batch of {their_batch} rows "
                               f"a step, and this one's is {batch} (train.num_workers x train.gradient_accumulation_steps)"
                               f": to resume it on another worker count keep the global batch ({fits}); to train anew "
-                              f"at {batch}, pass --force or remove that output")
+                              f"at {batch}, rerun with --stages train --force, or remove that output")
     (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
