@@ -66,8 +66,8 @@ class Pinned:
     digest: Optional[str] = None  # uri: sha256 over its files' sha256
 
     def record(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "key"}
-        return json.loads(redact_text(json.dumps(out), env_values=[]))
+        """What a manifest records (write_manifest redacts credentials in it, as in all of it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "key"}
 
 
 # ----------------------------------------------------------------------------- naming

@@ -40,7 +40,7 @@ class Node:
 
     def raylet_pid(self) -> int:
         for child in psutil.Process(self.proc.pid).children(recursive=True):
-            if child.name() == "raylet" or "raylet" in " ".join(child.cmdline()[:1]):
+            if child.name() == "raylet":
                 return child.pid
         raise AssertionError("no raylet under this node's ray start")
 

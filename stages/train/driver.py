@@ -34,7 +34,7 @@ RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint",
                      "report_to", "run_name")
 # What a step trains is its global batch, workers x accumulation steps rows (the seeded plan
 # cuts one order into steps of that many rows): the fingerprint names the product, so a run
-# resumed on another worker count that keeps it is the same run (checkpoints.resume_universal).
+# resumed on another worker count that keeps it is the same run (universal.resume_universal).
 GLOBAL_BATCH = "global_batch_rows"
 SPLIT_SETTINGS = ("num_workers", "gradient_accumulation_steps")
 INPUTS_FILE = "_INPUTS.json"  # the stage's fingerprint inputs, written when it starts
