@@ -54,6 +54,17 @@ def run_cli(config: Path, *args: str, command: str = "run", env: dict | None = N
     return proc
 
 
+def agent_ports() -> list[str]:
+    """Ports of a node's own agents. Ray's defaults are fixed numbers (the job agent's is
+    52365): a second node on this machine, or the test session's own Ray cluster, already
+    holds them, and the job agent that cannot bind leaves `ray job submit` answering
+    "No available agent" for ever."""
+    from stages.train.engine import free_port
+
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+
+
 def train_dir(cfg) -> Path:
     """The train stage's output directory for ``cfg`` (its fingerprint's folder)."""
     from pipeline import runner

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import hub_cache, tiny_config
+from helpers import agent_ports, hub_cache, tiny_config
 from pipeline.config import dump_yaml
 from stages.train.engine import free_port
 
@@ -54,7 +54,7 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp}"],
+         "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp}", *agent_ports()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180

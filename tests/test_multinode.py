@@ -19,7 +19,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import tiny_config
+from helpers import agent_ports, tiny_config
 from pipeline.config import dump_yaml
 from stages.train.engine import free_port
 
@@ -100,7 +100,7 @@ def two_nodes(tmp_path):
     temp = Path("/tmp") / f"ray2n{gcs}"  # ray's socket paths must stay short
     head = Node(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"head_node": 1}',
-                 "--object-store-memory=400000000", f"--temp-dir={temp}"], env, tmp_path / "head.log")
+                 "--object-store-memory=400000000", f"--temp-dir={temp}", *agent_ports()], env, tmp_path / "head.log")
     nodes = [head]
     try:
         deadline = time.time() + 180
@@ -109,9 +109,7 @@ def two_nodes(tmp_path):
             time.sleep(2)
         # the second node: its own ports for the per-node agents (two nodes share one machine)
         second = Node(["--address=127.0.0.1:%d" % gcs, "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                       '--resources={"second_node": 1}', "--object-store-memory=400000000",
-                       f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                       f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"],
+                       '--resources={"second_node": 1}', "--object-store-memory=400000000", *agent_ports()],
                       env, tmp_path / "second.log")
         nodes.append(second)
         probe = ("import ray, json; ray.init(address='127.0.0.1:%d'); "
