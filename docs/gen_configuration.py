@@ -151,11 +151,22 @@ def _table(rows: list[tuple[str, str, str | None, str]]) -> list[str]:
 def _section(cls: type, prefix: str, sources: dict, title: str, level: int = 2) -> list[str]:
     """A group's table, then one section per nested dataclass field."""
     hints = typing.get_type_hints(cls)
-    fields = sources.get(cls.__name__, {})
+    fields = {}
+    for base in reversed(cls.__mro__):  # a group built on another (the sft group) has its fields too
+        fields.update(sources.get(base.__name__, {}))
+    # a group whose fields are another's (sft takes train's options): their descriptions, and
+    # whether a key not given takes that group's value
+    inherits_from, group, own = getattr(cls, "__doc_inherits__", (None, None, ()))
     rows, nested = [], []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        src = fields.get(f.name, FieldSource(str(f.type), ""))
+        src = fields.get(f.name)
+        if src is None and inherits_from:
+            theirs = sources[inherits_from][f.name]
+            note = f"As `{group}.{f.name}`" + (", this stage's own." if f.name in own else
+                                                  f"; not given: `{group}`'s value.")
+            src = FieldSource(theirs.annotation, f"{note} {theirs.description}".strip())
+        src = src or FieldSource(str(f.type), "")
         rows.append((key, src.annotation, _default(f), src.description))
         inner = _nested_dataclass(hints[f.name])
         if inner is not None:

@@ -266,6 +266,54 @@ class TrainConfig:
     deepspeed: Optional[Union[str, dict[str, Any]]] = None
 
 
+# train's options that are not about the preference loss: what the sft stage trains with.
+# Loss settings (TRL DPOConfig names) are not among them, nor merge_adapter (an sft
+# run with LoRA always exports the merged model: the reference must be a plain model).
+PREFERENCE_KEYS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type",
+                   "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "cpo_alpha", "rpo_alpha",
+                   "use_weighting", "ld_alpha", "aggregation", "reference_free", "sync_ref_model",
+                   "ref_model_mixup_alpha", "merge_adapter")
+# sft keys that do not default to train's value: SFT's own learning rate (TRL's SFTConfig
+# default), and what names one run's checkpoints.
+SFT_OWN_DEFAULTS = ("learning_rate", "resume_from_checkpoint", "run_name")
+
+
+@dataclass
+class SFTStageConfig:
+    # Train model.path by maximum likelihood on completions before scoring (the DPO paper's
+    # step when no SFT model exists): tokenize -> sft -> score -> train. Its exported model
+    # is the reference score uses and the policy train starts from (docs/sft.md).
+    enabled: bool = False
+    # chosen: the preference pairs' prompts and chosen completions (the tokenize output,
+    # repacked without the rejected side).
+    data: Literal["chosen"] = "chosen"
+    # TRL's SFTConfig default (not train's: a DPO learning rate is far too small for SFT).
+    learning_rate: float = 2e-5
+
+
+def _sft_fields() -> list:
+    """The sft group: its own keys, then every train option that is not about the preference
+    loss, under the same name and type (``docs/configuration.md`` lists them)."""
+    own = {f.name for f in dataclasses.fields(SFTStageConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory)
+             if f.default_factory is not dataclasses.MISSING else field(default=f.default))
+            for f in dataclasses.fields(TrainConfig) if f.name not in PREFERENCE_KEYS and f.name not in own]
+
+
+# The sft group: SFTStageConfig's keys and train's training options (a key not given in sft
+# takes train's value, except SFT_OWN_DEFAULTS: ``_inherit_train``).
+SFTConfig = dataclasses.make_dataclass("SFTConfig", _sft_fields(), bases=(SFTStageConfig,))
+SFTConfig.__module__ = __name__
+SFTConfig.__doc__ = ("The sft stage. Besides its own keys it takes every option of train that is not about the "
+                     "preference loss; each one not given here is train's value, except learning_rate, "
+                     "resume_from_checkpoint and run_name.")
+# For docs/gen_configuration.py: where the generated fields are described, and which keep their own default.
+SFTConfig.__doc_inherits__ = ("TrainConfig", "train", SFT_OWN_DEFAULTS)
+SFT_TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(SFTConfig)
+                          if f.name in {g.name for g in dataclasses.fields(TrainConfig)})
+
+
 @dataclass
 class ClusterConfig:
     # Ray address: null = RAY_ADDRESS if set, else start a private local cluster.
@@ -291,6 +339,8 @@ class PipelineConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # An SFT reference trained by the pipeline (off by default): see SFTConfig.
+    sft: SFTConfig = field(default_factory=SFTConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     # Derived values live here so each is computed in one place.
@@ -301,6 +351,11 @@ class PipelineConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.model.tokenizer_path or self.model.path
+
+    def sft_training(self) -> TrainConfig:
+        """The sft stage's training settings as a TrainConfig (what the shared loop reads);
+        the preference-loss fields stay at their defaults, which SFT never reads."""
+        return TrainConfig(**{k: getattr(self.sft, k) for k in SFT_TRAINING_KEYS})
 
 
 # ----------------------------------------------------------------------------- coercion
@@ -444,8 +499,27 @@ def _validate(cfg: PipelineConfig) -> None:
     need(0.0 <= tokenize_cfg.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
     need(cfg.score.actors >= 1, "score.actors: must be >= 1")
     need(cfg.model.logp_chunk_tokens >= 1, "model.logp_chunk_tokens: must be >= 1")
-    train_cfg = cfg.train
-    _validate_loss_context(train_cfg, build_loss(train_cfg).names)
+    _validate_loss_context(cfg.train, build_loss(cfg.train).names)
+    _validate_training(cfg.train, "train")
+    if cfg.sft.enabled:
+        need(cfg.model.reference_path is None,
+             f"model.reference_path and sft.enabled: the sft stage trains the reference from model.path, and "
+             f"model.reference_path ({cfg.model.reference_path}) names another one; give one of them")
+        _validate_training(cfg.sft_training(), "sft")
+        need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.sft.use_gpu),
+             "model.attn_implementation: flex_attention has no backward on CPU (sft.use_gpu is false); "
+             "use segment_sdpa")
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
+
+
+def _validate_training(train_cfg: TrainConfig, group: str) -> None:
+    """The options a training stage (train, sft) reads; messages name ``<group>.<key>``."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg.replace("train.", f"{group}."))
+
     need(train_cfg.learning_rate > 0, "train.learning_rate: must be > 0")
     need(0.0 <= train_cfg.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
     need(train_cfg.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
@@ -467,8 +541,6 @@ def _validate(cfg: PipelineConfig) -> None:
         need(train_cfg.peft.r >= 1, "train.peft.r: must be >= 1")
         need(0.0 <= train_cfg.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")
     need(not train_cfg.merge_adapter or train_cfg.peft is not None, "train.merge_adapter: only with train.peft")
-    if cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
 
 
 def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
@@ -548,17 +620,19 @@ def _read_files(cfg: PipelineConfig) -> None:
     the workers see."""
     import json
 
-    ds = cfg.train.deepspeed
-    if isinstance(ds, str):
-        path = Path(ds).expanduser()
-        try:
-            cfg.train.deepspeed = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"train.deepspeed: {ds}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"train.deepspeed: {ds}: not valid JSON ({e})") from None
-        if not isinstance(cfg.train.deepspeed, dict):
-            raise ConfigError(f"train.deepspeed: {ds}: the top level must be a mapping")
+    for group in (cfg.train, cfg.sft):
+        ds = group.deepspeed
+        if isinstance(ds, str):
+            key = f"{'train' if group is cfg.train else 'sft'}.deepspeed"
+            path = Path(ds).expanduser()
+            try:
+                group.deepspeed = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{key}: {ds}: no such file") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: {ds}: not valid JSON ({e})") from None
+            if not isinstance(group.deepspeed, dict):
+                raise ConfigError(f"{key}: {ds}: the top level must be a mapping")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -575,8 +649,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     return config_from_dict(raw)
 
 
+def _inherit_train(raw: dict) -> dict:
+    """The sft group's training options not given take train's values (as written), except
+    SFT_OWN_DEFAULTS; so one ``train.num_workers`` or ``train.deepspeed`` serves both stages.
+    A complete sft group (a config written back by ``to_dict``) inherits nothing."""
+    sft, train = raw.get("sft"), raw.get("train")
+    for key in PREFERENCE_KEYS if isinstance(sft, dict) else ():
+        if key in sft:
+            raise ConfigError(f"sft.{key}: a setting of the preference loss (train.{key}); sft trains by the "
+                              f"NLL of the completions" + (" and always exports the merged model"
+                                                           if key == "merge_adapter" else ""))
+    if not isinstance(sft, dict) or not isinstance(train, dict):
+        return raw
+    inherited = {k: v for k, v in train.items()
+                 if k in SFT_TRAINING_KEYS and k not in SFT_OWN_DEFAULTS and k not in sft}
+    return dict(raw, sft={**inherited, **sft})
+
+
 def config_from_dict(raw: dict) -> PipelineConfig:
-    cfg = _build(PipelineConfig, raw, "")
+    cfg = _build(PipelineConfig, _inherit_train(raw), "")
     _read_files(cfg)
     _validate(cfg)
     return cfg

@@ -34,8 +34,10 @@ def require_gpu(wants_gpu: bool, setting: str) -> None:
 
 def gpus_needed(cfg: PipelineConfig, stages: list[str]) -> dict[str, float]:
     """GPUs each selected stage needs on the cluster: at least one actor's worth for score,
-    one per rank for train."""
+    one per rank for sft and train."""
     need = {}
+    if "sft" in stages and cfg.sft.enabled and cfg.sft.use_gpu:
+        need["sft.use_gpu"] = float(cfg.sft.num_workers)
     if "score" in stages and cfg.score.num_gpus_per_actor > 0:
         need["score.num_gpus_per_actor"] = float(cfg.score.num_gpus_per_actor)
     if "train" in stages and cfg.train.use_gpu:

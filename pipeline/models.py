@@ -116,7 +116,7 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
 
     mcfg = cfg.model
     names = {"path": mcfg.path, "tokenizer_path": cfg.tokenizer_path}
-    if build_loss(cfg.train).needs_reference:
+    if build_loss(cfg.train).needs_reference and not cfg.sft.enabled:  # with sft the reference is its export
         names["reference_path"] = cfg.reference_path
     _check_names(cfg, names)
     kinds: dict[str, set] = {}
@@ -126,6 +126,14 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
                for name in kinds}
     done = {key: dataclasses.replace(by_name[name], key=f"model.{key}") for key, name in names.items()}
     model = dataclasses.replace(mcfg, revision=None, **{k: p.pinned for k, p in done.items()})
+    return dataclasses.replace(cfg, model=model), done
+
+
+def pin_trained(cfg: PipelineConfig, export: str) -> tuple[PipelineConfig, Pinned]:
+    """The config with ``model.path`` the model a stage of this run trained (the sft
+    export), pinned as a config's name would be; the tokenizer stays the one tokenize used."""
+    done = _pin_one("model.path", export, cfg.model, {"model"})
+    model = dataclasses.replace(cfg.model, path=done.pinned, tokenizer_path=cfg.tokenizer_path, revision=None)
     return dataclasses.replace(cfg, model=model), done
 
 

@@ -76,6 +76,27 @@ def reference_logps(score_dir: Loc, limit: int = 2_000_000) -> np.ndarray:
     return np.concatenate(values)[:limit] if values else np.zeros(0)
 
 
+def _metrics(result: dict) -> list[dict]:
+    path = Loc(result["dir"]) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _sft_section(out: Loc, sft: dict) -> list[str]:
+    """The SFT reference: its loss, and what it did to the eval split's chosen completions."""
+    records, s = _metrics(sft), sft["stats"]
+    _plot_lines(out / "sft_loss.png", "sft loss (NLL per completion token)",
+                {"train": _series(records, "loss"), "eval": _series(records, "eval_loss")}, "loss")
+    logp, pack = s["eval_chosen_logp_per_token"], s["packing"]["train"]
+    return ["", "## sft", "",
+            f"- {s['steps']} steps, loss {s['step0_loss']:.4f} -> {s['final_loss']:.4f}; train: "
+            f"{pack['sequences']} chosen sequences in {pack['rows']} rows, waste {pack['waste_fraction']:.2%}",
+            (f"- eval split, mean chosen log-prob per completion token: {logp['base']:.4f} under the base model, "
+             f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else
+            "- no eval split (data.eval_fraction: 0), so no eval metrics",
+            f"- SFT model (the reference and the policy's start): `{redact_text(s['export'])}`", "",
+            "![sft loss](sft_loss.png)"]
+
+
 def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
     """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's location."""
     out = Loc(run_dir) / "report"
@@ -99,6 +120,9 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
             lines += ["", "| source | rows | rows drawn | pairs | quarantined |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {redact_text(name)} | {c['rows']} | {c['sampled_rows']} | {c['pairs']} | {c['quarantined']} |"
                       for name, c in s["sources"].items()]
+    sft = results.get("sft")
+    if sft:
+        lines += _sft_section(out, sft)
     score = results.get("score")
     if score:
         values = reference_logps(Loc(score["dir"]))
@@ -109,8 +133,7 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
                       "", "![reference log-probs](reference_logps.png)"]
     train = results.get("train")
     if train:
-        metrics_path = Loc(train["dir"]) / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+        records = _metrics(train)
         _plot_lines(out / "loss.png", "loss", {"train": _series(records, "loss"),
                                                "eval": _series(records, "eval_loss")}, "loss")
         _plot_lines(out / "accuracy.png", "rewards/accuracies",

@@ -9,6 +9,7 @@ its committed shards and scores only the missing ones.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -24,9 +25,13 @@ from pipeline.redaction import redact_text
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.storage import Loc
 
-STAGES = ("tokenize", "score", "train")
+STAGES = ("tokenize", "sft", "score", "train")
 # The model keys (ModelConfig) each stage loads; its manifest records where they came from.
-STAGE_MODELS = {"tokenize": ("tokenizer_path",), "score": ("reference_path",), "train": ("path", "tokenizer_path")}
+STAGE_MODELS = {"tokenize": ("tokenizer_path",), "sft": ("path", "tokenizer_path"), "score": ("reference_path",),
+                "train": ("path", "tokenizer_path")}
+# Why a stage has no plan.
+NOT_NEEDED = {"sft": "sft.enabled is false (the reference is model.reference_path or model.path)",
+              "score": "the loss is reference-free"}
 
 
 @dataclass
@@ -38,7 +43,7 @@ class StagePlan:
 
 
 def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
-    from stages import score, tokenize, train
+    from stages import score, sft, tokenize, train
 
     run_dir = Loc(cfg.run_dir)
     cache = HashCache(run_dir / ".hash_cache.json")
@@ -50,10 +55,13 @@ def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
         return fp
 
     tok_fp = add("tokenize", tokenize.fingerprint_inputs(cfg, cache))
+    # with sft, its export is the reference and the policy's start: its fingerprint stands for them
+    sft_fp = add("sft", sft.fingerprint_inputs(cfg, cache, tok_fp)) if cfg.sft.enabled else None
     if build_loss(cfg.train).needs_reference:
-        add("train", train.fingerprint_inputs(cfg, cache, add("score", score.fingerprint_inputs(cfg, cache, tok_fp))))
+        score_fp = add("score", score.fingerprint_inputs(cfg, cache, tok_fp, sft=sft_fp))
+        add("train", train.fingerprint_inputs(cfg, cache, score_fp, sft=sft_fp))
     else:  # a reference-free loss trains on the tokenized rows: no score stage at all
-        add("train", train.fingerprint_inputs(cfg, cache, tok_fp))
+        add("train", train.fingerprint_inputs(cfg, cache, tok_fp, sft=sft_fp))
     return plans
 
 
@@ -74,15 +82,11 @@ def select_stages(stages: list[str] | None, from_stage: str | None) -> list[str]
 
 def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool, force: bool = False):
     """Run one stage's core; returns (shards, stats)."""
-    from stages import score, tokenize, train
+    from stages import score, sft, tokenize, train
 
     plan = plans[name]
     if name == "tokenize":
         return (tokenize.run_on_ray if use_ray else tokenize.run_in_process)(cfg, plan.dir)
-    if name == "score":
-        upstream = plans["tokenize"]
-        manifest = read_manifest(upstream.dir)
-        return (score.run_on_ray if use_ray else score.run_in_process)(cfg, upstream.dir, manifest, plan.dir)
     info = {
         "fingerprints": {s: p.fingerprint for s, p in plans.items()},
         "config": redact(to_dict(cfg)),  # model names pinned: Hub ids at their commits
@@ -90,6 +94,12 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         "inputs": plan.inputs,
         "force": force,
     }
+    if name == "sft":
+        return sft.run(cfg, plans["tokenize"].dir, plan.dir, info, use_ray)
+    if name == "score":
+        upstream = plans["tokenize"]
+        manifest = read_manifest(upstream.dir)
+        return (score.run_on_ray if use_ray else score.run_in_process)(cfg, upstream.dir, manifest, plan.dir)
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
@@ -133,17 +143,21 @@ def run_pipeline(
     selected = select_stages(stages, from_stage)
     written = redact(to_dict(cfg))  # the config as given (Hub ids, not the commits they resolved to)
     cfg, pinned = models.pin(cfg)  # once, on the driver: every worker loads the same files
-    if "train" in selected:  # not on the ranks after hours of scoring
+    # the training stages' settings, checked before any stage runs (not on the ranks after hours of scoring)
+    training = {name: train_cfg for name, train_cfg in (("sft", cfg.sft_training() if cfg.sft.enabled else None),
+                                                         ("train", cfg.train)) if train_cfg and name in selected}
+    for train_cfg in training.values():
         from stages import train
 
-        train.preflight(cfg)
+        train.preflight(train_cfg, cfg.model.dtype)
     plans = plan_stages(cfg)
-    if "train" in selected and cfg.train.report_to:  # not on rank 0 after hours of scoring
-        from pipeline.tracking import check_ready
+    for train_cfg in training.values():
+        if train_cfg.report_to:
+            from pipeline.tracking import check_ready
 
-        # the ranks see runtime_env's env_vars only under Ray
-        ranks_env = {**os.environ, **(cfg.cluster.runtime_env.get("env_vars", {}) if use_ray else {})}
-        check_ready(cfg.train.report_to, ranks_env, on_ray=use_ray)
+            # the ranks see runtime_env's env_vars only under Ray
+            ranks_env = {**os.environ, **(cfg.cluster.runtime_env.get("env_vars", {}) if use_ray else {})}
+            check_ready(train_cfg.report_to, ranks_env, on_ray=use_ray)
     run_dir = Loc(cfg.run_dir)
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
@@ -152,46 +166,51 @@ def run_pipeline(
     connected = False
     for name in STAGES:
         if name not in plans:
-            if name in selected:
-                log(f"[{name}] not needed: the loss is reference-free")
+            if name in selected and (name != "sft" or stages or from_stage):  # sft's absence is the default
+                log(f"[{name}] not needed: {NOT_NEEDED[name]}")
             continue
         plan = plans[name]
         state = stage_state(plan.dir)
         if name not in selected:
-            if state != "done" and any(STAGES.index(s) > STAGES.index(name) for s in selected):
+            if state != "done" and any(STAGES.index(s) > STAGES.index(name) for s in selected if s in plans):
                 raise RuntimeError(
                     f"stage {name} ({plan.fingerprint}) is {state}; "
                     f"run it first (--from {name})"
                 )
-            continue
-        if state == "done" and not force:
+        elif state == "done" and not force:
             manifest = read_manifest(plan.dir)
             log(f"[{name}] done already ({plan.dir}), skipped")
             results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
-            continue
-        if force or name == "tokenize":
-            plan.dir.rmtree()  # a stale or partial output is never appended to
-        # A partial score output keeps its committed shards; a partial train output keeps
-        # its complete checkpoints and resumes from the newest.
-        plan.dir.mkdir()
-        if use_ray and not connected:
-            from cluster.ray_cluster import connect
+        else:
+            if force or name == "tokenize":
+                plan.dir.rmtree()  # a stale or partial output is never appended to
+            # A partial score output keeps its committed shards; a partial train or sft output
+            # keeps its complete checkpoints and resumes from the newest.
+            plan.dir.mkdir()
+            if use_ray and not connected:
+                from cluster.ray_cluster import connect
 
-            connect(cfg.cluster, log)
-            connected = True
-            # before anything is placed: Ray waits forever for GPUs the cluster cannot have
-            check_ray_cluster_gpus(cfg, [s for s in selected if s in plans])
-        log(f"[{name}] running -> {plan.dir}")
-        start = time.time()
-        shards, stats = _run_stage(name, cfg, plans, use_ray, force)
-        seconds = time.time() - start
-        manifest = write_manifest(
-            plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
-            settings=written, shards=shards, stats=stats, seconds=seconds,
-            models={p.key: p.record() for k, p in pinned.items() if k in STAGE_MODELS[name]},
-        )
-        results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
-        log(f"[{name}] done in {seconds:.1f}s")
+                connect(cfg.cluster, log)
+                connected = True
+                # before anything is placed: Ray waits forever for GPUs the cluster cannot have
+                check_ray_cluster_gpus(cfg, [s for s in selected if s in plans])
+            log(f"[{name}] running -> {plan.dir}")
+            start = time.time()
+            shards, stats = _run_stage(name, cfg, plans, use_ray, force)
+            seconds = time.time() - start
+            manifest = write_manifest(
+                plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
+                settings=written, shards=shards, stats=stats, seconds=seconds,
+                models={p.key: p.record() for k, p in pinned.items() if k in STAGE_MODELS[name]},
+            )
+            results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
+            log(f"[{name}] done in {seconds:.1f}s")
+        if name == "sft" and stage_state(plan.dir) == "done":
+            # the SFT model is the reference score loads and the policy train starts from
+            from stages.sft import export_dir
+
+            cfg, trained = models.pin_trained(cfg, str(export_dir(cfg, plan.dir)))
+            pinned = dict(pinned, path=trained, reference_path=dataclasses.replace(trained, key="model.reference_path"))
     if results:
         from pipeline.report import write_report
 
@@ -238,6 +257,14 @@ def format_summary(results: dict[str, dict]) -> str:
         for name, r in results.items()
     ]
     text = format_table(rows, ["stage", "state", "rows", "tokens", "seconds", "output"])
+    sft = results.get("sft")
+    if sft:
+        s = sft["stats"]
+        logp = s["eval_chosen_logp_per_token"]
+        evaluated = (f"eval split's mean chosen log-prob per token {logp['base']:.4f} under the base model, "
+                     f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else NO_EVAL
+        text += (f"\nsft: {s['steps']} steps, loss {s['step0_loss']:.4f} -> {s['final_loss']:.4f}, {evaluated}"
+                 f"\nSFT model (the reference and the policy's start): {s['export']}")
     train = results.get("train")
     if train:
         s = train["stats"]

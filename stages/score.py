@@ -127,11 +127,13 @@ class ShardScorer:
         return {k: [r[k] for r in results] for k in ("name", "rows", "node_id", "hostname")}
 
 
-def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
+    """``sft``: the sft stage's fingerprint when its export is the reference."""
     return {
         "version": STAGE_VERSION,
         "upstream": upstream,
-        "reference_model": hash_checkpoint(local_dir(cfg.reference_path, cfg.model), "model", cache),
+        "reference_model": hash_checkpoint(local_dir(cfg.reference_path, cfg.model), "model", cache) if sft is None
+        else {"sft": sft},
         "dtype": cfg.model.dtype,
         "attn_implementation": cfg.model.attn_implementation,
     }

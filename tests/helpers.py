@@ -30,7 +30,7 @@ def tiny_config(assets, run_dir, data_file=None, **groups):
         "cluster": {"num_cpus": 2},
     }
     for group, values in groups.items():
-        raw[group].update(values)
+        raw.setdefault(group, {}).update(values)
     return config_from_dict(raw)
 
 

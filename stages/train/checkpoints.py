@@ -211,5 +211,5 @@ def resumed(ctx, log, path: Loc, client: dict, how: str = "") -> int:
     log.fetch()
     log.truncate_after(client["step"])
     if ctx.rank == 0:
-        say(f"[train] resumed from {path} at step {client['step']}{how}")
+        say(f"[{ctx.stage}] resumed from {path} at step {client['step']}{how}")
     return int(client["step"])

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from pipeline.config import PipelineConfig, build_loss, for_workers
+from pipeline.config import PipelineConfig, TrainConfig, build_loss, for_workers
 from pipeline.models import local_dir
 from pipeline.config import ConfigError
 from pipeline.rundir import MANIFEST, HashCache, ShardInfo, hash_checkpoint, read_manifest
@@ -40,19 +40,31 @@ SPLIT_SETTINGS = ("num_workers", "gradient_accumulation_steps")
 INPUTS_FILE = "_INPUTS.json"  # the stage's fingerprint inputs, written when it starts
 
 
-def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
+    """``sft``: the sft stage's fingerprint when its export is the policy to start from."""
     return {
         "version": STAGE_VERSION,
         "upstream": upstream,
-        "policy_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache),
-        # where the models come from is not what they are: their files are hashed instead
-        "model_settings": {k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
-        | {"path": None, "reference_path": None, "tokenizer_path": None},
-        "train_settings": {k: v for k, v in asdict(cfg.train).items()
-                           if k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
-                           and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
-        | {GLOBAL_BATCH: cfg.train.num_workers * cfg.train.gradient_accumulation_steps},
+        "policy_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache) if sft is None
+        else {"sft": sft},
+        "model_settings": model_settings(cfg),
+        "train_settings": training_settings(cfg.train),
     }
+
+
+def model_settings(cfg: PipelineConfig) -> dict:
+    # where the models come from is not what they are: their files are hashed instead
+    return ({k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
+            | {"path": None, "reference_path": None, "tokenizer_path": None})
+
+
+def training_settings(train_cfg: TrainConfig, keys: tuple[str, ...] | None = None) -> dict:
+    """A training stage's settings that change what it trains (``keys``: those it reads; all
+    of TrainConfig's by default), with the global batch for the two factors."""
+    return ({k: v for k, v in asdict(train_cfg).items()
+             if (keys is None or k in keys) and k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
+             and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+            | {GLOBAL_BATCH: train_cfg.num_workers * train_cfg.gradient_accumulation_steps})
 
 
 def _batch_apart(inputs: dict) -> tuple[dict, int]:
@@ -83,13 +95,13 @@ def check_global_batch(out: Loc, info: dict) -> None:
     (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """What would stop the train stage, checked on the driver before any stage runs: the
+def preflight(train_cfg: TrainConfig, dtype: str) -> None:
+    """What would stop a training stage, checked on the driver before any stage runs: the
     user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op."""
     from cluster.deepspeed_config import build_ds_config, check_nvme
 
-    if cfg.train.deepspeed:
-        check_nvme(build_ds_config(cfg.train, cfg.model.dtype, cfg.train.num_workers))
+    if train_cfg.deepspeed:
+        check_nvme(build_ds_config(train_cfg, dtype, train_cfg.num_workers))
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -162,32 +174,40 @@ def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
     check_global_batch(out, info)
-    train_worker({"spec": worker_spec(cfg, rows_dir, out, info)})
+    launch(worker_spec(cfg, rows_dir, out, info), cfg.train, out)
     return outputs(cfg, out)
 
 
 def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     """``train.num_workers`` ranks placed by Ray Train, restarted ``train.max_failures`` times."""
+    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
+    check_global_batch(out, info)
+    launch(worker_spec(cfg, rows_dir, out, info, ray_train=True), cfg.train, out)
+    return outputs(cfg, out)
+
+
+def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
+    """Run a training stage's ranks: ``train_cfg.num_workers`` of them placed by Ray Train
+    and restarted ``train_cfg.max_failures`` times when ``spec.ray_train``, else one rank
+    in this process. Every training stage (train, sft) starts its ranks here."""
+    if not spec.ray_train:
+        train_worker({"spec": spec})
+        return
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
-    check_global_batch(out, info)
-    out = Loc(out)
-    train_cfg = cfg.train
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": worker_spec(cfg, rows_dir, out, info, ray_train=True)},
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         # Ray Train's run directory is our checkpoints folder, so registering a checkpoint
         # (register_checkpoint) copies nothing.
-        run_config=RunConfig(storage_path=str(out), name=CHECKPOINT_DIR,
+        run_config=RunConfig(storage_path=str(Loc(out)), name=CHECKPOINT_DIR,
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
     trainer.fit()
-    return outputs(cfg, out)

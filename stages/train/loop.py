@@ -57,6 +57,8 @@ class WorkerSpec:
     info: dict = field(repr=False)  # fingerprints and config, written next to the exported model
     ray_train: bool = False  # under Ray Train: checkpoints are registered with it
     env: dict = field(default_factory=dict, repr=False)  # the driver's tracker settings (``tracking.forwarded_env``)
+    stage: str = "train"  # the stage that trains: its name prefixes the progress lines and the tracker run
+    train_cfg: TrainConfig | None = field(default=None, repr=False)  # its settings; None: the config's train group
 
 
 @dataclass
@@ -77,6 +79,7 @@ class RankContext:
     out: Loc  # the stage's output in the run directory (a local path or a URI)
     out_dir: Path  # where this rank writes: ``out`` itself, or local scratch uploaded to it
     ray_train: bool = False
+    stage: str = "train"
 
     @property
     def staged(self) -> bool:
@@ -87,8 +90,8 @@ def setup(spec: WorkerSpec) -> RankContext:
     cfg = config_from_dict(spec.cfg_dict)
     for key, value in spec.env.items():  # a rank on another node lacks the driver's environment
         os.environ.setdefault(key, value)
-    train_cfg = cfg.train
-    require_gpu(train_cfg.use_gpu, "train.use_gpu")
+    train_cfg = spec.train_cfg or cfg.train
+    require_gpu(train_cfg.use_gpu, f"{spec.stage}.use_gpu")
     use_cuda = train_cfg.use_gpu
     rank, world = init_distributed("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
@@ -104,7 +107,7 @@ def setup(spec: WorkerSpec) -> RankContext:
     return RankContext(cfg, train_cfg, spec.objective, rank, world, device, train_rows,
                        RowReader(split_files(spec.rows_dir, "eval"), spec.objective.columns),
                        spec.objective.units_per_row(train_rows), per_epoch, total_steps, out,
-                       out.local or scratch_dir(train_cfg, out, rank), spec.ray_train)
+                       out.local or scratch_dir(train_cfg, out, rank), spec.ray_train, spec.stage)
 
 
 def scratch_dir(train_cfg: TrainConfig, out: Loc, rank: int) -> Path:

@@ -15,6 +15,7 @@ from pipeline.rundir import atomic_write_text
 from .objective import RowLoss
 
 METRICS_FILE = "metrics.jsonl"
+RUN_PREFIX = {"train": "dpo"}  # a tracker run is named <prefix>-<fingerprint>, the stage's name otherwise
 
 
 class MetricSums:
@@ -70,13 +71,14 @@ class MetricsLog:
 
         self.ctx, self.start = ctx, time.time()
         self.window: list[dict] = []  # the steps since the last logged one
+        self.num_tokens = 0  # tokens trained on so far, all ranks (TRL's num_tokens), restored on resume
         self.path = ctx.out_dir / METRICS_FILE
         self.trackers = None
         if ctx.rank == 0:
             train_cfg = ctx.train_cfg
             config = {"model": asdict(ctx.cfg.model), "train": asdict(train_cfg)}
             self.trackers = Trackers(train_cfg.report_to, ctx.out_dir,
-                                     train_cfg.run_name or f"dpo-{ctx.out.name}", ctx.out.name, config)
+                                     train_cfg.run_name or f"{RUN_PREFIX.get(ctx.stage, ctx.stage)}-{ctx.out.name}", ctx.out.name, config)
 
     def flush(self) -> dict | None:
         """Write the window's record; returns it (None for an empty window)."""
@@ -116,18 +118,20 @@ class MetricsLog:
         if self.ctx.rank == 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            self.num_tokens = max([json.loads(line).get("num_tokens", 0) for line in kept], default=0)
 
     def step(self, m: dict) -> None:
         """Log every ``logging_steps`` steps (and the first and the last) the window's
         means, as TRL does, with its counts summed: no step goes uncounted."""
         every, total = self.ctx.train_cfg.logging_steps, self.ctx.total_steps
-        self.window.append(m)
+        self.num_tokens += m["tokens"]
+        self.window.append(dict(m, num_tokens=self.num_tokens))
         if m["step"] % every and m["step"] not in (1, total):
             return
         m = self.flush()
         if self.ctx.rank == 0:
             eta = (time.time() - self.start) / m["step"] * (total - m["step"])
-            say(f"[train] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
+            say(f"[{self.ctx.stage}] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
                 f"tok/s {m['tokens_per_second']:.0f} eta {eta:.0f}s")
 
 
@@ -139,7 +143,7 @@ def window_record(window: list[dict], counts: tuple[str, ...]) -> dict:
     for key, value in last.items():
         if key in counts:
             record[key] = sum(r[key] for r in window)
-        elif key in ("step", "epoch", "learning_rate") or not isinstance(value, (int, float)):
+        elif key in ("step", "epoch", "learning_rate", "num_tokens") or not isinstance(value, (int, float)):
             record[key] = value
         elif key == "tokens_per_second":
             seconds = sum(r["tokens"] / r[key] for r in window if r[key])
