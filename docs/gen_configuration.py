@@ -156,15 +156,14 @@ def _section(cls: type, prefix: str, sources: dict, title: str, level: int = 2) 
         fields.update(sources.get(base.__name__, {}))
     # a group whose fields are another's (sft takes train's options): their descriptions, and
     # whether a key not given takes that group's value
-    inherits_from, group, own = getattr(cls, "__doc_inherits__", (None, None, ()))
+    inherits_from, group, taken = getattr(cls, "__doc_inherits__", (None, None, ()))
     rows, nested = [], []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         src = fields.get(f.name)
         if src is None and inherits_from:
             theirs = sources[inherits_from][f.name]
-            note = f"As `{group}.{f.name}`" + (", this stage's own." if f.name in own else
-                                                  f"; not given: `{group}`'s value.")
+            note = f"As `{group}.{f.name}`" + (f"; not given: `{group}`'s value." if f.name in taken else ".")
             src = FieldSource(theirs.annotation, f"{note} {theirs.description}".strip())
         src = src or FieldSource(str(f.type), "")
         rows.append((key, src.annotation, _default(f), src.description))

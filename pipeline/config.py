@@ -273,9 +273,40 @@ PREFERENCE_KEYS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_di
                    "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "cpo_alpha", "rpo_alpha",
                    "use_weighting", "ld_alpha", "aggregation", "reference_free", "sync_ref_model",
                    "ref_model_mixup_alpha", "merge_adapter")
-# sft keys that do not default to train's value: SFT's own learning rate (TRL's SFTConfig
-# default), and what names one run's checkpoints.
-SFT_OWN_DEFAULTS = ("learning_rate", "resume_from_checkpoint", "run_name")
+# The sft keys that, not given, take train's value: where and how the ranks run, not what
+# they train (a DPO seed or step sweep must not retrain the reference). Every other sft
+# option has its own default, TrainConfig's, except learning_rate (TRL SFTConfig's).
+SFT_FROM_TRAIN = ("num_workers", "use_gpu", "cpus_per_worker", "zero_stage", "deepspeed", "gradient_checkpointing",
+                  "activation_offloading", "local_dir", "report_to", "max_failures")
+
+
+@dataclass
+class SFTDataConfig:
+    """The sft stage's own data: SFT rows (``messages``, or ``prompt`` and ``completion``),
+    read as ``data`` reads preference rows; tokenised, quarantined, split and packed by the
+    tokenize stage's code with the tokenize settings."""
+
+    # Files, globs or directories, as data.train_files.
+    train_files: list[str] = field(default_factory=list)
+    # Or a datasets.load_dataset call, as data.hf_dataset.
+    hf_dataset: Optional[dict[str, Any]] = None
+    # Or a mixture, as data.sources (max_pairs counts rows).
+    sources: Optional[list[dict[str, Any]]] = None
+    # The split of a save_to_disk DatasetDict.
+    split: str = "train"
+    # Rows with the same tokens: keep them or drop all but the first (quarantined).
+    duplicates: Literal["keep", "drop"] = "keep"
+    # Fraction of prompts held out for eval.
+    eval_fraction: float = 0.05
+    # Seeds the eval split and the order of the packed rows.
+    seed: int = 42
+    # Column of a conversation: its last turn (the assistant's) is the completion, the turns
+    # before it the prompt.
+    messages_key: str = "messages"
+    # Column of the prompt (a string, or a list of messages).
+    prompt_key: str = "prompt"
+    # Column of the completion (a string, or a list of messages ending with the assistant's).
+    completion_key: str = "completion"
 
 
 @dataclass
@@ -285,10 +316,14 @@ class SFTStageConfig:
     # is the reference score uses and the policy train starts from (docs/sft.md).
     enabled: bool = False
     # chosen: the preference pairs' prompts and chosen completions (the tokenize output,
-    # repacked without the rejected side).
-    data: Literal["chosen"] = "chosen"
+    # repacked without the rejected side); or a dataset of SFT rows of its own: a mapping
+    # with train_files, hf_dataset or sources, as the data group (SFTDataConfig).
+    data: Union[Literal["chosen"], SFTDataConfig] = "chosen"
     # TRL's SFTConfig default (not train's: a DPO learning rate is far too small for SFT).
     learning_rate: float = 2e-5
+    # Set by the pipeline: the keys this group took from train. A config written back
+    # (<run_dir>/config.yaml) keeps them following train, as the config it came from did.
+    from_train: list[str] = field(default_factory=list)
 
 
 def _sft_fields() -> list:
@@ -301,15 +336,15 @@ def _sft_fields() -> list:
             for f in dataclasses.fields(TrainConfig) if f.name not in PREFERENCE_KEYS and f.name not in own]
 
 
-# The sft group: SFTStageConfig's keys and train's training options (a key not given in sft
-# takes train's value, except SFT_OWN_DEFAULTS: ``_inherit_train``).
+# The sft group: SFTStageConfig's keys and train's training options (a key of SFT_FROM_TRAIN
+# not given in sft takes train's value: ``_inherit_train``).
 SFTConfig = dataclasses.make_dataclass("SFTConfig", _sft_fields(), bases=(SFTStageConfig,))
 SFTConfig.__module__ = __name__
 SFTConfig.__doc__ = ("The sft stage. Besides its own keys it takes every option of train that is not about the "
-                     "preference loss; each one not given here is train's value, except learning_rate, "
-                     "resume_from_checkpoint and run_name.")
+                     "preference loss, with train's defaults (learning_rate: TRL SFTConfig's). Where and how the "
+                     "ranks run (" + ", ".join(SFT_FROM_TRAIN) + ") is train's value when not given here.")
 # For docs/gen_configuration.py: where the generated fields are described, and which keep their own default.
-SFTConfig.__doc_inherits__ = ("TrainConfig", "train", SFT_OWN_DEFAULTS)
+SFTConfig.__doc_inherits__ = ("TrainConfig", "train", SFT_FROM_TRAIN)
 SFT_TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(SFTConfig)
                           if f.name in {g.name for g in dataclasses.fields(TrainConfig)})
 
@@ -377,7 +412,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
+                # a mapping meant the group (sft.data's SFTDataConfig): its error says what is wrong in it
+                errors.insert(0 if isinstance(value, dict) and dataclasses.is_dataclass(arg) else len(errors), str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         if value in args and type(value) is type(next(a for a in args if a == value)):
@@ -458,24 +494,7 @@ def _validate(cfg: PipelineConfig) -> None:
     need(not (cfg.tokenize.share_prompt and cfg.model.attn_implementation not in PROMPT_SHARING_ATTENTION),
          f"tokenize.share_prompt: true needs model.attn_implementation {', '.join(PROMPT_SHARING_ATTENTION)} "
          f"(it is {cfg.model.attn_implementation}, which isolates packed sequences only by position_ids)")
-    given = [k for k in ("train_files", "hf_dataset", "sources") if getattr(cfg.data, k)]
-    need(len(given) == 1, "data.train_files, data.hf_dataset or data.sources: exactly one is required"
-         + (f" (set: {', '.join('data.' + k for k in given)})" if given else ""))
-
-    def check_hf_dataset(spec: Any, key: str) -> None:
-        known = {"path", "name", "split", "data_files", "revision"}
-        need(isinstance(spec, dict), f"{key}: a mapping of {sorted(known)}")
-        bad = sorted(set(spec) - known)
-        need(not bad, f"{key}: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
-        need("path" in spec, f"{key}.path: required")
-
-    if cfg.data.hf_dataset is not None:
-        check_hf_dataset(cfg.data.hf_dataset, "data.hf_dataset")
-    if cfg.data.sources is not None:
-        from pipeline import mixing
-
-        mixing.check(cfg.data.sources, need, check_hf_dataset)
-    need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
+    _validate_data_source(cfg.data, "data")
     tokenize_cfg = cfg.tokenize
     need(tokenize_cfg.max_length >= 2, "tokenize.max_length: must be >= 2")
     need(
@@ -506,11 +525,41 @@ def _validate(cfg: PipelineConfig) -> None:
              f"model.reference_path and sft.enabled: the sft stage trains the reference from model.path, and "
              f"model.reference_path ({cfg.model.reference_path}) names another one; give one of them")
         _validate_training(cfg.sft_training(), "sft")
+        if isinstance(cfg.sft.data, SFTDataConfig):
+            _validate_data_source(cfg.sft.data, "sft.data")
         need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.sft.use_gpu),
              "model.attn_implementation: flex_attention has no backward on CPU (sft.use_gpu is false); "
              "use segment_sdpa")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
+
+
+def _validate_data_source(data, group: str) -> None:
+    """Where rows come from (``data``, or the sft stage's own ``sft.data``): exactly one of
+    train_files, hf_dataset and sources, each well formed; messages name ``<group>.<key>``."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg.replace("data.", f"{group}."))
+
+    given = [k for k in ("train_files", "hf_dataset", "sources") if getattr(data, k)]
+    need(len(given) == 1, "data.train_files, data.hf_dataset or data.sources: exactly one is required"
+         + (f" (set: {', '.join('data.' + k for k in given)})" if given else ""))
+
+    def check_hf_dataset(spec: Any, key: str) -> None:
+        known = {"path", "name", "split", "data_files", "revision"}
+        need(isinstance(spec, dict), f"{key}: a mapping of {sorted(known)}")
+        bad = sorted(set(spec) - known)
+        need(not bad, f"{key}: unknown key {bad[0] if bad else ''}; valid keys: {sorted(known)}")
+        need("path" in spec, f"{key}.path: required")
+
+    if data.hf_dataset is not None:
+        check_hf_dataset(data.hf_dataset, "data.hf_dataset")
+    if data.sources is not None:
+        from pipeline import mixing
+
+        mixing.check(data.sources, need, check_hf_dataset)
+    need(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
 
 
 def _validate_training(train_cfg: TrainConfig, group: str) -> None:
@@ -650,20 +699,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def _inherit_train(raw: dict) -> dict:
-    """The sft group's training options not given take train's values (as written), except
-    SFT_OWN_DEFAULTS; so one ``train.num_workers`` or ``train.deepspeed`` serves both stages.
-    A complete sft group (a config written back by ``to_dict``) inherits nothing."""
+    """The sft group's SFT_FROM_TRAIN keys not given take train's values (as written), so
+    one ``train.num_workers`` or ``train.deepspeed`` serves both stages; ``from_train``
+    records which, and a config written back takes those from train again."""
     sft, train = raw.get("sft"), raw.get("train")
     for key in PREFERENCE_KEYS if isinstance(sft, dict) else ():
         if key in sft:
             raise ConfigError(f"sft.{key}: a setting of the preference loss (train.{key}); sft trains by the "
                               f"NLL of the completions" + (" and always exports the merged model"
                                                            if key == "merge_adapter" else ""))
-    if not isinstance(sft, dict) or not isinstance(train, dict):
+    if not isinstance(sft, dict):
         return raw
-    inherited = {k: v for k, v in train.items()
-                 if k in SFT_TRAINING_KEYS and k not in SFT_OWN_DEFAULTS and k not in sft}
-    return dict(raw, sft={**inherited, **sft})
+    train = train if isinstance(train, dict) else {}
+    again = sft.get("from_train") or []
+    given = {k: v for k, v in sft.items() if k not in again}
+    taken = [k for k in SFT_FROM_TRAIN if k not in given]
+    return dict(raw, sft={**given, **{k: train[k] for k in taken if k in train}, "from_train": taken})
 
 
 def config_from_dict(raw: dict) -> PipelineConfig:

@@ -64,14 +64,30 @@ class Segment:
 @dataclass
 class TokenizedPair:
     chosen: Segment
-    rejected: Segment
+    rejected: Segment | None  # None: a one-sided pair (an SFT sequence: pipeline/sft_formats.py)
     truncated: bool
     prefix_mismatch: bool
     prompt_truncated: bool = False  # the prompt was cut (max_prompt_length, or prompt_too_long: truncate)
 
     @property
+    def segments(self) -> list[Segment]:
+        return [self.chosen] if self.rejected is None else [self.chosen, self.rejected]
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+        return sum(len(s.input_ids) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """How the tokenize stage reads preference rows: ``data``'s column names."""
+
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+
+    def normalize(self, row: dict) -> list[Pair]:
+        return normalize(row, self.prompt_key, self.chosen_key, self.rejected_key)
 
 
 # ----------------------------------------------------------------------------- normalising
@@ -247,7 +263,8 @@ def tokenize_pair(
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token: set one (completions must end with it)")
     prompt_ids = _render_ids(tokenizer, pair, None)
-    full = [_render_ids(tokenizer, pair, side) for side in (pair.chosen, pair.rejected)]
+    sides = (pair.chosen,) if pair.rejected is None else (pair.chosen, pair.rejected)  # None: one-sided
+    full = [_render_ids(tokenizer, pair, side) for side in sides]
     prompt_len = min(_common_prefix(prompt_ids, ids) for ids in full)
     mismatch = prompt_len < len(prompt_ids)
     if mismatch and strict:
@@ -263,10 +280,10 @@ def tokenize_pair(
                                      min_completion_tokens, prompt_too_long)
     room = max_length - len(prompt)
     truncated |= prompt_cut or any(len(c) > room for c in completions)
-    chosen, rejected = (Segment(prompt + c[:room], len(prompt)) for c in completions)
-    if chosen.input_ids == rejected.input_ids:
+    chosen, *rejected = (Segment(prompt + c[:room], len(prompt)) for c in completions)
+    if rejected and chosen.input_ids == rejected[0].input_ids:
         raise BadRow("identical_after_tokenization")
-    return TokenizedPair(chosen, rejected, truncated, mismatch, prompt_cut)
+    return TokenizedPair(chosen, rejected[0] if rejected else None, truncated, mismatch, prompt_cut)
 
 
 def _ids_bytes(ids: list[int]) -> bytes:
@@ -276,7 +293,7 @@ def _ids_bytes(ids: list[int]) -> bytes:
 def content_key(tp: TokenizedPair) -> str:
     """Hash of the pair's tokens only: equal for duplicate pairs."""
     h = hashlib.sha256()
-    for seg in (tp.chosen, tp.rejected):
+    for seg in tp.segments:
         h.update(len(seg.input_ids).to_bytes(4, "little"))
         h.update(seg.prompt_len.to_bytes(4, "little"))
         h.update(_ids_bytes(seg.input_ids))

@@ -129,10 +129,12 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
     return dataclasses.replace(cfg, model=model), done
 
 
-def pin_trained(cfg: PipelineConfig, export: str) -> tuple[PipelineConfig, Pinned]:
+def pin_trained(cfg: PipelineConfig, export: str, digest: str) -> tuple[PipelineConfig, Pinned]:
     """The config with ``model.path`` the model a stage of this run trained (the sft
-    export), pinned as a config's name would be; the tokenizer stays the one tokenize used."""
-    done = _pin_one("model.path", export, cfg.model, {"model"})
+    export), pinned as a config's name would be; the tokenizer stays the one tokenize used.
+    ``digest``: of its files as the stage's manifest committed them, recorded by the
+    stages that load it (``runner.check_scored_from`` compares them)."""
+    done = dataclasses.replace(_pin_one("model.path", export, cfg.model, {"model"}), digest=digest)
     model = dataclasses.replace(cfg.model, path=done.pinned, tokenizer_path=cfg.tokenizer_path, revision=None)
     return dataclasses.replace(cfg, model=model), done
 

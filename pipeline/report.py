@@ -93,6 +93,9 @@ def _sft_section(out: Loc, sft: dict) -> list[str]:
             (f"- eval split, mean chosen log-prob per completion token: {logp['base']:.4f} under the base model, "
              f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else
             "- no eval split (data.eval_fraction: 0), so no eval metrics",
+            *([f"- its own data: {s['packing']['input_rows']} rows, {s['packing']['quarantined']} quarantined "
+               f"({json.dumps(s['packing']['quarantine_reasons'])}), format {s['packing']['format']}"]
+              if "quarantined" in s["packing"] else []),
             f"- SFT model (the reference and the policy's start): `{redact_text(s['export'])}`", "",
             "![sft loss](sft_loss.png)"]
 

@@ -80,8 +80,10 @@ def select_stages(stages: list[str] | None, from_stage: str | None) -> list[str]
     return list(STAGES)
 
 
-def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool, force: bool = False):
-    """Run one stage's core; returns (shards, stats)."""
+def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_ray: bool, force: bool = False,
+               models_used: dict | None = None):
+    """Run one stage's core; returns (shards, stats). ``models_used``: where the models came
+    from, recorded next to an exported model."""
     from stages import score, sft, tokenize, train
 
     plan = plans[name]
@@ -93,6 +95,7 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         "tokenized_dir": str(plans["tokenize"].dir),
         "inputs": plan.inputs,
         "force": force,
+        "models": models_used or {},
     }
     if name == "sft":
         return sft.run(cfg, plans["tokenize"].dir, plan.dir, info, use_ray)
@@ -102,6 +105,19 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
         return (score.run_on_ray if use_ray else score.run_in_process)(cfg, upstream.dir, manifest, plan.dir)
     rows_dir = plans["score"].dir if "score" in plans else plans["tokenize"].dir
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
+
+
+def check_scored_from(score_dir: Loc, policy_start) -> None:
+    """With sft, before train: the reference columns were scored from the SFT model train
+    starts from. An sft output rerun with --force (or on other hardware) keeps its
+    fingerprint with other weights; columns scored from the earlier ones would make step 0
+    something other than policy == reference."""
+    record = (read_manifest(score_dir) or {}).get("models", {}).get("model.reference_path", {})
+    if record.get("digest") != policy_start.digest:
+        raise RuntimeError(f"train: the reference columns in {redact_text(str(score_dir))} were scored from an SFT "
+                           f"model with digest {record.get('digest')}, and train would start from "
+                           f"{redact_text(policy_start.pinned)} (digest {policy_start.digest}): the sft stage ran "
+                           f"again since. Rescore first (--from score)")
 
 
 NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"
@@ -149,7 +165,7 @@ def run_pipeline(
     for train_cfg in training.values():
         from stages import train
 
-        train.preflight(train_cfg, cfg.model.dtype)
+        train.preflight(train_cfg, cfg.model.dtype, "sft" if train_cfg is not cfg.train else "train")
     plans = plan_stages(cfg)
     for train_cfg in training.values():
         if train_cfg.report_to:
@@ -164,6 +180,7 @@ def run_pipeline(
 
     results: dict[str, dict] = {}
     connected = False
+    base = None  # with sft: the model it started from
     for name in STAGES:
         if name not in plans:
             if name in selected and (name != "sft" or stages or from_stage):  # sft's absence is the default
@@ -182,6 +199,8 @@ def run_pipeline(
             log(f"[{name}] done already ({plan.dir}), skipped")
             results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
         else:
+            if name == "train" and "sft" in plans and "score" in plans:  # before anything is cleared
+                check_scored_from(plans["score"].dir, pinned["path"])
             if force or name == "tokenize":
                 plan.dir.rmtree()  # a stale or partial output is never appended to
             # A partial score output keeps its committed shards; a partial train or sft output
@@ -196,7 +215,9 @@ def run_pipeline(
                 check_ray_cluster_gpus(cfg, [s for s in selected if s in plans])
             log(f"[{name}] running -> {plan.dir}")
             start = time.time()
-            shards, stats = _run_stage(name, cfg, plans, use_ray, force)
+            used = {p.key: p.record() for k, p in pinned.items() if k in STAGE_MODELS[name]}
+            shards, stats = _run_stage(name, cfg, plans, use_ray, force,
+                                       dict(used, **({"sft.base_model": base.record()} if name == "train" and base else {})))
             seconds = time.time() - start
             manifest = write_manifest(
                 plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
@@ -205,11 +226,12 @@ def run_pipeline(
             )
             results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
             log(f"[{name}] done in {seconds:.1f}s")
-        if name == "sft" and stage_state(plan.dir) == "done":
+        if name == "sft" and stage_state(plan.dir) == "done" and {"score", "train"} & set(selected):
             # the SFT model is the reference score loads and the policy train starts from
-            from stages.sft import export_dir
+            from stages.sft import export_digest, export_dir
 
-            cfg, trained = models.pin_trained(cfg, str(export_dir(cfg, plan.dir)))
+            base = pinned["path"]
+            cfg, trained = models.pin_trained(cfg, str(export_dir(cfg, plan.dir)), export_digest(cfg, plan.dir))
             pinned = dict(pinned, path=trained, reference_path=dataclasses.replace(trained, key="model.reference_path"))
     if results:
         from pipeline.report import write_report

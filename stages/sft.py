@@ -13,7 +13,9 @@ from (``pipeline.runner`` hands it on).
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,15 +23,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import packing
-from pipeline.config import SFT_TRAINING_KEYS, PipelineConfig, for_workers
+from pipeline.config import SFT_TRAINING_KEYS, DataConfig, PipelineConfig, SFTDataConfig, for_workers
 from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
 from pipeline.storage import Loc
-from stages.tokenize import ROW_GROUP_ROWS, ROW_SCHEMA
+from pipeline.sft_formats import SequenceRows
+from stages import tokenize
+from stages.tokenize import ROW_GROUP_ROWS, assemble_sequences, sequence_table
+from stages.train.driver import STAGE_VERSION as LOOP_VERSION
 from stages.train.driver import check_global_batch, launch, model_settings, summarize, training_settings
 from stages.train.export import EXPORT_DIR, merge_adapter
 from stages.train.loop import WorkerSpec
-from stages.train.metrics import METRICS_FILE
+from stages.train.metrics import METRICS_FILE, read_metrics
 from stages.train.rows import split_files
 from stages.train.sft import SFTObjective
 
@@ -38,15 +43,19 @@ SPLITS = ("train", "eval")
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> dict:
-    """The tokenize output it repacks, the base model's files, the numerics and the sft
-    settings that change what it trains; score and train fingerprint this one's in turn."""
+    """The tokenize output it repacks (or, with data of its own, what tokenizing that data
+    depends on), the base model's files, the numerics and the sft settings that change what
+    it trains; score and train fingerprint this one's in turn."""
+    own = own_data(cfg)
     return {
         "version": STAGE_VERSION,
-        "upstream": upstream,
-        "data": cfg.sft.data,
+        "upstream": upstream if own is None else None,
+        "data": cfg.sft.data if own is None else {"tokenize": tokenize.fingerprint_inputs(own[0], cache),
+                                                  "rows": asdict(own[1])},
         "base_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache),
         "model_settings": model_settings(cfg),
         "train_settings": training_settings(cfg.sft_training(), SFT_TRAINING_KEYS),
+        "loop_version": LOOP_VERSION,  # the training loop it shares with train
     }
 
 
@@ -55,6 +64,29 @@ def export_dir(cfg: PipelineConfig, out: Loc) -> Loc:
     with the adapter merged (a reference must be a plain model)."""
     export = Loc(out) / EXPORT_DIR
     return export / "merged" if cfg.sft.peft is not None else export
+
+
+def own_data(cfg: PipelineConfig) -> tuple[PipelineConfig, SequenceRows] | None:
+    """With ``sft.data`` a dataset of its own: the config the tokenize stage's code reads it
+    with (``data`` replaced by it) and how its rows become sequences; None for ``chosen``."""
+    d = cfg.sft.data
+    if not isinstance(d, SFTDataConfig):
+        return None
+    data = DataConfig(train_files=d.train_files, hf_dataset=d.hf_dataset, sources=d.sources, split=d.split,
+                      duplicates=d.duplicates, eval_fraction=d.eval_fraction, seed=d.seed)
+    return replace(cfg, data=data), SequenceRows(d.messages_key, d.prompt_key, d.completion_key)
+
+
+def export_digest(cfg: PipelineConfig, out: Loc) -> str:
+    """sha256 over the exported model's files as the stage's manifest committed them (their
+    names and sha256): which SFT model score and train loaded."""
+    import hashlib
+
+    prefix = str(export_dir(cfg, out).relative_to(Loc(out))) + "/"
+    merged = f"{EXPORT_DIR}/merged/"
+    files = sorted((s["name"], s["sha256"]) for s in read_manifest(out)["shards"]
+                   if s["name"].startswith(prefix) and (prefix == merged or not s["name"].startswith(merged)))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- rows
@@ -79,40 +111,11 @@ def chosen_segments(files: list[Loc]) -> pa.Table:
             + np.repeat(starts, lengths)
         values = pc.list_flatten(t["input_ids"]).combine_chunks().take(pa.array(take))
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
-        parts.append(pa.table({
-            "pair_id": pc.list_flatten(t["pair_ids"]).combine_chunks(),
-            "ids": pa.ListArray.from_arrays(offsets, values),
-            "prompt_len": pa.array(prompt[chosen], pa.int32()),
-            "length": pa.array(lengths, pa.int32()),
-        }))
-    return pa.concat_tables(parts) if parts else pa.table({
-        "pair_id": pa.array([], pa.string()), "ids": pa.array([], pa.list_(pa.int32())),
-        "prompt_len": pa.array([], pa.int32()), "length": pa.array([], pa.int32())})
-
-
-def assemble_sequences(segments: pa.Table, bins: list[list[int]], first_row_id: int) -> pa.Table:
-    """Packed rows (the tokenize schema) of one segment per sequence: ``bins`` index
-    ``segments``; positions restart at 0 for each."""
-    if not bins:
-        return ROW_SCHEMA.empty_table()
-    members = pa.array(np.concatenate([np.asarray(b, dtype=np.int64) for b in bins]))
-    per_row = np.array([len(b) for b in bins], dtype=np.int64)
-    chosen = segments.take(members)
-    lengths = chosen.column("length").to_numpy().astype(np.int64)
-    positions = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    seg_offsets = np.concatenate([[0], np.cumsum(per_row)])
-    row_tokens = np.add.reduceat(lengths, seg_offsets[:-1])
-    tok_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]), pa.int32())
-    seg_offsets = pa.array(seg_offsets, pa.int32())
-    return pa.table({
-        "row_id": pa.array(np.arange(first_row_id, first_row_id + len(bins)), pa.int64()),
-        "input_ids": pa.ListArray.from_arrays(tok_offsets, pc.list_flatten(chosen.column("ids")).combine_chunks()),
-        "position_ids": pa.ListArray.from_arrays(tok_offsets, pa.array(positions, pa.int32())),
-        "seq_lens": pa.ListArray.from_arrays(seg_offsets, pa.array(lengths, pa.int32())),
-        "prompt_lens": pa.ListArray.from_arrays(seg_offsets, chosen.column("prompt_len").combine_chunks()),
-        "pair_ids": pa.ListArray.from_arrays(seg_offsets, chosen.column("pair_id").combine_chunks()),
-        "num_tokens": pa.array(row_tokens, pa.int32()),
-    }, schema=ROW_SCHEMA)
+        # large_list: a split's sequences together may hold more than 2^31 tokens
+        ids = pa.ListArray.from_arrays(offsets, values).cast(pa.large_list(pa.int32()))
+        parts.append(sequence_table(pc.list_flatten(t["pair_ids"]), ids, pa.array(prompt[chosen], pa.int32())))
+    return pa.concat_tables(parts) if parts else sequence_table(
+        pa.array([], pa.string()), pa.array([], pa.large_list(pa.int32())), pa.array([], pa.int32()))
 
 
 def write_chosen_rows(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc) -> tuple[list[ShardInfo], dict]:
@@ -140,6 +143,15 @@ def write_chosen_rows(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc) -> tupl
     return shards, stats
 
 
+def tokenize_own(data_cfg: PipelineConfig, rows: SequenceRows, out: Loc, use_ray: bool) -> tuple[list, dict]:
+    """The sft stage's own data, read, tokenised (as the pairs' chosen sides are),
+    quarantined, split and packed by the tokenize stage's code into ``out``."""
+    shards, stats = (tokenize.run_on_ray if use_ray else tokenize.run_in_process)(data_cfg, out, rows)
+    for split in SPLITS:  # the counts of write_chosen_rows's stats
+        stats[split] = {"sequences": stats[split].pop("pairs"), **stats[split]}
+    return shards, stats
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -151,7 +163,11 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
     from pipeline.tracking import forwarded_env
 
     out = Loc(out)
-    row_shards, row_stats = write_chosen_rows(cfg, tokenized_dir, out)
+    own = own_data(cfg)
+    if own is None:
+        row_shards, row_stats = write_chosen_rows(cfg, tokenized_dir, out)
+    else:  # the tokenize stage's code on the sft rows: quarantine.parquet and one-segment rows, here
+        row_shards, row_stats = tokenize_own(*own, out, use_ray)
     train_cfg = cfg.sft_training()
     check_global_batch(out, info)
     export_info = {k: v for k, v in info.items() if k not in ("inputs", "force")}
@@ -163,7 +179,8 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
         merge_adapter(cfg, out)
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
     summary = summarize(out)
-    evals = summary["eval_step0_loss"], summary["final_eval"].get("eval_loss")
+    first = next((r for r in read_metrics(out) if r.get("step") == 0 and "eval_loss" in r), None)
+    evals = first and first["eval_loss"], summary["final_eval"].get("eval_loss")  # step 0: the base model
     stats = dict(summary, export=str(export_dir(cfg, out)), packing=row_stats,
                  # the eval loss is the mean NLL per completion token: its negative is the mean log-prob
                  eval_chosen_logp_per_token={"base": None if evals[0] is None else -evals[0],

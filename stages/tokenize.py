@@ -34,6 +34,7 @@ from pipeline import formats, mixing, packing, placement, sources
 from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
+from pipeline.sft_formats import SequenceRows
 from pipeline.storage import Loc
 
 STAGE_VERSION = 5  # 3: rows may share prompts; 4: data.seed seeds the split and shuffle; 5: split keyed on the row's prompt
@@ -130,12 +131,16 @@ class TokenizeChunk:
     ``units_dir`` (a path or URI every worker can write) receives each unit's token lists;
     without it only ``tokenize_chunk`` (records in memory) is available."""
 
-    def __init__(self, cfg_dict: dict, units_dir: str | None = None):
+    def __init__(self, cfg_dict: dict, units_dir: str | None = None, rows=None):
+        """``rows``: how a row becomes pairs (``formats.PairRows``, from ``data``, by default;
+        ``sft_formats.SequenceRows`` for the sft stage's own data: one-sided pairs)."""
         from pipeline.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
         self.tokenizer = load_tokenizer(self.cfg)
         self.units_dir = Loc(units_dir) if units_dir is not None else None
+        d = self.cfg.data
+        self.rows = rows or formats.PairRows(d.prompt_key, d.chosen_key, d.rejected_key)
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
@@ -167,7 +172,7 @@ class TokenizeChunk:
         return meta
 
     def tokenize_chunk(self, chunk: dict) -> list[dict]:
-        d, tokenize_cfg = self.cfg.data, self.cfg.tokenize
+        tokenize_cfg = self.cfg.tokenize
         records = []
         keep = set(chunk["keep"]) if chunk.get("keep") is not None else None  # a mixture's draw
         for index, row, text in sources.read_chunk(chunk):
@@ -178,7 +183,7 @@ class TokenizeChunk:
             try:
                 if row is None:
                     raise formats.BadRow("invalid_json", "not a JSON object")
-                pairs = formats.normalize(row, d.prompt_key, d.chosen_key, d.rejected_key)
+                pairs = self.rows.normalize(row)
             except formats.BadRow as bad:
                 records.append(dict(base, reason=bad.reason, detail=bad.detail, raw=raw))
                 continue
@@ -201,8 +206,8 @@ class TokenizeChunk:
                     prompt_key=formats.prompt_key(pair),
                     chosen_ids=tp.chosen.input_ids,
                     chosen_prompt_len=tp.chosen.prompt_len,
-                    rejected_ids=tp.rejected.input_ids,
-                    rejected_prompt_len=tp.rejected.prompt_len,
+                    rejected_ids=tp.rejected.input_ids if tp.rejected else [],  # none: an SFT sequence
+                    rejected_prompt_len=tp.rejected.prompt_len if tp.rejected else 0,
                     truncated=tp.truncated,
                     prefix_mismatch=tp.prefix_mismatch,
                     prompt_truncated=tp.prompt_truncated,
@@ -324,11 +329,49 @@ def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bin
     }, schema=ROW_SCHEMA)
 
 
+def _array(values) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def sequence_table(pair_ids, ids, prompt_lens) -> pa.Table:
+    """Sequences to pack one segment each: ``pair_id``, ``ids`` (prompt + completion),
+    ``prompt_len``, ``length`` (Arrow arrays or chunked arrays, one entry per sequence)."""
+    ids = _array(ids)
+    return pa.table({"pair_id": _array(pair_ids), "ids": ids, "prompt_len": _array(prompt_lens).cast(pa.int32()),
+                     "length": pc.list_value_length(ids).cast(pa.int32())})
+
+
+def assemble_sequences(segments: pa.Table, bins: list[list[int]], first_row_id: int) -> pa.Table:
+    """Packed rows (ROW_SCHEMA) of one segment per sequence (``sequence_table``): ``bins``
+    index ``segments``; positions restart at 0 for each. The sft stage's rows."""
+    if not bins:
+        return ROW_SCHEMA.empty_table()
+    members = pa.array(np.concatenate([np.asarray(b, dtype=np.int64) for b in bins]))
+    per_row = np.array([len(b) for b in bins], dtype=np.int64)
+    chosen = segments.take(members)
+    lengths = chosen.column("length").to_numpy().astype(np.int64)
+    positions = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    seg_offsets = np.concatenate([[0], np.cumsum(per_row)])
+    row_tokens = np.add.reduceat(lengths, seg_offsets[:-1])
+    tok_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]), pa.int32())
+    seg_offsets = pa.array(seg_offsets, pa.int32())
+    return pa.table({
+        "row_id": pa.array(np.arange(first_row_id, first_row_id + len(bins)), pa.int64()),
+        "input_ids": pa.ListArray.from_arrays(tok_offsets, pc.list_flatten(chosen.column("ids")).combine_chunks()),
+        "position_ids": pa.ListArray.from_arrays(tok_offsets, pa.array(positions, pa.int32())),
+        "seq_lens": pa.ListArray.from_arrays(seg_offsets, pa.array(lengths, pa.int32())),
+        "prompt_lens": pa.ListArray.from_arrays(seg_offsets, chosen.column("prompt_len").combine_chunks()),
+        "pair_ids": pa.ListArray.from_arrays(seg_offsets, chosen.column("pair_id").combine_chunks()),
+        "num_tokens": pa.array(row_tokens, pa.int32()),
+    }, schema=ROW_SCHEMA)
+
+
 def write_shard_group(pairs: pa.Table, shards: list[dict], units_dir: str, out_dir: str,
-                      share_prompt: bool = False) -> list[ShardInfo]:
+                      share_prompt: bool = False, sequences: bool = False) -> list[ShardInfo]:
     """Write ``shards`` ({name, first_row_id, bins}; bins index ``pairs``, the group's pairs
     in WRITER_COLUMNS): the pairs' token lists are read from their unit files, each file
-    once, and only the group's are kept; then each shard is assembled and written."""
+    once, and only the group's are kept; then each shard is assembled and written.
+    ``sequences``: one-sided pairs (SFT rows), one segment each."""
     units_dir, out_dir = Loc(units_dir), Loc(out_dir)
     unit = pairs.column("unit").to_numpy()
     unit_row = pairs.column("unit_row").to_numpy()
@@ -343,8 +386,12 @@ def write_shard_group(pairs: pa.Table, shards: list[dict], units_dir: str, out_d
         offset += len(members)
     tokens = pa.concat_tables(pieces) if pieces else PAIR_SCHEMA.empty_table().select(TOKEN_COLUMNS)
     written = []
+    if sequences:
+        segments = sequence_table(pairs.column("pair_id"), tokens.column("chosen_ids").take(pa.array(token_rows)),
+                                  pairs.column("chosen_prompt_len"))
     for shard in shards:
-        part = assemble_rows(pairs, tokens, token_rows, shard["bins"], shard["first_row_id"], share_prompt)
+        part = (assemble_sequences(segments, shard["bins"], shard["first_row_id"]) if sequences else
+                assemble_rows(pairs, tokens, token_rows, shard["bins"], shard["first_row_id"], share_prompt))
         final = out_dir / shard["name"]
         final.write_parquet(part, row_group_size=ROW_GROUP_ROWS)
         written.append(ShardInfo.of(final, part.num_rows))
@@ -390,7 +437,7 @@ def write_groups_local(groups: list[dict]) -> list[list[ShardInfo]]:
 
 
 def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks: list[dict] | None = None,
-                   write_groups=write_groups_local) -> tuple[list[ShardInfo], dict]:
+                   write_groups=write_groups_local, sequences: bool = False) -> tuple[list[ShardInfo], dict]:
     """Quarantine file, packed train/eval shards and the stage's stats.
 
     ``records`` is the per-pair table (PAIR_META_SCHEMA) of every read unit, whose token
@@ -429,7 +476,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     eval_mask = packing.is_eval(pairs.column("prompt_key").to_pylist(), cfg.data.eval_fraction, seed)
     held = (pairs.column("chosen_len").to_numpy().astype(np.int64)
             + pairs.column("rejected_len").to_numpy().astype(np.int64))  # the lists a writer reads
-    share = shares_prompt(cfg)
+    share = shares_prompt(cfg) and not sequences
     shared = pairs.column("rejected_prompt_len").to_numpy().astype(np.int64) if share else np.zeros_like(held)
     lengths = held - shared  # the tokens a pair takes in a row: its prompt once with share_prompt
     stats: dict = {
@@ -473,7 +520,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     groups = shard_groups(pairs, plan, held, tokenize_cfg.pack_buffer_tokens)
     stats["write_groups"] = len(groups)
     for group in groups:
-        group.update(units_dir=str(out_dir / UNITS_DIR), out_dir=str(out_dir), share_prompt=share)
+        group.update(units_dir=str(out_dir / UNITS_DIR), out_dir=str(out_dir), share_prompt=share, sequences=sequences)
     shards += [shard for written in write_groups(groups) for shard in written]
     return shards, stats
 
@@ -527,10 +574,11 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     }
 
 
-def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups) -> tuple[list[ShardInfo], dict]:
+def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups,
+                 sequences: bool = False) -> tuple[list[ShardInfo], dict]:
     """Plan the read units, tokenize them (``tokenize_units(chunks, units_dir)`` -> the
     per-pair tables), pack and write; the unit files (and inputs restaged for reading)
-    are removed whatever happens."""
+    are removed whatever happens. ``sequences``: the units hold one-sided pairs."""
     units_dir = Loc(out_dir) / UNITS_DIR
     try:
         chunks = sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,
@@ -544,7 +592,7 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
                    for w in zip(tb.column("node_id").to_pylist(), tb.column("hostname").to_pylist())]
         records = (pa.concat_tables([tb.select(PAIR_META_SCHEMA.names).cast(PAIR_META_SCHEMA) for tb in tables])
                    if tables else PAIR_META_SCHEMA.empty_table())
-        shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups)
+        shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups, sequences)
         stats["workers"] = placement.by_node(workers or [placement.here()] * records.num_rows, "records")
         if drawn is not None:
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
@@ -554,17 +602,18 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         units_dir.rmtree()
 
 
-def run_in_process(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+def run_in_process(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[ShardInfo], dict]:
+    """``rows``: as ``TokenizeChunk``'s (``SequenceRows``: the sft stage's own data)."""
     from pipeline.config import to_dict
 
     def tokenize_units(chunks, units_dir):
-        worker = TokenizeChunk(to_dict(cfg), str(units_dir))
+        worker = TokenizeChunk(to_dict(cfg), str(units_dir), rows)
         return [worker.tokenize_unit(chunk) for chunk in chunks]
 
-    return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local)
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local, sequences=isinstance(rows, SequenceRows))
 
 
-def run_on_ray(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict]:
+def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[ShardInfo], dict]:
     import ray
 
     from pipeline.config import for_workers
@@ -576,7 +625,7 @@ def run_on_ray(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict
             return []
         ds = ray.data.from_items(chunks).map_batches(
             TokenizeChunk,
-            fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir)},
+            fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir), "rows": rows},
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=min(tokenize_cfg.actors, len(chunks))),
@@ -588,4 +637,4 @@ def run_on_ray(cfg: PipelineConfig, out_dir: Loc) -> tuple[list[ShardInfo], dict
         task = ray.remote(num_cpus=tokenize_cfg.num_cpus_per_actor)(write_shard_group)
         return ray.get([task.remote(**group) for group in groups])
 
-    return tokenize_all(cfg, out_dir, tokenize_units, write_groups)
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups, sequences=isinstance(rows, SequenceRows))

@@ -8,18 +8,27 @@ from pipeline.config import ConfigError, config_from_dict, to_dict
 from pipeline.runner import plan_stages, status
 
 
-def test_sft_options_not_given_are_trains_except_its_own_defaults(assets, tmp_path):
-    cfg = tiny_config(assets, tmp_path / "run", sft={"enabled": True, "num_train_epochs": 2},
-                      train={"num_workers": 1, "gradient_accumulation_steps": 3, "zero_stage": 2,
-                             "resume_from_checkpoint": "step-00000010", "run_name": "dpo-a"})
+def test_where_sft_runs_is_trains_what_it_trains_is_its_own(assets, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "run", sft={"enabled": True, "num_train_epochs": 2, "cpus_per_worker": 0.5},
+                      train={"num_workers": 1, "gradient_accumulation_steps": 3, "zero_stage": 2, "seed": 7,
+                             "max_steps": 9, "resume_from_checkpoint": "step-00000010", "run_name": "dpo-a",
+                             "peft": {"r": 4}, "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}}})
     sft = cfg.sft_training()
-    assert (sft.num_workers, sft.gradient_accumulation_steps, sft.zero_stage) == (1, 3, 2)  # train's
-    assert sft.num_train_epochs == 2  # its own, given
-    assert sft.learning_rate == 2e-5  # TRL SFTConfig's default, not train's 1e-3
-    assert sft.resume_from_checkpoint is None and sft.run_name is None  # a train checkpoint is not sft's
-    assert (sft.warmup_ratio, sft.min_lr_ratio) == (0.05, 0.1)  # train's, as written in tiny_config
-    # the config written back (to_dict, as the workers receive it) is the same config
+    # where and how the ranks run: train's, unless given
+    assert (sft.num_workers, sft.zero_stage, sft.cpus_per_worker) == (1, 2, 0.5)
+    assert sft.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}
+    assert "cpus_per_worker" not in cfg.sft.from_train and "num_workers" in cfg.sft.from_train
+    # what it trains: its own (TrainConfig's defaults; TRL SFTConfig's learning rate)
+    assert sft.num_train_epochs == 2 and sft.learning_rate == 2e-5
+    assert (sft.gradient_accumulation_steps, sft.seed, sft.max_steps, sft.peft) == (1, 42, -1, None)
+    assert (sft.warmup_ratio, sft.lr_scheduler_type) == (0.0, "linear")  # not tiny_config's train schedule
+    assert sft.resume_from_checkpoint is None and sft.run_name is None
+    # the config written back (to_dict: the workers', <run_dir>/config.yaml) is the same config,
+    # and its inherited keys still follow train
     assert config_from_dict(to_dict(cfg)) == cfg
+    again = to_dict(cfg)
+    again["train"]["num_workers"], again["train"]["seed"] = 4, 3
+    assert (config_from_dict(again).sft.num_workers, config_from_dict(again).sft.seed) == (4, 42)
 
 
 def test_sft_refuses_what_is_not_its_own(assets, tmp_path):
@@ -65,9 +74,11 @@ def test_the_fingerprint_chain(assets, tmp_path):
     assert changed(sft={"enabled": True, "learning_rate": 1e-4}) == {"sft", "score", "train"}
     assert changed(sft={"enabled": True, "warmup_ratio": 0.2}) == {"sft", "score", "train"}
     assert changed(train={"beta": 0.5}) == {"train"}
-    # a train option sft takes unless it sets its own: both stages see it
-    assert changed(train={"warmup_ratio": 0.2}) == {"sft", "score", "train"}
-    assert changed(train={"warmup_ratio": 0.2}, sft={"enabled": True, "warmup_ratio": 0.05}) == {"train"}
+    # what DPO trains is not what SFT trains: a seed or step sweep of DPO keeps the reference
+    assert changed(train={"seed": 3, "max_steps": 7, "warmup_ratio": 0.2, "peft": {"r": 4}}) == {"train"}
+    # where the ranks run is train's unless sft sets it: the global batch is part of what sft trains
+    assert changed(train={"num_workers": 4}) == {"sft", "score", "train"}
+    assert changed(train={"num_workers": 4}, sft={"enabled": True, "num_workers": 2}) == {"train"}
     # how sft is checkpointed or placed is not what it trains; its global batch kept: the same run
     assert changed(sft={"enabled": True, "save_steps": 5, "report_to": []}) == set()
     assert changed(sft={"enabled": True, "num_workers": 1, "gradient_accumulation_steps": 2}) == set()

@@ -3,6 +3,7 @@ tokenize -> sft -> score -> train, the SFT model as reference and as the policy'
 reruns, a killed worker, LoRA SFT, and the step normalisation across ranks."""
 
 import copy
+import json
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ import torch
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import LoraSettings
+from pipeline.config import LoraSettings, load_config
 from pipeline.packing import epoch_plan
 from pipeline.rundir import read_manifest
 from pipeline.storage import Loc
@@ -24,6 +25,7 @@ from stages.train.sft import SFTObjective
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+ROOT = Path(__file__).resolve().parent.parent
 SFT = {"enabled": True, "learning_rate": 1e-3, "max_steps": 16, "eval_steps": 8}
 
 
@@ -33,7 +35,12 @@ def sft_config(assets, run_dir, **groups):
 
 @pytest.fixture(scope="module")
 def sft_run(assets, tmp_path_factory, ray_cluster):
-    cfg = sft_config(assets, tmp_path_factory.mktemp("sft") / "run")
+    """The demo config with the sft stage, as shipped, pointed at the session's assets and
+    shortened."""
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    cfg = load_config(ROOT / "configs" / "tiny-sft.yaml", [
+        f"run_dir={run_dir}", f"model.path={assets['model']}", f"data.train_files=[{assets['data']}]",
+        *(f"sft.{k}={v}" for k, v in SFT.items() if k != "learning_rate"), "train.max_steps=6", "train.eval_steps=3"])
     return cfg, runner.run_pipeline(cfg)
 
 
@@ -84,6 +91,27 @@ def test_a_new_beta_reruns_only_train(sft_run):
     cfg.train.beta, cfg.train.max_steps = 0.3, 2
     again = runner.run_pipeline(cfg)
     assert [r["ran"] for r in again.values()] == [False, False, False, True]
+
+
+def test_train_refuses_columns_scored_from_another_sft_model(sft_run):
+    """The sft output rerun (--force, other hardware) keeps its fingerprint with other
+    weights: the reference columns scored from the earlier weights are refused, not
+    trained against (step 0 would no longer be policy == reference)."""
+    cfg, results = sft_run
+    manifest = Path(results["score"]["dir"]) / "_MANIFEST.json"
+    original = manifest.read_text()
+    scored = json.loads(original)
+    assert scored["models"]["model.reference_path"]["digest"]  # what score loaded is recorded
+    scored["models"]["model.reference_path"]["digest"] = "0" * 64
+    manifest.write_text(json.dumps(scored))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.beta = 0.4
+    try:
+        with pytest.raises(RuntimeError, match=r"scored from an SFT model with digest 0{64}.*Rescore first"):
+            runner.run_pipeline(cfg, stages=["train"])
+    finally:
+        manifest.write_text(original)
+    assert not runner.plan_stages(cfg)["train"].dir.exists()  # refused before anything ran
 
 
 def test_a_killed_sft_worker_resumes_with_the_same_losses(sft_run):
@@ -182,3 +210,48 @@ def test_a_step_is_the_mean_over_its_completion_tokens_on_every_rank(assets, tmp
     for a, b in zip(*got):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_sft_on_data_of_its_own(assets, tmp_path, ray_cluster):
+    """sft.data naming a file of SFT conversations: tokenised on Ray by the tokenize stage's
+    code into the sft output (a bad row quarantined and counted), trained, handed on."""
+    pairs = [json.loads(line) for line in open(assets["data"]).read().splitlines()[:600]]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": p["prompt"] + p["chosen"]}) + "\n" for p in pairs)
+                    + json.dumps({"text": "no prompt"}) + "\n")
+    cfg = sft_config(assets, tmp_path / "run", sft=dict(SFT, data={"train_files": [str(data)]}))
+    results = runner.run_pipeline(cfg)
+    assert [r["ran"] for r in results.values()] == [True, True, True, True]
+    stats = results["sft"]["stats"]["packing"]
+    assert (stats["input_rows"], stats["quarantined"], stats["format"]) == (601, 1, "messages_conversational")
+    out = Path(results["sft"]["dir"])
+    assert (out / "quarantine.parquet").is_file() and not (out / "_units").exists()
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    dpo = [r for r in read_metrics(Path(results["train"]["dir"])) if "loss" in r]
+    assert abs(dpo[0]["loss"] - math.log(2)) < 1e-6
+    assert "its own data: 601 rows, 1 quarantined" in (Path(cfg.run_dir) / "report" / "report.md").read_text()
+
+
+def test_sft_on_a_bucket_run_dir(assets, tmp_path, ray_cluster, s3_bucket):
+    """run_dir and the base model on an S3 server: the SFT model is uploaded, handed on as a
+    bucket URI pinned by content (every worker fetches the same bytes), and DPO starts at ln 2."""
+    root = f"{s3_bucket}/sft-{tmp_path.name}"
+    for f in assets["model"].iterdir():
+        Loc(f"{root}/base-model/{f.name}").upload(f)
+    cfg = sft_config(assets, root, sft=dict(SFT, max_steps=6, eval_steps=3),
+                     model={"path": f"{root}/base-model", "cache_dir": str(tmp_path / "model-cache")},
+                     train={"max_steps": 3, "eval_steps": 3})
+    results = runner.run_pipeline(cfg)
+    assert [r["ran"] for r in results.values()] == [True, True, True, True]
+    sft_dir = Loc(results["sft"]["dir"])
+    assert (sft_dir / "model" / "model.safetensors").is_file() and (sft_dir / "_MANIFEST.json").is_file()
+    from stages.sft import export_digest
+
+    for stage, key in (("score", "model.reference_path"), ("train", "model.path")):
+        record = read_manifest(Loc(results[stage]["dir"]))["models"][key]
+        assert record["kind"] == "uri" and record["pinned"].startswith(f"{sft_dir}/model#sha256=")
+        assert record["digest"] == export_digest(cfg, sft_dir)
+    dpo = [r for r in read_metrics(Loc(results["train"]["dir"])) if "loss" in r]
+    assert abs(dpo[0]["loss"] - math.log(2)) < 1e-6
+    assert [r["ran"] for r in runner.run_pipeline(cfg).values()] == [False] * 4

@@ -123,9 +123,9 @@ def checkpoint_to_resume(ctx) -> Loc | None:
         return complete[-1] if complete else None
     path = Loc(spec) if ("://" in spec or "/" in spec) else ctx.out / CHECKPOINT_DIR / spec
     if not path.is_dir():
-        raise FileNotFoundError(f"train.resume_from_checkpoint: {spec} does not exist")
+        raise FileNotFoundError(f"{ctx.stage}.resume_from_checkpoint: {spec} does not exist")
     if not (path / COMPLETE).is_file():
-        raise RuntimeError(f"train.resume_from_checkpoint: {path} is incomplete (not every rank finished "
+        raise RuntimeError(f"{ctx.stage}.resume_from_checkpoint: {path} is incomplete (not every rank finished "
                            f"writing it); complete ones: {[p.name for p in complete]}")
     return path
 

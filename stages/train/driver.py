@@ -88,20 +88,26 @@ def check_global_batch(out: Loc, info: dict) -> None:
         theirs, their_batch = _batch_apart(json.loads((other / INPUTS_FILE).read_text()))
         if theirs == mine and their_batch != batch and complete_checkpoints(other):
             fits = ", ".join(f"{w} x {their_batch // w}" for w in range(1, their_batch + 1) if their_batch % w == 0)
-            raise ConfigError(f"train: {other} holds checkpoints of this run at a global batch of {their_batch} rows "
-                              f"a step, and this one's is {batch} (train.num_workers x train.gradient_accumulation_steps)"
-                              f": to resume it on another worker count keep the global batch ({fits}); to train anew "
-                              f"at {batch}, rerun with --stages train --force, or remove that output")
+            stage = out.parent.name  # <run_dir>/<stage>/<fingerprint>: train, or sft
+            raise ConfigError(f"{stage}: {other} holds checkpoints of this run at a global batch of {their_batch} rows "
+                              f"a step, and this one's is {batch} ({stage}.num_workers x "
+                              f"{stage}.gradient_accumulation_steps): to resume it on another worker count keep the "
+                              f"global batch ({fits}); to train anew at {batch}, rerun with --stages {stage} --force, "
+                              f"or remove that output")
     (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
-def preflight(train_cfg: TrainConfig, dtype: str) -> None:
+def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
     """What would stop a training stage, checked on the driver before any stage runs: the
-    user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op."""
+    user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op. Errors
+    name the stage's keys (``sft.zero_stage`` for the sft stage)."""
     from cluster.deepspeed_config import build_ds_config, check_nvme
 
     if train_cfg.deepspeed:
-        check_nvme(build_ds_config(train_cfg, dtype, train_cfg.num_workers))
+        try:
+            check_nvme(build_ds_config(train_cfg, dtype, train_cfg.num_workers))
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("train.", f"{stage}.")) from None
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -192,6 +198,14 @@ def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
     in this process. Every training stage (train, sft) starts its ranks here."""
     if not spec.ray_train:
         train_worker({"spec": spec})
+        # in-process, the next stage (sft, then score) runs in this process: free the engine's memory
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -76,7 +76,7 @@ class MetricsLog:
         self.trackers = None
         if ctx.rank == 0:
             train_cfg = ctx.train_cfg
-            config = {"model": asdict(ctx.cfg.model), "train": asdict(train_cfg)}
+            config = {"model": asdict(ctx.cfg.model), ctx.stage: asdict(train_cfg)}
             self.trackers = Trackers(train_cfg.report_to, ctx.out_dir,
                                      train_cfg.run_name or f"{RUN_PREFIX.get(ctx.stage, ctx.stage)}-{ctx.out.name}", ctx.out.name, config)
 
