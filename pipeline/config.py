@@ -534,13 +534,21 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
 
 
+def rename_group(message: str, group: str, to: str) -> str:
+    """A message about ``group``'s keys (``train.zero_stage``) said of another group that has
+    the same keys (``sft.zero_stage``); a value quoted in it (``my_train.v1``) is left alone."""
+    import re
+
+    return re.sub(rf"(?<![\w.]){re.escape(group)}\.(?=\w)", f"{to}.", message) if group != to else message
+
+
 def _validate_data_source(data, group: str) -> None:
     """Where rows come from (``data``, or the sft stage's own ``sft.data``): exactly one of
     train_files, hf_dataset and sources, each well formed; messages name ``<group>.<key>``."""
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
-            raise ConfigError(msg.replace("data.", f"{group}."))
+            raise ConfigError(rename_group(msg, "data", group))
 
     given = [k for k in ("train_files", "hf_dataset", "sources") if getattr(data, k)]
     need(len(given) == 1, "data.train_files, data.hf_dataset or data.sources: exactly one is required"
@@ -567,7 +575,7 @@ def _validate_training(train_cfg: TrainConfig, group: str) -> None:
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
-            raise ConfigError(msg.replace("train.", f"{group}."))
+            raise ConfigError(rename_group(msg, "train", group))
 
     need(train_cfg.learning_rate > 0, "train.learning_rate: must be > 0")
     need(0.0 <= train_cfg.warmup_ratio < 1.0, "train.warmup_ratio: must be in [0, 1)")
@@ -701,8 +709,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 def _inherit_train(raw: dict) -> dict:
     """The sft group's SFT_FROM_TRAIN keys not given take train's values (as written), so
     one ``train.num_workers`` or ``train.deepspeed`` serves both stages; ``from_train``
-    records which, and a config written back takes those from train again."""
-    sft, train = raw.get("sft"), raw.get("train")
+    records which, so that the workers' copy of the config (``to_dict``) takes the same ones
+    again. ``as_written`` leaves them out of the config a run writes down."""
+    sft, train = raw.get("sft", {}), raw.get("train")
     for key in PREFERENCE_KEYS if isinstance(sft, dict) else ():
         if key in sft:
             raise ConfigError(f"sft.{key}: a setting of the preference loss (train.{key}); sft trains by the "
@@ -712,9 +721,21 @@ def _inherit_train(raw: dict) -> dict:
         return raw
     train = train if isinstance(train, dict) else {}
     again = sft.get("from_train") or []
+    if not isinstance(again, list) or set(again) - set(SFT_FROM_TRAIN):
+        raise ConfigError(f"sft.from_train: set by the pipeline, a list of {', '.join(SFT_FROM_TRAIN)} "
+                          f"(got {again!r})")
     given = {k: v for k, v in sft.items() if k not in again}
     taken = [k for k in SFT_FROM_TRAIN if k not in given]
     return dict(raw, sft={**given, **{k: train[k] for k in taken if k in train}, "from_train": taken})
+
+
+def as_written(cfg: "PipelineConfig") -> dict:
+    """The config to write down (``<run_dir>/config.yaml``, the manifests' settings): the
+    sft keys it took from train left out, so that a rerun from that file takes them from
+    train again, and a value set there for one of them wins."""
+    out = to_dict(cfg)
+    out["sft"] = {k: v for k, v in out["sft"].items() if k not in cfg.sft.from_train and k != "from_train"}
+    return redact(out)
 
 
 def config_from_dict(raw: dict) -> PipelineConfig:

@@ -64,6 +64,9 @@ class Pinned:
     revision: Optional[str] = None  # hub: the revision asked for
     commit: Optional[str] = None  # hub: the commit it pointed to
     digest: Optional[str] = None  # uri: sha256 over its files' sha256
+    # a model this run trained (the sft export): sha256 over its files as its stage's manifest
+    # committed them, wherever it lies (runner.stale_sft_output compares them)
+    export_digest: Optional[str] = None
 
     def record(self) -> dict:
         """What a manifest records (write_manifest redacts credentials in it, as in all of it)."""
@@ -133,8 +136,8 @@ def pin_trained(cfg: PipelineConfig, export: str, digest: str) -> tuple[Pipeline
     """The config with ``model.path`` the model a stage of this run trained (the sft
     export), pinned as a config's name would be; the tokenizer stays the one tokenize used.
     ``digest``: of its files as the stage's manifest committed them, recorded by the
-    stages that load it (``runner.check_scored_from`` compares them)."""
-    done = dataclasses.replace(_pin_one("model.path", export, cfg.model, {"model"}), digest=digest)
+    stages that load it (``runner.stale_sft_output`` compares them)."""
+    done = dataclasses.replace(_pin_one("model.path", export, cfg.model, {"model"}), export_digest=digest)
     model = dataclasses.replace(cfg.model, path=done.pinned, tokenizer_path=cfg.tokenizer_path, revision=None)
     return dataclasses.replace(cfg, model=model), done
 

@@ -19,7 +19,7 @@ from typing import Callable
 import yaml
 
 from pipeline import models
-from pipeline.config import ConfigError, PipelineConfig, build_loss, redact, to_dict
+from pipeline.config import ConfigError, PipelineConfig, as_written, build_loss, redact, to_dict
 from pipeline.devices import check_ray_cluster_gpus
 from pipeline.redaction import redact_text
 from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
@@ -107,17 +107,48 @@ def _run_stage(name: str, cfg: PipelineConfig, plans: dict[str, StagePlan], use_
     return (train.run_on_ray if use_ray else train.run_in_process)(cfg, rows_dir, plan.dir, info)
 
 
-def check_scored_from(score_dir: Loc, policy_start) -> None:
-    """With sft, before train: the reference columns were scored from the SFT model train
-    starts from. An sft output rerun with --force (or on other hardware) keeps its
-    fingerprint with other weights; columns scored from the earlier ones would make step 0
-    something other than policy == reference."""
-    record = (read_manifest(score_dir) or {}).get("models", {}).get("model.reference_path", {})
-    if record.get("digest") != policy_start.digest:
-        raise RuntimeError(f"train: the reference columns in {redact_text(str(score_dir))} were scored from an SFT "
-                           f"model with digest {record.get('digest')}, and train would start from "
-                           f"{redact_text(policy_start.pinned)} (digest {policy_start.digest}): the sft stage ran "
-                           f"again since. Rescore first (--from score)")
+# The stages that load the SFT model, by the key they load it as; a stage's output records
+# the SFT model's digest in its manifest, and while it is partial in SFT_MARKER.
+SFT_LOADED = {"score": "model.reference_path", "train": "model.path"}
+SFT_MARKER = "_SFT_MODEL.json"
+
+
+def upstream(plans: dict[str, StagePlan], cfg: PipelineConfig) -> dict[str, set[str]]:
+    """The stages each planned stage reads, directly or not (sft with data of its own reads
+    no tokenize output)."""
+    direct = {"tokenize": set(), "sft": {"tokenize"} if cfg.sft.data == "chosen" else set(),
+              "score": {"tokenize"} | ({"sft"} & set(plans)),
+              "train": {"score"} if "score" in plans else {"tokenize"} | ({"sft"} & set(plans))}
+    out: dict[str, set[str]] = {}
+    for name in STAGES:
+        if name in plans:
+            out[name] = set().union(*({d} | out[d] for d in direct[name]))
+    return out
+
+
+def made_from_sft(stage_dir: Loc, name: str) -> str | None:
+    """The digest of the SFT model an output of ``name`` loaded: its manifest's record, or
+    for a partial output the marker written when it started."""
+    manifest = read_manifest(stage_dir)
+    if manifest is not None:
+        return manifest.get("models", {}).get(SFT_LOADED[name], {}).get("export_digest")
+    marker = Loc(stage_dir) / SFT_MARKER
+    return json.loads(marker.read_text())["export_digest"] if marker.is_file() else None
+
+
+def stale_sft_output(name: str, plan: StagePlan, state: str, sft_model) -> str | None:
+    """Why an output of score or train is not of the SFT model this run hands on, or None.
+    A fingerprint names what was asked for, not the bytes that came out: sft rerun with
+    --force (or on other hardware) keeps its fingerprint with other weights, and columns
+    scored from the earlier ones would make train's step 0 something other than policy ==
+    reference."""
+    if state == "missing" or sft_model.export_digest is None:
+        return None
+    theirs = made_from_sft(plan.dir, name)
+    if theirs == sft_model.export_digest:
+        return None
+    return (f"{name} ({plan.fingerprint}) was made from an SFT model with digest {theirs}, and the sft stage's "
+            f"model is now {sft_model.export_digest} (sft ran again since)")
 
 
 NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"
@@ -157,7 +188,7 @@ def run_pipeline(
     check_run_dir(cfg.run_dir)
     log = _redacting(log)  # stage directories are printed: a run_dir URI may hold credentials
     selected = select_stages(stages, from_stage)
-    written = redact(to_dict(cfg))  # the config as given (Hub ids, not the commits they resolved to)
+    written = as_written(cfg)  # the config as given (Hub ids, not the commits they resolved to)
     cfg, pinned = models.pin(cfg)  # once, on the driver: every worker loads the same files
     # the training stages' settings, checked before any stage runs (not on the ranks after hours of scoring)
     training = {name: train_cfg for name, train_cfg in (("sft", cfg.sft_training() if cfg.sft.enabled else None),
@@ -181,6 +212,7 @@ def run_pipeline(
     results: dict[str, dict] = {}
     connected = False
     base = None  # with sft: the model it started from
+    needed = set().union(*(ups for s, ups in upstream(plans, cfg).items() if s in selected))
     for name in STAGES:
         if name not in plans:
             if name in selected and (name != "sft" or stages or from_stage):  # sft's absence is the default
@@ -188,8 +220,15 @@ def run_pipeline(
             continue
         plan = plans[name]
         state = stage_state(plan.dir)
+        stale = stale_sft_output(name, plan, state, pinned["path"]) if name in SFT_LOADED and "sft" in plans else None
+        if stale and (state == "partial" or (force and name in selected)):
+            log(f"[{name}] cleared: {stale}")  # a partial output is never resumed on another SFT model
+            plan.dir.rmtree()
+            state = "missing"
+        elif stale and (name in selected or name in needed):
+            raise RuntimeError(f"{stale}: rerun it, --from {name} --force")
         if name not in selected:
-            if state != "done" and any(STAGES.index(s) > STAGES.index(name) for s in selected if s in plans):
+            if state != "done" and name in needed:
                 raise RuntimeError(
                     f"stage {name} ({plan.fingerprint}) is {state}; "
                     f"run it first (--from {name})"
@@ -199,13 +238,13 @@ def run_pipeline(
             log(f"[{name}] done already ({plan.dir}), skipped")
             results[name] = {"ran": False, "dir": str(plan.dir), **_figures(manifest)}
         else:
-            if name == "train" and "sft" in plans and "score" in plans:  # before anything is cleared
-                check_scored_from(plans["score"].dir, pinned["path"])
             if force or name == "tokenize":
                 plan.dir.rmtree()  # a stale or partial output is never appended to
             # A partial score output keeps its committed shards; a partial train or sft output
             # keeps its complete checkpoints and resumes from the newest.
             plan.dir.mkdir()
+            if name in SFT_LOADED and pinned["path"].export_digest:
+                (plan.dir / SFT_MARKER).write_text(json.dumps({"export_digest": pinned["path"].export_digest}))
             if use_ray and not connected:
                 from cluster.ray_cluster import connect
 

@@ -114,18 +114,43 @@ def chosen_segments(files: list[Loc]) -> pa.Table:
         # large_list: a split's sequences together may hold more than 2^31 tokens
         ids = pa.ListArray.from_arrays(offsets, values).cast(pa.large_list(pa.int32()))
         parts.append(sequence_table(pc.list_flatten(t["pair_ids"]), ids, pa.array(prompt[chosen], pa.int32())))
-    return pa.concat_tables(parts) if parts else sequence_table(
-        pa.array([], pa.string()), pa.array([], pa.large_list(pa.int32())), pa.array([], pa.int32()))
+    if not parts:
+        return sequence_table(pa.array([], pa.string()), pa.array([], pa.large_list(pa.int32())),
+                              pa.array([], pa.int32()))
+    # one chunk: a take from a table of several copies all of it each time (pyarrow 26)
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def first_of_each(segments: pa.Table) -> np.ndarray:
+    """The index of the first of each distinct sequence (tokens and prompt length): a row
+    with several rejected completions gives as many pairs with one chosen completion, which
+    SFT trains on once. Each sequence's tokens are grouped as one binary value."""
+    n = segments.num_rows
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lengths = segments.column("length").to_numpy().astype(np.int64)
+    flat = pc.list_flatten(segments.column("ids")).to_numpy().astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths) * 4]).astype(np.int64)
+    keys = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets.tobytes()),
+                                                                   pa.py_buffer(flat.tobytes())])
+    table = pa.table({"key": keys, "prompt_len": segments.column("prompt_len"), "index": np.arange(n)})
+    first = table.group_by(["key", "prompt_len"], use_threads=False).aggregate([("index", "min")])
+    return np.sort(first.column("index_min").to_numpy())
 
 
 def write_chosen_rows(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc) -> tuple[list[ShardInfo], dict]:
     """``<split>-NNNNN.parquet`` in ``out``: each split's chosen segments packed alone into
-    ``tokenize.max_tokens_per_row`` rows, shuffled with ``data.seed`` as tokenize's are.
-    Holds one split's chosen tokens at a time (4 bytes a token)."""
+    ``tokenize.max_tokens_per_row`` rows, shuffled with ``data.seed`` as tokenize's are; a
+    chosen completion that several pairs share (one row, several rejected completions) once.
+    Holds one split's chosen tokens at a time (4 bytes a token, about twice that while its
+    repeats are found)."""
     capacity, per_shard, seed = cfg.tokenize.max_tokens_per_row, cfg.tokenize.rows_per_shard, cfg.data.seed
     shards, stats, row_id = [], {}, 0
     for split in SPLITS:
         segments = chosen_segments(split_files(tokenized_dir, split))
+        kept = first_of_each(segments)
+        repeated = segments.num_rows - len(kept)
+        segments = segments.take(pa.array(kept)).combine_chunks()
         lengths = segments.column("length").to_numpy().astype(np.int64)
         bins = packing.shuffled(packing.first_fit_decreasing(lengths, capacity), seed)
         for k, start in enumerate(range(0, len(bins), per_shard)):
@@ -135,7 +160,7 @@ def write_chosen_rows(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc) -> tupl
             shards.append(ShardInfo.of(path, rows.num_rows, base=Loc(out)))
         row_id += len(bins)
         tokens = int(lengths.sum())
-        stats[split] = {"sequences": len(lengths), "rows": len(bins), "tokens": tokens,
+        stats[split] = {"sequences": len(lengths), "repeated_chosen": repeated, "rows": len(bins), "tokens": tokens,
                         "completion_tokens": tokens - int(segments.column("prompt_len").to_numpy().sum()),
                         "waste_fraction": round(1 - tokens / (len(bins) * capacity), 6) if bins else 0.0}
     if not stats["train"]["rows"]:
@@ -146,7 +171,13 @@ def write_chosen_rows(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc) -> tupl
 def tokenize_own(data_cfg: PipelineConfig, rows: SequenceRows, out: Loc, use_ray: bool) -> tuple[list, dict]:
     """The sft stage's own data, read, tokenised (as the pairs' chosen sides are),
     quarantined, split and packed by the tokenize stage's code into ``out``."""
-    shards, stats = (tokenize.run_on_ray if use_ray else tokenize.run_in_process)(data_cfg, out, rows)
+    try:
+        shards, stats = (tokenize.run_on_ray if use_ray else tokenize.run_in_process)(data_cfg, out, rows)
+    except ValueError as e:  # tokenize's refusals (too many bad rows, nothing left) are about sft.data here
+        text = str(e)
+        if not text.startswith("tokenize: "):
+            raise
+        raise ValueError("sft.data: " + text[len("tokenize: "):].replace("pairs", "rows")) from None
     for split in SPLITS:  # the counts of write_chosen_rows's stats
         stats[split] = {"sequences": stats[split].pop("pairs"), **stats[split]}
     return shards, stats
@@ -163,13 +194,13 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
     from pipeline.tracking import forwarded_env
 
     out = Loc(out)
+    check_global_batch(out, info)  # before the rows: a refused run costs nothing
     own = own_data(cfg)
     if own is None:
         row_shards, row_stats = write_chosen_rows(cfg, tokenized_dir, out)
     else:  # the tokenize stage's code on the sft rows: quarantine.parquet and one-segment rows, here
         row_shards, row_stats = tokenize_own(*own, out, use_ray)
     train_cfg = cfg.sft_training()
-    check_global_batch(out, info)
     export_info = {k: v for k, v in info.items() if k not in ("inputs", "force")}
     spec = WorkerSpec(for_workers(cfg), SFTObjective(cfg.model.logp_chunk_tokens, train_cfg.router_aux_loss_coef),
                       str(out), str(out), export_info, ray_train=use_ray,

@@ -162,7 +162,8 @@ def test_cli_with_another_loss_reruns_only_train(first_run, tmp_path, capsys):
     assert first["loss"] == pytest.approx(25.0, abs=1e-5)  # IPO at policy == reference: (1 / (2 beta))^2
     assert cli.main(["status", str(config_file), *overrides]) == 0
     status = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in status[1:]] == ["done", "done", "done"]
+    assert [line.split()[0] + " " + line.split()[2] for line in status[1:]] == [
+        "tokenize done", "sft not", "score done", "train done"]  # sft is off: not needed
 
 
 def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_path):

@@ -6,6 +6,7 @@ from helpers import tiny_config
 
 from pipeline.config import ConfigError, config_from_dict, to_dict
 from pipeline.runner import plan_stages, status
+from pipeline.storage import Loc
 
 
 def test_where_sft_runs_is_trains_what_it_trains_is_its_own(assets, tmp_path):
@@ -94,3 +95,38 @@ def test_status_shows_the_sft_stage(assets, tmp_path):
     assert rows["sft"]["state"] == "missing" and rows["sft"]["fingerprint"] != "-"
     off = {r["stage"]: r for r in status(tiny_config(assets, tmp_path / "run"))}
     assert off["sft"]["state"] == "not needed"
+
+
+def test_what_each_stage_reads(assets, tmp_path):
+    from pipeline.runner import upstream
+
+    def ups(**groups):
+        cfg = tiny_config(assets, tmp_path / "run", **groups)
+        return upstream(plan_stages(cfg), cfg)
+
+    assert ups() == {"tokenize": set(), "score": {"tokenize"}, "train": {"score", "tokenize"}}
+    assert ups(sft={"enabled": True}) == {"tokenize": set(), "sft": {"tokenize"}, "score": {"tokenize", "sft"},
+                                          "train": {"score", "sft", "tokenize"}}
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "Q", "completion": "A"}\n')
+    own = ups(sft={"enabled": True, "data": {"train_files": [str(data)]}})
+    assert own["sft"] == set()  # data of its own: --stages sft needs no tokenize output
+    free = ups(sft={"enabled": True}, train={"loss_type": "simpo", "cpo_alpha": 0.0})
+    assert free["train"] == {"sft", "tokenize"}
+
+
+def test_an_output_made_from_another_sft_model_is_stale(tmp_path):
+    import json
+
+    from pipeline.models import Pinned
+    from pipeline.runner import SFT_MARKER, StagePlan, stale_sft_output
+
+    plan = StagePlan("score", "f" * 16, Loc(tmp_path / "score"), {})
+    now = Pinned("model.path", "x", "local", "/x", export_digest="b" * 64)
+    assert stale_sft_output("score", plan, "missing", now) is None
+    (tmp_path / "score").mkdir()
+    (tmp_path / "score" / SFT_MARKER).write_text(json.dumps({"export_digest": "a" * 64}))
+    assert stale_sft_output("score", plan, "partial", now).startswith(
+        f"score ({'f' * 16}) was made from an SFT model with digest {'a' * 64}, and the sft stage's model is now")
+    (tmp_path / "score" / SFT_MARKER).write_text(json.dumps({"export_digest": "b" * 64}))
+    assert stale_sft_output("score", plan, "partial", now) is None

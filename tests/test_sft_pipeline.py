@@ -101,14 +101,15 @@ def test_train_refuses_columns_scored_from_another_sft_model(sft_run):
     manifest = Path(results["score"]["dir"]) / "_MANIFEST.json"
     original = manifest.read_text()
     scored = json.loads(original)
-    assert scored["models"]["model.reference_path"]["digest"]  # what score loaded is recorded
-    scored["models"]["model.reference_path"]["digest"] = "0" * 64
+    assert scored["models"]["model.reference_path"]["export_digest"]  # what score loaded is recorded
+    scored["models"]["model.reference_path"]["export_digest"] = "0" * 64
     manifest.write_text(json.dumps(scored))
     cfg = copy.deepcopy(cfg)
     cfg.train.beta = 0.4
     try:
-        with pytest.raises(RuntimeError, match=r"scored from an SFT model with digest 0{64}.*Rescore first"):
-            runner.run_pipeline(cfg, stages=["train"])
+        with pytest.raises(RuntimeError, match=r"score \(\w+\) was made from an SFT model with digest 0{64}, and "
+                                               r"the sft stage's model is now \w+ .*rerun it, --from score --force"):
+            runner.run_pipeline(cfg, stages=["train"])  # score is upstream of train: refused, not trained on
     finally:
         manifest.write_text(original)
     assert not runner.plan_stages(cfg)["train"].dir.exists()  # refused before anything ran
@@ -251,7 +252,7 @@ def test_sft_on_a_bucket_run_dir(assets, tmp_path, ray_cluster, s3_bucket):
     for stage, key in (("score", "model.reference_path"), ("train", "model.path")):
         record = read_manifest(Loc(results[stage]["dir"]))["models"][key]
         assert record["kind"] == "uri" and record["pinned"].startswith(f"{sft_dir}/model#sha256=")
-        assert record["digest"] == export_digest(cfg, sft_dir)
+        assert record["export_digest"] == export_digest(cfg, sft_dir)
     dpo = [r for r in read_metrics(Loc(results["train"]["dir"])) if "loss" in r]
     assert abs(dpo[0]["loss"] - math.log(2)) < 1e-6
     assert [r["ran"] for r in runner.run_pipeline(cfg).values()] == [False] * 4

@@ -1,6 +1,7 @@
 """The sft stage's rows (stages/sft.py): the tokenize output repacked with the chosen
-segments alone. Every pair's chosen segment exactly once, token for token and with its
-prompt length, no rejected token, positions restarting at 0, waste within 3%."""
+segments alone. Every distinct chosen sequence exactly once (pairs sharing a chosen
+completion, as a row with several rejected ones gives, train it once), token for token and
+with its prompt length, no rejected token, positions restarting at 0, waste within 3%."""
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,7 +38,11 @@ def test_chosen_rows_hold_every_chosen_segment_once(assets, tmp_path, share_prom
     for split in ("train", "eval"):
         want = segments_of([f.local for f in split_files(tok_dir, split)], 0)
         got = segments_of([f.local for f in split_files(out, split)], None)
-        assert set(got) == set(want) and len(want) == stats[split]["sequences"]
+        assert set(got) <= set(want) and len(got) == stats[split]["sequences"]
+        distinct = {(tuple(ids), p) for [(ids, p, _)] in want.values()}
+        kept = [(tuple(ids), p) for [(ids, p, _)] in got.values()]
+        assert sorted(kept) == sorted(distinct)  # each distinct chosen sequence once
+        assert len(want) - len(got) == stats[split]["repeated_chosen"]
         for pair, [(ids, prompt_len, positions)] in got.items():  # one segment per pair
             [(want_ids, want_prompt, _)] = want[pair]
             assert (ids, prompt_len) == (want_ids, want_prompt)

@@ -100,7 +100,8 @@ def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     status = run_cli(path, command="status", timeout=120).stdout.splitlines()
     assert [line.split()[0:3] for line in status[1:]] == [
-        ["tokenize", status[1].split()[1], "done"], ["score", "-", "not"], ["train", status[3].split()[1], "done"]]
+        ["tokenize", status[1].split()[1], "done"], ["sft", "-", "not"], ["score", "-", "not"],
+        ["train", status[4].split()[1], "done"]]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from pipeline.config import PipelineConfig, TrainConfig, build_loss, for_workers
+from pipeline.config import PipelineConfig, TrainConfig, build_loss, for_workers, rename_group
 from pipeline.models import local_dir
 from pipeline.config import ConfigError
 from pipeline.rundir import MANIFEST, HashCache, ShardInfo, hash_checkpoint, read_manifest
@@ -107,7 +107,7 @@ def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
         try:
             check_nvme(build_ds_config(train_cfg, dtype, train_cfg.num_workers))
         except ConfigError as e:
-            raise ConfigError(str(e).replace("train.", f"{stage}.")) from None
+            raise ConfigError(rename_group(str(e), "train", stage)) from None
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
