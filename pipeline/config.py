@@ -52,7 +52,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class RowSource:
+    """Where rows come from and how they are split: the keys ``data`` (preference pairs) and
+    ``sft.data`` (SFT rows of the sft stage's own) share."""
+
     # Files, globs or directories: .jsonl, .json, .parquet, .csv, or a directory written by
     # datasets' save_to_disk.
     train_files: list[str] = field(default_factory=list)
@@ -65,13 +68,18 @@ class DataConfig:
     sources: Optional[list[dict[str, Any]]] = None
     # The split of a save_to_disk DatasetDict.
     split: str = "train"
-    # Pairs with the same tokens: keep them (reported) or drop all but the first (quarantined).
+    # Pairs (or SFT rows) with the same tokens: keep them (reported) or drop all but the
+    # first (quarantined).
     duplicates: Literal["keep", "drop"] = "keep"
-    # Fraction of prompts held out for eval (pairs sharing a prompt stay on one side).
+    # Fraction of prompts held out for eval (rows sharing a prompt stay on one side).
     eval_fraction: float = 0.05
     # Seeds the eval split and the order of packed rows: the data's own seed, so a sweep
     # over train.seed trains again on the same tokenized and scored rows.
     seed: int = 42
+
+
+@dataclass
+class DataConfig(RowSource):
     # Column of the prompt (absent in the implicit-prompt format).
     prompt_key: str = "prompt"
     # Column of the chosen completion.
@@ -281,25 +289,11 @@ SFT_FROM_TRAIN = ("num_workers", "use_gpu", "cpus_per_worker", "zero_stage", "de
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(RowSource):
     """The sft stage's own data: SFT rows (``messages``, or ``prompt`` and ``completion``),
-    read as ``data`` reads preference rows; tokenised, quarantined, split and packed by the
+    with the source keys of ``data``; tokenised, quarantined, split and packed by the
     tokenize stage's code with the tokenize settings."""
 
-    # Files, globs or directories, as data.train_files.
-    train_files: list[str] = field(default_factory=list)
-    # Or a datasets.load_dataset call, as data.hf_dataset.
-    hf_dataset: Optional[dict[str, Any]] = None
-    # Or a mixture, as data.sources (max_pairs counts rows).
-    sources: Optional[list[dict[str, Any]]] = None
-    # The split of a save_to_disk DatasetDict.
-    split: str = "train"
-    # Rows with the same tokens: keep them or drop all but the first (quarantined).
-    duplicates: Literal["keep", "drop"] = "keep"
-    # Fraction of prompts held out for eval.
-    eval_fraction: float = 0.05
-    # Seeds the eval split and the order of the packed rows.
-    seed: int = 42
     # Column of a conversation: its last turn (the assistant's) is the completion, the turns
     # before it the prompt.
     messages_key: str = "messages"

@@ -261,7 +261,7 @@ def run_pipeline(
             manifest = write_manifest(
                 plan.dir, stage=name, fp=plan.fingerprint, inputs=plan.inputs,
                 settings=written, shards=shards, stats=stats, seconds=seconds,
-                models={p.key: p.record() for k, p in pinned.items() if k in STAGE_MODELS[name]},
+                models=used,
             )
             results[name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
             log(f"[{name}] done in {seconds:.1f}s")

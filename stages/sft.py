@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import packing
-from pipeline.config import SFT_TRAINING_KEYS, DataConfig, PipelineConfig, SFTDataConfig, for_workers
+from pipeline.config import SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
 from pipeline.storage import Loc
@@ -72,8 +72,7 @@ def own_data(cfg: PipelineConfig) -> tuple[PipelineConfig, SequenceRows] | None:
     d = cfg.sft.data
     if not isinstance(d, SFTDataConfig):
         return None
-    data = DataConfig(train_files=d.train_files, hf_dataset=d.hf_dataset, sources=d.sources, split=d.split,
-                      duplicates=d.duplicates, eval_fraction=d.eval_fraction, seed=d.seed)
+    data = DataConfig(**{f.name: getattr(d, f.name) for f in fields(RowSource)})  # the source keys; pair columns unused
     return replace(cfg, data=data), SequenceRows(d.messages_key, d.prompt_key, d.completion_key)
 
 

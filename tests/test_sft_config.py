@@ -4,7 +4,7 @@ tokenize -> sft -> score -> train (pipeline/runner.py's plan, no stage run)."""
 import pytest
 from helpers import tiny_config
 
-from pipeline.config import ConfigError, config_from_dict, to_dict
+from pipeline.config import ConfigError, as_written, config_from_dict, to_dict
 from pipeline.runner import plan_stages, status
 from pipeline.storage import Loc
 
@@ -30,6 +30,17 @@ def test_where_sft_runs_is_trains_what_it_trains_is_its_own(assets, tmp_path):
     again = to_dict(cfg)
     again["train"]["num_workers"], again["train"]["seed"] = 4, 3
     assert (config_from_dict(again).sft.num_workers, config_from_dict(again).sft.seed) == (4, 42)
+    # the config a run writes down (config.yaml) leaves the taken keys out: a rerun from it
+    # follows train, and a value set there for one of them wins
+    written = as_written(cfg)
+    assert "from_train" not in written["sft"] and "num_workers" not in written["sft"]
+    assert written["sft"]["cpus_per_worker"] == 0.5  # given under sft: kept
+    written["train"]["num_workers"] = 3
+    assert config_from_dict(written).sft.num_workers == 3
+    written["sft"]["zero_stage"] = 1
+    assert config_from_dict(written).sft.zero_stage == 1
+    with pytest.raises(ConfigError, match=r"^sft\.from_train: set by the pipeline"):
+        config_from_dict(dict(to_dict(cfg), sft=dict(to_dict(cfg)["sft"], from_train=["learning_rate"])))
 
 
 def test_sft_refuses_what_is_not_its_own(assets, tmp_path):
