@@ -3,7 +3,7 @@
 Each configuration runs in fresh processes (``torchrun``, gloo, CPU): every rank builds the
 train stage's engine (``stages.train.engine.build_engine``: the policy loaded under
 ``zero.Init``, the optimizer, the schedule), then runs ``--steps`` optimizer steps of the
-train stage's log-prob pass (``pipeline.logps.packed_token_logps``) over a packed row of
+train stage's log-prob pass (the completion tokens' NLL, through ``engine(row)``) over a packed row of
 ``--tokens`` tokens. Each rank records its resident memory (RSS) and its peak so far
 after each phase, and the bytes DeepSpeed holds in its own buffers. The arithmetic to
 compare with is ``16·N/world`` (fp32 weights, gradients and Adam's two moments).
@@ -76,9 +76,9 @@ def worker(a) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.logps import packed_token_logps
-    from pipeline.modeling import row_inputs
-    from stages.train.engine import build_engine, init_distributed, start_forward
+    from stages.train.engine import build_engine, init_distributed
+    from stages.train.forward import row_loss
+    from stages.train.sft import SFTObjective
 
     if a.zero:  # extra zero_optimization settings, over the train stage's own
         import cluster.deepspeed_config as deepspeed_config
@@ -97,18 +97,17 @@ def worker(a) -> None:
     phases = [("imports", rss(), peak())]
     train_cfg = TrainConfig(zero_stage=a.stage, num_workers=world, learning_rate=1e-5, report_to=[])
     model_cfg = ModelConfig(path=a.model_dir, dtype="float32", attn_implementation="segment_sdpa")
-    engine = build_engine(train_cfg, model_cfg, world, total_steps=10)
+    # the NLL of the completion tokens: the log-prob pass and its backward, through engine(row)
+    engine = build_engine(train_cfg, model_cfg, world, 10, SFTObjective(1024), torch.device("cpu"))
     phases.append(("engine built", rss(), peak()))
     n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     seg = a.tokens // 8  # four pairs: chosen and rejected of tokens/8 each, a quarter of it prompt
     vocab = engine.module.config.vocab_size
     row = {"input_ids": [(7 * i + rank) % vocab for i in range(8 * seg)],
-           "position_ids": [i % seg for i in range(8 * seg)], "seq_lens": [seg] * 8, "prompt_lens": [seg // 4] * 8}
-    input_ids, position_ids, layout = row_inputs(row, "cpu")
+           "position_ids": [i % seg for i in range(8 * seg)], "seq_lens": [seg] * 8, "prompt_lens": [seg // 4] * 8,
+           "num_tokens": 8 * seg}
     for step in range(a.steps):
-        start_forward(engine)
-        tok = packed_token_logps(engine.module, input_ids, position_ids, layout, 1024)
-        loss = -tok.logps.sum() / a.tokens
+        loss = row_loss(engine, row).loss_sum / a.tokens
         phases.append((f"step {step + 1} forward", rss(), peak()))
         engine.backward(loss)
         phases.append((f"step {step + 1} backward", rss(), peak()))

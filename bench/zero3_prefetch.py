@@ -40,12 +40,19 @@ def config(a, mode: str):
 
 def rank_main(a) -> None:
     """One rank (under torchrun): the train stage on the scored rows."""
-    import stages.train.engine as train_engine
+    import stages.train.loop as loop
     from pipeline import runner
     from stages import train
 
-    if a.mode == "no-prefetch":
-        train_engine.zero3_coordinator = lambda engine: None  # no step starts: no trace, no prefetch
+    if a.mode == "no-prefetch":  # DeepSpeed's step-start hook removed: no trace, no prefetch
+        build = loop.build_engine
+
+        def build_engine(*args, **kwargs):
+            engine = build(*args, **kwargs)
+            engine.optimizer.parameter_offload.fwd_pre_hook.remove()
+            return engine
+
+        loop.build_engine = build_engine
     cfg = config(a, a.mode)
     plans = runner.plan_stages(cfg)
     info = {"fingerprints": {s: p.fingerprint for s, p in plans.items()}, "config": {},

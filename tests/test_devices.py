@@ -64,3 +64,19 @@ def test_a_ray_cluster_without_gpus_refuses_a_gpu_score_before_placing_anything(
     assert time.time() - start < 60
     # refused on connecting, before the first stage: tokenize did not run either
     assert stage_state(runner.plan_stages(cfg)["tokenize"].dir) != "done"
+
+
+def test_a_rank_trains_on_the_gpu_ray_assigned_it(monkeypatch):
+    """Under Ray Train the device is Ray's (CUDA_VISIBLE_DEVICES per worker: LOCAL_RANK 1
+    may be the only GPU this worker sees, cuda:0); in one process it is cuda:LOCAL_RANK."""
+    import ray.train.torch
+
+    from stages.train.engine import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:0"))
+    assert rank_device(use_gpu=True, ray_train=True) == torch.device("cuda:0")
+    assert rank_device(use_gpu=True, ray_train=False) == torch.device("cuda:1")
+    assert rank_device(use_gpu=False, ray_train=True) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rank_device(use_gpu=True, ray_train=False) == torch.device("cuda:0")

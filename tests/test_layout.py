@@ -38,3 +38,13 @@ def test_the_shared_modules_import_no_training_method():
         imported[name] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     method_modules = {"pipeline.losses", "preference", "driver"}
     assert {k: v & method_modules for k, v in imported.items() if v & method_modules} == {}
+
+
+def test_the_train_stage_uses_deepspeeds_engine_through_its_front_door():
+    """The log-prob pass runs as ``engine(row)`` (forward.py): DeepSpeed's own bookkeeping
+    around a forward is never copied piece by piece (each copy missed the next piece:
+    prefetch, then accumulation, then offload's accumulation boundary)."""
+    internals = ("_backward_prologue", "clear_backward_seen_flag", "reset_step", "enter_backward",
+                 "set_gradient_accumulation_boundary")
+    found = {(p.name, word) for p in TRAIN.glob("*.py") for word in internals if word in p.read_text()}
+    assert not found, found

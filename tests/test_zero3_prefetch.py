@@ -1,6 +1,6 @@
-"""ZeRO-3 prefetches parameters: the log-prob pass calls the decoder and the LM head, not
-the top-level module whose pre-forward hook DeepSpeed relies on to start each step of its
-trace, so the loop starts it (``engine.start_forward``). On 2 ranks: the trace completes
+"""ZeRO-3 prefetches parameters: DeepSpeed starts each step of its trace in a pre-forward
+hook of the top-level module, which runs because the log-prob pass is that module's
+forward, called as ``engine(row)`` (stages/train/forward.py). On 2 ranks: the trace completes
 within the first steps, stays complete across evals and checkpoints, prefetches run, and
 the losses are bitwise those of the run without prefetching."""
 
@@ -54,7 +54,7 @@ def test_zero3_trace_completes_prefetches_and_leaves_the_losses_bitwise(assets, 
         settled = max(int(e.split()[-1]) for e in events if e.startswith("invalidated")) + 2
         assert all(states[settled:]), (states, events)
         assert rank["prefetches"] > 0
-    for rank in unfixed:  # before: only the top-level forwards (the load-time probe) start a step
+    for rank in unfixed:  # the hook removed: only the load-time probe's forwards start a step
         assert rank["complete_after_reset"].count(True) <= 1 and rank["prefetches"] == 0, rank
     assert [r for r in fixed_records if "loss" in r] != []
     strip = ("tokens_per_second", "time", "elapsed", "eta_seconds")

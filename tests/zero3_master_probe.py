@@ -1,6 +1,6 @@
 """Run by tests/test_zero3_memory.py in its own process (one ZeRO-3 rank, gloo): builds the
 train stage's engine on MODEL (fp32), runs 3 optimizer steps of the log-prob pass over a
-packed row, and writes what DeepSpeed holds and what the steps computed.
+packed row (the completion tokens' NLL, through ``engine(row)``), and writes what DeepSpeed holds and what the steps computed.
 
 Usage: python tests/zero3_master_probe.py MODEL fixed|unfixed OUT.json
 ("unfixed": cluster/zero3_master_weights.py not installed, as before the fix).
@@ -13,27 +13,25 @@ import torch
 
 import cluster.zero3_master_weights as zero3_master_weights
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.logps import packed_token_logps
-from pipeline.modeling import row_inputs
-from stages.train.engine import build_engine, init_distributed, start_forward
+from stages.train.engine import build_engine, init_distributed
+from stages.train.forward import row_loss
+from stages.train.sft import SFTObjective
 
 model, mode, out = sys.argv[1:4]
 if mode == "unfixed":
     zero3_master_weights.install = lambda: None
 init_distributed("gloo")
 engine = build_engine(TrainConfig(zero_stage=3, learning_rate=1e-2, report_to=[]),
-                      ModelConfig(path=model, dtype="float32"), 1, total_steps=3)
+                      ModelConfig(path=model, dtype="float32"), 1, 3, SFTObjective(1024), torch.device("cpu"))
 opt = engine.optimizer
 params = {t.untyped_storage().data_ptr() for t in opt.fp16_partitioned_groups_flat}
 copies = [t for t in opt.fp32_partitioned_groups_flat if t.untyped_storage().data_ptr() not in params]
 vocab = engine.module.config.vocab_size
 row = {"input_ids": [(7 * i) % vocab for i in range(64)], "position_ids": [i % 16 for i in range(64)],
-       "seq_lens": [16] * 4, "prompt_lens": [4] * 4}
-input_ids, position_ids, layout = row_inputs(row, "cpu")
+       "seq_lens": [16] * 4, "prompt_lens": [4] * 4, "num_tokens": 64}
 losses = []
 for _ in range(3):
-    start_forward(engine)
-    loss = -packed_token_logps(engine.module, input_ids, position_ids, layout).logps.sum() / 48
+    loss = row_loss(engine, row).loss_sum / 48  # the completion tokens' NLL, through engine(row)
     engine.backward(loss)
     engine.step()
     losses.append(loss.item().hex())

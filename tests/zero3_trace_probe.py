@@ -5,7 +5,8 @@ start of a forward, how often it was invalidated, and how many prefetch all-gath
 submitted.
 
 Usage: torchrun --nproc_per_node 2 tests/zero3_trace_probe.py CONFIG fixed|unfixed OUT_PREFIX
-("unfixed": start_forward without the coordinator's reset, as before the fix).
+("unfixed": DeepSpeed's pre-forward hook that starts each step of the coordinator's trace
+removed, as when the log-prob pass called the model's pieces instead of ``engine(row)``).
 """
 
 import json
@@ -16,7 +17,6 @@ from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedPara
 from deepspeed.utils.timer import SynchronizedWallClockTimer
 
 import cluster.deepspeed_config as deepspeed_config
-import stages.train.engine as train_engine
 import stages.train.loop as loop
 from pipeline import runner
 from pipeline.config import load_config
@@ -67,7 +67,14 @@ def build_ds_config(*args, **kwargs):
 
 deepspeed_config.build_ds_config = build_ds_config
 if mode == "unfixed":  # the coordinator is never told a step starts (accumulation still counted)
-    train_engine.zero3_coordinator = lambda engine: None
+    real_build_engine = loop.build_engine
+
+    def build_engine(*args, **kwargs):
+        engine = real_build_engine(*args, **kwargs)
+        engine.optimizer.parameter_offload.fwd_pre_hook.remove()
+        return engine
+
+    loop.build_engine = build_engine
 
 cfg = load_config(config)
 plans = runner.plan_stages(cfg)

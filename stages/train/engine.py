@@ -12,6 +12,9 @@ from pipeline.config import ModelConfig, TrainConfig
 from pipeline.logps import probe_packed_logps
 from pipeline.modeling import load_causal_lm
 
+from .forward import install as install_forward
+from .objective import Objective
+
 
 def init_distributed(backend: str) -> tuple[int, int]:
     """The process group (Ray Train sets RANK, WORLD_SIZE ...; one rank in-process)."""
@@ -34,6 +37,20 @@ def init_distributed(backend: str) -> tuple[int, int]:
         if own_port:
             del os.environ["MASTER_PORT"]
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def rank_device(use_gpu: bool, ray_train: bool) -> torch.device:
+    """The device a rank trains on. Under Ray Train, the GPU Ray assigned to this worker
+    (``ray.train.torch.get_device``): Ray sets ``CUDA_VISIBLE_DEVICES`` per worker, so
+    ``LOCAL_RANK`` need not index the visible devices (a node whose GPUs are shared by
+    several jobs, or 2 GPUs a worker). In one process (no Ray), ``cuda:LOCAL_RANK``."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if ray_train:
+        from ray.train.torch import get_device
+
+        return get_device()
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 
 def free_port() -> int:
@@ -112,8 +129,10 @@ def hidden_size(model_cfg: ModelConfig) -> int | None:
     return getattr(config, "hidden_size", None)
 
 
-def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, total_steps: int):
-    """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule."""
+def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, total_steps: int,
+                 objective: Objective, device: torch.device):
+    """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule;
+    ``engine(row)`` runs ``objective`` on a packed row (``forward.py``)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -152,36 +171,6 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
         # forward, which a partitioned model runs only inside its engine; every rank runs it
         # (the forward gathers parameters collectively), and all refuse alike.
         probe_packed_logps(engine.module, model_cfg.path)
+    install_forward(engine.module, objective, device)
     engine.train()
     return engine
-
-
-def zero3_coordinator(engine):
-    """ZeRO-3's parameter coordinator (which gathers each module's parameters before it
-    runs, and prefetches the next ones once it knows the order), or None below stage 3."""
-    offload = getattr(engine.optimizer, "parameter_offload", None)
-    return None if offload is None else offload.get_param_coordinator()
-
-
-def start_forward(engine) -> None:
-    """What DeepSpeed does when a forward starts, which the log-prob pass skips: it runs the
-    decoder and the LM head itself (``pipeline.logps.packed_token_logps``), never
-    ``engine.forward`` nor the top-level module's forward. Called before every micro-batch.
-
-    * ``engine.forward`` calls the ZeRO optimizer's ``clear_backward_seen_flag``, which moves
-      its micro-step counter on after a backward; at micro-step 0 a backward's gradient
-      replaces the partition's gradient instead of adding to it. Without this call every
-      micro-batch of a step replaced the one before, so gradient accumulation trained on
-      the last micro-batch of each rank only (1 rank x 2 micro-batches trained otherwise
-      than 2 ranks x 1: tests/test_accumulation.py).
-    * ZeRO-3's parameter coordinator starts a new step in a pre-forward hook of the top-level
-      module: without it the coordinator never completes its trace of the module order, and
-      every all-gather, in forward and backward, waits in line instead of being prefetched
-      (the arithmetic is the same either way)."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    if isinstance(engine.optimizer, ZeROOptimizer):
-        engine.optimizer.clear_backward_seen_flag()
-    coordinator = zero3_coordinator(engine)
-    if coordinator is not None:
-        coordinator.reset_step()

@@ -34,8 +34,9 @@ from pipeline.packing import MicroBatch, eval_plan
 from pipeline.storage import Loc
 
 from .checkpoints import discard_checkpoint, resume, save_checkpoint
-from .engine import build_engine, init_distributed, start_forward
+from .engine import build_engine, init_distributed, rank_device
 from .export import export_model
+from .forward import row_loss
 from .metrics import MetricsLog, MetricSums
 from .objective import Objective
 from .rows import RowReader, planned_steps, split_files, steps_per_epoch
@@ -94,7 +95,7 @@ def setup(spec: WorkerSpec) -> RankContext:
     require_gpu(train_cfg.use_gpu, f"{spec.stage}.use_gpu")
     use_cuda = train_cfg.use_gpu
     rank, world = init_distributed("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+    device = rank_device(use_cuda, spec.ray_train)
     if use_cuda:
         torch.cuda.set_device(device)
     else:
@@ -129,15 +130,14 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
     for mb in step_plan[ctx.rank]:
-        start_forward(engine)  # what engine.forward does first: count the micro-step, start ZeRO-3's trace
         with offload_activations(ctx.train_cfg.activation_offloading):
-            row_loss = ctx.objective(engine.module, ctx.train_rows[mb.row], ctx.device)
-        loss = row_loss.loss_sum * (mb.weight * scale)
-        if row_loss.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
-            loss = loss + mb.weight * row_loss.aux_loss
+            out = row_loss(engine, ctx.train_rows[mb.row])  # engine(row): the objective's pass (forward.py)
+        loss = out.loss_sum * (mb.weight * scale)
+        if out.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
+            loss = loss + mb.weight * out.aux_loss
         engine.backward(loss)
         engine.step()
-        sums.add(row_loss, mb.weight)
+        sums.add(out, mb.weight)
     metrics = sums.reduce()
     metrics.update(step=step, epoch=step / ctx.steps_per_epoch, learning_rate=lr,
                    grad_norm=float(engine.get_global_grad_norm() or 0.0),
@@ -147,12 +147,11 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
 
 def evaluate(engine, ctx: RankContext, step: int) -> dict:
     sums = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device)
-    engine.module.eval()
+    engine.eval()
     with torch.no_grad():
         for mb in eval_plan(ctx.eval_rows.num_rows, ctx.world)[ctx.rank]:
-            start_forward(engine)
-            sums.add(ctx.objective(engine.module, ctx.eval_rows[mb.row], ctx.device), mb.weight)
-    engine.module.train()
+            sums.add(row_loss(engine, ctx.eval_rows[mb.row]), mb.weight)
+    engine.train()
     return {"step": step, **sums.reduce("eval_")}
 
 
@@ -191,7 +190,7 @@ def train_worker(config: dict) -> None:
     ctx = setup(spec)
     write_pid(ctx)
     record_workers(ctx)
-    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps)
+    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg
 

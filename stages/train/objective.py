@@ -28,6 +28,18 @@ class RowLoss:
     units: int  # what the loss is normalised by, in this row (pairs, tokens ...)
     tokens: int  # tokens the row stores
 
+    def outputs(self) -> dict:
+        """As a module's forward returns it to DeepSpeed: a dict, whose tensors get the
+        engine's backward hooks (a dataclass's would not: ``forward.py``)."""
+        out = {"loss_sum": self.loss_sum, "metric_sums": self.metric_sums, "units": self.units, "tokens": self.tokens}
+        if self.aux_loss is not None:
+            out["aux_loss"] = self.aux_loss
+        return out
+
+    @classmethod
+    def from_outputs(cls, out: dict) -> RowLoss:
+        return cls(out["loss_sum"], out.get("aux_loss"), out["metric_sums"], out["units"], out["tokens"])
+
 
 class Objective(Protocol):
     unit: str  # the name of the normalising count, logged as a metric ("pairs")
