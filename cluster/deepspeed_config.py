@@ -87,6 +87,7 @@ def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int, hidden_
     if train_cfg.deepspeed:
         ds = merge_user_config(ds, train_cfg.deepspeed)
         check_offload(ds, train_cfg)
+        check_checkpointing(ds)
     return ds
 
 
@@ -142,6 +143,25 @@ def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
     if offload_device(ds, "offload_optimizer") and train_cfg.optimizer != "adamw":
         raise ConfigError(f"train.deepspeed: zero_optimization.offload_optimizer steps the optimizer on the CPU with "
                           f"DeepSpeedCPUAdam, and train.optimizer is {train_cfg.optimizer!r}: use adamw, or no offload")
+
+
+def check_checkpointing(ds: dict) -> None:
+    """Checkpoint settings the ranks would refuse only once the model has loaded: every
+    checkpoint is read through DeepSpeed's torch engine with ``weights_only=True``
+    (``stages/train/safe_load.py``), and a universal checkpoint is converted and loaded by
+    the pipeline when the worker count changes (``stages/train/universal.py``)."""
+    checkpoint = ds.get("checkpoint") or {}
+    if checkpoint.get("load_universal"):
+        raise ConfigError("train.deepspeed: checkpoint.load_universal: the pipeline converts a checkpoint to DeepSpeed's "
+                          "universal format and loads it itself when a run resumes on another worker count; remove "
+                          "the key")
+    if checkpoint.get("writer") is not None:
+        raise ConfigError("train.deepspeed: checkpoint.writer selects DeepSpeed's fast or decoupled checkpoint engine; "
+                          "checkpoints are written and read by its torch engine (read with weights_only=True): remove "
+                          "the key")
+    if ds.get("datastates_ckpt", False) is not False:
+        raise ConfigError("train.deepspeed: datastates_ckpt selects DataStates' checkpoint engine; checkpoints are "
+                          "written and read by DeepSpeed's torch engine (read with weights_only=True): remove the key")
 
 
 def check_nvme(ds: dict) -> None:

@@ -76,6 +76,28 @@ def test_offload_needs_what_it_needs():
         built(OFFLOAD, optimizer="rmsprop")
 
 
+@pytest.mark.parametrize("ds, message", [
+    ({"checkpoint": {"load_universal": True}}, r"train.deepspeed: checkpoint.load_universal: the pipeline converts a "
+                                               r"checkpoint to DeepSpeed's universal format and loads it itself"),
+    ({"checkpoint": {"writer": {"type": "fast"}}}, r"train.deepspeed: checkpoint.writer selects DeepSpeed's fast or "
+                                                   r"decoupled checkpoint engine"),
+    ({"checkpoint": {"writer": {"decoupled": True}}}, r"train.deepspeed: checkpoint.writer selects"),
+    ({"datastates_ckpt": {}}, r"train.deepspeed: datastates_ckpt selects DataStates' checkpoint engine"),
+])
+def test_checkpoint_engines_the_ranks_cannot_load_are_refused_on_the_driver(ds, message):
+    """Before, these passed the driver's preflight and every rank refused them only after
+    the model had loaded (stages/train/safe_load.py)."""
+    from stages.train import preflight
+
+    cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"deepspeed": ds})
+    with pytest.raises(ConfigError, match=message):
+        preflight(cfg.train, cfg.model.dtype)
+    with pytest.raises(ConfigError, match=message.replace("train.deepspeed", "sft.deepspeed")):
+        preflight(cfg.train, cfg.model.dtype, "sft")
+    preflight(tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"deepspeed": {
+        "checkpoint": {"load_universal": False, "tag_validation": "fail"}}}).train, "float32")  # these stay allowed
+
+
 def test_the_json_file_is_read_when_the_config_is_loaded(assets, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(OFFLOAD))
