@@ -2,7 +2,9 @@
 
 ``model.path``, ``model.reference_path`` and ``model.tokenizer_path`` name one of:
 
-* a local directory (an existing directory of that name wins over a Hub id);
+* a local directory (an existing directory of that name wins over a Hub id; a name that
+  starts with ``/``, ``./``, ``../`` or ``~`` is a path, and one that is not a directory is
+  refused, never taken for a Hub id);
 * a Hub id, ``org/name``, at ``model.revision`` (or ``org/name@revision``), fetched
   through ``huggingface_hub``: its cache, ``HF_HOME``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``;
 * a URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``, ``file://``): the files under it
@@ -91,10 +93,13 @@ def _split_digest(uri: str) -> tuple[str, Optional[str]]:
     return uri, None
 
 
+PATH_PREFIXES = ("/", "./", "../", "~")  # how a path is written; a Hub id never starts so
+
+
 def kind_of(name: str) -> str:
     if is_uri(name):
         return "uri"
-    if Path(name).expanduser().is_dir():
+    if name.startswith(PATH_PREFIXES) or Path(name).expanduser().is_dir():
         return "local"
     return "hub"
 
@@ -144,6 +149,10 @@ def pin_trained(cfg: PipelineConfig, export: str, digest: str) -> tuple[Pipeline
 
 def _check_names(cfg: PipelineConfig, names: dict[str, str]) -> None:
     kinds = {key: kind_of(name) for key, name in names.items()}
+    for key, name in names.items():
+        if kinds[key] == "local" and not Path(name).expanduser().is_dir():
+            raise ConfigError(f"model.{key}: {name}: no such directory (a name starting with "
+                              f"{', '.join(PATH_PREFIXES)} is a local path, not a Hub id)")
     if cfg.model.revision is not None and kinds["path"] != "hub":
         raise ConfigError(f"model.revision: {cfg.model.revision!r} is for a Hub id, and model.path "
                           f"{cfg.model.path!r} is a {'local directory' if kinds['path'] == 'local' else 'URI'}")

@@ -279,3 +279,35 @@ def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, 
     # one download per node: the two processes of node-0 used the same copy (the lock)
     assert results[0][0][1] == results[1][0][1] != results[2][0][1]
     assert not list((tmp_path / "node-0" / "models").glob("*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_MODELS = {"qwen2.5-1.5b-1node.yaml": "/mnt/shared/models/Qwen2.5-1.5B-Instruct",
+                  "llama3.1-8b-multinode.yaml": "/mnt/shared/models/Meta-Llama-3.1-8B-Instruct"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
+def test_a_shipped_config_names_its_model_directory_and_runs_once_adapted(name, assets, tmp_path, capsys):
+    """A path that is not a directory here was taken for a Hub id, and the shipped GPU
+    configs stopped on their Hub settings (cluster.runtime_env HF_HUB_OFFLINE). As shipped,
+    `status` names the directory to adapt; with the ADAPT paths on this machine, it passes."""
+    from pipeline import cli
+
+    assert cli.main(["status", str(CONFIGS / name)]) == 2
+    assert capsys.readouterr().err == (f"error: model.path: {SHIPPED_MODELS[name]}: no such directory (a name starting "
+                                       f"with /, ./, ../, ~ is a local path, not a Hub id)\n")
+    adapted = [f"run_dir={tmp_path / 'run'}", f"model.path={assets['model']}", f"data.train_files=[{assets['data']}]"]
+    assert cli.main(["status", str(CONFIGS / name), *adapted]) == 0
+    table = capsys.readouterr().out
+    assert [line.split()[:3:2] for line in table.splitlines()[1:]] == [
+        ["tokenize", "missing"], ["sft", "not"], ["score", "missing"], ["train", "missing"]], table
+
+
+@pytest.mark.parametrize("written", ["./no-model", "../no-model", "~/no-such-model-dir", "/no/such/model"])
+def test_a_path_that_is_no_directory_is_never_a_hub_id(assets, hub, tmp_path, written):
+    with pytest.raises(ConfigError, match=rf"model.tokenizer_path: {written}: no such directory"):
+        models.pin(tiny_config(assets, tmp_path / "run", model={"tokenizer_path": written}))
+    assert models.kind_of("org/name") == "hub" and models.kind_of(str(assets["model"])) == "local"
