@@ -106,7 +106,7 @@ def test_resume_on_one_worker_from_two(assets, tmp_path, ray_cluster):
                                                       "fingerprints": {}})
     spec.cfg_dict["train"]["resume_from_checkpoint"] = "step-00000010"
     ctx = setup(spec)
-    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps)
+    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
     assert resume(engine, ctx, MetricsLog(ctx)) == 10
     checked = 0
     for name, param in engine.module.named_parameters():
