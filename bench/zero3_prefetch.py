@@ -1,10 +1,10 @@
 """ZeRO-3 step time with and without parameter prefetch, measured in the same run.
 
-The train stage starts each forward of ZeRO-3's parameter coordinator itself
-(``stages/train/engine.start_forward``), since the log-prob pass never calls the top-level
-module whose hook does it; without it DeepSpeed never completes its trace and never
-prefetches. This runs the same train stage twice on 2 ranks (torchrun, gloo on CPU or
-NCCL on GPUs): "prefetch" as shipped, "no-prefetch" with the coordinator never told a step starts, and
+DeepSpeed starts each step of ZeRO-3's parameter coordinator in a pre-forward hook of the
+top-level module, which runs because the log-prob pass is that module's forward, called as
+``engine(row)`` (stages/train/forward.py); without it DeepSpeed never completes its trace
+and never prefetches. This runs the same train stage twice on 2 ranks (torchrun, gloo on
+CPU or NCCL on GPUs): "prefetch" as shipped, "no-prefetch" with that hook removed, and
 prints the mean step time of each (first two steps excluded) and their ratio.
 
     python bench/zero3_prefetch.py [--steps 8] [--hidden 512] [--layers 8] [--out /tmp/zero3-bench]

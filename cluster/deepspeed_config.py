@@ -87,7 +87,7 @@ def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int, hidden_
     if train_cfg.deepspeed:
         ds = merge_user_config(ds, train_cfg.deepspeed)
         check_offload(ds, train_cfg)
-        check_checkpointing(ds)
+        check_refused(ds)
     return ds
 
 
@@ -145,11 +145,17 @@ def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
                           f"DeepSpeedCPUAdam, and train.optimizer is {train_cfg.optimizer!r}: use adamw, or no offload")
 
 
-def check_checkpointing(ds: dict) -> None:
-    """Checkpoint settings the ranks would refuse only once the model has loaded: every
-    checkpoint is read through DeepSpeed's torch engine with ``weights_only=True``
-    (``stages/train/safe_load.py``), and a universal checkpoint is converted and loaded by
-    the pipeline when the worker count changes (``stages/train/universal.py``)."""
+def check_refused(ds: dict) -> None:
+    """Settings the ranks would refuse only once the model has loaded, or that would change
+    the log-prob pass: every checkpoint is read through DeepSpeed's torch engine with
+    ``weights_only=True`` (``stages/train/safe_load.py``), a universal checkpoint is
+    converted and loaded by the pipeline when the worker count changes
+    (``stages/train/universal.py``), and ``engine(row)`` runs the pass under
+    ``torch_autocast`` when it is on."""
+    if (ds.get("torch_autocast") or {}).get("enabled"):
+        raise ConfigError("train.deepspeed: torch_autocast.enabled would run the policy's log-prob pass under autocast, "
+                          "and the reference columns were scored in model.dtype without it (step 0 would no longer be "
+                          "policy == reference): set model.dtype instead, and remove the key")
     checkpoint = ds.get("checkpoint") or {}
     if checkpoint.get("load_universal"):
         raise ConfigError("train.deepspeed: checkpoint.load_universal: the pipeline converts a checkpoint to DeepSpeed's "
@@ -162,6 +168,20 @@ def check_checkpointing(ds: dict) -> None:
     if ds.get("datastates_ckpt", False) is not False:
         raise ConfigError("train.deepspeed: datastates_ckpt selects DataStates' checkpoint engine; checkpoints are "
                           "written and read by DeepSpeed's torch engine (read with weights_only=True): remove the key")
+
+
+def check_with_deepspeed(ds: dict) -> None:
+    """DeepSpeed's own validation of the merged config (removed sections such as ``nebula``,
+    unknown ``zero_optimization`` keys, invalid values), on the driver, where a refusal
+    costs nothing; the ranks would meet it only after the model has loaded. The batch size
+    is left to DeepSpeed to derive: the driver has no process group of the run's size."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+    except Exception as e:  # DeepSpeedConfigError, pydantic's ValidationError, assertions
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"train.deepspeed: DeepSpeed refuses the merged config: {detail[:400]}") from None
 
 
 def check_nvme(ds: dict) -> None:

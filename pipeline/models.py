@@ -206,6 +206,11 @@ def local_dir(name: str, mcfg: ModelConfig, kind: str = "model") -> str:
     "model" (config, weights, tokenizer) or "tokenizer" (what is fetched from the Hub)."""
     where = kind_of(name)
     if where == "local":
+        if not Path(name).expanduser().is_dir():  # the driver saw it: this node does not
+            import socket
+
+            raise FileNotFoundError(f"model: {name}: no such directory on {socket.gethostname()}; every node must "
+                                    f"see it (a shared file system), or name it by URI or Hub id")
         return str(Path(name).expanduser().resolve())
     if where == "uri":
         base, digest = _split_digest(name)

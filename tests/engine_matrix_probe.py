@@ -2,7 +2,8 @@
 engine and loop (``build_engine``, ``train_step``) on CONFIG's scored rows, once per case
 of the ZeRO x offload x accumulation matrix, 3 optimizer steps each, every case in this
 one launch. Buckets are far smaller than the gradient (the tiny model's 140k parameters
-cross hundreds of them), as an 8B model's gradient crosses hidden² buckets.
+cross about 70 of them, each weight matrix on its own), as an 8B model's gradient crosses
+hidden² buckets.
 
 Rank 0 writes OUT.json: for each case, the largest difference of any parameter from its
 reference case (ZeRO-0, no offload, the same accumulation, dtype and LoRA), the parameter

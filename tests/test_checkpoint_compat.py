@@ -71,7 +71,8 @@ def test_a_checkpoint_from_before_the_front_door_resumes(assets, tmp_path, capsy
     assert f"[train] resumed from {out / 'checkpoints' / 'step-00000002'} at step 2" in said, said
     got = losses(cfg)
     assert sorted(got) == [1, 2, 3, 4]
-    assert [got[s] for s in (1, 2)] == [want[s] for s in (1, 2)]  # the old run's, as logged before the change
+    # the old run's, as logged before the change (on another machine: to the last bits of the CPU's kernels)
+    assert [got[s] for s in (1, 2)] == pytest.approx([want[s] for s in (1, 2)], abs=1e-6)
     assert [got[s] for s in (3, 4)] == pytest.approx([want[s] for s in (3, 4)], abs=1e-6)
     assert got[4] < got[1]  # it trained
 

@@ -118,3 +118,14 @@ def test_shipped_configs_load(name):
         assert cfg.train.use_gpu and cfg.score.num_gpus_per_actor == 1
         assert cfg.model.dtype == "bfloat16" and cfg.train.zero_stage == 3
         assert "://" in cfg.run_dir  # shared storage
+
+
+def test_run_help_lists_every_stage(capsys):
+    from pipeline import cli
+    from pipeline.runner import STAGES
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"comma-separated subset of {','.join(STAGES)}" in text and "sft" in STAGES
+    assert f"run this stage ({', '.join(STAGES)}) and every later one" in text

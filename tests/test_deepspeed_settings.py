@@ -83,10 +83,19 @@ def test_offload_needs_what_it_needs():
                                                    r"decoupled checkpoint engine"),
     ({"checkpoint": {"writer": {"decoupled": True}}}, r"train.deepspeed: checkpoint.writer selects"),
     ({"datastates_ckpt": {}}, r"train.deepspeed: datastates_ckpt selects DataStates' checkpoint engine"),
+    ({"torch_autocast": {"enabled": True}}, r"train.deepspeed: torch_autocast.enabled would run the policy's log-prob "
+                                            r"pass under autocast"),
+    ({"nebula": {"enabled": True}}, r"train.deepspeed: DeepSpeed refuses the merged config: Nebula checkpointing has "
+                                    r"been removed"),
+    ({"zero_optimization": {"stage3_prefetch_bucket": 10}}, r"DeepSpeed refuses the merged config: .*"
+                                                            r"stage3_prefetch_bucket Extra inputs are not permitted"),
+    ({"checkpoint": {"tag_validation": "bogus"}}, r"DeepSpeed refuses the merged config: Checkpoint config contains "
+                                                  r"invalid tag_validation value of BOGUS"),
 ])
 def test_checkpoint_engines_the_ranks_cannot_load_are_refused_on_the_driver(ds, message):
-    """Before, these passed the driver's preflight and every rank refused them only after
-    the model had loaded (stages/train/safe_load.py)."""
+    """Before, the checkpoint engines passed the driver's preflight and every rank refused
+    them only after the model had loaded (stages/train/safe_load.py); autocast would have
+    run, the log-prob pass going through engine.forward."""
     from stages.train import preflight
 
     cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"deepspeed": ds})

@@ -2,6 +2,7 @@
 CUDA device), and on the driver before anything is placed (a Ray cluster with no GPU
 resource, where Ray would otherwise wait forever)."""
 
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def test_a_rank_trains_on_the_gpu_ray_assigned_it(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:0"))
     assert rank_device(use_gpu=True, ray_train=True) == torch.device("cuda:0")
+    assert os.environ["LOCAL_RANK"] == "0"  # what DeepSpeed's engine and zero.Init place tensors by
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert rank_device(use_gpu=True, ray_train=False) == torch.device("cuda:1")
     assert rank_device(use_gpu=False, ray_train=True) == torch.device("cpu")
     monkeypatch.delenv("LOCAL_RANK")

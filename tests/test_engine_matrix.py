@@ -5,22 +5,24 @@ DeepSpeed keeps its bookkeeping in ``engine.forward`` (the micro-step count, ZeR
 trace, the accumulation boundary that offload reads during the backward): the log-prob
 pass goes through ``engine(row)`` so all of it runs. On 2 CPU ranks, in one launch, the
 train stage's own engine and loop run 3 optimizer steps per case with buckets of 2,000
-elements (the tiny model's weight matrices hold 4k to 33k), and every parameter must
-equal the ZeRO-0 run's:
+elements (the tiny model's weight matrices hold 2k to 33k, 140k parameters in about 70
+buckets; LoRA's 8k trainable ones in 4), and every parameter must equal the ZeRO-0 run's:
 
 * fp32: ZeRO 1/2/3, offload_optimizer (ZeRO 1-3), offload_param (ZeRO-3), accumulation
   1 and 3, and LoRA (ZeRO-3, offload_optimizer, accumulation 3): to 1e-6. Adam's epsilon
   is 1e-6 here, not 1e-8: an element whose gradient is a cancellation near 5e-9 is moved
   by lr * g / (|g| + eps), so at eps 1e-8 a rounding difference of the reduction order
-  (1e-11: ZeRO-3's step-1 gradient -5.224e-9 against ZeRO-0's -5.311e-9) became 4e-6 of
+  (9e-11: ZeRO-3's step-1 gradient -5.224e-9 against ZeRO-0's -5.311e-9) became 4e-6 of
   parameter. The defect moves parameters by the learning rate's order (4e-3).
 * bf16 (ZeRO-3, offload_optimizer, accumulation 3): within 0.01 of the distance its
-  parameters moved (L2) from bf16 ZeRO-3 without offload, the same gradient arithmetic
-  (measured 0.0038; the defect: 0.81); and no farther from bf16 ZeRO-0 than that run is,
-  plus 0.01. Every ZeRO stage in bf16, offload or not, ends 0.260 of the move away from
-  ZeRO-0, which runs DeepSpeed's DDP-bf16 optimizer wrapper (another path for the
-  gradients; in bf16, Adam turns rounding differences of near-cancelled gradients into
-  moves of the learning rate's size); the defect: 0.91.
+  parameters moved (L2) from bf16 ZeRO-3 without offload, which accumulates and reduces
+  the gradients alike and steps torch's AdamW instead of DeepSpeed's CPU Adam (measured
+  0.0038; the defect: 0.81); and no farther from bf16 ZeRO-0 than that run is, plus 0.01.
+  Every ZeRO stage in bf16, offload or not, ends 0.260 of the move away from ZeRO-0,
+  which runs DeepSpeed's DDP-bf16 optimizer wrapper (another path for the gradients; in
+  bf16, Adam turns rounding differences of near-cancelled gradients into moves of the
+  learning rate's size): ZeRO-2 and ZeRO-3 without offload are held within 0.35 of it
+  (the defect: 0.91).
 """
 
 import json
@@ -74,3 +76,5 @@ def test_bf16_parameters_equal_their_peers(matrix):
     assert got["peer"]["update_distance"] <= 0.01, got["peer"]
     assert got["update_distance"] <= matrix["bf16-zero3-accum3"]["update_distance"] + 0.01, got
     assert got["reference_moved"] > 1e-3
+    for peer in ("bf16-zero2-accum3", "bf16-zero3-accum3"):  # the paths the defect never touched
+        assert matrix[peer]["update_distance"] <= 0.35, (peer, matrix[peer])

@@ -311,3 +311,6 @@ def test_a_path_that_is_no_directory_is_never_a_hub_id(assets, hub, tmp_path, wr
     with pytest.raises(ConfigError, match=rf"model.tokenizer_path: {written}: no such directory"):
         models.pin(tiny_config(assets, tmp_path / "run", model={"tokenizer_path": written}))
     assert models.kind_of("org/name") == "hub" and models.kind_of(str(assets["model"])) == "local"
+    # a node that does not see the driver's directory says so, naming itself
+    with pytest.raises(FileNotFoundError, match=rf"model: {written}: no such directory on \S+; every node must see it"):
+        models.local_dir(written, tiny_config(assets, tmp_path / "run").model)

@@ -101,11 +101,13 @@ def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
     """What would stop a training stage, checked on the driver before any stage runs: the
     user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op. Errors
     name the stage's keys (``sft.zero_stage`` for the sft stage)."""
-    from cluster.deepspeed_config import build_ds_config, check_nvme
+    from cluster.deepspeed_config import build_ds_config, check_nvme, check_with_deepspeed
 
     if train_cfg.deepspeed:
         try:
-            check_nvme(build_ds_config(train_cfg, dtype, train_cfg.num_workers))
+            ds = build_ds_config(train_cfg, dtype, train_cfg.num_workers)
+            check_with_deepspeed(ds)
+            check_nvme(ds)
         except ConfigError as e:
             raise ConfigError(rename_group(str(e), "train", stage)) from None
 

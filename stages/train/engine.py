@@ -41,15 +41,20 @@ def init_distributed(backend: str) -> tuple[int, int]:
 
 def rank_device(use_gpu: bool, ray_train: bool) -> torch.device:
     """The device a rank trains on. Under Ray Train, the GPU Ray assigned to this worker
-    (``ray.train.torch.get_device``): Ray sets ``CUDA_VISIBLE_DEVICES`` per worker, so
-    ``LOCAL_RANK`` need not index the visible devices (a node whose GPUs are shared by
-    several jobs, or 2 GPUs a worker). In one process (no Ray), ``cuda:LOCAL_RANK``."""
+    (``ray.train.torch.get_device``): ``LOCAL_RANK`` is the worker's rank on its node,
+    which need not index that GPU among the visible ones (Ray's GPU ids are not handed out
+    in local-rank order, a node's GPUs may be shared by several jobs, a worker may have 2).
+    DeepSpeed places the engine, and ``zero.Init`` the partitions, on ``cuda:LOCAL_RANK``,
+    so ``LOCAL_RANK`` is set to the assigned device's index. In one process (no Ray),
+    ``cuda:LOCAL_RANK``."""
     if not use_gpu:
         return torch.device("cpu")
     if ray_train:
         from ray.train.torch import get_device
 
-        return get_device()
+        device = get_device()
+        os.environ["LOCAL_RANK"] = str(device.index or 0)
+        return device
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 

@@ -44,5 +44,8 @@ def install(model: torch.nn.Module, objective: Objective, device: torch.device) 
 
 
 def row_loss(engine, row: dict) -> RowLoss:
-    """One packed row through the engine's front door."""
-    return RowLoss.from_outputs(engine(row))
+    """One packed row through the engine's front door. The row goes by keyword: ZeRO-3's
+    pre-forward hook walks the positional inputs element by element for tensors (every id
+    and reference log-prob of the row's lists: 31 ms a 32k-token row here), and the keyword
+    arguments not at all."""
+    return RowLoss.from_outputs(engine(row=row))
