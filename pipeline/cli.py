@@ -14,16 +14,17 @@ from pipeline.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.runner import STAGES
+    from pipeline.stage import names
 
+    stages = names()  # the registered stages, in order
     p = argparse.ArgumentParser(prog="dpo-pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline's stages (done ones are skipped)")
     run.add_argument("config")
     run.add_argument("overrides", nargs="*", help="key.sub=value")
-    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
-    run.add_argument("--from", dest="from_stage", help=f"run this stage ({', '.join(STAGES)}) and every later one")
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(stages)}")
+    run.add_argument("--from", dest="from_stage", help=f"run this stage ({', '.join(stages)}) and every later one")
     run.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
     run.add_argument("--no-ray", action="store_true",
                      help="run every stage's core in this process, one train rank (no Ray)")

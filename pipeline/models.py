@@ -67,7 +67,7 @@ class Pinned:
     commit: Optional[str] = None  # hub: the commit it pointed to
     digest: Optional[str] = None  # uri: sha256 over its files' sha256
     # a model this run trained (the sft export): sha256 over its files as its stage's manifest
-    # committed them, wherever it lies (runner.stale_sft_output compares them)
+    # committed them, wherever it lies (runner.stale_output compares them)
     export_digest: Optional[str] = None
 
     def record(self) -> dict:
@@ -137,13 +137,18 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
     return dataclasses.replace(cfg, model=model), done
 
 
-def pin_trained(cfg: PipelineConfig, export: str, digest: str) -> tuple[PipelineConfig, Pinned]:
-    """The config with ``model.path`` the model a stage of this run trained (the sft
-    export), pinned as a config's name would be; the tokenizer stays the one tokenize used.
+def pin_trained(cfg: PipelineConfig, export: str, digest: str,
+                keys: tuple[str, ...] = ("path", "reference_path")) -> tuple[PipelineConfig, Pinned]:
+    """The config with ``model.path`` the model a stage of this run trained (the sft or
+    train export), pinned as a config's name would be; the tokenizer stays the one tokenize
+    used. ``keys``: the model keys it becomes; the reference stays what it was unless
+    ``reference_path`` is one of them (the sft export is the reference, train's is not).
     ``digest``: of its files as the stage's manifest committed them, recorded by the
-    stages that load it (``runner.stale_sft_output`` compares them)."""
+    stages that load it (``runner.stale_output`` compares them)."""
     done = dataclasses.replace(_pin_one("model.path", export, cfg.model, {"model"}), export_digest=digest)
-    model = dataclasses.replace(cfg.model, path=done.pinned, tokenizer_path=cfg.tokenizer_path, revision=None)
+    reference = {} if "reference_path" in keys else {"reference_path": cfg.reference_path}
+    model = dataclasses.replace(cfg.model, path=done.pinned, tokenizer_path=cfg.tokenizer_path, revision=None,
+                                **reference)
     return dataclasses.replace(cfg, model=model), done
 
 

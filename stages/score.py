@@ -28,7 +28,8 @@ from pipeline.logps import packed_token_logps, segment_sums
 from pipeline import placement
 from pipeline.modeling import load_causal_lm, row_inputs
 from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.stage import RunContext, Stage
 from pipeline.storage import Loc
 from stages.tokenize import ROW_GROUP_ROWS
 
@@ -220,3 +221,33 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
         )
         scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
     return _finish(in_manifest, out_dir, scored)
+
+
+# ----------------------------------------------------------------------------- the stage's door
+
+
+def _run(ctx: RunContext):
+    rows = ctx.dir("tokenize")
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, read_manifest(rows), ctx.out)
+
+
+def _needed(cfg: PipelineConfig) -> str | None:
+    from pipeline.config import build_loss
+
+    return None if build_loss(cfg.train).needs_reference else "the loss is reference-free"
+
+
+STAGE = Stage(
+    name="score",
+    # with sft, its export is the reference: its fingerprint stands for it
+    fingerprint_inputs=lambda cfg, cache, fingerprints: fingerprint_inputs(cfg, cache, fingerprints["tokenize"],
+                                                                           sft=fingerprints.get("sft")),
+    run=_run,
+    needed=_needed,
+    reads=lambda cfg, planned: {"tokenize"} | ({"sft"} & planned),
+    models=("reference_path",),
+    loads={"sft": "reference_path"},
+    resumes=True,
+    # a partial output keeps its committed shards and scores only the missing ones
+    partial=lambda out: {"rows": f"{len(out.glob('*.parquet'))} shards"},
+)

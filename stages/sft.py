@@ -13,7 +13,6 @@ from (``pipeline.runner`` hands it on).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, fields, replace
 
@@ -25,14 +24,17 @@ import pyarrow.parquet as pq
 from pipeline import packing
 from pipeline.config import SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers
 from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.stage import Stage
 from pipeline.storage import Loc
 from pipeline.sft_formats import SequenceRows
 from stages import tokenize
 from stages.tokenize import ROW_GROUP_ROWS, assemble_sequences, sequence_table
 from stages.train.driver import STAGE_VERSION as LOOP_VERSION
-from stages.train.driver import check_global_batch, launch, model_settings, summarize, training_settings
+from stages.train.driver import (NO_EVAL, check_before_run, check_global_batch, launch, model_settings, summarize,
+                                 training_settings)
 from stages.train.export import EXPORT_DIR, merge_adapter
+from stages.train.export import export_digest as digest_of_export
 from stages.train.loop import WorkerSpec
 from stages.train.metrics import METRICS_FILE, read_metrics
 from stages.train.rows import split_files
@@ -77,15 +79,8 @@ def own_data(cfg: PipelineConfig) -> tuple[PipelineConfig, SequenceRows] | None:
 
 
 def export_digest(cfg: PipelineConfig, out: Loc) -> str:
-    """sha256 over the exported model's files as the stage's manifest committed them (their
-    names and sha256): which SFT model score and train loaded."""
-    import hashlib
-
-    prefix = str(export_dir(cfg, out).relative_to(Loc(out))) + "/"
-    merged = f"{EXPORT_DIR}/merged/"
-    files = sorted((s["name"], s["sha256"]) for s in read_manifest(out)["shards"]
-                   if s["name"].startswith(prefix) and (prefix == merged or not s["name"].startswith(merged)))
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    """Which SFT model score and train loaded (``stages.train.export.export_digest``)."""
+    return digest_of_export(out, export_dir(cfg, out))
 
 
 # ----------------------------------------------------------------------------- rows
@@ -216,3 +211,33 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
                  eval_chosen_logp_per_token={"base": None if evals[0] is None else -evals[0],
                                              "sft": None if evals[1] is None else -evals[1]})
     return row_shards + [ShardInfo.of(f, 0, base=out) for f in files], stats
+
+
+# ----------------------------------------------------------------------------- the stage's door
+
+
+def summary_lines(stats: dict) -> list[str]:
+    logp = stats["eval_chosen_logp_per_token"]
+    evaluated = (f"eval split's mean chosen log-prob per token {logp['base']:.4f} under the base model, "
+                 f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else NO_EVAL
+    return [f"sft: {stats['steps']} steps, loss {stats['step0_loss']:.4f} -> {stats['final_loss']:.4f}, {evaluated}",
+            f"SFT model (the reference and the policy's start): {stats['export']}"]
+
+
+STAGE = Stage(
+    name="sft",
+    fingerprint_inputs=lambda cfg, cache, fingerprints: fingerprint_inputs(cfg, cache, fingerprints["tokenize"]),
+    run=lambda ctx: run(ctx.cfg, ctx.dir("tokenize"), ctx.out, ctx.info("tokenize"), ctx.use_ray),
+    needed=lambda cfg: None if cfg.sft.enabled else "sft.enabled is false (the reference is model.reference_path or "
+                                                     "model.path)",
+    optional=True,
+    # with data of its own it reads no tokenize output (--stages sft needs none)
+    reads=lambda cfg, planned: {"tokenize"} if cfg.sft.data == "chosen" else set(),
+    models=("path", "tokenizer_path"),
+    resumes=True,  # from its newest complete checkpoint
+    export=lambda cfg, out: (export_dir(cfg, out), export_digest(cfg, out)),
+    makes="an SFT model",
+    hands_on=("path", "reference_path"),  # the reference score loads and the policy train starts from
+    preflight=lambda cfg, use_ray: check_before_run(cfg.sft_training(), cfg, "sft", use_ray),
+    summary=summary_lines,
+)

@@ -35,6 +35,7 @@ from pipeline.config import PipelineConfig, shares_prompt
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.sft_formats import SequenceRows
+from pipeline.stage import RunContext, Stage
 from pipeline.storage import Loc
 
 STAGE_VERSION = 5  # 3: rows may share prompts; 4: data.seed seeds the split and shuffle; 5: split keyed on the row's prompt
@@ -638,3 +639,18 @@ def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[Shard
         return ray.get([task.remote(**group) for group in groups])
 
     return tokenize_all(cfg, out_dir, tokenize_units, write_groups, sequences=isinstance(rows, SequenceRows))
+
+
+# ----------------------------------------------------------------------------- the stage's door
+
+
+def _run(ctx: RunContext) -> tuple[list[ShardInfo], dict]:
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, ctx.out)
+
+
+STAGE = Stage(
+    name="tokenize",
+    fingerprint_inputs=lambda cfg, cache, fingerprints: fingerprint_inputs(cfg, cache),
+    run=_run,
+    models=("tokenizer_path",),  # a partial output is cleared (resumes: False): the rows depend on every read unit
+)

@@ -130,7 +130,11 @@ def test_an_output_made_from_another_sft_model_is_stale(tmp_path):
     import json
 
     from pipeline.models import Pinned
-    from pipeline.runner import SFT_MARKER, StagePlan, stale_sft_output
+    from pipeline.runner import StagePlan
+    from pipeline.runner import stale_output as stale_sft_output
+    from pipeline.stage import model_marker
+
+    SFT_MARKER = model_marker("sft")
 
     plan = StagePlan("score", "f" * 16, Loc(tmp_path / "score"), {})
     now = Pinned("model.path", "x", "local", "/x", export_digest="b" * 64)

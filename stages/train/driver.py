@@ -14,10 +14,11 @@ from pipeline.config import PipelineConfig, TrainConfig, build_loss, for_workers
 from pipeline.models import local_dir
 from pipeline.config import ConfigError
 from pipeline.rundir import MANIFEST, HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.stage import RunContext, Stage
 from pipeline.storage import Loc
 
 from .checkpoints import CHECKPOINT_DIR, complete_checkpoints
-from .export import EXPORT_DIR, merge_adapter
+from .export import EXPORT_DIR, export_digest, merge_adapter
 from .loop import WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
 from .preference import PreferenceObjective
@@ -110,6 +111,17 @@ def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
             check_nvme(ds)
         except ConfigError as e:
             raise ConfigError(rename_group(str(e), "train", stage)) from None
+
+
+def check_before_run(train_cfg: TrainConfig, cfg: PipelineConfig, stage: str, use_ray: bool) -> None:
+    """A training stage's checks before any stage runs: ``preflight``, and that the trackers
+    it reports to are ready where its ranks run (under Ray they see runtime_env's env_vars)."""
+    preflight(train_cfg, cfg.model.dtype, stage)
+    if train_cfg.report_to:
+        from pipeline.tracking import check_ready
+
+        ranks_env = {**os.environ, **(cfg.cluster.runtime_env.get("env_vars", {}) if use_ray else {})}
+        check_ready(train_cfg.report_to, ranks_env, on_ray=use_ray)
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -227,3 +239,53 @@ def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
     trainer.fit()
+
+
+# ----------------------------------------------------------------------------- the stage's door
+
+NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"
+
+
+def _run(ctx: RunContext):
+    """On the scored rows, or on the tokenized rows for a reference-free loss."""
+    rows = ctx.dir("score") if "score" in ctx.plans else ctx.dir("tokenize")
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"))
+
+
+def trained_model(cfg: PipelineConfig, out: Loc) -> tuple[Loc, str]:
+    """The trained policy as a stage after train loads it, and its digest: the consolidated
+    model, or with LoRA the base model with the adapter merged (a plain model)."""
+    export = Loc(out) / EXPORT_DIR
+    if cfg.train.peft is not None:
+        if not cfg.train.merge_adapter:
+            raise ConfigError("train.merge_adapter: a stage after train loads the trained policy, and with train.peft "
+                              "only the adapter is exported; set train.merge_adapter true")
+        export = export / "merged"
+    return export, export_digest(out, export)
+
+
+def summary_lines(stats: dict) -> list[str]:
+    final = stats.get("final_eval", {})
+    evaluated = (f"final eval rewards/accuracies {final['eval_rewards/accuracies']:.3f}, "
+                 f"eval loss {final['eval_loss']:.4f}") if final else NO_EVAL
+    return [f"train: {stats['steps']} steps, step-0 loss {stats['step0_loss']:.6f} (ln 2 = 0.693147), {evaluated}",
+            f"model: {stats['export']}"]
+
+
+STAGE = Stage(
+    name="train",
+    # on the scored rows, or the tokenized ones without a score stage; with sft, its export is the
+    # policy's start: its fingerprint stands for it
+    fingerprint_inputs=lambda cfg, cache, fingerprints: fingerprint_inputs(
+        cfg, cache, fingerprints.get("score", fingerprints["tokenize"]), sft=fingerprints.get("sft")),
+    run=_run,
+    reads=lambda cfg, planned: {"score"} if "score" in planned else {"tokenize"} | ({"sft"} & planned),
+    models=("path", "tokenizer_path"),
+    loads={"sft": "path"},
+    resumes=True,  # from its newest complete checkpoint
+    export=trained_model,
+    makes="a trained policy",
+    hands_on=("path",),
+    preflight=lambda cfg, use_ray: check_before_run(cfg.train, cfg, "train", use_ray),
+    summary=summary_lines,
+)

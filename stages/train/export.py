@@ -60,6 +60,23 @@ def export_model(engine, ctx, info: dict) -> None:
             (ctx.out / EXPORT_DIR).upload(export)
 
 
+def export_digest(out: Loc, export: Loc) -> str:
+    """sha256 over an exported model's files as the stage's manifest committed them (their
+    names and sha256): which build of a stage's model the stages after it loaded. ``export``:
+    the model folder, or its merged LoRA model (``<model>/merged``, whose files the model
+    folder's digest leaves out)."""
+    import hashlib
+
+    from pipeline.rundir import read_manifest
+
+    out = Loc(out)
+    prefix = Loc(export).relative_to(out) + "/"
+    merged = f"{EXPORT_DIR}/merged/"
+    files = sorted((s["name"], s["sha256"]) for s in read_manifest(out)["shards"]
+                   if s["name"].startswith(prefix) and (prefix == merged or not s["name"].startswith(merged)))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
 def merge_adapter(cfg: PipelineConfig, out: Loc) -> None:
     """model/merged: the base model with the trained adapter merged (peft's
     merge_and_unload), a plain HF checkpoint. Runs on the driver, after training."""

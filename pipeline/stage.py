@@ -1,0 +1,154 @@
+"""One door per stage: what a stage declares, and the registry the runner loops over.
+
+A stage is one ``Stage`` object, declared at the end of its module and registered once
+(``BUILT_IN``, or ``register`` for a stage of your own). The runner (``pipeline.runner``)
+knows no stage by name: it plans every registered stage the config needs, in registry
+order, fingerprints each from the config and its inputs' fingerprints, selects
+(``--stages``, ``--from``), skips what is done, runs the rest through ``run(ctx)``, hands a
+model one stage exported to the stages that load it, and writes the manifests, summary
+and report.
+
+What a stage declares:
+
+- ``name``: its output folder, its ``--stages`` name, its row in ``status``;
+- ``fingerprint_inputs(cfg, cache, fingerprints)``: what its output depends on, given the
+  fingerprints of the stages planned before it;
+- ``needed(cfg)``: None, or why this config has no such stage (shown by ``status``);
+  ``optional``: off unless the config turns it on, so a plain run does not report it;
+- ``reads(cfg, planned)``: the planned stages whose outputs it reads;
+- ``models``: the model keys it loads (``ModelConfig``: ``path``, ``reference_path``,
+  ``tokenizer_path``), which its manifest records; ``loads``: those that another stage of
+  the run makes when it is planned, ``{producer: key}``: an output made from another
+  build of that model is refused, and a partial one cleared;
+- ``export(cfg, out)``: for a stage that makes a model later stages load, its directory
+  and digest; ``makes``: what that model is, in messages; ``hands_on``: the model keys it
+  becomes for the stages after it;
+- ``run(ctx)``: the stage itself, on Ray or in this process, returning the files its
+  manifest commits and its stats; ``resumes``: a partial output is kept and resumed
+  (by default it is cleared and redone);
+- ``preflight(cfg, use_ray)``: checks before any stage runs; ``summary(stats)``: its lines
+  under the run's summary table; ``partial(dir)``: what ``status`` shows of a partial
+  output.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from pipeline.storage import Loc
+
+
+@dataclass
+class StagePlan:
+    name: str
+    fingerprint: str
+    dir: Loc  # a local path or a URI: the run directory may be on shared storage
+    inputs: dict
+
+
+@dataclass
+class RunContext:
+    """What a stage's ``run`` is given."""
+
+    cfg: Any  # PipelineConfig, the model names pinned, with the models earlier stages handed on
+    plans: dict[str, StagePlan]  # every stage this config plans, by name
+    name: str  # this stage's
+    use_ray: bool
+    force: bool
+    models: dict = field(default_factory=dict)  # where the models it loads came from (recorded with an export)
+
+    @property
+    def plan(self) -> StagePlan:
+        return self.plans[self.name]
+
+    @property
+    def out(self) -> Loc:
+        return self.plan.dir
+
+    def dir(self, stage: str) -> Loc:
+        """Another planned stage's output."""
+        return self.plans[stage].dir
+
+    def info(self, first: str) -> dict:
+        """What a stage that trains records and checks: every fingerprint, the config (model
+        names pinned), this stage's fingerprint inputs, ``--force`` and the models' record;
+        ``first``: the stage whose rows everything is tokenized from."""
+        from pipeline.config import redact, to_dict
+
+        return {"fingerprints": {s: p.fingerprint for s, p in self.plans.items()},
+                "config": redact(to_dict(self.cfg)), "tokenized_dir": str(self.dir(first)),
+                "inputs": self.plan.inputs, "force": self.force, "models": self.models}
+
+
+def model_marker(producer: str) -> str:
+    """The file in a partial output that records which build of ``producer``'s model it is
+    made from (its manifest records it once the output is complete)."""
+    return f"_{producer.upper()}_MODEL.json"
+
+
+def _nothing(*_args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fingerprint_inputs: Callable[..., dict]  # (cfg, cache, {planned stage: fingerprint}) -> inputs
+    run: Callable[[RunContext], tuple]  # -> (shards the manifest commits, stats)
+    needed: Callable[[Any], Optional[str]] = _nothing  # cfg -> None, or why not
+    optional: bool = False
+    reads: Callable[[Any, set], set] = lambda cfg, planned: set()
+    models: tuple[str, ...] = ()  # ModelConfig keys: "path", "reference_path", "tokenizer_path"
+    loads: dict[str, str] = field(default_factory=dict)  # {producer stage: one of models}, when it is planned
+    export: Optional[Callable[[Any, Loc], tuple[Loc, str]]] = None
+    makes: str = ""  # what its export is, in messages ("an SFT model")
+    hands_on: tuple[str, ...] = ()
+    resumes: bool = False  # the safe default: a partial output is cleared, never appended to
+    preflight: Callable[[Any, bool], None] = _nothing
+    summary: Callable[[dict], list[str]] = lambda stats: []
+    partial: Callable[[Loc], dict] = lambda out: {}
+
+    def __post_init__(self):
+        # a loaded model the manifest does not record could never be checked against its producer
+        unrecorded = sorted(set(self.loads.values()) - set(self.models))
+        if unrecorded:
+            raise ValueError(f"stage {self.name}: loads {unrecorded} from another stage but does not list them in "
+                             f"models {self.models}")
+
+
+# The pipeline's own stages, in the order they run, and the module that declares each
+# (STAGE). The names are here too, so that listing them (``--help``) imports no stage.
+BUILT_IN = (("tokenize", "stages.tokenize"), ("sft", "stages.sft"), ("score", "stages.score"),
+            ("train", "stages.train"))
+_added: list[Stage] = []
+
+
+def register(stage: Stage) -> None:
+    """Add a stage of your own: it runs after the pipeline's (and after those added before)."""
+    if stage.name in names():
+        raise ValueError(f"a stage named {stage.name!r} is registered already")
+    _added.append(stage)
+
+
+def unregister(name: str) -> None:
+    _added[:] = [s for s in _added if s.name != name]
+
+
+def registered() -> list[Stage]:
+    """Every stage, in the order they run."""
+    built_in = [importlib.import_module(module).STAGE for _, module in BUILT_IN]
+    assert [s.name for s in built_in] == [name for name, _ in BUILT_IN], "BUILT_IN names its modules' stages"
+    return built_in + list(_added)
+
+
+def names() -> list[str]:
+    return [name for name, _ in BUILT_IN] + [s.name for s in _added]
+
+
+def stage(name: str) -> Stage:
+    found = [s for s in registered() if s.name == name]
+    if not found:
+        raise KeyError(f"no stage named {name!r}; registered: {names()}")
+    return found[0]
