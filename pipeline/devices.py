@@ -33,16 +33,13 @@ def require_gpu(wants_gpu: bool, setting: str) -> None:
 
 
 def gpus_needed(cfg: PipelineConfig, stages: list[str]) -> dict[str, float]:
-    """GPUs each selected stage needs on the cluster: at least one actor's worth for score,
-    one per rank for sft and train."""
-    need = {}
-    if "sft" in stages and cfg.sft.enabled and cfg.sft.use_gpu:
-        need["sft.use_gpu"] = float(cfg.sft.num_workers)
-    if "score" in stages and cfg.score.num_gpus_per_actor > 0:
-        need["score.num_gpus_per_actor"] = float(cfg.score.num_gpus_per_actor)
-    if "train" in stages and cfg.train.use_gpu:
-        need["train.use_gpu"] = float(cfg.train.num_workers)
-    return need
+    """GPUs each of ``stages`` that the config plans needs on the cluster, by the setting
+    that asks for them, as each stage declares them (``Stage.gpus``: at least one actor's
+    worth for score, one per rank for sft and train)."""
+    from pipeline.stage import registered
+
+    return {setting: gpus for s in registered() if s.name in stages and s.needed(cfg) is None
+            for setting, gpus in s.gpus(cfg).items()}
 
 
 def check_cluster_gpus(cfg: PipelineConfig, stages: list[str], now: dict, at_most: dict | None) -> None:

@@ -26,6 +26,8 @@ What a stage declares:
 - ``run(ctx)``: the stage itself, on Ray or in this process, returning the files its
   manifest commits and its stats; ``resumes``: a partial output is kept and resumed
   (by default it is cleared and redone);
+- ``gpus(cfg)``: the GPUs the Ray cluster must have for it, by the setting that asks
+  (refused on the driver where Ray would wait for them forever);
 - ``preflight(cfg, use_ray)``: checks before any stage runs; ``summary(stats)``: its lines
   under the run's summary table; ``partial(dir)``: what ``status`` shows of a partial
   output.
@@ -107,6 +109,7 @@ class Stage:
     hands_on: tuple[str, ...] = ()
     resumes: bool = False  # the safe default: a partial output is cleared, never appended to
     preflight: Callable[[Any, bool], None] = _nothing
+    gpus: Callable[[Any], dict] = lambda cfg: {}  # cfg -> {the setting that asks: GPUs the cluster must have}
     summary: Callable[[dict], list[str]] = lambda stats: []
     partial: Callable[[Loc], dict] = lambda out: {}
 

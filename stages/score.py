@@ -247,6 +247,8 @@ STAGE = Stage(
     reads=lambda cfg, planned: {"tokenize"} | ({"sft"} & planned),
     models=("reference_path",),
     loads={"sft": "reference_path"},
+    gpus=lambda cfg: ({"score.num_gpus_per_actor": float(cfg.score.num_gpus_per_actor)}
+                      if cfg.score.num_gpus_per_actor > 0 else {}),  # at least one actor's worth
     resumes=True,
     # a partial output keeps its committed shards and scores only the missing ones
     partial=lambda out: {"rows": f"{len(out.glob('*.parquet'))} shards"},

@@ -238,6 +238,7 @@ STAGE = Stage(
     export=lambda cfg, out: (export_dir(cfg, out), export_digest(cfg, out)),
     makes="an SFT model",
     hands_on=("path", "reference_path"),  # the reference score loads and the policy train starts from
+    gpus=lambda cfg: {"sft.use_gpu": float(cfg.sft.num_workers)} if cfg.sft.use_gpu else {},
     preflight=lambda cfg, use_ray: check_before_run(cfg.sft_training(), cfg, "sft", use_ray),
     summary=summary_lines,
 )

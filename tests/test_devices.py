@@ -33,6 +33,13 @@ def test_the_driver_check_counts_gpus_per_stage(assets, tmp_path):
     check_cluster_gpus(cfg, ["score", "train"], {"CPU": 16.0}, {"CPU": 192, "GPU": 32})
     cpu = tiny_config(assets, tmp_path)
     check_cluster_gpus(cpu, ["tokenize", "score", "train"], {"CPU": 2.0}, None)
+    # each stage declares its GPUs (Stage.gpus); a stage the config does not plan asks for none
+    sft = {"use_gpu": True, "num_workers": 2}
+    with pytest.raises(NoGPUError, match=r"sft.use_gpu needs 2 GPU\(s\), but the Ray cluster has 1"):
+        check_cluster_gpus(tiny_config(assets, tmp_path, sft=dict(sft, enabled=True)), ["sft"], {"GPU": 1.0}, None)
+    check_cluster_gpus(tiny_config(assets, tmp_path, sft=sft), ["sft"], {"CPU": 2.0}, None)  # sft off
+    free = tiny_config(assets, tmp_path, score={"num_gpus_per_actor": 1}, train={"loss_type": "simpo"})
+    check_cluster_gpus(free, ["score"], {"CPU": 2.0}, None)  # reference-free: no score stage
 
 
 @no_cuda

@@ -286,6 +286,7 @@ STAGE = Stage(
     export=trained_model,
     makes="a trained policy",
     hands_on=("path",),
+    gpus=lambda cfg: {"train.use_gpu": float(cfg.train.num_workers)} if cfg.train.use_gpu else {},
     preflight=lambda cfg, use_ray: check_before_run(cfg.train, cfg, "train", use_ray),
     summary=summary_lines,
 )
