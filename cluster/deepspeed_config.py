@@ -39,7 +39,10 @@ OFFLOADS = ("offload_optimizer", "offload_param")
 # in sub-groups of this many parameters, and each call holds the sub-group's gradients
 # flattened into a new buffer and the optimizer's temporaries (torch's AdamW: two tensors
 # the size of its input): DeepSpeed's default, 1e9, is a transient 12 bytes a parameter of
-# the whole partition of any model under a billion parameters a rank. 5e7 caps it at 600 MB.
+# the whole partition of any model under a billion parameters a rank. A sub-group closes once it
+# reaches this size and holds whole per-rank partitions, so the transient is at most 12 bytes x
+# (5e7 + the largest parameter's partition on a rank): 0.6 GB plus, for Llama-3.1-8B's 525M-element
+# embedding, 6.3 GB on one rank or 0.2 GB on 32 (docs/design.md, "ZeRO-3 memory").
 SUB_GROUP_SIZE = 50_000_000
 
 
