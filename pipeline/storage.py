@@ -224,3 +224,13 @@ class Loc:
         tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
         pafs.copy_files(self.path, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, local)
+
+
+def scratch_root(local_dir: str | None, out: Loc) -> Path:
+    """This node's working directory for the output ``out`` in a bucket: under ``local_dir``
+    (a training stage's setting: a local disk) or the system's temp directory, one folder
+    per output, shared by the processes of the node."""
+    import tempfile
+
+    root = Path(local_dir or tempfile.gettempdir()) / "dpo-pipeline"
+    return root / hashlib.sha256(str(out).encode()).hexdigest()[:16]

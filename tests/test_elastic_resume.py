@@ -1,9 +1,10 @@
 """Resuming on another number of workers (DeepSpeed's universal checkpoint): 2 ranks for 10
 steps, then 1 rank with twice the gradient accumulation, so the global batch is kept."""
 
+import dataclasses
 import json
-import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -51,77 +52,214 @@ def test_which_checkpoints_resume_on_another_worker_count():
     assert "ZeRO-3 only (this checkpoint is ZeRO-2)" in layout_mismatch(dict(info, zero_stage=2), 1, 1, cfg.train)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_resume_on_one_worker_from_two(assets, tmp_path, ray_cluster):
+def test_the_conversion_processes():
+    from stages.train.universal import conversion_workers
+
+    gb = 1 << 30
+    assert conversion_workers(64, 8, 96, 96 * gb) == 4  # DeepSpeed's CLI default caps it
+    assert conversion_workers(2, 1, 16, 2 * gb) == 2  # one a partition
+    assert conversion_workers(8, 0.25, 16, 2 * gb) == 2  # the CPUs the ranks had
+    assert conversion_workers(64, 8, 3, 96 * gb) == 3  # the CPUs of one node
+    assert conversion_workers(64, 8, 96, 200 << 20) == 1  # spawning costs more than it saves
+
+
+def write_checkpoint(root, world, accum=1, universal=None):
+    """A checkpoint folder as the ranks leave it: each rank's files, COMPLETE.json last."""
+    from pipeline.storage import Loc
+
+    path = Loc(root) / "checkpoints" / "step-00000010"
+    for rank in range(world):
+        (path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+    (path / "COMPLETE.json").write_text(json.dumps({"step": 10, "world_size": world, "zero_stage": 3,
+                                                    "gradient_accumulation_steps": accum, "optimizer": "adamw"}))
+    if universal is not None:
+        (path / "universal" / "zero" / "w" / "fp32.pt").write_bytes(universal)
+        (path / "universal" / "COMPLETE.json").write_text(json.dumps({"from_world_size": world,
+                                                                      "tag": universal.decode()}))
+    return path
+
+
+def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp_path):
+    from stages.train.universal import checkpoint_to_convert
+
+    cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"gradient_accumulation_steps": 2,
+                                                                        "num_workers": 1})
+    path = write_checkpoint(tmp_path / "a", world=2)
+    assert checkpoint_to_convert(cfg.train, tmp_path / "a", "train", 1) == path
+    assert checkpoint_to_convert(cfg.train, tmp_path / "a", "train", 2) is None  # the same worker count
+    assert checkpoint_to_convert(cfg.train, tmp_path / "none", "train", 1) is None  # a fresh start
+    write_checkpoint(tmp_path / "b", world=3)
+    with pytest.raises(RuntimeError, match=r"step-00000010: its global batch is 3 rows a step \(3 workers x 1"):
+        checkpoint_to_convert(cfg.train, tmp_path / "b", "train", 1)
+
+
+def test_a_rank_never_converts(tmp_path):
+    """Without the driver's conversion a rank refuses; it never converts and makes the
+    others wait in a collective."""
+    from stages.train.universal import resume_universal
+
+    path = write_checkpoint(tmp_path, world=2)
+    with pytest.raises(RuntimeError, match=r"written by 2 workers, and its universal checkpoint is missing; the "
+                                           r"driver converts it before the ranks start"):
+        resume_universal(None, None, None, path, {"world_size": 2})
+
+
+def test_a_node_downloads_the_universal_checkpoint_once_for_its_ranks(s3_bucket, tmp_path):
+    """Two ranks of a node fetch the bucket's universal checkpoint side by side: one
+    downloads it under the file lock, the other finds it. A copy of another conversion is
+    replaced; once every rank has loaded it the copy is removed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.storage import Loc
+    from stages.train.universal import drop_node_copy, fetch_node_copy
+
+    path = write_checkpoint(Loc(f"{s3_bucket}/node-copy-{tmp_path.name}"), world=2, universal=b"first")
+    node = tmp_path / "node" / "step-00000010"
+    with ThreadPoolExecutor(2) as pool:
+        fetched = list(pool.map(lambda _: fetch_node_copy(path, node), range(2)))
+    assert sorted(fetched) == [False, True]
+    assert (node / "universal" / "zero" / "w" / "fp32.pt").read_bytes() == b"first"
+    assert not fetch_node_copy(path, node)
+    write_checkpoint(path.parent.parent, world=2, universal=b"again")  # converted anew
+    assert fetch_node_copy(path, node)
+    assert (node / "universal" / "zero" / "w" / "fp32.pt").read_bytes() == b"again"
+    assert sorted(p.name for p in node.parent.iterdir()) == ["step-00000010", "step-00000010.lock"]
+    drop_node_copy(node)
+    assert not node.exists()
+
+
+class Payload:
+    """Unpickled, writes ``marker``: code an attacker's checkpoint file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('owned')",)
+
+
+def universal_tensors(root) -> dict:
+    """Every tensor of a universal checkpoint's ``zero/`` folder, by file."""
     import torch
 
+    out = {}
+    for f in sorted(Path(root).rglob("*.pt")):
+        state = torch.load(f, weights_only=False)
+        out[str(f.relative_to(root))] = state["param"] if isinstance(state, dict) and "param" in state else state
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_resume_on_one_worker_from_two_in_a_bucket(assets, tmp_path, ray_cluster, s3_bucket, monkeypatch):
+    """2 ranks x accumulation 1 on an S3 run directory for 20 steps; the run then lost after
+    step 10's checkpoint (step 20's half written), and resumed on Ray as 1 rank x 2: steps
+    11-20 equal the uninterrupted run's. The driver converts the checkpoint in a Ray task
+    (2 spawned extract processes, as for a checkpoint of over a GB) before the rank starts; the rank loads a copy its node
+    downloaded once and removes it; a rerun reuses the conversion."""
+    import torch
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.storage import Loc, scratch_root
+    from stages.train.checkpoints import resume
     from stages.train.driver import worker_spec
     from stages.train.engine import build_engine
     from stages.train.loop import setup
     from stages.train.metrics import MetricsLog
-    from stages.train.checkpoints import resume
+    from stages.train.safe_load import UnsafeCheckpointError
+    from stages.train import universal
+    from stages.train.universal import conversion, convert, prepare_resume
+
+    monkeypatch.setattr(universal, "PARALLEL_FROM_BYTES", 0)  # this checkpoint's 2 MB converted as a GB's
 
     train = {"max_steps": 20, "save_steps": 10, "save_total_limit": None, "eval_steps": 1000,
              "weight_decay": 0.1}
-    two = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
-                      train=dict(train, num_workers=2, gradient_accumulation_steps=1))
-    one = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
-                      train=dict(train, num_workers=1, gradient_accumulation_steps=2))
+    run = f"{s3_bucket}/elastic-{tmp_path.name}"
+
+    def config(workers, accum):
+        return tiny_config(assets, run, tokenize={"max_tokens_per_row": 256},
+                           train=dict(train, num_workers=workers, gradient_accumulation_steps=accum))
+
+    two, one = config(2, 1), config(1, 2)
     plans = runner.plan_stages(two)
     assert runner.plan_stages(one)["train"].fingerprint == plans["train"].fingerprint  # the same run
     runner.run_pipeline(two, log=lambda _: None)
     straight = {r["step"]: r for r in train_metrics(two) if "loss" in r}
     assert sorted(straight) == list(range(1, 21))
 
-    # The run as a spot cluster leaves it after step 10's checkpoint (what came later is lost)
-    out = plans["train"].dir
+    # The run as a spot cluster leaves it after step 10's checkpoint: step 20's half written
+    out = Loc(plans["train"].dir)
     (out / "_MANIFEST.json").unlink()
-    shutil.rmtree(out / "model")
-    shutil.rmtree(out / "checkpoints" / "step-00000020")
+    (out / "model").rmtree()
+    (out / "checkpoints" / "step-00000020" / "COMPLETE.json").unlink()
     (out / "checkpoints" / "latest_complete").write_text("step-00000010")
+    step10 = out / "checkpoints" / "step-00000010"
 
     # A worker count that cannot keep the global batch (2 rows a step): refused, with the way out
-    three = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
-                        train=dict(train, num_workers=3, gradient_accumulation_steps=1))
     with pytest.raises(ConfigError, match=r"holds checkpoints of this run at a global batch of 2 rows a step, and "
                                           r"this one's is 3 .*keep the global batch \(1 x 2, 2 x 1\)"):
-        runner.run_pipeline(three, stages=["train"], use_ray=False, log=lambda _: None)
+        runner.run_pipeline(config(3, 1), stages=["train"], use_ray=False, log=lambda _: None)
 
-    lines = []
-    results = runner.run_pipeline(one, stages=["train"], use_ray=False, log=lines.append)  # one rank, in process
+    results = runner.run_pipeline(one, stages=["train"], log=lambda _: None)  # on Ray: 1 rank
     assert results["train"]["ran"]
     resumed = {r["step"]: r for r in train_metrics(one) if "loss" in r}
     assert sorted(resumed) == list(range(1, 21))  # steps 1-10 kept, 11-20 trained on one rank
     for step in range(11, 21):
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], abs=1e-5), step
         assert resumed[step]["rows"] == straight[step]["rows"]  # the same rows each step
-    universal = out / "checkpoints" / "step-00000010" / UNIVERSAL
-    assert json.loads((universal / "COMPLETE.json").read_text()) == {"from_world_size": 2}
+
+    # Converted once, by a Ray task with 2 spawned extract processes, not by the rank
+    marker = conversion(step10)
+    assert marker["from_world_size"] == 2 and marker["workers"] == 2
+    rank_pids = {w["pid"] for w in json.loads((out / "workers.json").read_text())["attempts"][-1]}
+    assert marker["converted_by"]["pid"] not in rank_pids
+    assert marker["converted_by"]["node_id"] is not None  # in a Ray worker
+    # nothing left in scratch: the converter's copy, and the node's copy the rank loaded
+    scratch = scratch_root(None, out)
+    assert not (scratch / "convert" / "step-00000010").exists()
+    assert not (scratch / "checkpoints" / "step-00000010").exists()
+
+    # A rerun (or a retry of the stage) reuses the finished conversion, and redoes a partial one
+    again = dataclasses.replace(one.train, resume_from_checkpoint="step-00000010")  # step 20 is newer now
+    assert prepare_resume(again, out, "train", 1, on_ray=True) == marker
+    parallel = tmp_path / "parallel"
+    (step10 / "universal").download(parallel)
+    (step10 / "universal" / "COMPLETE.json").unlink()
+    redone = prepare_resume(again, out, "train", 1, on_ray=False)
+    print(f"converted in {marker['seconds']} s by 2 spawned processes, in {redone['seconds']} s by one")
+    assert redone["workers"] == 1 and redone["finished_at"] > marker["finished_at"]
+    serial = tmp_path / "serial"
+    (step10 / "universal").download(serial)
+    a, b = universal_tensors(parallel), universal_tensors(serial)
+    assert sorted(a) == sorted(b) and len(a) > 10
+    for name in a:  # 2 spawned processes convert to the same tensors as one
+        if torch.is_tensor(a[name]):
+            assert torch.equal(a[name], b[name]), name
 
     # The state right after the load, bit for bit the two ranks' consolidated values
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     spec = worker_spec(one, plans["score"].dir, out, {"tokenized_dir": str(plans["tokenize"].dir),
                                                       "fingerprints": {}})
     spec.cfg_dict["train"]["resume_from_checkpoint"] = "step-00000010"
     ctx = setup(spec)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
     assert resume(engine, ctx, MetricsLog(ctx)) == 10
+    assert not (scratch / "checkpoints" / "step-00000010").exists()  # the node's copy, loaded and removed
     checked = 0
     for name, param in engine.module.named_parameters():
         for key, got in (("fp32", safe_get_full_fp32_param(param)),
                          ("exp_avg", safe_get_full_optimizer_state(param, "exp_avg")),
                          ("exp_avg_sq", safe_get_full_optimizer_state(param, "exp_avg_sq"))):
-            want = torch.load(universal / "zero" / name / f"{key}.pt", weights_only=True)
-            want = want["param"] if isinstance(want, dict) else want  # fp32.pt is {"param": ...}
-            assert torch.equal(got.view(-1), want.view(-1)), (name, key)
+            assert torch.equal(got.view(-1), b[f"zero/{name}/{key}.pt"].view(-1)), (name, key)
             checked += 1
     assert checked == 3 * len(list(engine.module.parameters()))
     # independently: the parameters zero_to_fp32 consolidates from the two ranks' partitions
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-00000010")
+    local = tmp_path / "checkpoints"
+    for f in step10.files():
+        if not f.relative_to(step10).startswith("universal/"):
+            f.download(local / "step-00000010" / f.relative_to(step10))
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(local), tag="step-00000010")
     for name, param in engine.module.named_parameters():
         assert torch.equal(safe_get_full_fp32_param(param), consolidated[name]), name
     # each param group keeps its own settings (DeepSpeed copies group 0's onto all)
@@ -131,3 +269,11 @@ def test_resume_on_one_worker_from_two(assets, tmp_path, ray_cluster):
     steps = [engine.optimizer.optimizer.state[flat]["step"] for flat in engine.optimizer.fp32_partitioned_groups_flat]
     assert len(steps) >= 2 and all(int(s) == 10 for s in steps)
     assert len({id(s) for s in steps}) == len(steps)
+
+    # A spawned extract process reads with weights_only like the rest: rank 1's partition
+    # (read by an extract process only) replaced by a pickled callable is refused, naming it
+    poisoned = next((local / "step-00000010").glob("*zero_pp_rank_1_*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload(tmp_path / "owned")}, poisoned)
+    with pytest.raises(UnsafeCheckpointError, match=f"refused to load checkpoint file {poisoned}"):
+        convert(Loc(local / "step-00000010"), tmp_path / "unused", workers=2)
+    assert not (tmp_path / "owned").exists() and not (local / "step-00000010" / "universal" / "COMPLETE.json").exists()

@@ -116,16 +116,19 @@ def register_checkpoint(ctx, step: int, final: Loc) -> None:
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
-def checkpoint_to_resume(ctx) -> Loc | None:
-    spec = ctx.train_cfg.resume_from_checkpoint
-    complete = complete_checkpoints(ctx.out)
+def checkpoint_to_resume(train_cfg, out: Loc, stage: str) -> Loc | None:
+    """The checkpoint a training stage's ranks resume from: ``resume_from_checkpoint``, or
+    the newest complete one of ``out``; None for a fresh start. Asked by the driver (before
+    the ranks start, ``universal.prepare_resume``) and by every rank, the same answer."""
+    spec = train_cfg.resume_from_checkpoint
+    complete = complete_checkpoints(out)
     if spec is None:
         return complete[-1] if complete else None
-    path = Loc(spec) if ("://" in spec or "/" in spec) else ctx.out / CHECKPOINT_DIR / spec
+    path = Loc(spec) if ("://" in spec or "/" in spec) else Loc(out) / CHECKPOINT_DIR / spec
     if not path.is_dir():
-        raise FileNotFoundError(f"{ctx.stage}.resume_from_checkpoint: {spec} does not exist")
+        raise FileNotFoundError(f"{stage}.resume_from_checkpoint: {spec} does not exist")
     if not (path / COMPLETE).is_file():
-        raise RuntimeError(f"{ctx.stage}.resume_from_checkpoint: {path} is incomplete (not every rank finished "
+        raise RuntimeError(f"{stage}.resume_from_checkpoint: {path} is incomplete (not every rank finished "
                            f"writing it); complete ones: {[p.name for p in complete]}")
     return path
 
@@ -176,7 +179,7 @@ def elastic_mismatch(info: dict, world: int, train_cfg) -> str | None:
 
 def resume(engine, ctx, log) -> int:
     """Load the checkpoint to resume from, if any; returns the steps already done."""
-    path = checkpoint_to_resume(ctx)
+    path = checkpoint_to_resume(ctx.train_cfg, ctx.out, ctx.stage)
     if path is None:
         log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
         return 0

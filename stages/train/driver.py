@@ -23,6 +23,7 @@ from .loop import WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
 from .preference import PreferenceObjective
 from .rows import split_files
+from .universal import prepare_resume
 
 STAGE_VERSION = 1
 
@@ -209,7 +210,9 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
 def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
     """Run a training stage's ranks: ``train_cfg.num_workers`` of them placed by Ray Train
     and restarted ``train_cfg.max_failures`` times when ``spec.ray_train``, else one rank
-    in this process. Every training stage (train, sft) starts its ranks here."""
+    in this process. Every training stage (train, sft) starts its ranks here, after the
+    checkpoint they resume from, if written by another worker count, is converted."""
+    prepare_resume(train_cfg, out, spec.stage, train_cfg.num_workers if spec.ray_train else 1, spec.ray_train)
     if not spec.ray_train:
         train_worker({"spec": spec})
         # in-process, the next stage (sft, then score) runs in this process: free the engine's memory

@@ -31,7 +31,7 @@ from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
 from pipeline.devices import require_gpu
 from pipeline.offload import offload_activations
 from pipeline.packing import MicroBatch, eval_plan
-from pipeline.storage import Loc
+from pipeline.storage import Loc, scratch_root
 
 from .checkpoints import discard_checkpoint, resume, save_checkpoint
 from .engine import build_engine, init_distributed, rank_device
@@ -113,11 +113,7 @@ def setup(spec: WorkerSpec) -> RankContext:
 
 def scratch_dir(train_cfg: TrainConfig, out: Loc, rank: int) -> Path:
     """A rank's local working directory for a URI run directory."""
-    import hashlib
-    import tempfile
-
-    root = Path(train_cfg.local_dir or tempfile.gettempdir()) / "dpo-pipeline"
-    path = root / hashlib.sha256(str(out).encode()).hexdigest()[:16] / f"rank-{rank}"
+    path = scratch_root(train_cfg.local_dir, out) / f"rank-{rank}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

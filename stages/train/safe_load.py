@@ -27,7 +27,8 @@ resume path (``engine.load_checkpoint`` with optimizer states: the model-states 
 goes through ``engine.checkpoint_engine``. DeepSpeed's universal-checkpoint code calls
 ``torch.load(..., weights_only=False)`` itself (``ds_to_universal`` reading the partitions,
 ZeRO-3's universal load reading each parameter's files): the pipeline runs both inside
-``weights_only_loads``, where every ``torch.load`` is ``safe_load``. ``install`` refuses an
+``weights_only_loads``, where every ``torch.load`` is ``safe_load`` (and the converter's
+worker processes with ``install_safe_loads``). ``install`` refuses an
 engine configured to load universal checkpoints outside it.
 """
 
@@ -69,19 +70,25 @@ def safe_load(path: str, map_location=None):
             f"wrote this file. Delete the checkpoint (or resume from another one)") from None
 
 
+def _load_safely(f, map_location=None, weights_only=None, **_):
+    return safe_load(f, map_location=map_location)
+
+
 @contextmanager
 def weights_only_loads():
     """Within the block every ``torch.load`` is ``safe_load``, whatever its caller asks for:
     for DeepSpeed code that calls ``torch.load(weights_only=False)`` itself."""
-
-    def load(f, map_location=None, weights_only=None, **_):
-        return safe_load(f, map_location=map_location)
-
-    torch.load = load
+    torch.load = _load_safely
     try:
         yield
     finally:
         torch.load = _torch_load
+
+
+def install_safe_loads() -> None:
+    """Every ``torch.load`` of this process is ``safe_load`` from now on: the initializer of
+    a process that only reads checkpoints (``universal.spawned_workers``)."""
+    torch.load = _load_safely
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):

@@ -2,69 +2,223 @@
 universal checkpoint (every parameter and its Adam moments whole, in fp32), from which
 each rank of any worker count loads its own partition. Kept apart from ``checkpoints.py``
 (the same-layout save and resume), which hands a checkpoint here when its worker count
-differs and the global batch is kept (``checkpoints.layout_mismatch``)."""
+differs and the global batch is kept (``checkpoints.layout_mismatch``).
+
+Two sides, so that no rank waits in a collective while a checkpoint is converted (a
+process group times out after 30 minutes, and at 8B on 64 ranks a conversion can take
+longer):
+
+* the driver, before the rank group exists (``prepare_resume``): converts the checkpoint
+  in a Ray task (in this process without Ray), its marker ``universal/COMPLETE.json``
+  written last; a finished conversion is reused by every later attempt and rerun;
+* each rank (``resume_universal``): loads the converted checkpoint and never converts.
+  With a bucket run directory one process per node downloads it into a folder the node's
+  ranks share, under a file lock, and it is removed once every rank has loaded it.
+
+Disk and time at scale: docs/reliability.md, "Resuming on another worker count"."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.storage import Loc
+from pipeline import placement
+from pipeline.storage import Loc, scratch_root
 
-from .checkpoints import CHECKPOINT_DIR, COMPLETE, UNIVERSAL, resumed
-from .safe_load import safe_load, weights_only_loads
+from .checkpoints import CHECKPOINT_DIR, COMPLETE, UNIVERSAL, checkpoint_to_resume, elastic_mismatch, resumed
+from .metrics import say
 
 
-def convert_to_universal(ctx, path: Loc) -> str:
-    """``<tag>/universal``, DeepSpeed's universal checkpoint of ``path`` (every parameter and
-    its Adam moments whole, in fp32), made once by rank 0 (``ds_to_universal``) and loaded
-    by each rank, whatever their number. Its ``COMPLETE.json`` is written last. Returns the
-    local folder that holds ``universal``; on a URI run directory that is each rank's
-    scratch copy, which ``drop_scratch`` removes after the load."""
+# ----------------------------------------------------------------------------- the driver's side
+
+
+def checkpoint_to_convert(train_cfg, out: Loc, stage: str, world: int) -> Loc | None:
+    """The checkpoint the ranks will resume from when it was written by another number of
+    workers (and can be resumed on ``world``), else None. Refuses, before any rank starts,
+    a checkpoint that cannot (another global batch, ZeRO-1/2, RMSprop)."""
+    path = checkpoint_to_resume(train_cfg, out, stage)
+    if path is None:
+        return None
+    info = json.loads((path / COMPLETE).read_text())
+    if info["world_size"] == world:
+        return None
+    why = elastic_mismatch(info, world, train_cfg)
+    if why:
+        raise RuntimeError(f"checkpoint {path}: {why}")
+    return path
+
+
+def conversion(path: Loc) -> dict | None:
+    """The marker of ``path``'s finished universal conversion, or None."""
+    marker = path / UNIVERSAL / COMPLETE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def prepare_resume(train_cfg, out: Loc, stage: str, world: int, on_ray: bool) -> dict | None:
+    """Before a training stage's ranks start: the checkpoint they will resume from, when
+    written by another worker count, converted to a universal checkpoint, once. On Ray the
+    conversion is a task with a CPU for each of its processes (``conversion_workers``), so
+    the ranks are not yet in a process group while it runs. Returns the conversion's marker."""
+    path = checkpoint_to_convert(train_cfg, out, stage, world)
+    if path is None:
+        return None
+    done = conversion(path)
+    if done is not None:
+        say(f"[{stage}] {path.name}: written by {done['from_world_size']} workers; its universal checkpoint "
+            f"(converted in {done['seconds']:.1f} s) is reused")
+        return done
+    scratch = str(scratch_root(train_cfg.local_dir, Loc(out)) / "convert")
+    info = json.loads((path / COMPLETE).read_text())
+    if on_ray:
+        import ray
+
+        state = sum(f.info().size for f in path.files() if f.name.endswith("optim_states.pt"))
+        workers = conversion_workers(info["world_size"], train_cfg.cpus_per_worker, largest_node_cpus(), state)
+        # max_calls=1: the worker process exits after it, with the conversion's memory
+        task = ray.remote(max_calls=1)(_convert_task).options(num_cpus=workers, name=f"{stage}: universal checkpoint")
+        done = ray.get(task.remote(str(path), scratch, workers))
+    else:
+        done = convert(path, Path(scratch), workers=1)
+    say(f"[{stage}] {path.name}: written by {done['from_world_size']} workers, converted to a universal checkpoint "
+        f"for {world} in {done['seconds']:.1f} s ({done['workers']} extract processes)")
+    return done
+
+
+# DeepSpeed's own ds_to_universal CLI defaults: an extract process holds one rank's optimizer
+# partition (12 bytes x parameters / ranks), a merge process one parameter's fragments.
+MAX_EXTRACT_WORKERS, MAX_MERGE_WORKERS = 4, 2
+# A spawned process imports DeepSpeed first (about 5 s, for each of the two pools): below a
+# GB of optimizer state one process converts sooner (measured: 0.26 s against 10.1 s with
+# 2 processes for the 140k-parameter test model).
+PARALLEL_FROM_BYTES = 1 << 30
+
+
+def conversion_workers(from_world: int, cpus_per_worker: float, node_cpus: float, state_bytes: int) -> int:
+    """The conversion's extract processes: one per partition of the checkpoint, as many as
+    the CPUs its ranks had (idle now: the new rank group starts after it) and one node has,
+    at most ``MAX_EXTRACT_WORKERS``; one below ``PARALLEL_FROM_BYTES`` of optimizer state."""
+    if state_bytes < PARALLEL_FROM_BYTES:
+        return 1
+    return max(1, min(from_world, int(from_world * cpus_per_worker), int(node_cpus), MAX_EXTRACT_WORKERS))
+
+
+def largest_node_cpus() -> float:
+    import ray
+
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+
+
+def _convert_task(path: str, scratch: str, workers: int) -> dict:
+    return convert(Loc(path), Path(scratch), workers)
+
+
+def convert(path: Loc, scratch: Path, workers: int) -> dict:
+    """``<path>/universal``, DeepSpeed's universal checkpoint of ``path``, by
+    ``ds_to_universal`` in ``workers`` processes (at most one per rank's partition). A
+    checkpoint in a bucket is converted in ``scratch`` on this node (its partitions, the
+    converter's temporary fragments and the output: about 3 x 12 bytes a parameter at the
+    peak) and the output uploaded. The marker goes last: a conversion cut short is redone."""
     import argparse
-
-    import torch.distributed as dist
 
     from deepspeed.checkpoint import ds_to_universal
 
-    local = path.local if not path.remote else ctx.out_dir / CHECKPOINT_DIR / path.name
-    done = path / UNIVERSAL / COMPLETE
-    if ctx.rank == 0 and not done.is_file():
-        parts = [f.relative_to(path) for f in path.files() if not f.relative_to(path).startswith(UNIVERSAL + "/")]
-        world = json.loads((path / COMPLETE).read_text())["world_size"]
-        ranks = {p.split("zero_pp_rank_")[1].split("_")[0] for p in parts if "zero_pp_rank_" in p}
-        if ranks != {str(r) for r in range(world)}:
-            raise RuntimeError(f"checkpoint {path}: written by {world} workers, but it holds the parts of ranks "
-                               f"{sorted(ranks, key=int)}: it cannot be converted")
-        if path.remote:  # every rank's part is needed to rebuild whole parameters
-            for rel in parts:
-                (path / rel).download(local / rel)
-        shutil.rmtree(local / UNIVERSAL, ignore_errors=True)
-        args = argparse.Namespace(input_folder=str(local), output_folder=str(local / UNIVERSAL),
-                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False)
-        with weights_only_loads():
-            ds_to_universal.main(args)  # one process: no pool forked inside a Ray worker
-        marker = json.dumps({"from_world_size": world})
-        if path.remote:  # the marker goes up last: an upload cut short is not taken for a copy
-            (path / UNIVERSAL).upload(local / UNIVERSAL)
-            for rel in parts:
-                (local / rel).unlink()
-            (local / UNIVERSAL / COMPLETE).write_text(marker)
-        (path / UNIVERSAL / COMPLETE).write_text(marker)
-    if dist.is_initialized():
-        dist.barrier()
-    if path.remote and not (Path(local) / UNIVERSAL / COMPLETE).is_file():
-        (path / UNIVERSAL).download(local / UNIVERSAL)
-    return str(local)
+    from .safe_load import weights_only_loads
 
-
-def drop_scratch(ctx, path: Loc, local: str) -> None:
-    """A URI run directory's universal copy in this rank's scratch: loaded, so removed
-    (about 12 bytes a parameter)."""
+    start = time.time()
+    parts = [f.relative_to(path) for f in path.files() if not f.relative_to(path).startswith(UNIVERSAL + "/")]
+    world = json.loads((path / COMPLETE).read_text())["world_size"]
+    ranks = {p.split("zero_pp_rank_")[1].split("_")[0] for p in parts if "zero_pp_rank_" in p}
+    if ranks != {str(r) for r in range(world)}:
+        raise RuntimeError(f"checkpoint {path}: written by {world} workers, but it holds the parts of ranks "
+                           f"{sorted(ranks, key=int)}: it cannot be converted")
+    local = Path(path.local) if not path.remote else scratch / path.name
+    if path.remote:  # every rank's part is needed to rebuild whole parameters
+        shutil.rmtree(local, ignore_errors=True)
+        for rel in parts:
+            (path / rel).download(local / rel)
+    shutil.rmtree(local / UNIVERSAL, ignore_errors=True)  # a conversion cut short
+    workers = min(workers, world)
+    args = argparse.Namespace(input_folder=str(local), output_folder=str(local / UNIVERSAL),
+                              num_extract_workers=workers, num_merge_workers=min(workers, MAX_MERGE_WORKERS),
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with weights_only_loads(), spawned_workers(ds_to_universal) as parallel:
+        if not parallel:
+            args.num_extract_workers = args.num_merge_workers = workers = 1
+        ds_to_universal.main(args)
+    marker = {"from_world_size": world, "workers": workers, "seconds": round(time.time() - start, 3),
+              "converted_by": placement.here(), "finished_at": time.time()}
     if path.remote:
-        shutil.rmtree(Path(local) / UNIVERSAL, ignore_errors=True)
+        (path / UNIVERSAL).upload(local / UNIVERSAL)
+        shutil.rmtree(local, ignore_errors=True)
+    (path / UNIVERSAL / COMPLETE).write_text(json.dumps(marker))  # last: a copy cut short is not taken for one
+    return marker
+
+
+@contextmanager
+def spawned_workers(ds_to_universal):
+    """``ds_to_universal`` forks its worker pool (``ProcessPoolExecutor`` with the platform's
+    start method), and forking a process that runs threads (a Ray worker's) can deadlock in
+    the child. Within the block its pools start their processes by spawning them, each of
+    which reads checkpoint files with ``safe_load`` like this one (``install_safe_loads``).
+    Yields False where DeepSpeed's pool helper is not the one this was written for (a
+    conversion then runs in one process)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from .safe_load import install_safe_loads
+
+    serial = getattr(ds_to_universal, "_do_parallel_work", None)
+    if serial is None or list(inspect.signature(serial).parameters) != ["do_work", "work_chunks", "num_workers"]:
+        yield False
+        return
+
+    def parallel(do_work, work_chunks, num_workers):
+        if num_workers <= 1:
+            return serial(do_work, work_chunks, num_workers)
+        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"), initializer=install_safe_loads) as pool:
+            return list(pool.map(do_work, work_chunks))
+
+    ds_to_universal._do_parallel_work = parallel
+    try:
+        yield True
+    finally:
+        ds_to_universal._do_parallel_work = serial
+
+
+# ----------------------------------------------------------------------------- each rank's side
+
+
+def fetch_node_copy(path: Loc, node_dir: Path) -> bool:
+    """The universal checkpoint of ``path`` (in a bucket) in ``node_dir/universal``, one
+    copy a node: the first rank there downloads it under a file lock, the others wait on
+    the lock (not in a collective) and find it. A copy of another conversion is replaced.
+    Returns whether this process downloaded it."""
+    from filelock import FileLock
+
+    want = conversion(path)
+    node_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(node_dir) + ".lock"):
+        have = node_dir / UNIVERSAL / COMPLETE
+        if have.is_file() and json.loads(have.read_text()) == want:
+            return False
+        shutil.rmtree(node_dir, ignore_errors=True)
+        tmp = node_dir.with_name(f"{node_dir.name}.tmp")  # under the lock: one writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        (path / UNIVERSAL).download(tmp / UNIVERSAL)
+        tmp.rename(node_dir)
+        return True
+
+
+def drop_node_copy(node_dir: Path) -> None:
+    """Remove this node's copy (about 12 bytes a parameter) once every rank has loaded it."""
+    from filelock import FileLock
+
+    with FileLock(str(node_dir) + ".lock"):
+        shutil.rmtree(node_dir, ignore_errors=True)
 
 
 def repair_universal_load(engine, universal: str) -> None:
@@ -78,6 +232,8 @@ def repair_universal_load(engine, universal: str) -> None:
       bias correction with it, after the first step. Each sub-group gets its own copy."""
     import torch
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    from .safe_load import safe_load
 
     saved = safe_load(f"{universal}/{UNIVERSAL}/zero/optimizer_state.pt")[OPTIMIZER_STATE_DICT]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups
@@ -97,8 +253,20 @@ def repair_universal_load(engine, universal: str) -> None:
 def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
     """Resume on another worker count that keeps the global batch: the step plans then
     give every step the same rows (``pipeline.packing.epoch_plan`` cuts one seeded order
-    into steps of workers x accumulation rows), so no pair trains twice or not at all."""
-    load_root = convert_to_universal(ctx, path)
+    into steps of workers x accumulation rows), so no pair trains twice or not at all.
+    The driver converted the checkpoint before the ranks started (``prepare_resume``)."""
+    import torch.distributed as dist
+
+    from .safe_load import weights_only_loads
+
+    if conversion(path) is None:
+        raise RuntimeError(f"checkpoint {path}: written by {info['world_size']} workers, and its universal checkpoint "
+                           f"is missing; the driver converts it before the ranks start (prepare_resume in "
+                           f"stages/train/universal.py): rerun the stage")
+    node_dir = scratch_root(ctx.train_cfg.local_dir, ctx.out) / CHECKPOINT_DIR / path.name
+    if path.remote:
+        fetch_node_copy(path, node_dir)
+    load_root = str(node_dir if path.remote else path.local)
     engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no other use
     try:
         with weights_only_loads():
@@ -109,6 +277,9 @@ def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint of {path}")
     repair_universal_load(engine, load_root)
-    drop_scratch(ctx, path, load_root)
+    if path.remote:
+        if dist.is_initialized():
+            dist.barrier()  # every rank has loaded: the node's copy can go (each rank tries; the first removes it)
+        drop_node_copy(node_dir)
     return resumed(ctx, log, path, client, f" (written by {info['world_size']} workers, resumed on {ctx.world} "
                                             f"through its universal checkpoint)")
