@@ -745,11 +745,21 @@ def _absolute(path: Optional[str]) -> Optional[str]:
     return str(Path(path).expanduser().resolve())
 
 
+def resume_location(spec: Optional[str]) -> Optional[str]:
+    """``resume_from_checkpoint`` as the ranks must read it: a path made absolute (the
+    driver, which converts a checkpoint of another worker count before the ranks start,
+    and the ranks then find the same one); a tag or a URI as it is."""
+    return _absolute(spec) if spec and "/" in spec else spec
+
+
 def for_workers(cfg: PipelineConfig) -> dict:
     """The config as a dict with local paths made absolute: Ray workers do not share the
     driver's working directory (Ray Train runs them in its storage directory)."""
     out = to_dict(cfg)
     out["run_dir"] = _absolute(cfg.run_dir)
+    for group in ("train", "sft"):
+        if out.get(group):
+            out[group]["resume_from_checkpoint"] = resume_location(out[group]["resume_from_checkpoint"])
     for key in ("path", "reference_path", "tokenizer_path"):  # a Hub id is left as it is
         if out["model"][key] and Path(out["model"][key]).expanduser().is_dir():
             out["model"][key] = _absolute(out["model"][key])

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import packing
-from pipeline.config import SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers
+from pipeline.config import (SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
+                             resume_location)
 from pipeline.models import local_dir
 from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.stage import Stage
@@ -195,6 +196,7 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
     else:  # the tokenize stage's code on the sft rows: quarantine.parquet and one-segment rows, here
         row_shards, row_stats = tokenize_own(*own, out, use_ray)
     train_cfg = cfg.sft_training()
+    train_cfg = replace(train_cfg, resume_from_checkpoint=resume_location(train_cfg.resume_from_checkpoint))
     export_info = {k: v for k, v in info.items() if k not in ("inputs", "force")}
     spec = WorkerSpec(for_workers(cfg), SFTObjective(cfg.model.logp_chunk_tokens, train_cfg.router_aux_loss_coef),
                       str(out), str(out), export_info, ray_train=use_ray,

@@ -93,6 +93,35 @@ def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp
         checkpoint_to_convert(cfg.train, tmp_path / "b", "train", 1)
 
 
+def test_a_conversion_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path):
+    import shutil
+
+    from stages.train.universal import check_disk
+
+    free = shutil.disk_usage(tmp_path).free
+    check_disk(tmp_path / "scratch", free // 2, "train.local_dir")
+    with pytest.raises(RuntimeError, match=r"converting a checkpoint to a universal one needs .* GB in .*scratch "
+                                           r"\(.*\) and .* GB are free: free space, or set train.local_dir to a "
+                                           r"larger disk"):
+        check_disk(tmp_path / "scratch", free * 2, "train.local_dir")
+
+
+def test_a_resume_path_is_the_same_checkpoint_for_the_driver_and_the_ranks(tmp_path, monkeypatch):
+    """Ray Train runs the ranks in another working directory: a relative path is made
+    absolute for them, a tag or a URI is left as it is."""
+    from pipeline.config import for_workers
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run",
+                      train={"resume_from_checkpoint": "old/checkpoints/step-00000010"},
+                      sft={"resume_from_checkpoint": "s3://b/run/sft/x/checkpoints/step-00000004"})
+    workers = for_workers(cfg)
+    assert workers["train"]["resume_from_checkpoint"] == str(tmp_path / "old/checkpoints/step-00000010")
+    assert workers["sft"]["resume_from_checkpoint"] == "s3://b/run/sft/x/checkpoints/step-00000004"
+    cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"resume_from_checkpoint": "step-00000010"})
+    assert for_workers(cfg)["train"]["resume_from_checkpoint"] == "step-00000010"
+
+
 def test_a_rank_never_converts(tmp_path):
     """Without the driver's conversion a rank refuses; it never converts and makes the
     others wait in a collective."""
@@ -213,8 +242,9 @@ def test_resume_on_one_worker_from_two_in_a_bucket(assets, tmp_path, ray_cluster
     # Converted once, by a Ray task with 2 spawned extract processes, not by the rank
     marker = conversion(step10)
     assert marker["from_world_size"] == 2 and marker["workers"] == 2
-    rank_pids = {w["pid"] for w in json.loads((out / "workers.json").read_text())["attempts"][-1]}
-    assert marker["converted_by"]["pid"] not in rank_pids
+    ranks = json.loads((out / "workers.json").read_text())["attempts"][-1]
+    assert marker["converted_by"]["pid"] not in {w["pid"] for w in ranks}
+    assert marker["finished_at"] < min(w["started_at"] for w in ranks)  # done before any rank began
     assert marker["converted_by"]["node_id"] is not None  # in a Ray worker
     # nothing left in scratch: the converter's copy, and the node's copy the rank loaded
     scratch = scratch_root(None, out)
@@ -269,6 +299,18 @@ def test_resume_on_one_worker_from_two_in_a_bucket(assets, tmp_path, ray_cluster
     steps = [engine.optimizer.optimizer.state[flat]["step"] for flat in engine.optimizer.fp32_partitioned_groups_flat]
     assert len(steps) >= 2 and all(int(s) == 10 for s in steps)
     assert len({id(s) for s in steps}) == len(steps)
+
+    # And back on 2 ranks from step 20's checkpoint (written by the one rank): its two ranks
+    # share one node's copy; the final eval is the 1-rank run's, the weights being the same
+    final = [r for r in train_metrics(one) if "eval_loss" in r][-1]
+    (out / "_MANIFEST.json").unlink()
+    (out / "model").rmtree()
+    assert runner.run_pipeline(two, stages=["train"], log=lambda _: None)["train"]["ran"]
+    assert json.loads((out / "checkpoints" / "step-00000020" / "universal" / "COMPLETE.json").read_text())[
+        "from_world_size"] == 1
+    again = [r for r in train_metrics(two) if "eval_loss" in r][-1]
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+    assert not (scratch / "checkpoints" / "step-00000020").exists()  # removed once both ranks loaded it
 
     # A spawned extract process reads with weights_only like the rest: rank 1's partition
     # (read by an extract process only) replaced by a pickled callable is refused, naming it

@@ -164,12 +164,12 @@ def write_pid(ctx: RankContext) -> None:
     (ctx.out_dir / "workers" / f"rank-{ctx.rank}.pid").write_text(str(os.getpid()))
 
 
-def record_workers(ctx: RankContext) -> None:
-    """Every rank's node id, hostname and pid, gathered on rank 0 and appended to
-    ``workers.json`` (one entry per attempt: a restarted run shows where each ran)."""
+def record_workers(ctx: RankContext, started: float) -> None:
+    """Every rank's node id, hostname, pid and start time, gathered on rank 0 and appended
+    to ``workers.json`` (one entry per attempt: a restarted run shows where each ran)."""
     import torch.distributed as dist
 
-    where = dict(placement.here(), rank=ctx.rank)
+    where = dict(placement.here(), rank=ctx.rank, started_at=started)
     everyone = [None] * ctx.world
     dist.all_gather_object(everyone, where)
     if ctx.rank == 0:
@@ -182,10 +182,11 @@ def train_worker(config: dict) -> None:
     """One rank of training. ``config``: {"spec": WorkerSpec} (Ray Train's loop config)."""
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
     warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
+    started = time.time()
     spec: WorkerSpec = config["spec"]
     ctx = setup(spec)
     write_pid(ctx)
-    record_workers(ctx)
+    record_workers(ctx, started)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg

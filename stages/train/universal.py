@@ -71,18 +71,17 @@ def prepare_resume(train_cfg, out: Loc, stage: str, world: int, on_ray: bool) ->
         say(f"[{stage}] {path.name}: written by {done['from_world_size']} workers; its universal checkpoint "
             f"(converted in {done['seconds']:.1f} s) is reused")
         return done
-    scratch = str(scratch_root(train_cfg.local_dir, Loc(out)) / "convert")
     info = json.loads((path / COMPLETE).read_text())
     if on_ray:
         import ray
 
-        state = sum(f.info().size for f in path.files() if f.name.endswith("optim_states.pt"))
-        workers = conversion_workers(info["world_size"], train_cfg.cpus_per_worker, largest_node_cpus(), state)
+        workers = conversion_workers(info["world_size"], train_cfg.cpus_per_worker, largest_node_cpus(),
+                                     optimizer_state_bytes(path))
         # max_calls=1: the worker process exits after it, with the conversion's memory
         task = ray.remote(max_calls=1)(_convert_task).options(num_cpus=workers, name=f"{stage}: universal checkpoint")
-        done = ray.get(task.remote(str(path), scratch, workers))
+        done = ray.get(task.remote(str(path), train_cfg.local_dir, str(out), workers, stage))
     else:
-        done = convert(path, Path(scratch), workers=1)
+        done = convert(path, scratch_root(train_cfg.local_dir, Loc(out)) / "convert", 1, stage)
     say(f"[{stage}] {path.name}: written by {done['from_world_size']} workers, converted to a universal checkpoint "
         f"for {world} in {done['seconds']:.1f} s ({done['workers']} extract processes)")
     return done
@@ -92,8 +91,8 @@ def prepare_resume(train_cfg, out: Loc, stage: str, world: int, on_ray: bool) ->
 # partition (12 bytes x parameters / ranks), a merge process one parameter's fragments.
 MAX_EXTRACT_WORKERS, MAX_MERGE_WORKERS = 4, 2
 # A spawned process imports DeepSpeed first (about 5 s, for each of the two pools): below a
-# GB of optimizer state one process converts sooner (measured: 0.26 s against 10.1 s with
-# 2 processes for the 140k-parameter test model).
+# GB of optimizer state one process converts sooner (measured: 0.3-3.5 s against 10-12 s
+# with 2 processes for the 140k-parameter test model).
 PARALLEL_FROM_BYTES = 1 << 30
 
 
@@ -112,16 +111,23 @@ def largest_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
 
 
-def _convert_task(path: str, scratch: str, workers: int) -> dict:
-    return convert(Loc(path), Path(scratch), workers)
+def _convert_task(path: str, local_dir: str | None, out: str, workers: int, stage: str) -> dict:
+    # the scratch folder is found on the node that converts (its temp directory, or local_dir)
+    return convert(Loc(path), scratch_root(local_dir, Loc(out)) / "convert", workers, stage)
 
 
-def convert(path: Loc, scratch: Path, workers: int) -> dict:
+def optimizer_state_bytes(path: Loc) -> int:
+    """The checkpoint's optimizer partitions: 12 bytes a parameter (fp32 weights, Adam's moments)."""
+    return sum(f.info().size for f in path.files() if f.name.endswith("optim_states.pt"))
+
+
+def convert(path: Loc, scratch: Path, workers: int, stage: str = "train") -> dict:
     """``<path>/universal``, DeepSpeed's universal checkpoint of ``path``, by
     ``ds_to_universal`` in ``workers`` processes (at most one per rank's partition). A
     checkpoint in a bucket is converted in ``scratch`` on this node (its partitions, the
-    converter's temporary fragments and the output: about 3 x 12 bytes a parameter at the
-    peak) and the output uploaded. The marker goes last: a conversion cut short is redone."""
+    converter's temporary fragments and the output: 3 x the optimizer state at the peak),
+    the output uploaded, and the scratch folder removed, whether the conversion succeeds or
+    fails. The marker goes last: a conversion cut short is redone."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
@@ -136,26 +142,43 @@ def convert(path: Loc, scratch: Path, workers: int) -> dict:
         raise RuntimeError(f"checkpoint {path}: written by {world} workers, but it holds the parts of ranks "
                            f"{sorted(ranks, key=int)}: it cannot be converted")
     local = Path(path.local) if not path.remote else scratch / path.name
-    if path.remote:  # every rank's part is needed to rebuild whole parameters
-        shutil.rmtree(local, ignore_errors=True)
-        for rel in parts:
-            (path / rel).download(local / rel)
-    shutil.rmtree(local / UNIVERSAL, ignore_errors=True)  # a conversion cut short
+    shutil.rmtree(local if path.remote else local / UNIVERSAL, ignore_errors=True)  # a conversion cut short
+    # a bucket: partitions + fragments + output here; a filesystem: fragments + output beside them
+    check_disk(local.parent, (3 if path.remote else 2) * optimizer_state_bytes(path),
+               f"{stage}.local_dir" if path.remote else f"the filesystem of {path}")
     workers = min(workers, world)
     args = argparse.Namespace(input_folder=str(local), output_folder=str(local / UNIVERSAL),
                               num_extract_workers=workers, num_merge_workers=min(workers, MAX_MERGE_WORKERS),
                               keep_temp_folder=False, strict=True, inject_missing_state=False)
-    with weights_only_loads(), spawned_workers(ds_to_universal) as parallel:
-        if not parallel:
-            args.num_extract_workers = args.num_merge_workers = workers = 1
-        ds_to_universal.main(args)
+    try:
+        if path.remote:  # every rank's part is needed to rebuild whole parameters
+            for rel in parts:
+                (path / rel).download(local / rel)
+        with weights_only_loads(), spawned_workers(ds_to_universal) as parallel:
+            if not parallel:
+                args.num_extract_workers = args.num_merge_workers = workers = 1
+            ds_to_universal.main(args)
+        if path.remote:
+            (path / UNIVERSAL).upload(local / UNIVERSAL)
+    except BaseException:  # nothing of a failed conversion stays on disk
+        shutil.rmtree(local if path.remote else local / UNIVERSAL, ignore_errors=True)
+        raise
+    if path.remote:
+        shutil.rmtree(local, ignore_errors=True)
     marker = {"from_world_size": world, "workers": workers, "seconds": round(time.time() - start, 3),
               "converted_by": placement.here(), "finished_at": time.time()}
-    if path.remote:
-        (path / UNIVERSAL).upload(local / UNIVERSAL)
-        shutil.rmtree(local, ignore_errors=True)
     (path / UNIVERSAL / COMPLETE).write_text(json.dumps(marker))  # last: a copy cut short is not taken for one
     return marker
+
+
+def check_disk(folder: Path, need: int, setting: str) -> None:
+    """Refuse, before it starts, a conversion the disk cannot hold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RuntimeError(f"converting a checkpoint to a universal one needs {need / 1e9:.1f} GB in {folder} "
+                           f"({placement.here()['hostname']}) and {free / 1e9:.1f} GB are free: free space, or set "
+                           f"{setting} to a larger disk")
 
 
 @contextmanager
@@ -218,6 +241,7 @@ def drop_node_copy(node_dir: Path) -> None:
     from filelock import FileLock
 
     with FileLock(str(node_dir) + ".lock"):
+        (node_dir / UNIVERSAL / COMPLETE).unlink(missing_ok=True)  # first: a removal cut short is no copy
         shutil.rmtree(node_dir, ignore_errors=True)
 
 
