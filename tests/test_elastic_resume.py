@@ -53,7 +53,7 @@ def test_which_checkpoints_resume_on_another_worker_count():
 
 
 def test_the_conversion_processes():
-    from stages.train.universal import conversion_workers
+    from stages.train.universal_convert import conversion_workers
 
     gb = 1 << 30
     assert conversion_workers(64, 8, 96, 96 * gb) == 4  # DeepSpeed's CLI default caps it
@@ -80,7 +80,7 @@ def write_checkpoint(root, world, accum=1, universal=None):
 
 
 def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp_path):
-    from stages.train.universal import checkpoint_to_convert
+    from stages.train.universal_convert import checkpoint_to_convert
 
     cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"gradient_accumulation_steps": 2,
                                                                         "num_workers": 1})
@@ -96,7 +96,7 @@ def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp
 def test_a_conversion_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path):
     import shutil
 
-    from stages.train.universal import check_disk
+    from stages.train.universal_convert import check_disk
 
     free = shutil.disk_usage(tmp_path).free
     check_disk(tmp_path / "scratch", free // 2, "train.local_dir")
@@ -198,10 +198,11 @@ def test_resume_on_one_worker_from_two_in_a_bucket(assets, tmp_path, ray_cluster
     from stages.train.loop import setup
     from stages.train.metrics import MetricsLog
     from stages.train.safe_load import UnsafeCheckpointError
-    from stages.train import universal
-    from stages.train.universal import conversion, convert, prepare_resume
+    from stages.train import universal_convert
+    from stages.train.universal import conversion
+    from stages.train.universal_convert import convert, prepare_resume
 
-    monkeypatch.setattr(universal, "PARALLEL_FROM_BYTES", 0)  # this checkpoint's 2 MB converted as a GB's
+    monkeypatch.setattr(universal_convert, "PARALLEL_FROM_BYTES", 0)  # this checkpoint's 2 MB converted as a GB's
 
     train = {"max_steps": 20, "save_steps": 10, "save_total_limit": None, "eval_steps": 1000,
              "weight_decay": 0.1}

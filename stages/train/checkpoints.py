@@ -119,7 +119,7 @@ def register_checkpoint(ctx, step: int, final: Loc) -> None:
 def checkpoint_to_resume(train_cfg, out: Loc, stage: str) -> Loc | None:
     """The checkpoint a training stage's ranks resume from: ``resume_from_checkpoint``, or
     the newest complete one of ``out``; None for a fresh start. Asked by the driver (before
-    the ranks start, ``universal.prepare_resume``) and by every rank, the same answer."""
+    the ranks start, ``universal_convert.prepare_resume``) and by every rank, the same answer."""
     spec = train_cfg.resume_from_checkpoint
     complete = complete_checkpoints(out)
     if spec is None:

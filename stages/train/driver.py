@@ -23,7 +23,7 @@ from .loop import WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import METRICS_FILE, read_metrics
 from .preference import PreferenceObjective
 from .rows import split_files
-from .universal import prepare_resume
+from .universal_convert import prepare_resume
 
 STAGE_VERSION = 1
 
