@@ -1,4 +1,4 @@
-"""Peak memory of the log-prob pass: chunked LM head (pipeline.logps) vs naive
+"""Peak memory of the log-prob pass: chunked LM head (pipeline.core.logps) vs naive
 log_softmax + gather, forward + backward, at a 150k and an 8k vocabulary.
 
 Each variant runs in a fresh subprocess; on CPU the figure is the growth of the peak RSS
@@ -21,7 +21,7 @@ import time
 def measure(variant: str, vocab: int, tokens: int, hidden: int, chunk: int) -> dict:
     import torch
 
-    from pipeline.logps import lm_head_target_logps
+    from pipeline.core.logps import lm_head_target_logps
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -91,11 +91,11 @@ class Sampler(threading.Thread):
 def measure(n: int, fmt: str, work: Path) -> dict:
     import ray
 
-    from pipeline import sources
-    from pipeline.config import config_from_dict
+    from pipeline.core import sources
+    from pipeline.core.config import config_from_dict
     from pipeline.demo import make_assets
-    from pipeline.storage import Loc
-    from stages import tokenize
+    from pipeline.core.storage import Loc
+    from pipeline.tokenizing import tokenize
 
     assets = make_assets(work / "assets")
     data = write_inputs(work, n, fmt)

@@ -49,9 +49,9 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
 def measure(pairs: int, buffer: int | None, work: Path) -> dict:
     import ray
 
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
     from pipeline.demo import make_assets
-    from stages import tokenize
+    from pipeline.tokenizing import tokenize
 
     assets = make_assets(work / "assets")
     data = work / f"pairs-{pairs}.jsonl"

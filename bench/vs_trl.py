@@ -141,7 +141,7 @@ def whole_pairs(a, tokenizer) -> list[dict]:
 
 
 def our_config(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True):
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
 
     threads = os.cpu_count() or 1
     gpu = a.device == "cuda"
@@ -170,8 +170,8 @@ def step_batches(cfg, steps: int) -> tuple[list[list[str]], list[int], list[int]
     """Our first ``steps`` optimizer steps (1 rank, 1 micro-batch each): the pair ids of
     each packed row in order, each row's token count and its pair tokens (``pair_tokens``)."""
     from pipeline import runner
-    from pipeline.packing import epoch_plan
-    from stages.train import RowReader, split_files
+    from pipeline.core.packing import epoch_plan
+    from pipeline.core.rows import RowReader, split_files
 
     rows = RowReader(split_files(runner.plan_stages(cfg)["tokenize"].dir, "train"),
                      columns=["pair_ids", "num_tokens", "prompt_lens"])
@@ -182,9 +182,9 @@ def step_batches(cfg, steps: int) -> tuple[list[list[str]], list[int], list[int]
 
 def pair_index(cfg) -> dict[str, int]:
     """pair_id -> row index of the input file (our tokenizer, in-process)."""
-    from pipeline import sources
-    from pipeline.config import to_dict
-    from stages.tokenize import TokenizeChunk, resolve_sources
+    from pipeline.core import sources
+    from pipeline.core.config import to_dict
+    from pipeline.tokenizing.tokenize import TokenizeChunk, resolve_sources
 
     tok = TokenizeChunk(to_dict(cfg))
     out = {}
@@ -256,8 +256,8 @@ def variant_ours_score(out: Path, assets: dict, a, share_prompt: bool = True) ->
     import torch
 
     from pipeline import runner
-    from pipeline.config import to_dict
-    from pipeline.rundir import read_manifest
+    from pipeline.core.config import to_dict
+    from pipeline.core.rundir import read_manifest
     from stages.score import ShardScorer
 
     cfg = our_config(out, assets, a, share_prompt=share_prompt)
@@ -286,8 +286,8 @@ def variant_ours_score(out: Path, assets: dict, a, share_prompt: bool = True) ->
 
 def variant_ours_train(out: Path, assets: dict, a, zero_stage: int | None = None, share_prompt: bool = True) -> dict:
     from pipeline import runner
-    from pipeline.rundir import read_manifest
-    from stages.train import read_metrics
+    from pipeline.core.rundir import read_manifest
+    from pipeline.training.metrics import read_metrics
 
     cfg = our_config(out, assets, a, zero_stage, share_prompt)
     results = runner.run_pipeline(cfg, stages=["train"], force=True, use_ray=False, log=lambda _: None)
@@ -314,7 +314,7 @@ def attention_path(a) -> str:
     layer; a GPU in bf16) or the per-segment SDPA loop."""
     import torch
 
-    from pipeline import attention
+    from pipeline.core import attention
 
     probe = torch.zeros(1, 1, 1, 64, dtype=getattr(torch, a.dtype), device=a.device)
     return "varlen" if attention.varlen_usable(probe) else "per-segment"
@@ -381,7 +381,7 @@ def profile_row(label: str, p: dict, top: int = 5) -> str:
 def per_segment(variant):
     """The variant with ``segment_sdpa``'s one-call varlen path off (the per-segment loop)."""
     def run(out, assets, a):
-        from pipeline import attention
+        from pipeline.core import attention
 
         attention.use_varlen = False
         return variant(out, assets, a)
@@ -513,7 +513,7 @@ def waste_realistic(row_tokens: int, pairs: int = 20000, seed: int = 0) -> dict:
     import numpy as np
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from pipeline.packing import first_fit_decreasing
+    from pipeline.core.packing import first_fit_decreasing
 
     rng = np.random.default_rng(seed)
     p = rng.integers(50, 801, pairs)

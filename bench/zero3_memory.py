@@ -1,7 +1,7 @@
 """Where a train rank's memory goes, phase by phase: ZeRO-3 against ZeRO-0, 1 and 2 ranks.
 
 Each configuration runs in fresh processes (``torchrun``, gloo, CPU): every rank builds the
-train stage's engine (``stages.train.engine.build_engine``: the policy loaded under
+train stage's engine (``pipeline.training.engine.build_engine``: the policy loaded under
 ``zero.Init``, the optimizer, the schedule), then runs ``--steps`` optimizer steps of the
 train stage's log-prob pass (the completion tokens' NLL, through ``engine(row)``) over a packed row of
 ``--tokens`` tokens. Each rank records its resident memory (RSS) and its peak so far
@@ -75,10 +75,10 @@ def worker(a) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
-    from pipeline.config import ModelConfig, TrainConfig
-    from stages.train.engine import build_engine, init_distributed
-    from stages.train.forward import row_loss
-    from stages.train.sft import SFTObjective
+    from pipeline.core.config import ModelConfig, TrainConfig
+    from pipeline.training.engine import build_engine, init_distributed
+    from pipeline.training.forward import row_loss
+    from stages.sft.objective import SFTObjective
 
     if a.zero:  # extra zero_optimization settings, over the train stage's own
         import cluster.deepspeed_config as deepspeed_config
@@ -118,7 +118,7 @@ def worker(a) -> None:
 
 
 def run_config(model_dir: str, stage: int, world: int, a) -> list[dict]:
-    from stages.train.engine import free_port
+    from pipeline.training.engine import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
            __file__, "--worker", "--model-dir", model_dir, "--stage", str(stage), "--tokens", str(a.tokens),

@@ -2,7 +2,7 @@
 
 DeepSpeed starts each step of ZeRO-3's parameter coordinator in a pre-forward hook of the
 top-level module, which runs because the log-prob pass is that module's forward, called as
-``engine(row)`` (stages/train/forward.py); without it DeepSpeed never completes its trace
+``engine(row)`` (pipeline/training/forward.py); without it DeepSpeed never completes its trace
 and never prefetches. This runs the same train stage twice on 2 ranks (torchrun, gloo on
 CPU or NCCL on GPUs): "prefetch" as shipped, "no-prefetch" with that hook removed, and
 prints the mean step time of each (first two steps excluded) and their ratio.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def config(a, mode: str):
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
 
     return config_from_dict({
         "run_dir": str(Path(a.out) / mode),
@@ -40,7 +40,7 @@ def config(a, mode: str):
 
 def rank_main(a) -> None:
     """One rank (under torchrun): the train stage on the scored rows."""
-    import stages.train.loop as loop
+    import pipeline.training.loop as loop
     from pipeline import runner
     from stages import train
 
@@ -98,7 +98,7 @@ def main() -> None:
     results = {}
     for mode in ("prefetch", "no-prefetch"):
         runner.run_pipeline(config(a, mode), stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
-        from stages.train.engine import free_port
+        from pipeline.training.engine import free_port
 
         start = time.time()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -1,7 +1,7 @@
 """The DeepSpeed config, built from the train settings in one place, and the user's own
 DeepSpeed JSON (``train.deepspeed``) merged over it.
 
-The optimizer and LR scheduler are client objects (``stages/train/engine.py``) so that weight
+The optimizer and LR scheduler are client objects (``pipeline/training/engine.py``) so that weight
 decay can skip norms and biases and the schedules match TRL's; DeepSpeed owns gradient
 accumulation, clipping, mixed precision and ZeRO partitioning.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.core.config import ConfigError, TrainConfig
 
 OWNED = {
     "train_micro_batch_size_per_gpu": "the pipeline (one packed row is one micro-batch)",
@@ -151,9 +151,9 @@ def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
 def check_refused(ds: dict) -> None:
     """Settings the ranks would refuse only once the model has loaded, or that would change
     the log-prob pass: every checkpoint is read through DeepSpeed's torch engine with
-    ``weights_only=True`` (``stages/train/safe_load.py``), a universal checkpoint is
+    ``weights_only=True`` (``pipeline/training/safe_load.py``), a universal checkpoint is
     converted and loaded by the pipeline when the worker count changes
-    (``stages/train/universal.py``), and ``engine(row)`` runs the pass under
+    (``pipeline/training/universal.py``), and ``engine(row)`` runs the pass under
     ``torch_autocast`` when it is on."""
     if (ds.get("torch_autocast") or {}).get("enabled"):
         raise ConfigError("train.deepspeed: torch_autocast.enabled would run the policy's log-prob pass under autocast, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config import ClusterConfig
+from pipeline.core.config import ClusterConfig
 
 
 def connect(cfg: ClusterConfig, log=print) -> str:

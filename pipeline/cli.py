@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.stage import names
+    from pipeline.core.stage import names
 
     stages = names()  # the registered stages, in order
     p = argparse.ArgumentParser(prog="dpo-pipeline", description=__doc__,

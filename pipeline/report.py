@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.redaction import redact_text
-from pipeline.storage import Loc
+from pipeline.core.redaction import redact_text
+from pipeline.core.storage import Loc
 
 
 def _save(fig, path: Loc) -> None:

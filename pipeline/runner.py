@@ -1,6 +1,6 @@
 """The stage runner: fingerprint every stage, skip what is done, run the rest in order.
 
-It knows no stage by name: it loops over the registered stages (``pipeline.stage``), each
+It knows no stage by name: it loops over the registered stages (``pipeline.core.stage``), each
 of which declares what it reads, loads, hands on and how it runs. Fingerprints are
 computed up front from the config and the input files' contents, so ``status`` needs no
 Ray and a rerun with unchanged inputs touches nothing. Each stage writes
@@ -19,13 +19,13 @@ from typing import Callable
 
 import yaml
 
-from pipeline import models
-from pipeline.config import ConfigError, PipelineConfig, as_written
-from pipeline.devices import check_ray_cluster_gpus
-from pipeline.redaction import redact_text
-from pipeline.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
-from pipeline.stage import RunContext, Stage, StagePlan, model_marker, names, registered, stage
-from pipeline.storage import Loc
+from pipeline.core import models
+from pipeline.core.config import ConfigError, PipelineConfig, as_written
+from pipeline.core.devices import check_ray_cluster_gpus
+from pipeline.core.redaction import redact_text
+from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
+from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker, names, registered, stage
+from pipeline.core.storage import Loc
 
 
 def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:

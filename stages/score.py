@@ -22,16 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import PipelineConfig, config_from_dict, for_workers, to_dict
-from pipeline.devices import require_gpu
-from pipeline.logps import packed_token_logps, segment_sums
-from pipeline import placement
-from pipeline.modeling import load_causal_lm, row_inputs
-from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
-from pipeline.stage import RunContext, Stage
-from pipeline.storage import Loc
-from stages.tokenize import ROW_GROUP_ROWS
+from pipeline.core.config import PipelineConfig, config_from_dict, for_workers, to_dict
+from pipeline.core.devices import require_gpu
+from pipeline.core.logps import packed_token_logps, segment_sums
+from pipeline.core import placement
+from pipeline.core.modeling import load_causal_lm, row_inputs
+from pipeline.core.models import local_dir
+from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.core.stage import RunContext, Stage
+from pipeline.core.storage import Loc
+from pipeline.core.rows import ROW_GROUP_ROWS
 
 STAGE_VERSION = 1
 
@@ -232,7 +232,7 @@ def _run(ctx: RunContext):
 
 
 def _needed(cfg: PipelineConfig) -> str | None:
-    from pipeline.config import build_loss
+    from pipeline.core.config import build_loss
 
     return None if build_loss(cfg.train).needs_reference else "the loss is reference-free"
 

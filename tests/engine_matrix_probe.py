@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline import runner
-from pipeline.config import LoraSettings, config_from_dict, for_workers, load_config
+from pipeline.core.config import LoraSettings, config_from_dict, for_workers, load_config
 from stages.train.driver import preference_objective
-from stages.train.engine import build_engine
-from stages.train.loop import WorkerSpec, setup, train_step
-from stages.train.rows import planned_steps
+from pipeline.training.engine import build_engine
+from pipeline.training.loop import WorkerSpec, setup, train_step
+from pipeline.training.plan import planned_steps
 
 # Buckets of a few thousand elements: every weight matrix of the tiny model (4k to 33k
 # elements) is flushed on its own, in the middle of the backward.

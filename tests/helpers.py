@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.config import config_from_dict, dump_yaml
+from pipeline.core.config import config_from_dict, dump_yaml
 
 
 class FastTierViolation(RuntimeError):
@@ -59,7 +59,7 @@ def agent_ports() -> list[str]:
     52365): a second node on this machine, or the test session's own Ray cluster, already
     holds them, and the job agent that cannot bind leaves `ray job submit` answering
     "No available agent" for ever."""
-    from stages.train.engine import free_port
+    from pipeline.training.engine import free_port
 
     return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
@@ -75,7 +75,7 @@ def train_dir(cfg) -> Path:
 def train_metrics(cfg) -> list[dict]:
     """The records of the train stage's metrics.jsonl, in order (a local or URI run dir)."""
     from pipeline import runner
-    from stages.train import read_metrics
+    from pipeline.training.metrics import read_metrics
 
     return read_metrics(runner.plan_stages(cfg)["train"].dir)
 

@@ -1,5 +1,5 @@
 """Run by tests/test_train_options.py in its own process: the pipeline on CONFIG (one rank,
-no Ray), with pipeline.offload instrumented. Prints, as JSON, which offload setting each
+no Ray), with pipeline.training.offload instrumented. Prints, as JSON, which offload setting each
 training micro-batch's forward ran under and how many saved tensors went through the hooks.
 
 Usage: python tests/offload_probe.py CONFIG
@@ -9,10 +9,10 @@ import json
 import sys
 from unittest import mock
 
-import pipeline.offload as offload
-import stages.train.loop as loop
+import pipeline.training.offload as offload
+import pipeline.training.loop as loop
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 contexts: list[bool] = []
 saved = 0

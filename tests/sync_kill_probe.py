@@ -10,9 +10,9 @@ import signal
 import sys
 from unittest import mock
 
-import stages.train.metrics as metrics
+import pipeline.training.metrics as metrics
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 
 def die(self):

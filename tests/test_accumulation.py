@@ -2,7 +2,7 @@
 
 DeepSpeed's ZeRO optimizers move their micro-step counter on in ``engine.forward``; at
 micro-step 0 a backward's gradient replaces the one accumulated so far. The log-prob pass
-runs as ``engine(row)`` (stages/train/forward.py), so the counter moves. ZeRO-0 has no
+runs as ``engine(row)`` (pipeline/training/forward.py), so the counter moves. ZeRO-0 has no
 such counter (torch's autograd adds into ``.grad``): the reference here. The matrix of
 stages, offload and accumulation with small buckets: tests/test_engine_matrix.py."""
 

@@ -44,7 +44,7 @@ def measure() -> dict:
     import shutil
 
     from pipeline import runner
-    from pipeline.config import dump_yaml
+    from pipeline.core.config import dump_yaml
     from pipeline.demo import make_assets
 
     shutil.rmtree(FIXED_ROOT, ignore_errors=True)

@@ -1,6 +1,6 @@
 """A checkpoint written before the log-prob pass went through ``engine(row)`` resumes.
 
-The change gave the policy a new ``forward`` (stages/train/forward.py) and left everything
+The change gave the policy a new ``forward`` (pipeline/training/forward.py) and left everything
 a checkpoint holds as it was: parameter names, the module tree, the optimizer's layout.
 ``tests/data/checkpoint-23de82a/`` is the step-2 checkpoint of a 4-step ZeRO-3 run made
 by commit 23de82a, the last one before the change (a 20k-parameter Llama, so the fixture

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli, tiny_config, train_metrics, write_config
 from pipeline import runner
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.storage import Loc
+from pipeline.core.storage import Loc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from helpers import agent_ports, hub_cache, tiny_config
-from pipeline.config import dump_yaml
-from stages.train.engine import free_port
+from pipeline.core.config import dump_yaml
+from pipeline.training.engine import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from pipeline.config import ConfigError, dump_yaml, load_config
+from pipeline.core.config import ConfigError, dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_bad_values_name_the_key(tmp_path, override, message):
 
 
 def test_share_prompt_follows_the_attention_and_refuses_what_cannot_run_it(tmp_path):
-    from pipeline.config import shares_prompt
+    from pipeline.core.config import shares_prompt
 
     for attn, default in (("segment_sdpa", True), ("sdpa", True), ("eager", True), ("flash_attention_2", False)):
         cfg = load_config(write(tmp_path, BASE), [f"model.attn_implementation={attn}"])
@@ -99,7 +99,7 @@ def test_impossible_loss_settings_name_the_setting(tmp_path, overrides, message)
 
 
 def test_reference_free_losses_skip_scoring(tmp_path):
-    from pipeline.config import build_loss
+    from pipeline.core.config import build_loss
 
     def loss(*overrides):
         return build_loss(load_config(write(tmp_path, BASE), list(overrides)).train)
@@ -122,7 +122,7 @@ def test_shipped_configs_load(name):
 
 def test_run_help_lists_every_stage(capsys):
     from pipeline import cli
-    from pipeline.stage import names
+    from pipeline.core.stage import names
 
     STAGES = names()
 

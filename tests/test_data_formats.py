@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import tiny_config
-from pipeline.config import config_from_dict, to_dict
-from pipeline.packing import first_fit_decreasing
-from stages import tokenize
+from pipeline.core.config import config_from_dict, to_dict
+from pipeline.core.packing import first_fit_decreasing
+from pipeline.tokenizing import tokenize
 
 
 def conv(prompt, chosen, rejected, system=None):

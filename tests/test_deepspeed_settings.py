@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_config, train_metrics
 from pipeline import runner
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from cluster.deepspeed_config import build_ds_config
 
 OFFLOAD = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": False},
@@ -94,9 +94,9 @@ def test_offload_needs_what_it_needs():
 ])
 def test_checkpoint_engines_the_ranks_cannot_load_are_refused_on_the_driver(ds, message):
     """Before, the checkpoint engines passed the driver's preflight and every rank refused
-    them only after the model had loaded (stages/train/safe_load.py); autocast would have
+    them only after the model had loaded (pipeline/training/safe_load.py); autocast would have
     run, the log-prob pass going through engine.forward."""
-    from stages.train import preflight
+    from pipeline.training.launch import preflight
 
     cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"deepspeed": ds})
     with pytest.raises(ConfigError, match=message):

@@ -11,9 +11,9 @@ import torch
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import for_workers
-from pipeline.devices import NoGPUError, check_cluster_gpus
-from pipeline.rundir import stage_state
+from pipeline.core.config import for_workers
+from pipeline.core.devices import NoGPUError, check_cluster_gpus
+from pipeline.core.rundir import stage_state
 from stages.score import ShardScorer
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -79,7 +79,7 @@ def test_a_rank_trains_on_the_gpu_ray_assigned_it(monkeypatch):
     may be the only GPU this worker sees, cuda:0); in one process it is cuda:LOCAL_RANK."""
     import ray.train.torch
 
-    from stages.train.engine import rank_device
+    from pipeline.training.engine import rank_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:0"))

@@ -1,5 +1,5 @@
 """The documentation stays true to the repository: the generated configuration reference
-matches pipeline/config.py, relative links resolve to files in the repository, and no file
+matches pipeline/core/config.py, relative links resolve to files in the repository, and no file
 points at notes kept outside it. Fast: no Ray, no subprocess, no model."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_configuration_reference_is_up_to_date():
 
 
 def test_configuration_reference_lists_every_key():
-    from pipeline import config
+    from pipeline.core import config
 
     text = _generator().render()
     for group in ("model", "data", "tokenize", "score", "train", "cluster"):

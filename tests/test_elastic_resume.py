@@ -10,9 +10,9 @@ import pytest
 
 from helpers import tiny_config, train_metrics
 from pipeline import runner
-from pipeline.config import ConfigError
-from stages.train.checkpoints import UNIVERSAL, layout_mismatch
-from stages.train.rows import planned_steps
+from pipeline.core.config import ConfigError
+from pipeline.training.checkpoints import UNIVERSAL, layout_mismatch
+from pipeline.training.plan import planned_steps
 
 
 def rows_of(step_plan) -> Counter:
@@ -53,7 +53,7 @@ def test_which_checkpoints_resume_on_another_worker_count():
 
 
 def test_the_conversion_processes():
-    from stages.train.universal_convert import conversion_workers
+    from pipeline.training.universal_convert import conversion_workers
 
     gb = 1 << 30
     assert conversion_workers(64, 8, 96, 96 * gb) == 4  # DeepSpeed's CLI default caps it
@@ -65,7 +65,7 @@ def test_the_conversion_processes():
 
 def write_checkpoint(root, world, accum=1, universal=None):
     """A checkpoint folder as the ranks leave it: each rank's files, COMPLETE.json last."""
-    from pipeline.storage import Loc
+    from pipeline.core.storage import Loc
 
     path = Loc(root) / "checkpoints" / "step-00000010"
     for rank in range(world):
@@ -80,7 +80,7 @@ def write_checkpoint(root, world, accum=1, universal=None):
 
 
 def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp_path):
-    from stages.train.universal_convert import checkpoint_to_convert
+    from pipeline.training.universal_convert import checkpoint_to_convert
 
     cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run", train={"gradient_accumulation_steps": 2,
                                                                         "num_workers": 1})
@@ -96,7 +96,7 @@ def test_the_driver_refuses_before_any_rank_starts_and_finds_what_to_convert(tmp
 def test_a_conversion_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path):
     import shutil
 
-    from stages.train.universal_convert import check_disk
+    from pipeline.training.universal_convert import check_disk
 
     free = shutil.disk_usage(tmp_path).free
     check_disk(tmp_path / "scratch", free // 2, "train.local_dir")
@@ -109,7 +109,7 @@ def test_a_conversion_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path)
 def test_a_resume_path_is_the_same_checkpoint_for_the_driver_and_the_ranks(tmp_path, monkeypatch):
     """Ray Train runs the ranks in another working directory: a relative path is made
     absolute for them, a tag or a URI is left as it is."""
-    from pipeline.config import for_workers
+    from pipeline.core.config import for_workers
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run",
@@ -125,7 +125,7 @@ def test_a_resume_path_is_the_same_checkpoint_for_the_driver_and_the_ranks(tmp_p
 def test_a_rank_never_converts(tmp_path):
     """Without the driver's conversion a rank refuses; it never converts and makes the
     others wait in a collective."""
-    from stages.train.universal import resume_universal
+    from pipeline.training.universal import resume_universal
 
     path = write_checkpoint(tmp_path, world=2)
     with pytest.raises(RuntimeError, match=r"written by 2 workers, and its universal checkpoint is missing; the "
@@ -139,8 +139,8 @@ def test_a_node_downloads_the_universal_checkpoint_once_for_its_ranks(s3_bucket,
     replaced; once every rank has loaded it the copy is removed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.storage import Loc
-    from stages.train.universal import drop_node_copy, fetch_node_copy
+    from pipeline.core.storage import Loc
+    from pipeline.training.universal import drop_node_copy, fetch_node_copy
 
     path = write_checkpoint(Loc(f"{s3_bucket}/node-copy-{tmp_path.name}"), world=2, universal=b"first")
     node = tmp_path / "node" / "step-00000010"
@@ -191,16 +191,16 @@ def test_resume_on_one_worker_from_two_in_a_bucket(assets, tmp_path, ray_cluster
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pipeline.storage import Loc, scratch_root
-    from stages.train.checkpoints import resume
+    from pipeline.core.storage import Loc, scratch_root
+    from pipeline.training.resume import resume
     from stages.train.driver import worker_spec
-    from stages.train.engine import build_engine
-    from stages.train.loop import setup
-    from stages.train.metrics import MetricsLog
-    from stages.train.safe_load import UnsafeCheckpointError
-    from stages.train import universal_convert
-    from stages.train.universal import conversion
-    from stages.train.universal_convert import convert, prepare_resume
+    from pipeline.training.engine import build_engine
+    from pipeline.training.loop import setup
+    from pipeline.training.metrics import MetricsLog
+    from pipeline.training.safe_load import UnsafeCheckpointError
+    from pipeline.training import universal_convert
+    from pipeline.training.universal import conversion
+    from pipeline.training.universal_convert import convert, prepare_resume
 
     monkeypatch.setattr(universal_convert, "PARALLEL_FROM_BYTES", 0)  # this checkpoint's 2 MB converted as a GB's
 

@@ -34,7 +34,7 @@ import pytest
 
 from helpers import tiny_config, write_config
 from pipeline import runner
-from stages.train.engine import free_port
+from pipeline.training.engine import free_port
 
 HERE = Path(__file__).parent
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from stages.tokenize import end_of_turn_id
+from pipeline.core.tokenizer import end_of_turn_id
 
 # Turns end with <|endoftext|>, which is not the tokenizer's EOS (<|im_end|>): as with
 # Llama-3 (EOS <|end_of_text|>, turns end with <|eot_id|>).

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.formats import BadRow, normalize, pair_id, tokenize_pair
+from pipeline.core.formats import BadRow, normalize, pair_id, tokenize_pair
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -96,7 +96,7 @@ def test_the_pairs_of_one_row_share_a_split_key_whatever_their_tokens():
     from tokenizers import Tokenizer, models, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.formats import prompt_key
+    from pipeline.core.formats import prompt_key
 
     corpus = ["Question. Answer: four"] * 5 + [":4"] * 200 + ["Question. Answer:"] * 3
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))

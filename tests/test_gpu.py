@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from helpers import reference_varlen, shared_and_unshared_rows, tiny_config
-from pipeline.config import ModelConfig, to_dict
+from pipeline.core.config import ModelConfig, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.logps import packed_token_logps, segment_layout
-from pipeline.modeling import load_causal_lm, row_inputs
+from pipeline.core.logps import packed_token_logps, segment_layout
+from pipeline.core.modeling import load_causal_lm, row_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -85,7 +85,7 @@ def test_shared_prompt_rows_on_cuda_equal_unshared(assets, dtype):
 def test_varlen_flash_attention_on_cuda_equals_the_exact_attention(monkeypatch):
     """The one-call path runs torch's flash kernel here (not the loop), and is as close to
     fp64 attention as the per-segment loop is: a wrong mask or key gather is off by ~1."""
-    from pipeline import attention
+    from pipeline.core import attention
 
     lens, prompts = [300, 120, 77, 200, 513, 64, 90, 33], [40, 0, 77 - 1, 0, 13, 0, 50, 0]
     layout = segment_layout(torch.tensor(lens), torch.tensor(prompts))
@@ -117,7 +117,7 @@ def test_varlen_flash_attention_on_cuda_equals_the_exact_attention(monkeypatch):
 def test_varlen_model_rows_equal_the_per_segment_loop_on_cuda(assets, monkeypatch):
     """A bf16 model over packed rows (shared prompts, the default, and unshared): the
     one-call path gives the loop's log-probs and gradients up to bf16 rounding."""
-    from pipeline import attention
+    from pipeline.core import attention
 
     g = torch.Generator().manual_seed(4)
     for row in shared_and_unshared_rows(g, [(7, 12, 5), (1, 3, 9), (64, 40, 33), (20, 4, 4)]):
@@ -140,7 +140,7 @@ def test_score_loop_never_waits_for_the_gpu_and_matches_per_row(assets, tmp_path
     import pyarrow.parquet as pq
 
     from pipeline import runner
-    from pipeline.rundir import read_manifest
+    from pipeline.core.rundir import read_manifest
     from stages.score import ShardScorer, iter_rows
 
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 512, "rows_per_shard": 16})
@@ -193,7 +193,7 @@ def test_activation_offloading_on_cuda_keeps_gradients_and_frees_memory(assets):
     """The tiny model's forward over a 4k-token row under offloading: the activations saved
     for backward live on the host (a lower peak of GPU memory after the forward), the
     parameters are not copied, and the gradients are bit for bit those without it."""
-    from pipeline.offload import moves, offload_activations
+    from pipeline.training.offload import moves, offload_activations
 
     model = load_causal_lm(str(assets["model"]), ModelConfig(path="x", dtype="float32"), CUDA)
     g = torch.Generator().manual_seed(3)

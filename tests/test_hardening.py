@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from pipeline.runner import check_run_dir
 
 RAY_JOB = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(

@@ -10,9 +10,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.sources import Source, plan_chunks, read_chunk
-from pipeline.storage import Loc
+from pipeline.core import sources
+from pipeline.core.sources import Source, plan_chunks, read_chunk
+from pipeline.core.storage import Loc
 
 TEXTS = ["plain", "é ü 漢字 😀", 'a "quote" and a \\ backslash', "comma, here", "two\nlines", "", "42",
          "  spaced  ", "tab\there", "crlf\r\ninside"]
@@ -130,8 +130,8 @@ def test_json_lines_named_json_and_a_lone_object(tmp_path):
 
 def test_one_row_group_parquet_runs_as_many_units_and_the_copy_is_removed(assets, tmp_path):
     from helpers import tiny_config
-    from pipeline.config import config_from_dict, to_dict
-    from stages import tokenize
+    from pipeline.core.config import config_from_dict, to_dict
+    from pipeline.tokenizing import tokenize
 
     data = [{"prompt": f"Describe item {i}.", "chosen": " It is great.", "rejected": " It is awful."}
             for i in range(40)]

@@ -10,9 +10,9 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import config_from_dict, redact, to_dict
+from pipeline.core.config import config_from_dict, redact, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.rundir import stage_state
+from pipeline.core.rundir import stage_state
 from stages import score, train
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.rundir import read_manifest
-from stages.train.metrics import window_record
+from pipeline.core.rundir import read_manifest
+from pipeline.training.metrics import window_record
 
 
 def test_a_window_record_sums_counts_and_averages_the_rest():

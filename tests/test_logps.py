@@ -3,7 +3,7 @@ import torch
 
 from helpers import reference_varlen, shared_and_unshared_rows
 
-from pipeline.logps import (
+from pipeline.core.logps import (
     lm_head_target_logps,
     sequence_logps,
     packed_token_logps,
@@ -36,7 +36,7 @@ def test_shared_prompt_layout_worked_example():
     positions 2, 3; pair 2 unshared. The first rejected token is predicted from the
     prompt's last token (position 1), and the rejected tokens see the prompt, not the
     chosen completion."""
-    from pipeline.logps import attention_mask
+    from pipeline.core.logps import attention_mask
 
     layout = segment_layout(torch.tensor([5, 2, 3, 3]), torch.tensor([2, 0, 1, 1]))
     assert layout.targets.tolist() == [2, 3, 4, 5, 6, 8, 9, 11, 12]
@@ -103,7 +103,7 @@ def test_packed_row_equals_separate_forwards(assets, attn):
     here on CPU, where torch compiles it with inductor."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.attention import register
+    from pipeline.core.attention import register
 
     register()
     model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn).eval()
@@ -129,8 +129,8 @@ def test_packed_row_equals_separate_forwards(assets, attn):
 def test_segment_sdpa_gradients_equal_the_dense_mask(assets):
     """The training path: the same per-token log-probs and parameter gradients as
     transformers' sdpa with its dense block-diagonal mask, with none of the mask."""
-    from pipeline.config import ModelConfig
-    from pipeline.modeling import load_causal_lm
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.modeling import load_causal_lm
 
     g = torch.Generator().manual_seed(2)
     lens, prompts = [57, 31, 64, 12, 90, 45], [20, 20, 8, 8, 30, 30]
@@ -148,7 +148,7 @@ def test_segment_sdpa_gradients_equal_the_dense_mask(assets):
 
 
 def test_segment_blocks_from_positions_and_from_the_layout():
-    from pipeline.attention import find_blocks
+    from pipeline.core.attention import find_blocks
 
     expected = [(0, 3, 0, 0), (3, 5, 3, 3), (5, 7, 5, 5)]
     assert find_blocks(torch.tensor([0, 1, 2, 0, 1, 0, 1])) == expected
@@ -160,10 +160,10 @@ def test_shared_prompt_rows_give_the_unshared_logps_and_gradients(assets, attn):
     """A row that stores each prompt once computes the same completion log-probs and the
     same parameter gradients as the row that stores it on both sides (the tiny model has
     grouped-query attention, so the GQA path is covered)."""
-    from pipeline.config import ModelConfig
-    from pipeline.modeling import load_causal_lm
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.modeling import load_causal_lm
 
-    from pipeline.modeling import row_inputs
+    from pipeline.core.modeling import row_inputs
 
     g = torch.Generator().manual_seed(3)
     results = []
@@ -190,7 +190,7 @@ def test_shared_prompt_rows_refuse_attention_that_cannot_see_them(assets, attn):
         model.config._attn_implementation = attn
     else:
         model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation=attn)
-    from pipeline.modeling import row_inputs
+    from pipeline.core.modeling import row_inputs
 
     _, shared = shared_and_unshared_rows(torch.Generator().manual_seed(0), [(3, 2, 2)])
     ids, pos, layout = row_inputs(shared, "cpu")
@@ -202,7 +202,7 @@ def test_shared_prompt_rows_refuse_attention_that_cannot_see_them(assets, attn):
 def test_segment_sdpa_refuses_attention_it_cannot_compute(extra):
     """Gemma 2's logit soft-capping, gpt-oss's sinks, T5-style position bias: SDPA has no
     such term, so computing without it would be silently wrong."""
-    from pipeline.attention import segment_sdpa_forward
+    from pipeline.core.attention import segment_sdpa_forward
 
     q = k = v = torch.randn(1, 4, 6, 8)
     with pytest.raises(NotImplementedError, match="segment_sdpa: this model's attention uses"):
@@ -215,7 +215,7 @@ def test_segment_sdpa_refuses_attention_it_cannot_compute(extra):
 def test_varlen_plan_worked_example():
     """Segments [0,5) and [8,12) stand alone; [5,8) is a rejected completion whose prompt
     is [0,2): its keys are rows 0,1 then 5,6,7."""
-    from pipeline.attention import varlen_plan
+    from pipeline.core.attention import varlen_plan
 
     plan = varlen_plan([(0, 5, 0, 0), (5, 8, 0, 2), (8, 12, 8, 8)])
     assert plan.cu_q.dtype == plan.cu_k.dtype == torch.int32
@@ -230,7 +230,7 @@ def test_varlen_plan_worked_example():
 def test_varlen_forward_equals_the_per_segment_loop(share):
     """The one-call path (its key gather, GQA and layout) gives the per-segment loop's
     attention output and q/k/v gradients, with shared prompts and without."""
-    from pipeline.attention import segment_sdpa_forward, varlen_forward, varlen_plan
+    from pipeline.core.attention import segment_sdpa_forward, varlen_forward, varlen_plan
 
     lens, prompts = [9, 4, 13, 6, 7, 11], [3, 0, 5, 0, 2, 0]
     if not share:
@@ -256,7 +256,7 @@ def test_varlen_forward_equals_the_per_segment_loop(share):
 def test_segment_sdpa_takes_the_varlen_plan_only_where_the_kernel_runs():
     """On the CPU (and in fp32 anywhere) the plan is ignored: flash attention has no such
     kernel, and the per-segment loop computes the row."""
-    from pipeline.attention import segment_sdpa_forward, varlen_plan, varlen_usable
+    from pipeline.core.attention import segment_sdpa_forward, varlen_plan, varlen_usable
 
     q = torch.randn(1, 4, 6, 8, dtype=torch.bfloat16)
     assert not varlen_usable(q)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import LOSSES, preference_loss
+from pipeline.core.losses import LOSSES, preference_loss
 
 
 def t(*xs):

@@ -10,7 +10,7 @@ code computes the loss of exactly the numbers ours sees.
 import pytest
 import torch
 
-from pipeline.losses import LOSSES, preference_loss
+from pipeline.core.losses import LOSSES, preference_loss
 
 trl = pytest.importorskip("trl")
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
@@ -125,7 +125,7 @@ def test_discopop_tau_equals_trl(trainer, batch):
 
 
 def test_wpo_weighting_equals_trl(trainer, batch):
-    from pipeline.logps import wpo_pair_weights
+    from pipeline.core.logps import wpo_pair_weights
 
     # (TRL 1.16 itself fails on use_weighting with "sft": an in-place multiply of an expanded tensor)
     want = trl_loss(trainer, batch, loss_types=["sigmoid", "ipo"], loss_weights=[1.0, 0.3], use_weighting=True)
@@ -138,7 +138,7 @@ def test_wpo_weighting_equals_trl(trainer, batch):
 @pytest.mark.parametrize("ld_alpha", [0.0, 0.5, 1.0])
 def test_ld_dpo_equals_trl(trainer, batch, ld_alpha):
     """LD-DPO from per-token columns: chosen/rejected share their first min(len) tokens."""
-    from pipeline.logps import ld_token_weights
+    from pipeline.core.logps import ld_token_weights
 
     want = trl_loss(trainer, batch, ld_alpha=ld_alpha)
     # per-token weights from each pair's completion positions, as the trainer builds them

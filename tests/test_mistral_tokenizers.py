@@ -14,9 +14,9 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from pipeline import formats
-from pipeline.config import config_from_dict
-from stages.tokenize import load_tokenizer
+from pipeline.core import formats
+from pipeline.core.config import config_from_dict
+from pipeline.core.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(mistral_common.__file__).parent / "data"

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import tiny_config
-from pipeline.config import ConfigError, config_from_dict, to_dict
-from pipeline.mixing import sample
-from pipeline.rundir import HashCache
-from stages import tokenize
+from pipeline.core.config import ConfigError, config_from_dict, to_dict
+from pipeline.core.mixing import sample
+from pipeline.core.rundir import HashCache
+from pipeline.tokenizing import tokenize
 
 
 def pairs(tag, n):

@@ -10,9 +10,9 @@ load theirs.
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.logps import lm_head_target_logps, packed_token_logps, segment_layout
-from pipeline.modeling import load_causal_lm
+from pipeline.core.config import ModelConfig
+from pipeline.core.logps import lm_head_target_logps, packed_token_logps, segment_layout
+from pipeline.core.modeling import load_causal_lm
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -103,7 +103,7 @@ def test_logit_transforms_give_the_models_own_logps(tmp_path, family, transform,
     model = load_causal_lm(family(tmp_path), ModelConfig(path="x", attn_implementation=attn))
     diff = packed_vs_own(model, [11, 7, 16, 9], [3, 3, 5, 2])
     assert diff < 1e-5, diff
-    from pipeline.logps import LogitTransform, logit_transform
+    from pipeline.core.logps import LogitTransform, logit_transform
 
     assert logit_transform(model) == LogitTransform(*transform)
 
@@ -120,7 +120,7 @@ def test_falcon_h1_lm_head_multiplier_and_its_refusal_for_packed_rows(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     assert packed_vs_own(model, [14], [3]) < 1e-5  # one segment: only the logit transform matters
     assert packed_vs_own(model, [7, 7], [2, 2]) > 5e-4  # the leak the probe refuses
-    from pipeline.logps import LogitTransform, logit_transform
+    from pipeline.core.logps import LogitTransform, logit_transform
 
     assert logit_transform(model) == LogitTransform(scale=0.37)
     with pytest.raises(NotImplementedError, match=r"falcon_h1 .*falcon_h1.*segments of a packed row see each other"):
@@ -156,7 +156,7 @@ def test_logit_transform_gradients_equal_the_models_own(tmp_path, family):
 def test_chunked_transform_equals_naive_with_grads(chunk, scale, softcap):
     """Forward (log-probs, log sum p^2) and backward (hidden, weight, bias) of the chunked
     pass with a logit scale and soft-capping, against float64 autograd of the formula."""
-    from pipeline.logps import LogitTransform
+    from pipeline.core.logps import LogitTransform
 
     transform = LogitTransform(scale, softcap)
     g = torch.Generator().manual_seed(0)
@@ -185,7 +185,7 @@ def test_an_unknown_logit_transform_is_refused(assets):
     """A config naming a logit transform of a model type the pass does not know."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.logps import logit_transform
+    from pipeline.core.logps import logit_transform
 
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
     model.config.lm_head_multiplier = 0.5
@@ -236,7 +236,7 @@ def test_the_probe_refuses_a_model_whose_segments_see_each_other(assets, monkeyp
 def test_the_probe_refuses_an_unapplied_logit_transform(tmp_path, monkeypatch):
     """Were granite's logits_scaling unknown to the pass, the probe would catch it: the
     first segment alone already differs."""
-    import pipeline.logps as logps
+    import pipeline.core.logps as logps
 
     monkeypatch.setattr(logps, "logit_transform", lambda model: logps.LogitTransform())
     with pytest.raises(NotImplementedError, match=r"model type granite .*more than lm_head\(hidden\)"):
@@ -245,7 +245,7 @@ def test_the_probe_refuses_an_unapplied_logit_transform(tmp_path, monkeypatch):
 
 def test_the_probe_changes_nothing(assets):
     """No RNG draw, the train mode restored, no gradient left behind, same results after."""
-    from pipeline.logps import probe_packed_logps
+    from pipeline.core.logps import probe_packed_logps
 
     model = load_causal_lm(str(assets["model"]), ModelConfig(path="x"))
     model.train()
@@ -265,7 +265,7 @@ def test_the_probe_changes_nothing(assets):
 def test_no_probe_while_zero3_partitions_the_weights(assets, monkeypatch):
     """Under ZeRO-3 (parameters carry ``ds_id``) no plain forward can run before the
     DeepSpeed engine exists: load_causal_lm leaves the probe to the train engine."""
-    import pipeline.modeling as modeling
+    import pipeline.core.modeling as modeling
     from transformers import AutoModelForCausalLM
 
     load = AutoModelForCausalLM.from_pretrained

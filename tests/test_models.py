@@ -1,4 +1,4 @@
-"""Models named by Hub id or bucket URI (pipeline/models.py).
+"""Models named by Hub id or bucket URI (pipeline/core/models.py).
 
 The Hub: a cache laid out as ``huggingface_hub`` lays it out (helpers.hub_cache), read in
 offline mode, as a cluster without internet reads a pre-filled ``HF_HOME``. The bucket:
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from helpers import hub_cache, tiny_config
-from pipeline import models, runner
-from pipeline.config import ConfigError
-from pipeline.storage import Loc
+from pipeline import runner
+from pipeline.core import models
+from pipeline.core.config import ConfigError
+from pipeline.core.storage import Loc
 
 REPO = "dpo-pipeline/tiny"
 
@@ -163,7 +164,7 @@ def test_the_weights_hashed_are_the_ones_transformers_loads(assets, tmp_path):
     (consolidated.safetensors) and .bin weights that transformers does not load."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.rundir import model_weight_files
+    from pipeline.core.rundir import model_weight_files
 
     sharded = tmp_path / "sharded"
     shutil.copytree(assets["model"], sharded)
@@ -254,7 +255,7 @@ def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, 
 
     @ray.remote(num_cpus=0)
     def load_twice(model_cfg):
-        from pipeline.modeling import load_causal_lm
+        from pipeline.core.modeling import load_causal_lm
 
         out = []
         for _ in range(2):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from pipeline.config import config_from_dict, to_dict
-from pipeline.losses import router_load_balancing_loss
-from pipeline.modeling import load_causal_lm, moe_router
+from pipeline.core.config import config_from_dict, to_dict
+from pipeline.core.losses import router_load_balancing_loss
+from pipeline.core.modeling import load_causal_lm, moe_router
 from stages.train import preference_objective
 
 

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import agent_ports, tiny_config
-from pipeline.config import dump_yaml
-from stages.train.engine import free_port
+from pipeline.core.config import dump_yaml
+from pipeline.training.engine import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

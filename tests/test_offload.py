@@ -1,10 +1,10 @@
-"""Activation offloading (pipeline.offload): which saved tensors move, and that the
+"""Activation offloading (pipeline.training.offload): which saved tensors move, and that the
 training forward and backward are unchanged under it. The copies themselves need an
 accelerator: tests/test_gpu.py runs them (exact gradients, lower peak memory)."""
 
 import torch
 
-from pipeline.offload import MIN_BYTES, moves, offload_activations
+from pipeline.training.offload import MIN_BYTES, moves, offload_activations
 
 
 def test_what_moves_off_the_accelerator():

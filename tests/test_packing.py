@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.packing import epoch_plan, eval_plan, first_fit_decreasing, is_eval
+from pipeline.core.packing import epoch_plan, eval_plan, first_fit_decreasing, is_eval
 
 
 def test_ffd_worked_example():

@@ -11,12 +11,13 @@ import torch
 
 from helpers import tiny_config
 from pipeline import cli, runner
-from pipeline.config import dump_yaml, load_config
-from pipeline.logps import packed_token_logps, segment_layout, segment_sums
-from pipeline.losses import preference_loss
-from pipeline.modeling import row_tensors
-from pipeline.packing import epoch_plan
-from stages.train import RowReader, read_metrics, split_files
+from pipeline.core.config import dump_yaml, load_config
+from pipeline.core.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.core.losses import preference_loss
+from pipeline.core.modeling import row_tensors
+from pipeline.core.packing import epoch_plan
+from pipeline.core.rows import RowReader, split_files
+from pipeline.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -108,7 +109,7 @@ def test_lora_under_zero3_saves_the_adapter_and_the_merged_model(first_run):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from pipeline.config import LoraSettings
+    from pipeline.core.config import LoraSettings
 
     cfg, results = first_run
     cfg = copy.deepcopy(cfg)

@@ -8,9 +8,9 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import config_from_dict, to_dict
+from pipeline.core.config import config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.redaction import REDACTED, redact_text, redact_values
+from pipeline.core.redaction import REDACTED, redact_text, redact_values
 
 ENV_SECRET = "wandb-0123456789abcdef0123"
 
@@ -41,7 +41,7 @@ def test_credentials_inside_values_are_redacted(text, want):
 
 def test_secret_environment_values_are_redacted_wherever_they_appear():
     env = {"HF_TOKEN": "hf_abcdefghijklmnopqrstuv", "WANDB_MODE": "offline", "API_KEY": "short"}
-    from pipeline.redaction import env_secret_values
+    from pipeline.core.redaction import env_secret_values
 
     values = env_secret_values(env)
     assert values == ["hf_abcdefghijklmnopqrstuv"]  # not a short or a non-secret variable's value
@@ -86,7 +86,7 @@ def test_no_file_of_a_run_holds_a_credential(assets, tmp_path, monkeypatch):
 
 def test_the_spec_ray_train_displays_holds_no_credential():
     """Ray Train shows str(train_loop_config) in its dashboard and state API."""
-    from stages.train.loop import WorkerSpec
+    from pipeline.training.loop import WorkerSpec
 
     spec = WorkerSpec({"cluster": {"runtime_env": {"env_vars": {"HF_TOKEN": "hf_SECRETSECRETSECRET"}}}}, None,
                       "s3://AKIA:SECRETKEY@bucket/rows", "s3://AKIA:SECRETKEY@bucket/out", {}, True,

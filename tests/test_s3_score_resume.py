@@ -8,10 +8,10 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import config_from_dict, to_dict
+from pipeline.core.config import config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.rundir import stage_state
-from pipeline.storage import Loc
+from pipeline.core.rundir import stage_state
+from pipeline.core.storage import Loc
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import Killer, tiny_config
 from pipeline import runner
-from pipeline.rundir import read_manifest
+from pipeline.core.rundir import read_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

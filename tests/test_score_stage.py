@@ -12,10 +12,10 @@ import torch
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import to_dict
-from pipeline.logps import packed_token_logps, segment_layout, segment_sums
-from pipeline.modeling import row_tensors
-from pipeline.rundir import read_manifest
+from pipeline.core.config import to_dict
+from pipeline.core.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.core.modeling import row_tensors
+from pipeline.core.rundir import read_manifest
 from stages.score import ShardScorer, iter_rows
 
 

@@ -1,5 +1,5 @@
-"""Security defaults: checkpoints are loaded without unpickling code (stages/train/safe_load.py),
-and a model directory's code is part of its fingerprint (pipeline/rundir.py)."""
+"""Security defaults: checkpoints are loaded without unpickling code (pipeline/training/safe_load.py),
+and a model directory's code is part of its fingerprint (pipeline/core/rundir.py)."""
 
 import pickle
 import re
@@ -25,7 +25,7 @@ class Payload:
 def test_safe_load_refuses_pickled_code_naming_the_file(tmp_path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from stages.train.safe_load import SafeTorchCheckpointEngine, UnsafeCheckpointError
+    from pipeline.training.safe_load import SafeTorchCheckpointEngine, UnsafeCheckpointError
 
     marker, evil = tmp_path / "owned", tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Payload(marker)}, evil)
@@ -46,7 +46,7 @@ def test_safe_load_reads_the_allow_listed_deepspeed_types(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from stages.train.safe_load import CHECKPOINT_SAFE_GLOBALS, SafeTorchCheckpointEngine
+    from pipeline.training.safe_load import CHECKPOINT_SAFE_GLOBALS, SafeTorchCheckpointEngine
 
     assert CHECKPOINT_SAFE_GLOBALS == [LossScaler, ZeroStageEnum, fragment_address]
     state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,

@@ -4,9 +4,9 @@ tokenize -> sft -> score -> train (pipeline/runner.py's plan, no stage run)."""
 import pytest
 from helpers import tiny_config
 
-from pipeline.config import ConfigError, as_written, config_from_dict, to_dict
+from pipeline.core.config import ConfigError, as_written, config_from_dict, to_dict
 from pipeline.runner import plan_stages, status
-from pipeline.storage import Loc
+from pipeline.core.storage import Loc
 
 
 def test_where_sft_runs_is_trains_what_it_trains_is_its_own(assets, tmp_path):
@@ -129,10 +129,10 @@ def test_what_each_stage_reads(assets, tmp_path):
 def test_an_output_made_from_another_sft_model_is_stale(tmp_path):
     import json
 
-    from pipeline.models import Pinned
+    from pipeline.core.models import Pinned
     from pipeline.runner import StagePlan
     from pipeline.runner import stale_output as stale_sft_output
-    from pipeline.stage import model_marker
+    from pipeline.core.stage import model_marker
 
     SFT_MARKER = model_marker("sft")
 

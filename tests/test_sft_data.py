@@ -1,6 +1,6 @@
 """The sft stage's own data (sft.data: {train_files | hf_dataset | sources}): SFT rows
 (messages, or prompt + completion) read, tokenised, quarantined, split and packed by the
-tokenize stage's code, one segment per sequence (pipeline/sft_formats.py, stages/sft.py)."""
+tokenize stage's code, one segment per sequence (pipeline/core/sft_formats.py, stages/sft/stage.py)."""
 
 import json
 
@@ -8,12 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_config
 
-from pipeline.config import ConfigError, SFTDataConfig
-from pipeline.formats import BadRow, Pair, tokenize_pair
-from pipeline.sft_formats import SequenceRows
-from pipeline.storage import Loc
-from stages import sft, tokenize
-from stages.train.rows import split_files
+from pipeline.core.config import ConfigError, SFTDataConfig
+from pipeline.core.formats import BadRow, Pair, tokenize_pair
+from pipeline.core.sft_formats import SequenceRows
+from pipeline.core.storage import Loc
+from stages import sft
+from pipeline.tokenizing import tokenize
+from pipeline.core.rows import split_files
 
 ROWS = SequenceRows()
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the lamp."}]

@@ -1,4 +1,4 @@
-"""The SFT objective (stages/train/sft.py): the NLL of completion tokens, prompt masked,
+"""The SFT objective (stages/sft/objective.py): the NLL of completion tokens, prompt masked,
 and TRL's token accuracy, on packed rows. Worked numbers first, then a tiny model's packed
 row against its own forward on each sequence alone."""
 
@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.logps import lm_head_target_logps
-from stages.train.rows import RowReader
-from stages.train.sft import SFTObjective
+from pipeline.core.logps import lm_head_target_logps
+from pipeline.core.rows import RowReader
+from stages.sft.objective import SFTObjective
 
 
 def test_token_accuracy_worked_out():
@@ -38,7 +38,7 @@ def packed_row(segments):
 def test_the_row_loss_is_each_sequence_alone_on_its_completion(assets):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.attention import register
+    from pipeline.core.attention import register
 
     register()
     model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="segment_sdpa")

@@ -16,12 +16,13 @@ import torch
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.config import LoraSettings, load_config
-from pipeline.packing import epoch_plan
-from pipeline.rundir import read_manifest
-from pipeline.storage import Loc
-from stages.train import RowReader, read_metrics, split_files
-from stages.train.sft import SFTObjective
+from pipeline.core.config import LoraSettings, load_config
+from pipeline.core.packing import epoch_plan
+from pipeline.core.rundir import read_manifest
+from pipeline.core.storage import Loc
+from pipeline.core.rows import RowReader, split_files
+from pipeline.training.metrics import read_metrics
+from stages.sft.objective import SFTObjective
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -151,8 +152,8 @@ def chosen_logps(model, rows_dir) -> torch.Tensor:
     """Every completion token's log-prob on the sft eval rows."""
     objective = SFTObjective(logp_chunk_tokens=256)
     rows = RowReader(split_files(Loc(rows_dir), "eval"), objective.columns)
-    from pipeline.logps import packed_token_logps
-    from pipeline.modeling import row_inputs
+    from pipeline.core.logps import packed_token_logps
+    from pipeline.core.modeling import row_inputs
 
     out = []
     with torch.no_grad():
@@ -166,7 +167,7 @@ def test_lora_sft_merged_model_is_the_reference_of_full_dpo(sft_run, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from pipeline.attention import register
+    from pipeline.core.attention import register
 
     cfg, _ = sft_run
     cfg = copy.deepcopy(cfg)

@@ -1,4 +1,4 @@
-"""The sft stage's rows (stages/sft.py): the tokenize output repacked with the chosen
+"""The sft stage's rows (stages/sft/stage.py): the tokenize output repacked with the chosen
 segments alone. Every distinct chosen sequence exactly once (pairs sharing a chosen
 completion, as a row with several rejected ones gives, train it once), token for token and
 with its prompt length, no rejected token, positions restarting at 0, waste within 3%."""
@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_config
 
-from pipeline.storage import Loc
-from stages import sft, tokenize
-from stages.train.rows import split_files
+from pipeline.core.storage import Loc
+from stages import sft
+from pipeline.tokenizing import tokenize
+from pipeline.core.rows import split_files
 
 
 def segments_of(files, which):

@@ -9,9 +9,11 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.storage import Loc
-from stages import sft, tokenize
-from stages.train import RowReader, read_metrics, split_files
+from pipeline.core.storage import Loc
+from stages import sft
+from pipeline.tokenizing import tokenize
+from pipeline.core.rows import RowReader, split_files
+from pipeline.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

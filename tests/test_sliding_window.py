@@ -12,9 +12,9 @@ import torch
 
 from helpers import shared_and_unshared_rows
 
-from pipeline.config import ModelConfig
-from pipeline.logps import attention_mask, packed_token_logps, segment_layout
-from pipeline.modeling import load_causal_lm, row_inputs
+from pipeline.core.config import ModelConfig
+from pipeline.core.logps import attention_mask, packed_token_logps, segment_layout
+from pipeline.core.modeling import load_causal_lm, row_inputs
 
 WINDOW = 8
 # (prompt, chosen, rejected): most sequences are 20 tokens, well past the window; one pair
@@ -146,7 +146,7 @@ def test_windowed_dense_mask_worked_example():
 def test_segment_sdpa_window_equals_the_dense_mask_with_grads(share, window):
     """Attention output and q/k/v gradients of segment_sdpa's windowed blocks against
     SDPA with the dense windowed mask, in float64 (GQA included)."""
-    from pipeline.attention import segment_sdpa_forward
+    from pipeline.core.attention import segment_sdpa_forward
 
     lens, prompts = [9, 4, 13, 6, 3, 2], [3, 0, 5, 0, 1, 1]
     if not share:
@@ -176,7 +176,7 @@ class _Attn(torch.nn.Module):
 def test_layer_window_reads_the_window_as_transformers_models_carry_it():
     from types import SimpleNamespace
 
-    from pipeline.attention import layer_window
+    from pipeline.core.attention import layer_window
 
     mistral = SimpleNamespace(sliding_window=8)
     mixed = SimpleNamespace(sliding_window=8, layer_types=["full_attention", "sliding_attention"])
@@ -194,7 +194,7 @@ def test_layer_window_reads_the_window_as_transformers_models_carry_it():
 def test_the_varlen_call_is_not_used_where_a_window_cuts_a_segment(monkeypatch):
     """The one-call varlen path would ignore the window: rows with a segment longer than
     the layer's window take the per-segment loop; others keep the one call."""
-    import pipeline.attention as attention
+    import pipeline.core.attention as attention
 
     calls = []
     monkeypatch.setattr(attention, "varlen_usable", lambda query, dropout=0.0: True)

@@ -1,7 +1,7 @@
 """One door per stage: a stage declared in this module, registered with one line, runs
 after train through the runner, loads train's exported model as score loads sft's, and
 shows in ``status``, ``--stages``, ``--from``, the summary and the report, with no edit to
-the runner (pipeline/stage.py, docs/design.md "Stages").
+the runner (pipeline/core/stage.py, docs/design.md "Stages").
 
 The stage counts the tokens the trained policy generates, greedily, for the first eval
 prompts: what a generate stage does, cut to what the test needs.
@@ -16,10 +16,10 @@ import pytest
 
 from helpers import tiny_config
 from pipeline import cli, runner
-from pipeline.config import dump_yaml
-from pipeline.rundir import ShardInfo, read_manifest
-from pipeline.stage import RunContext, Stage, names, register, unregister
-from stages.train.export import export_digest
+from pipeline.core.config import dump_yaml
+from pipeline.core.rundir import ShardInfo, read_manifest
+from pipeline.core.stage import RunContext, Stage, names, register, unregister
+from pipeline.training.export import export_digest
 
 PROMPTS, NEW_TOKENS = 3, 4
 
@@ -29,8 +29,8 @@ def count_generated(ctx: RunContext):
     generate ``NEW_TOKENS`` greedily after each of the first eval prompts."""
     import torch
 
-    from pipeline.modeling import load_causal_lm
-    from stages.train.rows import RowReader, split_files
+    from pipeline.core.modeling import load_causal_lm
+    from pipeline.core.rows import RowReader, split_files
 
     model = load_causal_lm(ctx.cfg.model.path, ctx.cfg.model)
     rows = RowReader(split_files(ctx.dir("tokenize"), "eval"))

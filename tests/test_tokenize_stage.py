@@ -10,7 +10,7 @@ import pytest
 
 from helpers import Killer, tiny_config
 from pipeline.demo import make_pairs
-from stages import tokenize
+from pipeline.tokenizing import tokenize
 
 BAD_LINES = [
     ("{not json", "invalid_json"),
@@ -150,8 +150,8 @@ def test_rows_do_not_depend_on_the_write_buffer(assets, tmp_path, inputs):
 def test_workers_return_pair_columns_and_write_token_lists(assets, tmp_path, inputs):
     """What a tokenize worker sends the driver has no token list; the unit file holds them,
     row for row, with their lengths in the returned table."""
-    from pipeline.config import to_dict
-    from pipeline.sources import expand_inputs, plan_chunks
+    from pipeline.core.config import to_dict
+    from pipeline.core.sources import expand_inputs, plan_chunks
 
     files, _ = inputs
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_length": 64})

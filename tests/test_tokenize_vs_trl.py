@@ -6,7 +6,7 @@ the template renders after it (ChatML's trailing newline), so there TRL has one 
 
 import pytest
 
-from pipeline.formats import normalize, tokenize_pair
+from pipeline.core.formats import normalize, tokenize_pair
 from test_data_formats import conversational_rows, standard_rows
 
 pytest.importorskip("trl")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import run_and_read_metrics, tiny_config, train_dir
-from pipeline.config import ConfigError, config_from_dict, to_dict
+from pipeline.core.config import ConfigError, config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 
 
@@ -58,7 +58,7 @@ def test_unknown_tracker_is_a_config_error(assets, tmp_path):
 def test_missing_tracker_package_names_the_fix(monkeypatch):
     import importlib.util
 
-    from pipeline.tracking import check_installed
+    from pipeline.core.tracking import check_installed
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
@@ -67,7 +67,7 @@ def test_missing_tracker_package_names_the_fix(monkeypatch):
 
 
 def test_wandb_without_credentials_is_refused_on_the_driver_unless_offline(tmp_path):
-    from pipeline.tracking import TrackerNotReady, check_ready, forwarded_env
+    from pipeline.core.tracking import TrackerNotReady, check_ready, forwarded_env
 
     home = {"HOME": str(tmp_path)}  # no ~/.netrc there
     with pytest.raises(TrackerNotReady, match="report_to includes 'wandb' but no W&B credentials were found: "
@@ -94,7 +94,7 @@ def test_wandb_without_credentials_is_refused_on_the_driver_unless_offline(tmp_p
 
 
 def test_mlflow_on_ray_needs_a_store_the_run_outlives():
-    from pipeline.tracking import TrackerNotReady, check_ready
+    from pipeline.core.tracking import TrackerNotReady, check_ready
 
     with pytest.raises(TrackerNotReady, match="MLFLOW_TRACKING_URI is not set: a Ray rank would write ./mlruns"):
         check_ready(["mlflow"], {})
@@ -106,8 +106,8 @@ def test_mlflow_on_ray_needs_a_store_the_run_outlives():
 
 def test_a_run_whose_tracker_cannot_start_stops_before_tokenizing(assets, tmp_path, monkeypatch):
     from pipeline import runner
-    from pipeline.rundir import stage_state
-    from pipeline.tracking import TrackerNotReady
+    from pipeline.core.rundir import stage_state
+    from pipeline.core.tracking import TrackerNotReady
 
     for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
         monkeypatch.delenv(name, raising=False)

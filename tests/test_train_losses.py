@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from pipeline.config import build_loss, config_from_dict, to_dict
+from pipeline.core.config import build_loss, config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.logps import packed_token_logps, segment_layout
-from pipeline.losses import LOSSES
-from pipeline.modeling import load_causal_lm, row_tensors
-from stages import score, tokenize
-from stages.train import RowReader, preference_objective, split_files
+from pipeline.core.logps import packed_token_logps, segment_layout
+from pipeline.core.losses import LOSSES
+from pipeline.core.modeling import load_causal_lm, row_tensors
+from stages import score
+from pipeline.tokenizing import tokenize
+from pipeline.core.rows import RowReader, split_files
+from stages.train import preference_objective
 from test_losses import STEP0
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from helpers import biased_qwen2, run_and_read_metrics, run_cli, tiny_config, train_metrics, write_config
 from pipeline.demo import make_pairs, write_jsonl
-from stages.train.engine import lr_lambda, param_groups
+from pipeline.training.engine import lr_lambda, param_groups
 
 
 def test_linear_schedule_with_warmup_worked_numbers():

@@ -1,6 +1,6 @@
 """The run directory as a URI: every stage reads and writes it through pyarrow filesystems.
 
-Both kinds of URI take the object-store branch of ``pipeline.storage`` (no rename: direct
+Both kinds of URI take the object-store branch of ``pipeline.core.storage`` (no rename: direct
 writes, the manifest as commit marker; the train stage writes to local scratch and each
 rank uploads its own checkpoint files): ``file://``, and ``s3://`` on a real S3-compatible
 server started by the tests (``conftest.s3_bucket``: moto's standalone server, reached
@@ -16,8 +16,8 @@ import torch
 
 from helpers import tiny_config
 from pipeline import runner
-from pipeline.storage import Loc
-from stages.train import read_metrics
+from pipeline.core.storage import Loc
+from pipeline.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

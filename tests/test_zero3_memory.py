@@ -47,7 +47,7 @@ def test_zero3_buffers_are_sized_from_the_model(assets, tmp_path):
 
 
 def test_a_checkpoint_of_another_optimizer_layout_is_refused_with_the_reason():
-    from stages.train.checkpoints import layout_mismatch
+    from pipeline.training.checkpoints import layout_mismatch
 
     train_cfg = tiny_config({"model": "m", "data": "d.jsonl"}, "run").train
     info = {"step": 10, "world_size": 2, "zero_stage": 3, "zero_sub_groups": 1}

@@ -1,6 +1,6 @@
 """ZeRO-3 prefetches parameters: DeepSpeed starts each step of its trace in a pre-forward
 hook of the top-level module, which runs because the log-prob pass is that module's
-forward, called as ``engine(row)`` (stages/train/forward.py). On 2 ranks: the trace completes
+forward, called as ``engine(row)`` (pipeline/training/forward.py). On 2 ranks: the trace completes
 within the first steps, stays complete across evals and checkpoints, prefetches run, and
 the losses are bitwise those of the run without prefetching."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from helpers import tiny_config, write_config
 from pipeline import runner
-from stages.train.engine import free_port
+from pipeline.training.engine import free_port
 
 HERE = Path(__file__).parent
 

@@ -12,10 +12,10 @@ import sys
 import torch
 
 import cluster.zero3_master_weights as zero3_master_weights
-from pipeline.config import ModelConfig, TrainConfig
-from stages.train.engine import build_engine, init_distributed
-from stages.train.forward import row_loss
-from stages.train.sft import SFTObjective
+from pipeline.core.config import ModelConfig, TrainConfig
+from pipeline.training.engine import build_engine, init_distributed
+from pipeline.training.forward import row_loss
+from stages.sft.objective import SFTObjective
 
 model, mode, out = sys.argv[1:4]
 if mode == "unfixed":

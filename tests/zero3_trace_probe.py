@@ -17,9 +17,9 @@ from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedPara
 from deepspeed.utils.timer import SynchronizedWallClockTimer
 
 import cluster.deepspeed_config as deepspeed_config
-import stages.train.loop as loop
+import pipeline.training.loop as loop
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from stages import train
 
 config, mode, out_prefix = sys.argv[1:4]

@@ -4,42 +4,26 @@ ranks: Ray Train (``run_on_ray``) or one rank in this process (``run_in_process`
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from pipeline.config import PipelineConfig, TrainConfig, build_loss, for_workers, rename_group
-from pipeline.models import local_dir
-from pipeline.config import ConfigError
-from pipeline.rundir import MANIFEST, HashCache, ShardInfo, hash_checkpoint, read_manifest
-from pipeline.stage import RunContext, Stage
-from pipeline.storage import Loc
+from pipeline.core.config import ConfigError, PipelineConfig, build_loss, for_workers
+from pipeline.core.models import local_dir
+from pipeline.core.rows import split_files
+from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
+from pipeline.core.stage import RunContext, Stage
+from pipeline.core.storage import Loc
+from pipeline.training.export import EXPORT_DIR, export_digest, merge_adapter
+from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch,
+                                      model_settings, summarize, training_settings)
+from pipeline.training.loop import WorkerSpec
+from pipeline.training.metrics import METRICS_FILE
 
-from .checkpoints import CHECKPOINT_DIR, complete_checkpoints
-from .export import EXPORT_DIR, export_digest, merge_adapter
-from .loop import WORKERS_FILE, WorkerSpec, train_worker
-from .metrics import METRICS_FILE, read_metrics
 from .preference import PreferenceObjective
-from .rows import split_files
-from .universal_convert import prepare_resume
 
-STAGE_VERSION = 1
+STAGE_VERSION = LOOP_VERSION  # train's fingerprint moves with the shared loop's
 
-# How a run is checkpointed, resumed, restarted, staged or tracked does not change what it trains.
-MODEL_SOURCE_SETTINGS = ("revision", "cache_dir")
-# Settings added after runs were made: fingerprinted only when set, so that those runs'
-# outputs keep their fingerprints.
-ADDED_SETTINGS = {"deepspeed": None}
-RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
-                     "report_to", "run_name")
-# What a step trains is its global batch, workers x accumulation steps rows (the seeded plan
-# cuts one order into steps of that many rows): the fingerprint names the product, so a run
-# resumed on another worker count that keeps it is the same run (universal.resume_universal).
-GLOBAL_BATCH = "global_batch_rows"
-SPLIT_SETTINGS = ("num_workers", "gradient_accumulation_steps")
-INPUTS_FILE = "_INPUTS.json"  # the stage's fingerprint inputs, written when it starts
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
@@ -54,75 +38,16 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft
     }
 
 
-def model_settings(cfg: PipelineConfig) -> dict:
-    # where the models come from is not what they are: their files are hashed instead
-    return ({k: v for k, v in asdict(cfg.model).items() if k not in MODEL_SOURCE_SETTINGS}
-            | {"path": None, "reference_path": None, "tokenizer_path": None})
 
 
-def training_settings(train_cfg: TrainConfig, keys: tuple[str, ...] | None = None) -> dict:
-    """A training stage's settings that change what it trains (``keys``: those it reads; all
-    of TrainConfig's by default), with the global batch for the two factors."""
-    return ({k: v for k, v in asdict(train_cfg).items()
-             if (keys is None or k in keys) and k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
-             and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
-            | {GLOBAL_BATCH: train_cfg.num_workers * train_cfg.gradient_accumulation_steps})
 
 
-def _batch_apart(inputs: dict) -> tuple[dict, int]:
-    settings = dict(inputs["train_settings"])
-    batch = settings.pop(GLOBAL_BATCH, None)
-    return dict(inputs, train_settings=settings), batch
 
 
-def check_global_batch(out: Loc, info: dict) -> None:
-    """Before training: a partial train output of this same run at another global batch
-    (more or fewer workers, the accumulation not changed to match) holds checkpoints that
-    this run would silently not resume. Refused with the way to keep the global batch,
-    unless --force. Then this output records its inputs (INPUTS_FILE)."""
-    out = Loc(out)
-    if "inputs" not in info:  # a caller outside the runner (a benchmark): nothing to compare
-        return
-    mine, batch = _batch_apart(info["inputs"])
-    for other in out.parent.iterdir() if not info.get("force") else []:
-        if other.name == out.name or (other / MANIFEST).is_file() or not (other / INPUTS_FILE).is_file():
-            continue
-        theirs, their_batch = _batch_apart(json.loads((other / INPUTS_FILE).read_text()))
-        if theirs == mine and their_batch != batch and complete_checkpoints(other):
-            fits = ", ".join(f"{w} x {their_batch // w}" for w in range(1, their_batch + 1) if their_batch % w == 0)
-            stage = out.parent.name  # <run_dir>/<stage>/<fingerprint>: train, or sft
-            raise ConfigError(f"{stage}: {other} holds checkpoints of this run at a global batch of {their_batch} rows "
-                              f"a step, and this one's is {batch} ({stage}.num_workers x "
-                              f"{stage}.gradient_accumulation_steps): to resume it on another worker count keep the "
-                              f"global batch ({fits}); to train anew at {batch}, rerun with --stages {stage} --force, "
-                              f"or remove that output")
-    (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
-def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
-    """What would stop a training stage, checked on the driver before any stage runs: the
-    user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op. Errors
-    name the stage's keys (``sft.zero_stage`` for the sft stage)."""
-    from cluster.deepspeed_config import build_ds_config, check_nvme, check_with_deepspeed
-
-    if train_cfg.deepspeed:
-        try:
-            ds = build_ds_config(train_cfg, dtype, train_cfg.num_workers)
-            check_with_deepspeed(ds)
-            check_nvme(ds)
-        except ConfigError as e:
-            raise ConfigError(rename_group(str(e), "train", stage)) from None
 
 
-def check_before_run(train_cfg: TrainConfig, cfg: PipelineConfig, stage: str, use_ray: bool) -> None:
-    """A training stage's checks before any stage runs: ``preflight``, and that the trackers
-    it reports to are ready where its ranks run (under Ray they see runtime_env's env_vars)."""
-    preflight(train_cfg, cfg.model.dtype, stage)
-    if train_cfg.report_to:
-        from pipeline.tracking import check_ready
-
-        ranks_env = {**os.environ, **(cfg.cluster.runtime_env.get("env_vars", {}) if use_ray else {})}
-        check_ready(train_cfg.report_to, ranks_env, on_ray=use_ray)
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -154,27 +79,10 @@ def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
                                    f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
 
 
-def summarize(out: Loc) -> dict:
-    records = read_metrics(out)
-    attempts = json.loads((Loc(out) / WORKERS_FILE).read_text())["attempts"]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    return {
-        "steps": train[-1]["step"] if train else 0,
-        "step0_loss": train[0]["loss"] if train else None,
-        "final_loss": train[-1]["loss"] if train else None,
-        "eval_step0_loss": evals[0]["eval_loss"] if evals else None,
-        "final_eval": {k: v for k, v in evals[-1].items()} if evals else {},
-        "rows": int(sum(r["rows"] for r in train)),
-        "tokens": int(sum(r["tokens"] for r in train)),
-        "export": str(Loc(out) / EXPORT_DIR),
-        "workers": attempts[-1],  # each rank's node id, hostname and pid in the attempt that finished
-        "attempts": len(attempts),
-    }
 
 
 def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
-    from pipeline.tracking import forwarded_env
+    from pipeline.core.tracking import forwarded_env
 
     info = {k: v for k, v in info.items() if k not in ("inputs", "force")}  # the export records the rest
     return WorkerSpec(for_workers(cfg), preference_objective(cfg), str(Loc(rows_dir)), str(Loc(out)), info,
@@ -207,46 +115,10 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     return outputs(cfg, out)
 
 
-def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
-    """Run a training stage's ranks: ``train_cfg.num_workers`` of them placed by Ray Train
-    and restarted ``train_cfg.max_failures`` times when ``spec.ray_train``, else one rank
-    in this process. Every training stage (train, sft) starts its ranks here, after the
-    checkpoint they resume from, if written by another worker count, is converted."""
-    prepare_resume(train_cfg, out, spec.stage, train_cfg.num_workers if spec.ray_train else 1, spec.ray_train)
-    if not spec.ray_train:
-        train_worker({"spec": spec})
-        # in-process, the next stage (sft, then score) runs in this process: free the engine's memory
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    resources = {"CPU": train_cfg.cpus_per_worker}
-    if train_cfg.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
-        # Ray Train's run directory is our checkpoints folder, so registering a checkpoint
-        # (register_checkpoint) copies nothing.
-        run_config=RunConfig(storage_path=str(Loc(out)), name=CHECKPOINT_DIR,
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
-    )
-    trainer.fit()
 
 
 # ----------------------------------------------------------------------------- the stage's door
 
-NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"
 
 
 def _run(ctx: RunContext):

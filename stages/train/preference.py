@@ -1,4 +1,4 @@
-"""DPO and its relatives as an objective of the shared loop: every ``pipeline.losses`` loss
+"""DPO and its relatives as an objective of the shared loop: every ``pipeline.core.losses`` loss
 type, on packed rows of preference pairs, against the stored reference columns."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.logps import (packed_token_logps, segment_sums, segment_token_counts, sequence_logps,
+from pipeline.core.config import TrainConfig
+from pipeline.core.logps import (packed_token_logps, segment_sums, segment_token_counts, sequence_logps,
                             wpo_pair_weights)
-from pipeline.losses import LossOutput, PreferenceLoss, router_load_balancing_loss
-from pipeline.modeling import moe_router, row_inputs, to_device
+from pipeline.core.losses import LossOutput, PreferenceLoss, router_load_balancing_loss
+from pipeline.core.modeling import moe_router, row_inputs, to_device
 
-from .objective import RowLoss
-from .rows import ROW_COLUMNS, RowReader
+from pipeline.training.objective import RowLoss
+from pipeline.core.rows import ROW_COLUMNS, RowReader
 
 
 @dataclass

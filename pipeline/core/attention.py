@@ -204,7 +204,7 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
                          is_causal=None, position_ids=None, segment_blocks=None, segment_varlen=None, **kwargs):
     """``segment_blocks``: (start, end, prefix_start, prefix_end) per segment as Python
     ints (``SegmentLayout.blocks``), passed once per forward by
-    ``pipeline.logps.packed_token_logps`` (no per-layer device sync); otherwise one causal
+    ``pipeline.core.logps.packed_token_logps`` (no per-layer device sync); otherwise one causal
     block per segment is found from ``position_ids``. ``segment_varlen``: the same
     blocks as a ``VarlenPlan`` on the query's device, used where ``varlen_usable`` and no
     segment is longer than the layer's sliding window (``layer_window``): torch's

@@ -34,9 +34,9 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError, ModelConfig, PipelineConfig
-from pipeline.redaction import redact_text
-from pipeline.storage import Loc, is_uri
+from pipeline.core.config import ConfigError, ModelConfig, PipelineConfig
+from pipeline.core.redaction import redact_text
+from pipeline.core.storage import Loc, is_uri
 
 MODEL_KEYS = ("path", "reference_path", "tokenizer_path")
 KIND_OF_KEY = {"path": "model", "reference_path": "model", "tokenizer_path": "tokenizer"}
@@ -120,7 +120,7 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
     """The config with every model name the run loads resolved (on the driver, before any
     stage starts), and what was resolved. A name that does not resolve is a ``ConfigError``
     naming its key. A reference-free loss loads no reference: its name is left alone."""
-    from pipeline.config import build_loss
+    from pipeline.core.config import build_loss
 
     mcfg = cfg.model
     names = {"path": mcfg.path, "tokenizer_path": cfg.tokenizer_path}
@@ -190,7 +190,7 @@ def _pin_one(key: str, name: str, mcfg: ModelConfig, kinds: set) -> Pinned:
 def _check_complete(key: str, where: str, local: Path, kinds: set) -> None:
     """A model's config and every weight file transformers will load are there (a cache
     filled by hand can lack them), so that no worker finds out after hours of tokenizing."""
-    from pipeline.rundir import TOKENIZER_FILES, model_weight_files
+    from pipeline.core.rundir import TOKENIZER_FILES, model_weight_files
 
     present = sorted(p.name for p in local.iterdir())
     if "model" in kinds:

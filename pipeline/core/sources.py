@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.redaction import redact_text
+from pipeline.core.redaction import redact_text
 
 UTF8_BOM = b"\xef\xbb\xbf"
 NUMBER_CHARS = frozenset("0123456789+-.eE")
@@ -43,7 +43,7 @@ class Source:
     label: str
     path: str
     kind: str
-    group: str | None = None  # the data.sources entry it belongs to (pipeline/mixing.py)
+    group: str | None = None  # the data.sources entry it belongs to (pipeline/core/mixing.py)
 
 
 def is_uri(path: str) -> bool:

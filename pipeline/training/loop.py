@@ -26,20 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import placement
-from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
-from pipeline.devices import require_gpu
-from pipeline.offload import offload_activations
-from pipeline.packing import MicroBatch, eval_plan
-from pipeline.storage import Loc, scratch_root
+from pipeline.core import placement
+from pipeline.core.config import PipelineConfig, TrainConfig, config_from_dict
+from pipeline.core.devices import require_gpu
+from pipeline.training.offload import offload_activations
+from pipeline.core.packing import MicroBatch, eval_plan
+from pipeline.core.rows import RowReader, split_files
+from pipeline.core.storage import Loc, scratch_root
 
-from .checkpoints import discard_checkpoint, resume, save_checkpoint
+from .checkpoints import discard_checkpoint, save_checkpoint
 from .engine import build_engine, init_distributed, rank_device
 from .export import export_model
 from .forward import row_loss
 from .metrics import MetricsLog, MetricSums
 from .objective import Objective
-from .rows import RowReader, planned_steps, split_files, steps_per_epoch
+from .plan import planned_steps, steps_per_epoch
+from .resume import resume
 
 
 WORKERS_FILE = "workers.json"  # where the ranks ran, per attempt (record_workers)

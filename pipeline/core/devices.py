@@ -13,7 +13,7 @@ request pending forever.
 
 from __future__ import annotations
 
-from pipeline.config import PipelineConfig
+from pipeline.core.config import PipelineConfig
 
 
 class NoGPUError(RuntimeError):
@@ -36,7 +36,7 @@ def gpus_needed(cfg: PipelineConfig, stages: list[str]) -> dict[str, float]:
     """GPUs each of ``stages`` that the config plans needs on the cluster, by the setting
     that asks for them, as each stage declares them (``Stage.gpus``: at least one actor's
     worth for score, one per rank for sft and train)."""
-    from pipeline.stage import registered
+    from pipeline.core.stage import registered
 
     return {setting: gpus for s in registered() if s.name in stages and s.needed(cfg) is None
             for setting, gpus in s.gpus(cfg).items()}

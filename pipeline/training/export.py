@@ -9,10 +9,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
-from pipeline.modeling import load_causal_lm
-from pipeline.redaction import redact_values
-from pipeline.storage import Loc
+from pipeline.core.config import PipelineConfig
+from pipeline.core.modeling import load_causal_lm
+from pipeline.core.redaction import redact_values
+from pipeline.core.storage import Loc
 
 EXPORT_DIR = "model"
 
@@ -23,7 +23,7 @@ def generation_config(model, tokenizer):
     ``<|eot_id|>`` would otherwise generate past them."""
     from transformers import GenerationConfig
 
-    from stages.tokenize import end_of_turn_id
+    from pipeline.core.tokenizer import end_of_turn_id
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     gen = GenerationConfig.from_model_config(base.config) if base.generation_config is None \
@@ -39,7 +39,7 @@ def generation_config(model, tokenizer):
 
 def export_model(engine, ctx, info: dict) -> None:
     """Consolidated weights + tokenizer + generation config, loadable with ``from_pretrained``."""
-    from stages.tokenize import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
 
     if ctx.train_cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
@@ -67,7 +67,7 @@ def export_digest(out: Loc, export: Loc) -> str:
     folder's digest leaves out)."""
     import hashlib
 
-    from pipeline.rundir import read_manifest
+    from pipeline.core.rundir import read_manifest
 
     out = Loc(out)
     prefix = Loc(export).relative_to(out) + "/"
@@ -84,7 +84,7 @@ def merge_adapter(cfg: PipelineConfig, out: Loc) -> None:
     from transformers import GenerationConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from stages.tokenize import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
 
     unset_hf_deepspeed_config()  # a plain load, not a ZeRO-3 partitioned one
     with tempfile.TemporaryDirectory() as tmp:

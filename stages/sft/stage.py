@@ -6,7 +6,7 @@ It runs between tokenize and score (``sft.enabled``). Its rows are the tokenize 
 repacked with the chosen segments alone (no rejected segment is computed), in the same
 token budget and by the same first-fit-decreasing packing. Training is the train stage's
 loop, engine, checkpoints, metrics and export with another objective
-(``stages.train.sft.SFTObjective``) and the ``sft`` group's settings. Its export (the
+(``stages.sft.objective.SFTObjective``) and the ``sft`` group's settings. Its export (the
 merged model with LoRA) is the reference ``score`` uses and the policy ``train`` starts
 from (``pipeline.runner`` hands it on).
 """
@@ -21,25 +21,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import packing
-from pipeline.config import (SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
-                             resume_location)
-from pipeline.models import local_dir
-from pipeline.rundir import HashCache, ShardInfo, hash_checkpoint
-from pipeline.stage import Stage
-from pipeline.storage import Loc
-from pipeline.sft_formats import SequenceRows
-from stages import tokenize
-from stages.tokenize import ROW_GROUP_ROWS, assemble_sequences, sequence_table
-from stages.train.driver import STAGE_VERSION as LOOP_VERSION
-from stages.train.driver import (NO_EVAL, check_before_run, check_global_batch, launch, model_settings, summarize,
-                                 training_settings)
-from stages.train.export import EXPORT_DIR, merge_adapter
-from stages.train.export import export_digest as digest_of_export
-from stages.train.loop import WorkerSpec
-from stages.train.metrics import METRICS_FILE, read_metrics
-from stages.train.rows import split_files
-from stages.train.sft import SFTObjective
+from pipeline.core import packing
+from pipeline.core.config import (SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
+                                  resume_location)
+from pipeline.core.models import local_dir
+from pipeline.core.rows import ROW_GROUP_ROWS, assemble_sequences, sequence_table, split_files
+from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.core.sft_formats import SequenceRows
+from pipeline.core.stage import Stage
+from pipeline.core.storage import Loc
+from pipeline.tokenizing import tokenize
+from pipeline.training.export import EXPORT_DIR, merge_adapter
+from pipeline.training.export import export_digest as digest_of_export
+from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch,
+                                      model_settings, summarize, training_settings)
+from pipeline.training.loop import WorkerSpec
+from pipeline.training.metrics import METRICS_FILE, read_metrics
+
+from .objective import SFTObjective
 
 STAGE_VERSION = 1
 SPLITS = ("train", "eval")
@@ -80,7 +79,7 @@ def own_data(cfg: PipelineConfig) -> tuple[PipelineConfig, SequenceRows] | None:
 
 
 def export_digest(cfg: PipelineConfig, out: Loc) -> str:
-    """Which SFT model score and train loaded (``stages.train.export.export_digest``)."""
+    """Which SFT model score and train loaded (``pipeline.training.export.export_digest``)."""
     return digest_of_export(out, export_dir(cfg, out))
 
 
@@ -186,7 +185,7 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
     returns the shards the manifest commits (rows, metrics, the exported model) and the
     stats (the training summary, the packing and the eval split's mean chosen log-prob per
     completion token under the base model and under the SFT model)."""
-    from pipeline.tracking import forwarded_env
+    from pipeline.core.tracking import forwarded_env
 
     out = Loc(out)
     check_global_batch(out, info)  # before the rows: a refused run costs nothing

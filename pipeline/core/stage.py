@@ -39,7 +39,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from pipeline.storage import Loc
+from pipeline.core.storage import Loc
 
 
 @dataclass
@@ -77,7 +77,7 @@ class RunContext:
         """What a stage that trains records and checks: every fingerprint, the config (model
         names pinned), this stage's fingerprint inputs, ``--force`` and the models' record;
         ``first``: the stage whose rows everything is tokenized from."""
-        from pipeline.config import redact, to_dict
+        from pipeline.core.config import redact, to_dict
 
         return {"fingerprints": {s: p.fingerprint for s, p in self.plans.items()},
                 "config": redact(to_dict(self.cfg)), "tokenized_dir": str(self.dir(first)),

@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from pipeline.storage import Loc
+from pipeline.core.storage import Loc
 
 from .metrics import say
 
@@ -177,21 +177,10 @@ def elastic_mismatch(info: dict, world: int, train_cfg) -> str | None:
     return None
 
 
-def resume(engine, ctx, log) -> int:
-    """Load the checkpoint to resume from, if any; returns the steps already done."""
-    path = checkpoint_to_resume(ctx.train_cfg, ctx.out, ctx.stage)
-    if path is None:
-        log.truncate_after(-1)  # a fresh start: nothing logged by an earlier attempt stays
-        return 0
-    info = json.loads((path / COMPLETE).read_text())
-    why = layout_mismatch(info, ctx.world, zero_sub_groups(engine), ctx.train_cfg)
-    if why == UNIVERSAL:
-        from .universal import resume_universal
-
-        return resume_universal(engine, ctx, log, path, info)
-    if why:
-        raise RuntimeError(f"checkpoint {path}: {why}")
-    if path.remote:  # fetch only this rank's part of the checkpoint
+def resume_same_layout(engine, ctx, log, path: Loc) -> int:
+    """Load a checkpoint written by this run's worker count and layout; with a URI run
+    directory each rank fetches only its own part."""
+    if path.remote:
         local = ctx.out_dir / CHECKPOINT_DIR / path.name
         for name in rank_files([f.relative_to(path) for f in path.files()], ctx.rank):
             (path / name).download(local / name)

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .rows import RowReader
+from pipeline.core.rows import RowReader
 
 
 @dataclass

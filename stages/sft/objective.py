@@ -3,7 +3,7 @@ completions of packed rows, pi = argmax E[log pi(y | x)], the step the DPO paper
 to make a reference when no SFT model exists.
 
 Every completion token counts, prompt tokens are masked (the same segment layout and
-log-prob pass as DPO: ``pipeline.logps.packed_token_logps``). A step's loss is the NLL
+log-prob pass as DPO: ``pipeline.core.logps.packed_token_logps``). A step's loss is the NLL
 summed over every completion token of the step, all micro-batches and ranks, divided by
 that token count: the unit is the completion token, as DPO's is the pair, and the loop's
 normalisation is the same. This is TRL's SFTTrainer with ``completion_only_loss`` and its
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.logps import packed_token_logps
-from pipeline.losses import router_load_balancing_loss
-from pipeline.modeling import moe_router, row_inputs
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.losses import router_load_balancing_loss
+from pipeline.core.modeling import moe_router, row_inputs
 
-from .objective import RowLoss
-from .rows import ROW_COLUMNS, RowReader
+from pipeline.training.objective import RowLoss
+from pipeline.core.rows import ROW_COLUMNS, RowReader
 
 
 class SFTObjective:

@@ -3,7 +3,7 @@
 ``<run_dir>/<stage>/<fingerprint>/`` holds a stage's shards and, written last, its
 ``_MANIFEST.json``: the only commit marker. A stage is done when its manifest exists and
 every shard it lists has the recorded size. The run directory is a local path or a URI
-(``pipeline.storage.Loc``); on a local path files are written to a temporary name and
+(``pipeline.core.storage.Loc``); on a local path files are written to a temporary name and
 renamed, so a reader never sees half a shard.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.redaction import redact_text, redact_values
-from pipeline.storage import Loc
+from pipeline.core.redaction import redact_text, redact_values
+from pipeline.core.storage import Loc
 
 MANIFEST = "_MANIFEST.json"
 

@@ -226,7 +226,7 @@ class TrainConfig:
     # transformers' gradient checkpointing (non-reentrant).
     gradient_checkpointing: bool = False
     # Saved activations of the training forward go to pinned host memory until backward
-    # (TRL's activation_offloading; pipeline.offload). Exact; only accelerator tensors move.
+    # (TRL's activation_offloading; pipeline.training.offload). Exact; only accelerator tensors move.
     activation_offloading: bool = False
     # The train/eval split and the packing shuffle (so it is in the tokenize fingerprint),
     # the epoch plans, torch.
@@ -558,7 +558,7 @@ def _validate_data_source(data, group: str) -> None:
     if data.hf_dataset is not None:
         check_hf_dataset(data.hf_dataset, "data.hf_dataset")
     if data.sources is not None:
-        from pipeline import mixing
+        from pipeline.core import mixing
 
         mixing.check(data.sources, need, check_hf_dataset)
     need(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
@@ -584,7 +584,7 @@ def _validate_training(train_cfg: TrainConfig, group: str) -> None:
     need(train_cfg.save_steps >= 0, "train.save_steps: must be >= 0 (0: no periodic checkpoints)")
     need(train_cfg.save_total_limit is None or train_cfg.save_total_limit >= 1, "train.save_total_limit: must be >= 1 or null")
     need(train_cfg.max_failures >= -1, "train.max_failures: must be >= 0, or -1 for unlimited")
-    from pipeline.tracking import TRACKERS
+    from pipeline.core.tracking import TRACKERS
 
     for tracker in train_cfg.report_to:
         need(tracker in TRACKERS, f"train.report_to: {tracker!r} is not one of {', '.join(TRACKERS)}")
@@ -600,7 +600,7 @@ def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
     driver, whose object the ranks receive."""
     import dataclasses as dc
 
-    from pipeline.losses import LossSettingError, PreferenceLoss
+    from pipeline.core.losses import LossSettingError, PreferenceLoss
 
     settings = {f.name: getattr(train_cfg, f.name) for f in dc.fields(PreferenceLoss) if f.init}
     try:
@@ -612,7 +612,7 @@ def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
 def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
     """Loss settings that meet the log-prob pass's: aggregation, LD-DPO, WPO, and the
     options that need a live reference model."""
-    from pipeline.losses import LOSSES
+    from pipeline.core.losses import LOSSES
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -768,11 +768,11 @@ def for_workers(cfg: PipelineConfig) -> dict:
 
 
 def redact(raw: dict) -> dict:
-    """A config dict fit to be written down (``pipeline/redaction.py``): in
+    """A config dict fit to be written down (``pipeline/core/redaction.py``): in
     ``cluster.runtime_env`` the values of secret-looking keys (HF_TOKEN, WANDB_API_KEY ...),
     and everywhere the credentials inside values (``s3://KEY:SECRET@``, ``https://user:pass@``,
     ``?token=``) and the values of secret-named environment variables, become "<redacted>"."""
-    from pipeline.redaction import redact_runtime_env, redact_values
+    from pipeline.core.redaction import redact_runtime_env, redact_values
 
     out = dict(raw)
     if isinstance(out.get("cluster"), dict):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.logps import SegmentLayout, check_model_supported, probe_packed_logps, segment_layout
+from pipeline.core.config import ModelConfig
+from pipeline.core.logps import SegmentLayout, check_model_supported, probe_packed_logps, segment_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,8 +42,8 @@ def load_causal_lm(path: str, mcfg: ModelConfig, device: torch.device | str | No
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.attention import register
-    from pipeline.models import local_dir
+    from pipeline.core.attention import register
+    from pipeline.core.models import local_dir
 
     path = local_dir(path, mcfg)  # a Hub id or a bucket URI: this node's copy
     register()  # segment_sdpa, in every process that loads a model (Ray workers included)

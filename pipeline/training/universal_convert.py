@@ -17,8 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import placement
-from pipeline.storage import Loc, scratch_root
+from pipeline.core import placement
+from pipeline.core.storage import Loc, scratch_root
 
 from .checkpoints import COMPLETE, UNIVERSAL, checkpoint_to_resume, elastic_mismatch
 from .metrics import say

@@ -8,9 +8,9 @@ import os
 
 import torch
 
-from pipeline.config import ModelConfig, TrainConfig
-from pipeline.logps import probe_packed_logps
-from pipeline.modeling import load_causal_lm
+from pipeline.core.config import ModelConfig, TrainConfig
+from pipeline.core.logps import probe_packed_logps
+from pipeline.core.modeling import load_causal_lm
 
 from .forward import install as install_forward
 from .objective import Objective
@@ -127,7 +127,7 @@ def hidden_size(model_cfg: ModelConfig) -> int | None:
     """The policy's width (its text model's, for a multimodal config), which sizes ZeRO-3's buffers."""
     from transformers import AutoConfig
 
-    from pipeline.models import local_dir
+    from pipeline.core.models import local_dir
 
     config = AutoConfig.from_pretrained(local_dir(model_cfg.path, model_cfg), trust_remote_code=model_cfg.trust_remote_code)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -170,9 +170,9 @@ def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, tot
     )
     from .safe_load import install
 
-    install(engine)  # checkpoints are loaded with weights_only=True (stages/train/safe_load.py)
+    install(engine)  # checkpoints are loaded with weights_only=True (pipeline/training/safe_load.py)
     if hf_ds is not None:
-        # The load-time probe of the log-prob pass (pipeline.logps.probe_packed_logps) needs a
+        # The load-time probe of the log-prob pass (pipeline.core.logps.probe_packed_logps) needs a
         # forward, which a partitioned model runs only inside its engine; every rank runs it
         # (the forward gathers parameters collectively), and all refuse alike.
         probe_packed_logps(engine.module, model_cfg.path)

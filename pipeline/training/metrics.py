@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from pipeline.rundir import atomic_write_text
+from pipeline.core.rundir import atomic_write_text
 
 from .objective import RowLoss
 
@@ -67,7 +67,7 @@ class MetricsLog:
     checkpoint and at the end); ``fetch`` brings the uploaded metrics back on resume."""
 
     def __init__(self, ctx):
-        from pipeline.tracking import Trackers
+        from pipeline.core.tracking import Trackers
 
         self.ctx, self.start = ctx, time.time()
         self.window: list[dict] = []  # the steps since the last logged one
@@ -162,7 +162,7 @@ def say(line: str) -> None:
 
 
 def read_metrics(out) -> list[dict]:
-    from pipeline.storage import Loc
+    from pipeline.core.storage import Loc
 
     path = Loc(out) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.storage import Loc, scratch_root
+from pipeline.core.storage import Loc, scratch_root
 
 from .checkpoints import CHECKPOINT_DIR, COMPLETE, UNIVERSAL, resumed
 
@@ -90,7 +90,7 @@ def repair_universal_load(engine, universal: str) -> None:
 
 def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
     """Resume on another worker count that keeps the global batch: the step plans then
-    give every step the same rows (``pipeline.packing.epoch_plan`` cuts one seeded order
+    give every step the same rows (``pipeline.core.packing.epoch_plan`` cuts one seeded order
     into steps of workers x accumulation rows), so no pair trains twice or not at all.
     The driver converted the checkpoint before the ranks started (``prepare_resume``)."""
     import torch.distributed as dist
@@ -100,7 +100,7 @@ def resume_universal(engine, ctx, log, path: Loc, info: dict) -> int:
     if conversion(path) is None:
         raise RuntimeError(f"checkpoint {path}: written by {info['world_size']} workers, and its universal checkpoint "
                            f"is missing; the driver converts it before the ranks start (prepare_resume in "
-                           f"stages/train/universal_convert.py): rerun the stage")
+                           f"pipeline/training/universal_convert.py): rerun the stage")
     node_dir = scratch_root(ctx.train_cfg.local_dir, ctx.out) / CHECKPOINT_DIR / path.name
     if path.remote:
         fetch_node_copy(path, node_dir)

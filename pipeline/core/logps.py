@@ -306,8 +306,8 @@ def packed_token_logps(
     impl = getattr(model.config, "_attn_implementation", None)
     if impl == "segment_sdpa":
         extra["segment_blocks"] = layout.blocks  # every layer's attention cuts the row here
-        if input_ids.is_cuda:  # one variable-length flash call per layer (bf16/fp16; see pipeline.attention)
-            from pipeline.attention import varlen_plan
+        if input_ids.is_cuda:  # one variable-length flash call per layer (bf16/fp16; see pipeline.core.attention)
+            from pipeline.core.attention import varlen_plan
 
             extra["segment_varlen"] = varlen_plan(layout.blocks, input_ids.device)
     elif layout.shares_prompts:  # transformers' packing detection (positions restarting at 0) cannot see these

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.formats import BadRow, Pair, _check_messages, _template_kwargs
+from pipeline.core.formats import BadRow, Pair, _check_messages, _template_kwargs
 
 SFT_FORMATS = ("messages_conversational", "prompt_completion_standard", "prompt_completion_conversational")
 

@@ -64,7 +64,7 @@ class Segment:
 @dataclass
 class TokenizedPair:
     chosen: Segment
-    rejected: Segment | None  # None: a one-sided pair (an SFT sequence: pipeline/sft_formats.py)
+    rejected: Segment | None  # None: a one-sided pair (an SFT sequence: pipeline/core/sft_formats.py)
     truncated: bool
     prefix_mismatch: bool
     prompt_truncated: bool = False  # the prompt was cut (max_prompt_length, or prompt_too_long: truncate)

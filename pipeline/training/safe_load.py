@@ -106,8 +106,8 @@ def install(engine) -> None:
     """Give a DeepSpeed engine the safe checkpoint engine (after ``deepspeed.initialize``)."""
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"checkpoint loading: DeepSpeed chose {type(engine.checkpoint_engine).__name__}, and "
-                           f"only its TorchCheckpointEngine has a weights_only replacement (stages/train/safe_load.py)")
+                           f"only its TorchCheckpointEngine has a weights_only replacement (pipeline/training/safe_load.py)")
     if engine.load_universal_checkpoint():
         raise RuntimeError("checkpoint loading: DeepSpeed's universal checkpoints are unpickled with "
-                           "weights_only=False, which stages/train/safe_load.py does not allow")
+                           "weights_only=False, which pipeline/training/safe_load.py does not allow")
     engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.redaction import redact_values
+from pipeline.core.redaction import redact_values
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
