@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_config
 
 from pipeline.core.config import ConfigError, SFTDataConfig
-from pipeline.core.formats import BadRow, Pair, tokenize_pair
+from pipeline.core.formats import BadRow, ExampleText, tokenize_pair
 from pipeline.core.sft_formats import SequenceRows
 from pipeline.core.storage import Loc
 from stages import sft
@@ -52,7 +52,7 @@ def test_a_sequence_is_tokenised_as_a_pairs_chosen_side(tokenizer):
     for prompt, completion in ((PROMPT, ANSWER), ("Tell me about the lamp.", " It is a fine lamp.")):
         fmt = "conversational" if isinstance(prompt, list) else "standard"
         rejected = [{"role": "assistant", "content": "A dull lamp."}] if fmt == "conversational" else " Dull."
-        want = tokenize_pair(Pair(prompt, completion, rejected, fmt), tokenizer, **kwargs)
+        want = tokenize_pair(ExampleText(prompt, completion, rejected, fmt), tokenizer, **kwargs)
         [row] = ROWS.normalize({"prompt": prompt, "completion": completion})
         got = tokenize_pair(row, tokenizer, **kwargs)
         assert got.rejected is None and got.segments == [want.chosen]

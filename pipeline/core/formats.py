@@ -42,7 +42,11 @@ class BadRow(ValueError):
 
 
 @dataclass
-class Pair:
+class ExampleText:
+    """One example's text before tokenisation, in a named format: the prompt, the chosen
+    completion and one rejected completion (None for an SFT sequence), each a string or
+    a list of messages."""
+
     prompt: Any  # str or list of messages
     chosen: Any
     rejected: Any
@@ -79,14 +83,15 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
-class PairRows:
-    """How the tokenize stage reads preference rows: ``data``'s column names."""
+class PreferenceColumns:
+    """The column names preference rows are read by (``data``'s prompt, chosen and
+    rejected keys), and the row turned into examples with them."""
 
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
 
-    def normalize(self, row: dict) -> list[Pair]:
+    def normalize(self, row: dict) -> list[ExampleText]:
         return normalize(row, self.prompt_key, self.chosen_key, self.rejected_key)
 
 
@@ -142,7 +147,7 @@ def _rejected_list(rejected: Any) -> tuple[list, bool]:
     return [rejected], False
 
 
-def normalize(row: dict, prompt_key: str, chosen_key: str, rejected_key: str) -> list[Pair]:
+def normalize(row: dict, prompt_key: str, chosen_key: str, rejected_key: str) -> list[ExampleText]:
     """One row -> its pairs (several when it has several rejected completions)."""
     for key in (chosen_key, rejected_key):
         if row.get(key) is None:
@@ -190,7 +195,7 @@ def normalize(row: dict, prompt_key: str, chosen_key: str, rejected_key: str) ->
             raise BadRow("empty_completion", chosen_key if not c.strip() else where)
         if c == r:
             raise BadRow("chosen_equals_rejected", where)
-        pairs.append(Pair(prompt, c, r, fmt, k, kwargs))
+        pairs.append(ExampleText(prompt, c, r, fmt, k, kwargs))
     return pairs
 
 
@@ -205,7 +210,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _render_ids(tokenizer, pair: Pair, completion: Any | None) -> list[int]:
+def _render_ids(tokenizer, pair: ExampleText, completion: Any | None) -> list[int]:
     """Token ids of the prompt (completion None) or of prompt + completion."""
     if pair.conversational:
         messages = pair.prompt if completion is None else pair.prompt + completion
@@ -248,7 +253,7 @@ def _fit_prompt(prompt: list[int], completions: list[list[int]], max_length: int
 
 
 def tokenize_pair(
-    pair: Pair,
+    pair: ExampleText,
     tokenizer,
     *,
     max_length: int,
@@ -308,7 +313,7 @@ def pair_id(tp: TokenizedPair, source: str, row_index: int, expansion: int = 0) 
     return h.hexdigest()[:24]
 
 
-def prompt_key(pair: Pair) -> bytes:
+def prompt_key(pair: ExampleText) -> bytes:
     """Key of the row's prompt as written: the unit of the train/eval split. Not of its
     tokens: a prompt that does not tokenise as a prefix of prompt + completion is cut to
     a different length per completion, and the pairs of one row would then fall on both

@@ -11,7 +11,7 @@ built, and called on every batch of pairs, as torchtune's ``DPOLoss``::
 
 ``preference_loss(...)`` is the same as one function call (TRL's keyword names).
 
-Each loss is a registered function ``fn(p: Pairs, o: PreferenceLoss) -> (B,) per-pair
+Each loss is a registered function ``fn(p: PairLogps, o: PreferenceLoss) -> (B,) per-pair
 losses`` that reads its settings from ``o``; the formulas are TRL 1.16 DPOTrainer's (and
 its experimental CPO / ORPO trainers' for the reference-free ones) and each docstring
 gives the equation and the paper. A list of loss types is combined with ``loss_weights``
@@ -37,8 +37,9 @@ class LossOutput(NamedTuple):
 
 
 @dataclass
-class Pairs:
-    """What every loss sees; all (B,)."""
+class PairLogps:
+    """What every loss sees, per pair (all (B,)): the policy's and the reference's
+    log-probs of the chosen and rejected completions, their scores, lengths and NLL."""
 
     chosen: torch.Tensor  # policy log-probs (sum over completion tokens, or re-aggregated)
     rejected: torch.Tensor
@@ -70,7 +71,7 @@ class Pairs:
 
 @dataclass(frozen=True)
 class LossSpec:
-    fn: Callable[[Pairs, "PreferenceLoss"], torch.Tensor]
+    fn: Callable[[PairLogps, "PreferenceLoss"], torch.Tensor]
     reference_free: bool = False  # needs no reference log-probs (the score stage is skipped)
     f_divergence: bool = False  # built on the chosen-rejected score difference
     label_smoothing: bool = False  # reads label_smoothing
@@ -100,7 +101,7 @@ def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register("sigmoid", f_divergence=True, label_smoothing=True)
-def sigmoid(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def sigmoid(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""DPO (Rafailov et al. 2023, arXiv:2305.18290), with cDPO label smoothing (Mitchell
     2023, "A note on DPO with noisy preferences").
 
@@ -114,13 +115,13 @@ def sigmoid(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("hinge", f_divergence=True)
-def hinge(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def hinge(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""SLiC hinge (Zhao et al. 2023, arXiv:2305.10425): :math:`\max(0, 1 - \beta\Delta)`."""
     return torch.relu(1 - o.beta * p.delta_score)
 
 
 @register("ipo", f_divergence=True, length_normalised=True)
-def ipo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def ipo(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), beta = tau, with TRL's per-token
     normalisation: :math:`(s_w/|y_w| - s_l/|y_l| - \frac{1}{2\beta})^2`."""
     lc, lr = p.lengths()
@@ -128,7 +129,7 @@ def ipo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("exo_pair", f_divergence=True, label_smoothing=True)
-def exo_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def exo_pair(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""EXO-pref (Ji et al. 2024, arXiv:2402.00856, eq. 16):
     :math:`KL(q \| p_\epsilon)` with :math:`q = \mathrm{softmax}(\beta s_w, \beta s_l)`,
     :math:`p_\epsilon = (1-\epsilon, \epsilon)`; epsilon = ``label_smoothing`` > 0."""
@@ -140,7 +141,7 @@ def exo_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("nca_pair")
-def nca_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def nca_pair(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""NCA (Chen et al. 2024, arXiv:2402.05369), with r = beta * log-ratio:
     :math:`-\log\sigma(r_w) - \tfrac12\log\sigma(-r_w) - \tfrac12\log\sigma(-r_l)`."""
     rw, rl = o.beta * p.chosen_logratios, o.beta * p.rejected_logratios
@@ -148,7 +149,7 @@ def nca_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("robust", f_divergence=True, label_smoothing=True)
-def robust(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def robust(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409), epsilon = flip rate in [0, 0.5):
     :math:`\frac{-(1-\epsilon)\log\sigma(\beta\Delta) + \epsilon\log\sigma(-\beta\Delta)}{1-2\epsilon}`."""
     z, eps = o.beta * p.delta_score, o.label_smoothing
@@ -156,7 +157,7 @@ def robust(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("bco_pair")
-def bco_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def bco_pair(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""BCO, paired (Jung et al. 2024, arXiv:2404.04656), as TRL 1.16:
     :math:`-\log\sigma(r_w) - \log\sigma(-r_l)`. The paper (and TRL before 1.0) also
     subtracts a running mean delta of the rewards from both; TRL 1.16 does not."""
@@ -164,14 +165,14 @@ def bco_pair(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("sppo_hard")
-def sppo_hard(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def sppo_hard(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""SPPO, hard labels (Wu et al. 2024, arXiv:2405.00675, eq. 4.7 with P = 1 / 0):
     :math:`(\rho_w - \frac{1}{2\beta})^2 + (\rho_l + \frac{1}{2\beta})^2`, rho = log-ratio."""
     return (p.chosen_logratios - 0.5 / o.beta) ** 2 + (p.rejected_logratios + 0.5 / o.beta) ** 2
 
 
 @register("aot", label_smoothing=True, sorts_pairs=True)
-def aot(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def aot(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): sort the policy and reference
     chosen-minus-rejected log-prob differences across the batch (here: the pairs of a packed
     row), :math:`\Delta = \mathrm{sort}(\log\pi_w - \log\pi_l) - \mathrm{sort}(\log\pi^{ref}_w - \log\pi^{ref}_l)`,
@@ -181,7 +182,7 @@ def aot(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("aot_unpaired", label_smoothing=True, sorts_pairs=True)
-def aot_unpaired(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def aot_unpaired(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""AOT, unpaired (Melnyk et al. 2024): :math:`\Delta = \mathrm{sort}(\rho_w) - \mathrm{sort}(\rho_l)`
     across the batch, then the smoothed sigmoid. Also accepted as ``aot_pair``."""
     delta = torch.sort(p.chosen_logratios, dim=0)[0] - torch.sort(p.rejected_logratios, dim=0)[0]
@@ -189,14 +190,14 @@ def aot_unpaired(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("apo_zero")
-def apo_zero(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def apo_zero(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7):
     :math:`1 - \sigma(\beta\rho_w) + \sigma(\beta\rho_l)`."""
     return 1 - torch.sigmoid(o.beta * p.chosen_logratios) + torch.sigmoid(o.beta * p.rejected_logratios)
 
 
 @register("apo_down")
-def apo_down(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def apo_down(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""APO-down (D'Oosterlinck et al. 2024, eq. 8):
     :math:`\sigma(\beta\rho_w) + 1 - \sigma(\beta(\rho_w - \rho_l))`."""
     return torch.sigmoid(o.beta * p.chosen_logratios) + 1 - torch.sigmoid(
@@ -205,7 +206,7 @@ def apo_down(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("discopop", f_divergence=True)
-def discopop(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def discopop(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, arXiv:2406.08414, eq. 5),
     z = beta * Delta, m = sigmoid(z / tau): :math:`(1-m)(-\log\sigma(z)) + m\,e^{-z}`."""
     z = o.beta * p.delta_score
@@ -214,7 +215,7 @@ def discopop(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("sigmoid_norm", f_divergence=True, length_normalised=True)
-def sigmoid_norm(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def sigmoid_norm(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""Length-normalised DPO (TRL 1.16 ``sigmoid_norm``):
     :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`."""
     lc, lr = p.lengths()
@@ -222,7 +223,7 @@ def sigmoid_norm(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("sft", f_divergence=True)
-def sft(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def sft(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""NLL of the chosen completions, a token mean over the batch (TRL 1.16 ``sft``; RPO,
     Pang et al. 2024, arXiv:2404.19733, is ``[sigmoid, sft]`` with weights ``[1, alpha]``):
     :math:`-\frac{\sum_i \log\pi(y_{w,i})}{\sum_i |y_{w,i}|}`, repeated for every pair."""
@@ -234,7 +235,7 @@ def sft(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("simpo", reference_free=True, label_smoothing=True, rewards="mean_logp", length_normalised=True)
-def simpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def simpo(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""SimPO (Meng et al. 2024, arXiv:2405.14734), as TRL's CPO trainer with
     ``loss_type="simpo"``: :math:`-\log\sigma(\beta(\bar{\log\pi}_w - \bar{\log\pi}_l) - \gamma)`
     (smoothed by epsilon), plus ``cpo_alpha`` times the chosen NLL (TRL's default 1.0;
@@ -245,7 +246,7 @@ def simpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
 
 
 @register("cpo", reference_free=True, label_smoothing=True, rewards="logp")
-def cpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def cpo(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""CPO (Xu et al. 2024, arXiv:2401.08417, eq. 3), TRL's CPO trainer with
     ``loss_type="sigmoid"``: :math:`-\log\sigma(\beta(\log\pi_w - \log\pi_l))` (smoothed by
     epsilon) plus ``cpo_alpha`` times the chosen NLL."""
@@ -258,7 +259,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("orpo", reference_free=True, rewards="mean_logp", length_normalised=True)
-def orpo(p: Pairs, o: "PreferenceLoss") -> torch.Tensor:
+def orpo(p: PairLogps, o: "PreferenceLoss") -> torch.Tensor:
     r"""ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 4 and 7), on length-averaged logps:
     :math:`\mathcal{L}_{NLL} - \beta\log\sigma\Big(\log\frac{\bar p_w}{1-\bar p_w} - \log\frac{\bar p_l}{1-\bar p_l}\Big)`."""
     lc, lr = p.lengths()
@@ -423,7 +424,7 @@ class PreferenceLoss:
                 raise ValueError(f"{self.names} need reference log-probs")
             ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
         to_f = lambda lr: f_divergence_scores(lr, self.f_divergence_type, self.f_alpha_divergence_coef)  # noqa: E731
-        p = Pairs(
+        p = PairLogps(
             chosen=chosen_logps, rejected=rejected_logps,
             ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
             chosen_scores=to_f(chosen_logps - ref_chosen_logps),

@@ -1,5 +1,5 @@
 """SFT row formats, for the sft stage's own data (``sft.data: {train_files | hf_dataset |
-sources, ...}``): a row becomes a one-sided ``Pair`` (a prompt and one completion, no
+sources, ...}``): a row becomes a one-sided ``ExampleText`` (a prompt and one completion, no
 rejected side), which ``formats.tokenize_pair`` tokenises exactly as it does a preference
 pair's chosen side: the same chat template, prompt prefix, single EOS and truncation. The
 tokenize stage's reading, quarantine, split and packing then run unchanged.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.formats import BadRow, Pair, _check_messages, _template_kwargs
+from pipeline.core.formats import BadRow, ExampleText, _check_messages, _template_kwargs
 
 SFT_FORMATS = ("messages_conversational", "prompt_completion_standard", "prompt_completion_conversational")
 
@@ -35,13 +35,13 @@ class SequenceRows:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
 
-    def normalize(self, row: dict) -> list[Pair]:
+    def normalize(self, row: dict) -> list[ExampleText]:
         kwargs = _template_kwargs(row)
         if row.get(self.messages_key) is not None:
             messages = _check_messages(row[self.messages_key], self.messages_key)
             if len(messages) < 2:
                 raise BadRow("malformed_messages", f"{self.messages_key} needs a prompt turn before the assistant's")
-            return [Pair(messages[:-1], _completion_turn(messages[-1:], self.messages_key), None,
+            return [ExampleText(messages[:-1], _completion_turn(messages[-1:], self.messages_key), None,
                          "messages_conversational", 0, kwargs)]
         if row.get(self.completion_key) is None:
             raise BadRow("missing_field", f"{self.messages_key} or {self.completion_key}")
@@ -54,10 +54,10 @@ class SequenceRows:
                 raise BadRow("empty_prompt", self.prompt_key)
             if not completion.strip():
                 raise BadRow("empty_completion", self.completion_key)
-            return [Pair(prompt, completion, None, "prompt_completion_standard", 0, kwargs)]
+            return [ExampleText(prompt, completion, None, "prompt_completion_standard", 0, kwargs)]
         if isinstance(prompt, list) and isinstance(completion, list):
             _check_messages(prompt, self.prompt_key)
-            return [Pair(prompt, _completion_turn(completion, self.completion_key), None,
+            return [ExampleText(prompt, _completion_turn(completion, self.completion_key), None,
                          "prompt_completion_conversational", 0, kwargs)]
         raise BadRow("bad_type", f"expected two strings or two message lists, got {self.prompt_key}: "
                                  f"{type(prompt).__name__}, {self.completion_key}: {type(completion).__name__}")

@@ -96,7 +96,7 @@ class TokenizeChunk:
     without it only ``tokenize_chunk`` (records in memory) is available."""
 
     def __init__(self, cfg_dict: dict, units_dir: str | None = None, rows=None):
-        """``rows``: how a row becomes pairs (``formats.PairRows``, from ``data``, by default;
+        """``rows``: how a row becomes pairs (``formats.PreferenceColumns``, from ``data``, by default;
         ``sft_formats.SequenceRows`` for the sft stage's own data: one-sided pairs)."""
         from pipeline.core.config import config_from_dict
 
@@ -104,7 +104,7 @@ class TokenizeChunk:
         self.tokenizer = load_tokenizer(self.cfg)
         self.units_dir = Loc(units_dir) if units_dir is not None else None
         d = self.cfg.data
-        self.rows = rows or formats.PairRows(d.prompt_key, d.chosen_key, d.rejected_key)
+        self.rows = rows or formats.PreferenceColumns(d.prompt_key, d.chosen_key, d.rejected_key)
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [

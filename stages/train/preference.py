@@ -19,8 +19,9 @@ from pipeline.core.rows import ROW_COLUMNS, RowReader
 
 
 @dataclass
-class PairOutputs:
-    """A packed row's pairs through the preference objective, (B,) each."""
+class PairLosses:
+    """A packed row's pairs through the preference objective, (B,) each: the per-pair
+    losses and rewards, with the policy log-probs they came from."""
 
     loss: LossOutput  # per-pair losses and detached rewards
     chosen_logps: torch.Tensor  # the policy's, aggregated as the loss sees them
@@ -50,7 +51,7 @@ class PreferenceObjective:
     def units_per_row(self, rows: RowReader) -> np.ndarray:
         return np.array([len(s) // 2 for s in rows.read_column("seq_lens")], dtype=np.int64)
 
-    def pairs(self, model, row: dict, device) -> PairOutputs:
+    def pairs(self, model, row: dict, device) -> PairLosses:
         """The per-pair losses, rewards and log-probs of one packed row."""
         input_ids, position_ids, layout = row_inputs(row, device)
         router = moe_router(model, self.router_aux_loss_coef)
@@ -73,7 +74,7 @@ class PreferenceObjective:
         if router is not None:
             coef, experts, top_k = router
             aux = coef * router_load_balancing_loss(tok.router_logits, experts, top_k)
-        return PairOutputs(out, seq[0::2], seq[1::2], aux)
+        return PairLosses(out, seq[0::2], seq[1::2], aux)
 
     def __call__(self, model, row: dict, device) -> RowLoss:
         p = self.pairs(model, row, device)
@@ -81,7 +82,7 @@ class PreferenceObjective:
                        int(row["num_tokens"]))
 
     @staticmethod
-    def _metric_sums(p: PairOutputs) -> dict[str, torch.Tensor]:
+    def _metric_sums(p: PairLosses) -> dict[str, torch.Tensor]:
         chosen, rejected = p.loss.chosen_rewards.double(), p.loss.rejected_rewards.double()
         return {
             "loss": p.loss.losses.detach().double().sum(),
