@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.core.config import ConfigError, TrainConfig
+from pipeline.core.config import ConfigError, TrainingSettings
 
 OWNED = {
     "train_micro_batch_size_per_gpu": "the pipeline (one packed row is one micro-batch)",
@@ -59,7 +59,7 @@ def zero3_sizes(hidden_size: int | None) -> dict:
     return sizes
 
 
-def build_ds_config(train_cfg: TrainConfig, dtype: str, world_size: int, hidden_size: int | None = None) -> dict:
+def build_ds_config(train_cfg: TrainingSettings, dtype: str, world_size: int, hidden_size: int | None = None) -> dict:
     ds: dict = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row per micro-batch
         "gradient_accumulation_steps": train_cfg.gradient_accumulation_steps,
@@ -135,7 +135,7 @@ def offload_device(ds: dict, which: str) -> str | None:
     return None if device in (None, "none") else device
 
 
-def check_offload(ds: dict, train_cfg: TrainConfig) -> None:
+def check_offload(ds: dict, train_cfg: TrainingSettings) -> None:
     """What ZeRO-Offload needs that the pipeline would otherwise fail on deep in DeepSpeed."""
     if offload_device(ds, "offload_optimizer") and train_cfg.zero_stage == 0:
         raise ConfigError("train.deepspeed: zero_optimization.offload_optimizer needs train.zero_stage 1, 2 or 3 "

@@ -148,24 +148,26 @@ def _table(rows: list[tuple[str, str, str | None, str]]) -> list[str]:
     return lines
 
 
-def _section(cls: type, prefix: str, sources: dict, title: str, level: int = 2) -> list[str]:
-    """A group's table, then one section per nested dataclass field."""
+def _section(cls: type, prefix: str, sources: dict, title: str, level: int = 2, shares: tuple = ()) -> list[str]:
+    """A group's table, then one section per nested dataclass field. ``shares``: (the group
+    whose settings this one shares, their class, the keys that take that group's value when
+    not given here), for the sft group, which has train's training settings."""
     hints = typing.get_type_hints(cls)
     fields = {}
-    for base in reversed(cls.__mro__):  # a group built on another (the sft group) has its fields too
+    for base in reversed(cls.__mro__):  # a group built on another class has that class's fields too
         fields.update(sources.get(base.__name__, {}))
-    # a group whose fields are another's (sft takes train's options): their descriptions, and
-    # whether a key not given takes that group's value
-    inherits_from, group, taken = getattr(cls, "__doc_inherits__", (None, None, ()))
+    other, shared_cls, taken = shares or (None, None, ())
+    own = sources.get(cls.__name__, {})
     rows, nested = [], []
-    for f in dataclasses.fields(cls):
+    ordered = dataclasses.fields(cls)
+    if other:  # the group's own keys first, then those it shares
+        ordered = sorted(ordered, key=lambda f: f.name not in own or f.name in sources.get(shared_cls.__name__, {}))
+    for f in ordered:
         key = f"{prefix}.{f.name}" if prefix else f.name
-        src = fields.get(f.name)
-        if src is None and inherits_from:
-            theirs = sources[inherits_from][f.name]
-            note = f"As `{group}.{f.name}`" + (f"; not given: `{group}`'s value." if f.name in taken else ".")
-            src = FieldSource(theirs.annotation, f"{note} {theirs.description}".strip())
-        src = src or FieldSource(str(f.type), "")
+        src = fields.get(f.name) or FieldSource(str(f.type), "")
+        if other and f.name not in own and f.name in sources.get(shared_cls.__name__, {}):
+            note = f"As `{other}.{f.name}`" + (f"; not given: `{other}`'s value." if f.name in taken else ".")
+            src = FieldSource(src.annotation, f"{note} {src.description}".strip())
         rows.append((key, src.annotation, _default(f), src.description))
         inner = _nested_dataclass(hints[f.name])
         if inner is not None:
@@ -203,7 +205,8 @@ def render(config_path: Path = CONFIG) -> str:
     lines += _table([(f.name, top_sources.get(f.name, FieldSource(str(f.type), "")).annotation, _default(f),
                       top_sources.get(f.name, FieldSource("", "")).description) for f in top]) + [""]
     for name, group in groups:
-        lines += _section(group, name, sources, f"`{name}`")
+        shares = ("train", config_module.TrainingSettings, config_module.SFT_FROM_TRAIN) if name == "sft" else ()
+        lines += _section(group, name, sources, f"`{name}`", shares=shares)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -60,6 +60,27 @@ def test_sft_refuses_what_is_not_its_own(assets, tmp_path):
     tiny_config(assets, tmp_path / "run", sft={"enabled": False}, model={"reference_path": str(assets["model"])})
 
 
+def test_every_loss_setting_is_trains_alone():
+    """The preference loss object's settings (PreferenceLoss, which build_loss fills from
+    the train group) are PreferenceSettings' fields, so none becomes an sft key, and sft
+    refuses each of them by name."""
+    import dataclasses
+
+    from pipeline.core.config import PreferenceSettings, SFTConfig, TrainConfig, TrainingSettings
+    from pipeline.core.losses import PreferenceLoss
+
+    loss = {f.name for f in dataclasses.fields(PreferenceLoss) if f.init}
+    preference = {f.name for f in dataclasses.fields(PreferenceSettings)}
+    sft = {f.name for f in dataclasses.fields(SFTConfig)}
+    assert loss <= preference and not preference & sft
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == \
+        preference | {f.name for f in dataclasses.fields(TrainingSettings)} | {"merge_adapter"}
+    assert sft == {f.name for f in dataclasses.fields(TrainingSettings)} | {"enabled", "data", "from_train"}
+    for key in sorted(preference):
+        with pytest.raises(ConfigError, match=rf"^sft\.{key}: a setting of the preference loss \(train\.{key}\)"):
+            config_from_dict({"sft": {"enabled": True, key: None}})
+
+
 def fingerprints(cfg) -> dict:
     return {name: plan.fingerprint for name, plan in plan_stages(cfg).items()}
 

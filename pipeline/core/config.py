@@ -163,44 +163,14 @@ class LoraSettings:
 
 
 @dataclass
-class TrainConfig:
-    # One name or a list combined with loss_weights (TRL's DPOConfig names and defaults).
-    loss_type: Union[str, list[str]] = "sigmoid"
-    # One weight per loss_type when it is a list (null: 1 each).
-    loss_weights: Optional[list[float]] = None
-    # DPO's beta: the scale of the policy/reference log-ratio.
-    beta: float = 0.1
-    # Epsilon of cDPO (sigmoid), robust, exo_pair, aot, aot_unpaired, simpo, cpo; an error
-    # with the other losses.
-    label_smoothing: float = 0.0
-    # f-DPO; other than reverse_kl only with losses built on the chosen-rejected score
-    # difference.
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
-    # Alpha of alpha_divergence.
-    f_alpha_divergence_coef: float = 0.5
-    # Temperature of discopop.
-    discopop_tau: float = 0.05
-    # SimPO's target reward margin.
-    simpo_gamma: float = 0.5
-    # NLL weight of cpo and simpo (TRL's default; 0 is the SimPO paper).
-    cpo_alpha: float = 1.0
-    # RPO: adds TRL's "sft" loss (chosen NLL) with this weight.
-    rpo_alpha: Optional[float] = None
-    # WPO weighting (policy's per-token log sum p^2 from the same log-prob pass).
-    use_weighting: bool = False
-    # LD-DPO: tokens past the shorter side's length weigh ld_alpha (policy and stored reference).
-    ld_alpha: Optional[float] = None
-    # Per-sequence aggregation of token log-probs: sum (DPO) or mean over completion tokens.
-    aggregation: Literal["sum", "mean"] = "sum"
-    # Treat the reference log-probs as 0: no score stage.
-    reference_free: bool = False
+class TrainingSettings:
+    """What every training stage trains with (train, sft): the optimizer, the schedule, the
+    steps, checkpoints, trackers, and where and how the ranks run. The shared training
+    machinery reads these and nothing else."""
+
     # MoE load-balancing loss weight; null = the model config's output_router_logits and
     # router_aux_loss_coef decide (as TRL); 0 = off.
     router_aux_loss_coef: Optional[float] = None
-    # Options that need a live reference model; named here so they fail with the reason.
-    sync_ref_model: bool = False
-    # Refused for the same reason (TRL's reference mixup).
-    ref_model_mixup_alpha: Optional[float] = None
     # adamw, or rmsprop (the DPO paper's).
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 5e-7
@@ -256,8 +226,6 @@ class TrainConfig:
     local_dir: Optional[str] = None
     # LoRA instead of full fine-tuning: {r, alpha, dropout, target_modules}.
     peft: Optional[LoraSettings] = None
-    # With peft: also export the base model with the adapter merged (model/merged).
-    merge_adapter: bool = False
     # Ray Train workers (ranks).
     num_workers: int = 2
     # One GPU per worker and NCCL; gloo on CPU.
@@ -274,13 +242,59 @@ class TrainConfig:
     deepspeed: Optional[Union[str, dict[str, Any]]] = None
 
 
-# train's options that are not about the preference loss: what the sft stage trains with.
-# Loss settings (TRL DPOConfig names) are not among them, nor merge_adapter (an sft
-# run with LoRA always exports the merged model: the reference must be a plain model).
-PREFERENCE_KEYS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type",
-                   "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "cpo_alpha", "rpo_alpha",
-                   "use_weighting", "ld_alpha", "aggregation", "reference_free", "sync_ref_model",
-                   "ref_model_mixup_alpha", "merge_adapter")
+@dataclass
+class PreferenceSettings:
+    """The preference loss (TRL DPOConfig's names and defaults): the train stage's alone."""
+
+    # One name or a list combined with loss_weights (TRL's DPOConfig names and defaults).
+    loss_type: Union[str, list[str]] = "sigmoid"
+    # One weight per loss_type when it is a list (null: 1 each).
+    loss_weights: Optional[list[float]] = None
+    # DPO's beta: the scale of the policy/reference log-ratio.
+    beta: float = 0.1
+    # Epsilon of cDPO (sigmoid), robust, exo_pair, aot, aot_unpaired, simpo, cpo; an error
+    # with the other losses.
+    label_smoothing: float = 0.0
+    # f-DPO; other than reverse_kl only with losses built on the chosen-rejected score
+    # difference.
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    # Alpha of alpha_divergence.
+    f_alpha_divergence_coef: float = 0.5
+    # Temperature of discopop.
+    discopop_tau: float = 0.05
+    # SimPO's target reward margin.
+    simpo_gamma: float = 0.5
+    # NLL weight of cpo and simpo (TRL's default; 0 is the SimPO paper).
+    cpo_alpha: float = 1.0
+    # RPO: adds TRL's "sft" loss (chosen NLL) with this weight.
+    rpo_alpha: Optional[float] = None
+    # WPO weighting (policy's per-token log sum p^2 from the same log-prob pass).
+    use_weighting: bool = False
+    # LD-DPO: tokens past the shorter side's length weigh ld_alpha (policy and stored reference).
+    ld_alpha: Optional[float] = None
+    # Per-sequence aggregation of token log-probs: sum (DPO) or mean over completion tokens.
+    aggregation: Literal["sum", "mean"] = "sum"
+    # Treat the reference log-probs as 0: no score stage.
+    reference_free: bool = False
+    # Options that need a live reference model; named here so they fail with the reason.
+    sync_ref_model: bool = False
+    # Refused for the same reason (TRL's reference mixup).
+    ref_model_mixup_alpha: Optional[float] = None
+
+
+@dataclass
+class TrainConfig(TrainingSettings, PreferenceSettings):
+    """The train group: the preference loss and the training settings, in one flat group
+    (train.beta beside train.learning_rate)."""
+
+    # With peft: also export the base model with the adapter merged (model/merged).
+    merge_adapter: bool = False
+
+
+# train's keys the sft group refuses: the preference loss's, and merge_adapter (an sft run
+# with LoRA always exports the merged model: the reference must be a plain model).
+TRAIN_ONLY_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                        if f.name not in {g.name for g in dataclasses.fields(TrainingSettings)})
 # The sft keys that, not given, take train's value: where and how the ranks run, not what
 # they train (a DPO seed or step sweep must not retrain the reference). Every other sft
 # option has its own default, TrainConfig's, except learning_rate (TRL SFTConfig's).
@@ -304,7 +318,12 @@ class SFTDataConfig(RowSource):
 
 
 @dataclass
-class SFTStageConfig:
+class SFTConfig(TrainingSettings):
+    """The sft stage. Besides its own keys it has every training setting of train (not the
+    preference loss), with train's defaults (learning_rate: TRL SFTConfig's). Where and how
+    the ranks run is train's value when not given here (SFT_FROM_TRAIN, the keys marked
+    so below)."""
+
     # Train model.path by maximum likelihood on completions before scoring (the DPO paper's
     # step when no SFT model exists): tokenize -> sft -> score -> train. Its exported model
     # is the reference score uses and the policy train starts from (docs/sft.md).
@@ -318,29 +337,6 @@ class SFTStageConfig:
     # Set by the pipeline: the keys this group took from train. A config written back
     # (<run_dir>/config.yaml) keeps them following train, as the config it came from did.
     from_train: list[str] = field(default_factory=list)
-
-
-def _sft_fields() -> list:
-    """The sft group: its own keys, then every train option that is not about the preference
-    loss, under the same name and type (``docs/configuration.md`` lists them)."""
-    own = {f.name for f in dataclasses.fields(SFTStageConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    return [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory)
-             if f.default_factory is not dataclasses.MISSING else field(default=f.default))
-            for f in dataclasses.fields(TrainConfig) if f.name not in PREFERENCE_KEYS and f.name not in own]
-
-
-# The sft group: SFTStageConfig's keys and train's training options (a key of SFT_FROM_TRAIN
-# not given in sft takes train's value: ``_inherit_train``).
-SFTConfig = dataclasses.make_dataclass("SFTConfig", _sft_fields(), bases=(SFTStageConfig,))
-SFTConfig.__module__ = __name__
-SFTConfig.__doc__ = ("The sft stage. Besides its own keys it takes every option of train that is not about the "
-                     "preference loss, with train's defaults (learning_rate: TRL SFTConfig's). Where and how the "
-                     "ranks run (" + ", ".join(SFT_FROM_TRAIN) + ") is train's value when not given here.")
-# For docs/gen_configuration.py: where the generated fields are described, and which keep their own default.
-SFTConfig.__doc_inherits__ = ("TrainConfig", "train", SFT_FROM_TRAIN)
-SFT_TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(SFTConfig)
-                          if f.name in {g.name for g in dataclasses.fields(TrainConfig)})
 
 
 @dataclass
@@ -381,10 +377,9 @@ class PipelineConfig:
     def tokenizer_path(self) -> str:
         return self.model.tokenizer_path or self.model.path
 
-    def sft_training(self) -> TrainConfig:
-        """The sft stage's training settings as a TrainConfig (what the shared loop reads);
-        the preference-loss fields stay at their defaults, which SFT never reads."""
-        return TrainConfig(**{k: getattr(self.sft, k) for k in SFT_TRAINING_KEYS})
+    def sft_training(self) -> TrainingSettings:
+        """The sft stage's training settings (what the shared training machinery reads)."""
+        return TrainingSettings(**{f.name: getattr(self.sft, f.name) for f in dataclasses.fields(TrainingSettings)})
 
 
 # ----------------------------------------------------------------------------- coercion
@@ -514,6 +509,7 @@ def _validate(cfg: PipelineConfig) -> None:
     need(cfg.model.logp_chunk_tokens >= 1, "model.logp_chunk_tokens: must be >= 1")
     _validate_loss_context(cfg.train, build_loss(cfg.train).names)
     _validate_training(cfg.train, "train")
+    need(not cfg.train.merge_adapter or cfg.train.peft is not None, "train.merge_adapter: only with train.peft")
     if cfg.sft.enabled:
         need(cfg.model.reference_path is None,
              f"model.reference_path and sft.enabled: the sft stage trains the reference from model.path, and "
@@ -564,7 +560,7 @@ def _validate_data_source(data, group: str) -> None:
     need(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
 
 
-def _validate_training(train_cfg: TrainConfig, group: str) -> None:
+def _validate_training(train_cfg: TrainingSettings, group: str) -> None:
     """The options a training stage (train, sft) reads; messages name ``<group>.<key>``."""
 
     def need(cond: bool, msg: str) -> None:
@@ -591,7 +587,6 @@ def _validate_training(train_cfg: TrainConfig, group: str) -> None:
     if train_cfg.peft is not None:
         need(train_cfg.peft.r >= 1, "train.peft.r: must be >= 1")
         need(0.0 <= train_cfg.peft.dropout < 1.0, "train.peft.dropout: must be in [0, 1)")
-    need(not train_cfg.merge_adapter or train_cfg.peft is not None, "train.merge_adapter: only with train.peft")
 
 
 def build_loss(train_cfg: TrainConfig) -> "PreferenceLoss":  # noqa: F821
@@ -706,7 +701,7 @@ def _inherit_train(raw: dict) -> dict:
     records which, so that the workers' copy of the config (``to_dict``) takes the same ones
     again. ``as_written`` leaves them out of the config a run writes down."""
     sft, train = raw.get("sft", {}), raw.get("train")
-    for key in PREFERENCE_KEYS if isinstance(sft, dict) else ():
+    for key in TRAIN_ONLY_KEYS if isinstance(sft, dict) else ():
         if key in sft:
             raise ConfigError(f"sft.{key}: a setting of the preference loss (train.{key}); sft trains by the "
                               f"NLL of the completions" + (" and always exports the merged model"

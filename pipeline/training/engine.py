@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from pipeline.core.config import ModelConfig, TrainConfig
+from pipeline.core.config import ModelConfig, TrainingSettings
 from pipeline.core.logps import probe_packed_logps
 from pipeline.core.modeling import load_causal_lm
 
@@ -98,7 +98,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, on_cpu: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train_cfg: TrainingSettings, on_cpu: bool = False) -> torch.optim.Optimizer:
     """``on_cpu``: ZeRO-Offload keeps the optimizer state in host memory and steps it there,
     with DeepSpeed's vectorised CPU Adam (a C++ op, JIT-built on first use; ``make install``
     builds it ahead)."""
@@ -134,7 +134,7 @@ def hidden_size(model_cfg: ModelConfig) -> int | None:
     return getattr(config, "hidden_size", None)
 
 
-def build_engine(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int, total_steps: int,
+def build_engine(train_cfg: TrainingSettings, model_cfg: ModelConfig, world: int, total_steps: int,
                  objective: Objective, device: torch.device):
     """The policy, sharded while it loads (ZeRO-3), wrapped with optimizer and schedule;
     ``engine(row)`` runs ``objective`` on a packed row (``forward.py``)."""

@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import asdict
 
-from pipeline.core.config import ConfigError, PipelineConfig, TrainConfig, rename_group
+from pipeline.core.config import ConfigError, PipelineConfig, TrainingSettings, rename_group
 from pipeline.core.rundir import MANIFEST
 from pipeline.core.storage import Loc
 
@@ -51,11 +51,11 @@ def model_settings(cfg: PipelineConfig) -> dict:
             | {"path": None, "reference_path": None, "tokenizer_path": None})
 
 
-def training_settings(train_cfg: TrainConfig, keys: tuple[str, ...] | None = None) -> dict:
-    """A training stage's settings that change what it trains (``keys``: those it reads; all
-    of TrainConfig's by default), with the global batch for the two factors."""
+def training_settings(train_cfg: TrainingSettings) -> dict:
+    """A training stage's settings that change what it trains (train's with its preference
+    loss, sft's the training settings alone), with the global batch for the two factors."""
     return ({k: v for k, v in asdict(train_cfg).items()
-             if (keys is None or k in keys) and k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
+             if k not in RUN_ONLY_SETTINGS + SPLIT_SETTINGS
              and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
             | {GLOBAL_BATCH: train_cfg.num_workers * train_cfg.gradient_accumulation_steps})
 
@@ -90,7 +90,7 @@ def check_global_batch(out: Loc, info: dict) -> None:
     (out / INPUTS_FILE).write_text(json.dumps(info["inputs"], indent=1, default=str))
 
 
-def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
+def preflight(train_cfg: TrainingSettings, dtype: str, stage: str = "train") -> None:
     """What would stop a training stage, checked on the driver before any stage runs: the
     user's DeepSpeed JSON against the pipeline's settings, and NVMe offload's op. Errors
     name the stage's keys (``sft.zero_stage`` for the sft stage)."""
@@ -105,7 +105,7 @@ def preflight(train_cfg: TrainConfig, dtype: str, stage: str = "train") -> None:
             raise ConfigError(rename_group(str(e), "train", stage)) from None
 
 
-def check_before_run(train_cfg: TrainConfig, cfg: PipelineConfig, stage: str, use_ray: bool) -> None:
+def check_before_run(train_cfg: TrainingSettings, cfg: PipelineConfig, stage: str, use_ray: bool) -> None:
     """A training stage's checks before any stage runs: ``preflight``, and that the trackers
     it reports to are ready where its ranks run (under Ray they see runtime_env's env_vars)."""
     preflight(train_cfg, cfg.model.dtype, stage)
@@ -135,7 +135,7 @@ def summarize(out: Loc) -> dict:
     }
 
 
-def launch(spec: WorkerSpec, train_cfg: TrainConfig, out: Loc) -> None:
+def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
     """Run a training stage's ranks: ``train_cfg.num_workers`` of them placed by Ray Train
     and restarted ``train_cfg.max_failures`` times when ``spec.ray_train``, else one rank
     in this process. Every training stage (train, sft) starts its ranks here, after the

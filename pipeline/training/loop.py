@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.core import placement
-from pipeline.core.config import PipelineConfig, TrainConfig, config_from_dict
+from pipeline.core.config import PipelineConfig, TrainingSettings, config_from_dict
 from pipeline.core.devices import require_gpu
 from pipeline.training.offload import offload_activations
 from pipeline.core.packing import MicroBatch, eval_plan
@@ -61,7 +61,7 @@ class WorkerSpec:
     ray_train: bool = False  # under Ray Train: checkpoints are registered with it
     env: dict = field(default_factory=dict, repr=False)  # the driver's tracker settings (``tracking.forwarded_env``)
     stage: str = "train"  # the stage that trains: its name prefixes the progress lines and the tracker run
-    train_cfg: TrainConfig | None = field(default=None, repr=False)  # its settings; None: the config's train group
+    train_cfg: TrainingSettings | None = field(default=None, repr=False)  # its settings; None: the config's train group
 
 
 @dataclass
@@ -69,7 +69,7 @@ class RankContext:
     """What one rank knows about the run; built once by ``setup``, read by the loop's helpers."""
 
     cfg: PipelineConfig
-    train_cfg: TrainConfig  # the training settings (optimizer, schedule, steps, checkpoints)
+    train_cfg: TrainingSettings  # the training settings (optimizer, schedule, steps, checkpoints)
     objective: Objective
     rank: int
     world: int
@@ -113,7 +113,7 @@ def setup(spec: WorkerSpec) -> RankContext:
                        out.local or scratch_dir(train_cfg, out, rank), spec.ray_train, spec.stage)
 
 
-def scratch_dir(train_cfg: TrainConfig, out: Loc, rank: int) -> Path:
+def scratch_dir(train_cfg: TrainingSettings, out: Loc, rank: int) -> Path:
     """A rank's local working directory for a URI run directory."""
     path = scratch_root(train_cfg.local_dir, out) / f"rank-{rank}"
     path.mkdir(parents=True, exist_ok=True)

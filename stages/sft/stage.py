@@ -4,8 +4,9 @@ preference pairs' prompts and chosen completions.
 
 It runs between tokenize and score (``sft.enabled``). Its rows are the tokenize output
 repacked with the chosen segments alone (no rejected segment is computed), in the same
-token budget and by the same first-fit-decreasing packing. Training is the train stage's
-loop, engine, checkpoints, metrics and export with another objective
+token budget and by the same first-fit-decreasing packing. Training is the shared training
+machinery's (``pipeline/training/``: the loop, engine, checkpoints, metrics and export) with
+another objective
 (``stages.sft.objective.SFTObjective``) and the ``sft`` group's settings. Its export (the
 merged model with LoRA) is the reference ``score`` uses and the policy ``train`` starts
 from (``pipeline.runner`` hands it on).
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core import packing
-from pipeline.core.config import (SFT_TRAINING_KEYS, DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
+from pipeline.core.config import (DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
                                   resume_location)
 from pipeline.core.models import local_dir
 from pipeline.core.rows import ROW_GROUP_ROWS, assemble_sequences, sequence_table, split_files
@@ -56,7 +57,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str) -> 
                                                   "rows": asdict(own[1])},
         "base_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache),
         "model_settings": model_settings(cfg),
-        "train_settings": training_settings(cfg.sft_training(), SFT_TRAINING_KEYS),
+        "train_settings": training_settings(cfg.sft_training()),
         "loop_version": LOOP_VERSION,  # the training loop it shares with train
     }
 
