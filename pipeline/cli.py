@@ -14,7 +14,7 @@ from pipeline.core.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.core.stage import names
+    from pipeline.registry import names
 
     stages = names()  # the registered stages, in order
     p = argparse.ArgumentParser(prog="dpo-pipeline", description=__doc__,

@@ -24,7 +24,8 @@ from pipeline.core.config import ConfigError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
 from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
-from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker, names, registered, stage
+from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
+from pipeline.registry import names, registered, stage
 from pipeline.core.storage import Loc
 
 
@@ -224,7 +225,7 @@ class _Run:
             connect(self.cfg.cluster, self.log)
             self.connected = True
             # before anything is placed: Ray waits forever for GPUs the cluster cannot have
-            check_ray_cluster_gpus(self.cfg, [name for name in self.selected if name in self.plans])
+            check_ray_cluster_gpus(self.cfg, [stage(name) for name in self.selected if name in self.plans])
         self.log(f"[{s.name}] running -> {plan.dir}")
         start = time.time()
         used = {p.key: p.record() for k, p in self.pinned.items() if k in s.models}

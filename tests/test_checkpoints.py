@@ -40,4 +40,3 @@ def test_a_crash_while_uploading_metrics_leaves_no_complete_checkpoint(assets, t
     assert "resumed from" not in proc.stdout
     steps = [r["step"] for r in train_metrics(cfg) if "loss" in r]
     assert steps == list(range(1, 11))
-

@@ -122,7 +122,7 @@ def test_shipped_configs_load(name):
 
 def test_run_help_lists_every_stage(capsys):
     from pipeline import cli
-    from pipeline.core.stage import names
+    from pipeline.registry import names
 
     STAGES = names()
 

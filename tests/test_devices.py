@@ -14,9 +14,14 @@ from pipeline import runner
 from pipeline.core.config import for_workers
 from pipeline.core.devices import NoGPUError, check_cluster_gpus
 from pipeline.core.rundir import stage_state
+from pipeline.registry import stage
 from stages.score import ShardScorer
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def stages(names: list[str]) -> list:
+    return [stage(name) for name in names]
 
 
 def test_the_driver_check_counts_gpus_per_stage(assets, tmp_path):
@@ -24,22 +29,22 @@ def test_the_driver_check_counts_gpus_per_stage(assets, tmp_path):
                       train={"use_gpu": True, "num_workers": 4})
     with pytest.raises(NoGPUError, match=r"score.num_gpus_per_actor needs 1 GPU\(s\), but the Ray cluster has 0: "
                                          r"Ray would wait for them forever"):
-        check_cluster_gpus(cfg, ["tokenize", "score", "train"], {"CPU": 16.0}, None)
+        check_cluster_gpus(cfg, stages(["tokenize", "score", "train"]), {"CPU": 16.0}, None)
     with pytest.raises(NoGPUError, match=r"train.use_gpu needs 4 GPU\(s\), but the Ray cluster has 2 "
                                          r"\(and its autoscaler can add at most 2"):
-        check_cluster_gpus(cfg, ["train"], {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16, "GPU": 2})
-    check_cluster_gpus(cfg, ["tokenize"], {"CPU": 16.0}, None)  # tokenize needs none
+        check_cluster_gpus(cfg, stages(["train"]), {"CPU": 16.0, "GPU": 2.0}, {"CPU": 16, "GPU": 2})
+    check_cluster_gpus(cfg, stages(["tokenize"]), {"CPU": 16.0}, None)  # tokenize needs none
     # an autoscaler that can bring GPU nodes up: the request is not refused
-    check_cluster_gpus(cfg, ["score", "train"], {"CPU": 16.0}, {"CPU": 192, "GPU": 32})
+    check_cluster_gpus(cfg, stages(["score", "train"]), {"CPU": 16.0}, {"CPU": 192, "GPU": 32})
     cpu = tiny_config(assets, tmp_path)
-    check_cluster_gpus(cpu, ["tokenize", "score", "train"], {"CPU": 2.0}, None)
+    check_cluster_gpus(cpu, stages(["tokenize", "score", "train"]), {"CPU": 2.0}, None)
     # each stage declares its GPUs (Stage.gpus); a stage the config does not plan asks for none
     sft = {"use_gpu": True, "num_workers": 2}
     with pytest.raises(NoGPUError, match=r"sft.use_gpu needs 2 GPU\(s\), but the Ray cluster has 1"):
-        check_cluster_gpus(tiny_config(assets, tmp_path, sft=dict(sft, enabled=True)), ["sft"], {"GPU": 1.0}, None)
-    check_cluster_gpus(tiny_config(assets, tmp_path, sft=sft), ["sft"], {"CPU": 2.0}, None)  # sft off
+        check_cluster_gpus(tiny_config(assets, tmp_path, sft=dict(sft, enabled=True)), stages(["sft"]), {"GPU": 1.0}, None)
+    check_cluster_gpus(tiny_config(assets, tmp_path, sft=sft), stages(["sft"]), {"CPU": 2.0}, None)  # sft off
     free = tiny_config(assets, tmp_path, score={"num_gpus_per_actor": 1}, train={"loss_type": "simpo"})
-    check_cluster_gpus(free, ["score"], {"CPU": 2.0}, None)  # reference-free: no score stage
+    check_cluster_gpus(free, stages(["score"]), {"CPU": 2.0}, None)  # reference-free: no score stage
 
 
 @no_cuda

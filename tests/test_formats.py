@@ -87,7 +87,6 @@ def test_max_completion_length_keeps_the_completion_start(tokenizer):
         assert seg.input_ids[seg.prompt_len:] == whole.input_ids[whole.prompt_len: whole.prompt_len + 7]
 
 
-
 def test_the_pairs_of_one_row_share_a_split_key_whatever_their_tokens():
     """Prompt "Answer:" with rejected ["4", " four"], under a tokenizer that merges ":4":
     the first pair's prompt is cut before ":" (prefix mismatch), the second keeps it, so

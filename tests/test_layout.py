@@ -16,9 +16,9 @@ TRAIN_STAGE = ROOT / "stages" / "train"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def test_no_training_module_is_over_300_lines():
+def test_no_training_or_stage_module_is_over_300_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for d in (TRAINING, TRAIN_STAGE) for p in d.glob("*.py")}
+             for p in [*TRAINING.glob("*.py"), *(ROOT / "stages").rglob("*.py")]}
     assert sizes and max(sizes.values()) <= 300, sizes
 
 
@@ -61,7 +61,7 @@ def test_the_floors_hold_and_an_import_up_breaks_them(tmp_path):
     """The contracts are kept by the code as it is; a core module that imports the driver
     (one line added to a copy of the tree) breaks the floors contract, which names it."""
     kept = lint_imports(ROOT)
-    assert kept.returncode == 0 and "3 kept, 0 broken" in kept.stdout, kept.stdout + kept.stderr
+    assert kept.returncode == 0 and "4 kept, 0 broken" in kept.stdout, kept.stdout + kept.stderr
     for part in ("pipeline", "stages", "cluster", "pyproject.toml"):
         copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
         copy(ROOT / part, tmp_path / part)

@@ -18,7 +18,8 @@ from helpers import tiny_config
 from pipeline import cli, runner
 from pipeline.core.config import dump_yaml
 from pipeline.core.rundir import ShardInfo, read_manifest
-from pipeline.core.stage import RunContext, Stage, names, register, unregister
+from pipeline.core.stage import RunContext, Stage
+from pipeline.registry import names, register, unregister
 from pipeline.training.export import export_digest
 
 PROMPTS, NEW_TOKENS = 3, 4

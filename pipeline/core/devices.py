@@ -14,6 +14,7 @@ request pending forever.
 from __future__ import annotations
 
 from pipeline.core.config import PipelineConfig
+from pipeline.core.stage import Stage
 
 
 class NoGPUError(RuntimeError):
@@ -32,17 +33,14 @@ def require_gpu(wants_gpu: bool, setting: str) -> None:
         )
 
 
-def gpus_needed(cfg: PipelineConfig, stages: list[str]) -> dict[str, float]:
+def gpus_needed(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, float]:
     """GPUs each of ``stages`` that the config plans needs on the cluster, by the setting
     that asks for them, as each stage declares them (``Stage.gpus``: at least one actor's
     worth for score, one per rank for sft and train)."""
-    from pipeline.core.stage import registered
-
-    return {setting: gpus for s in registered() if s.name in stages and s.needed(cfg) is None
-            for setting, gpus in s.gpus(cfg).items()}
+    return {setting: gpus for s in stages if s.needed(cfg) is None for setting, gpus in s.gpus(cfg).items()}
 
 
-def check_cluster_gpus(cfg: PipelineConfig, stages: list[str], now: dict, at_most: dict | None) -> None:
+def check_cluster_gpus(cfg: PipelineConfig, stages: list[Stage], now: dict, at_most: dict | None) -> None:
     """Refuse on the driver what no placement can satisfy. ``now``: the cluster's resources
     (``ray.cluster_resources()``); ``at_most``: what an autoscaler may bring up (None when
     no autoscaler reports a config)."""
@@ -56,7 +54,7 @@ def check_cluster_gpus(cfg: PipelineConfig, stages: list[str], now: dict, at_mos
             )
 
 
-def check_ray_cluster_gpus(cfg: PipelineConfig, stages: list[str]) -> None:
+def check_ray_cluster_gpus(cfg: PipelineConfig, stages: list[Stage]) -> None:
     import ray
 
     try:  # the autoscaler's node types, as Ray Train's worker group reads them

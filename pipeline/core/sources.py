@@ -480,4 +480,3 @@ def read_chunk(chunk: dict) -> list[tuple[int, dict | None, str | None]]:
     else:
         rows = _load_hf_disk(chunk["path"], chunk["split"]).select(range(start, stop)).to_list()
     return [(first + i, row if isinstance(row, dict) else None, None) for i, row in enumerate(rows)]
-

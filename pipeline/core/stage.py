@@ -1,7 +1,8 @@
-"""One door per stage: what a stage declares, and the registry the runner loops over.
+"""One door per stage: what a stage declares.
 
 A stage is one ``Stage`` object, declared at the end of its module and registered once
-(``BUILT_IN``, or ``register`` for a stage of your own). The runner (``pipeline.runner``)
+in the driver's registry (``pipeline.registry``: ``BUILT_IN``, or ``register`` for a
+stage of your own). The runner (``pipeline.runner``)
 knows no stage by name: it plans every registered stage the config needs, in registry
 order, fingerprints each from the config and its inputs' fingerprints, selects
 (``--stages``, ``--from``), skips what is done, runs the rest through ``run(ctx)``, hands a
@@ -35,7 +36,6 @@ What a stage declares:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -119,39 +119,3 @@ class Stage:
         if unrecorded:
             raise ValueError(f"stage {self.name}: loads {unrecorded} from another stage but does not list them in "
                              f"models {self.models}")
-
-
-# The pipeline's own stages, in the order they run, and the module that declares each
-# (STAGE). The names are here too, so that listing them (``--help``) imports no stage.
-BUILT_IN = (("tokenize", "stages.tokenize"), ("sft", "stages.sft"), ("score", "stages.score"),
-            ("train", "stages.train"))
-_added: list[Stage] = []
-
-
-def register(stage: Stage) -> None:
-    """Add a stage of your own: it runs after the pipeline's (and after those added before)."""
-    if stage.name in names():
-        raise ValueError(f"a stage named {stage.name!r} is registered already")
-    _added.append(stage)
-
-
-def unregister(name: str) -> None:
-    _added[:] = [s for s in _added if s.name != name]
-
-
-def registered() -> list[Stage]:
-    """Every stage, in the order they run."""
-    built_in = [importlib.import_module(module).STAGE for _, module in BUILT_IN]
-    assert [s.name for s in built_in] == [name for name, _ in BUILT_IN], "BUILT_IN names its modules' stages"
-    return built_in + list(_added)
-
-
-def names() -> list[str]:
-    return [name for name, _ in BUILT_IN] + [s.name for s in _added]
-
-
-def stage(name: str) -> Stage:
-    found = [s for s in registered() if s.name == name]
-    if not found:
-        raise KeyError(f"no stage named {name!r}; registered: {names()}")
-    return found[0]

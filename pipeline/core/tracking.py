@@ -1,4 +1,4 @@
-"""Experiment trackers for the train stage's metrics: TensorBoard, Weights & Biases, MLflow.
+"""Experiment trackers for a training stage's metrics (train, sft): TensorBoard, Weights & Biases, MLflow.
 
 ``train.report_to`` picks them (TRL's ``report_to``); their own settings come from the
 environment the way TRL users set them (``WANDB_PROJECT``, ``WANDB_API_KEY``,
@@ -124,7 +124,7 @@ class Trackers:
         if "wandb" in report_to:
             import wandb
 
-            # The id is the train stage's fingerprint: a resumed run continues the same W&B run.
+            # The id is the stage's fingerprint: a resumed run continues the same W&B run.
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "dpo-pipeline"), name=run_name,
                                     id=run_id, resume="allow", config=config, dir=str(log_dir))
         if "mlflow" in report_to:

@@ -1,7 +1,7 @@
 """Checkpoints: save every ``save_steps`` (each rank its own ZeRO partition), keep the last
-``save_total_limit`` complete ones, and resume from the newest complete one, on the same
-number of workers or, through DeepSpeed's universal checkpoint, on another one that keeps
-the global batch (workers x gradient_accumulation_steps)."""
+``save_total_limit`` complete ones, find the one to resume from, and load one written by
+this run's worker count. One written by another worker count that keeps the global batch
+(workers x gradient_accumulation_steps) is ``universal.py``'s; ``resume.py`` chooses."""
 
 from __future__ import annotations
 

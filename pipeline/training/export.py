@@ -12,7 +12,9 @@ from pathlib import Path
 from pipeline.core.config import PipelineConfig
 from pipeline.core.modeling import load_causal_lm
 from pipeline.core.redaction import redact_values
+from pipeline.core.rundir import read_manifest
 from pipeline.core.storage import Loc
+from pipeline.core.tokenizer import end_of_turn_id, load_tokenizer
 
 EXPORT_DIR = "model"
 
@@ -22,8 +24,6 @@ def generation_config(model, tokenizer):
     the chat template's end-of-turn token: a chat model trained on turns that end with
     ``<|eot_id|>`` would otherwise generate past them."""
     from transformers import GenerationConfig
-
-    from pipeline.core.tokenizer import end_of_turn_id
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     gen = GenerationConfig.from_model_config(base.config) if base.generation_config is None \
@@ -39,8 +39,6 @@ def generation_config(model, tokenizer):
 
 def export_model(engine, ctx, info: dict) -> None:
     """Consolidated weights + tokenizer + generation config, loadable with ``from_pretrained``."""
-    from pipeline.core.tokenizer import load_tokenizer
-
     if ctx.train_cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part
     else:
@@ -67,8 +65,6 @@ def export_digest(out: Loc, export: Loc) -> str:
     folder's digest leaves out)."""
     import hashlib
 
-    from pipeline.core.rundir import read_manifest
-
     out = Loc(out)
     prefix = Loc(export).relative_to(out) + "/"
     merged = f"{EXPORT_DIR}/merged/"
@@ -83,8 +79,6 @@ def merge_adapter(cfg: PipelineConfig, out: Loc) -> None:
     from peft import PeftModel
     from transformers import GenerationConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from pipeline.core.tokenizer import load_tokenizer
 
     unset_hf_deepspeed_config()  # a plain load, not a ZeRO-3 partitioned one
     with tempfile.TemporaryDirectory() as tmp:

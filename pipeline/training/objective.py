@@ -3,8 +3,9 @@
 The loop (``loop.py``) knows rows, micro-batches, DeepSpeed and metrics; everything
 specific to a training method lives in an objective: the row columns it reads, the
 count a step's loss is normalised by, the metric names it reports, and the forward pass
-plus loss of one packed row, returned as a ``RowLoss``. ``preference.py`` holds DPO and
-its relatives; another method is another module that implements ``Objective``.
+plus loss of one packed row, returned as a ``RowLoss``. ``stages/train/preference.py``
+holds DPO and its relatives, ``stages/sft/objective.py`` SFT; another method is another
+module that implements ``Objective``.
 """
 
 from __future__ import annotations

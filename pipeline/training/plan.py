@@ -6,6 +6,7 @@ import math
 
 from pipeline.core.packing import epoch_plan
 
+
 def steps_per_epoch(num_rows: int, world: int, grad_accum: int) -> int:
     return math.ceil(num_rows / (world * grad_accum))
 
@@ -25,4 +26,3 @@ def planned_steps(num_rows: int, world: int, grad_accum: int, seed: int, total_s
             step += 1
             if step > done:
                 yield step, step_plan
-

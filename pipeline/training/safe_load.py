@@ -87,7 +87,7 @@ def weights_only_loads():
 
 def install_safe_loads() -> None:
     """Every ``torch.load`` of this process is ``safe_load`` from now on: the initializer of
-    a process that only reads checkpoints (``universal.spawned_workers``)."""
+    a process that only reads checkpoints (``universal_convert.spawned_workers``)."""
     torch.load = _load_safely
 
 

@@ -1,8 +1,8 @@
 """Resuming on another number of workers: a checkpoint converted once into DeepSpeed's
 universal checkpoint (every parameter and its Adam moments whole, in fp32), from which
 each rank of any worker count loads its own partition. Kept apart from ``checkpoints.py``
-(the same-layout save and resume), which hands a checkpoint here when its worker count
-differs and the global batch is kept (``checkpoints.layout_mismatch``).
+(the same-layout save and load): ``resume.py`` hands a checkpoint here when its worker
+count differs and the global batch is kept (``checkpoints.layout_mismatch``).
 
 The driver converted it before the ranks started (``universal_convert.prepare_resume``);
 a rank loads it and never converts. With a bucket run directory one process per node
@@ -26,7 +26,6 @@ def conversion(path: Loc) -> dict | None:
     """The marker of ``path``'s finished universal conversion, or None."""
     marker = path / UNIVERSAL / COMPLETE
     return json.loads(marker.read_text()) if marker.is_file() else None
-
 
 
 def fetch_node_copy(path: Loc, node_dir: Path) -> bool:

@@ -22,8 +22,9 @@ from pipeline.training.metrics import METRICS_FILE
 
 from .preference import PreferenceObjective
 
-STAGE_VERSION = LOOP_VERSION  # train's fingerprint moves with the shared loop's
-
+# train's version is the shared loop's (as it was before the loop moved down a floor, so that
+# fingerprints held): a change to the preference objective alone bumps sft's fingerprint too.
+STAGE_VERSION = LOOP_VERSION
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
@@ -36,18 +37,6 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft
         "model_settings": model_settings(cfg),
         "train_settings": training_settings(cfg.train),
     }
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -77,8 +66,6 @@ def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
                 k = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y) if len(ids_a) == len(ids_b) else 0
                 raise RuntimeError(f"train: {a.name} row {k}: pair_ids {ids_a[k] if ids_a else None} in {rows_dir} "
                                    f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
-
-
 
 
 def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
@@ -115,10 +102,7 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
     return outputs(cfg, out)
 
 
-
-
 # ----------------------------------------------------------------------------- the stage's door
-
 
 
 def _run(ctx: RunContext):
