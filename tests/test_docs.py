@@ -1,5 +1,5 @@
 """The documentation stays true to the repository: the generated configuration reference
-matches pipeline/core/config.py, relative links resolve to files in the repository, and no file
+matches pipeline/core/config/, relative links resolve to files in the repository, and no file
 points at notes kept outside it. Fast: no Ray, no subprocess, no model."""
 
 from __future__ import annotations

@@ -1,0 +1,153 @@
+"""The run's groups of settings that are not training: the model, the data, tokenize,
+score and the cluster, and the error every config check raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # The policy's starting checkpoint: a local HF checkpoint directory, a Hub id
+    # (org/name, or org/name@revision) or a URI (s3://, gs://) of one (docs/models.md).
+    path: str = ""
+    # The Hub revision (branch, tag or commit) of model.path, and of the two keys below
+    # where they default to it. The commit it resolves to is recorded in the manifests.
+    revision: Optional[str] = None
+    # Reference model for the score stage; null = the policy's starting checkpoint.
+    reference_path: Optional[str] = None
+    # Tokenizer; null = the policy checkpoint's.
+    tokenizer_path: Optional[str] = None
+    # Where each node keeps the models it downloads from a URI (once per node); ~ and
+    # $VARS are expanded on each node, so it can point at each node's local disk.
+    cache_dir: str = "~/.cache/dpo-pipeline/models"
+    # Numerics shared by score and train (one log-prob function, one dtype policy:
+    # docs/design.md). float16 is refused.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # segment_sdpa: per-segment causal SDPA over packed rows (no tokens x tokens mask; any
+    # device). sdpa / eager: transformers' own, with a dense block-diagonal mask.
+    # flex_attention: block-sparse, GPU only for training. flash_attention_2: needs flash-attn.
+    attn_implementation: Literal["segment_sdpa", "sdpa", "eager", "flex_attention",
+                                 "flash_attention_2"] = "segment_sdpa"
+    # Run the checkpoint's own modelling and tokenizer code (transformers' trust_remote_code).
+    trust_remote_code: bool = False
+    # Completion tokens per LM-head chunk in the log-prob pass (bounds the fp32 logits).
+    logp_chunk_tokens: int = 1024
+
+
+@dataclass
+class RowSource:
+    """Where rows come from and how they are split: the keys ``data`` (preference pairs) and
+    ``sft.data`` (SFT rows of the sft stage's own) share."""
+
+    # Files, globs or directories: .jsonl, .json, .parquet, .csv, or a directory written by
+    # datasets' save_to_disk.
+    train_files: list[str] = field(default_factory=list)
+    # Or a datasets.load_dataset call: {path, name, split, data_files, revision}.
+    hf_dataset: Optional[dict[str, Any]] = None
+    # Or a mixture, as open-instruct's dataset_mixer_list: a list of
+    # {name, files | hf_dataset, weight | max_pairs}. Each source's rows are drawn with
+    # data.seed: weight is the fraction kept (0 < weight <= 1), max_pairs at most this
+    # many rows. Counted per source in the manifest and the report.
+    sources: Optional[list[dict[str, Any]]] = None
+    # The split of a save_to_disk DatasetDict.
+    split: str = "train"
+    # Pairs (or SFT rows) with the same tokens: keep them (reported) or drop all but the
+    # first (quarantined).
+    duplicates: Literal["keep", "drop"] = "keep"
+    # Fraction of prompts held out for eval (rows sharing a prompt stay on one side).
+    eval_fraction: float = 0.05
+    # Seeds the eval split and the order of packed rows: the data's own seed, so a sweep
+    # over train.seed trains again on the same tokenized and scored rows.
+    seed: int = 42
+
+
+@dataclass
+class DataConfig(RowSource):
+    # Column of the prompt (absent in the implicit-prompt format).
+    prompt_key: str = "prompt"
+    # Column of the chosen completion.
+    chosen_key: str = "chosen"
+    # Column of the rejected completion, or of a list of them.
+    rejected_key: str = "rejected"
+
+
+@dataclass
+class TokenizeConfig:
+    # Prompt + completion tokens per side; completions are cut to fit.
+    max_length: int = 1024
+    # Prompt tokens kept, cut as truncation_mode says (null: no separate limit).
+    max_prompt_length: Optional[int] = None
+    # Completion tokens kept, from the start (null: no separate limit).
+    max_completion_length: Optional[int] = None
+    # keep_end: a cut prompt keeps its end; keep_start: its start.
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    # A prompt that leaves a completion fewer than min_completion_tokens tokens of
+    # max_length: quarantine (the default: the pair is counted and kept out, nothing
+    # trains on a prompt it never saw whole) or truncate (TRL's behaviour: the prompt is
+    # cut as truncation_mode says, keep_end losing its start, and the pair trains).
+    prompt_too_long: Literal["quarantine", "truncate"] = "quarantine"
+    # Completion tokens each side keeps at least (all of it when shorter), for the
+    # prompt_too_long rule.
+    min_completion_tokens: int = 1
+    # Packing budget, tokens per packed row; >= 2 * max_length (both sides of a pair go
+    # in one row).
+    max_tokens_per_row: int = 4096
+    # Store a pair's prompt once: the rejected completion attends to the chosen side's
+    # prompt tokens (same log-probs, fewer tokens to compute). null: on when
+    # model.attn_implementation can express it (segment_sdpa, sdpa, eager).
+    share_prompt: Optional[bool] = None
+    # A Jinja chat-template file that replaces the tokenizer's.
+    chat_template: Optional[str] = None
+    # Quarantine pairs whose tokenised prompt is not a prefix of prompt + completion
+    # (default: train on them as TRL 1.16 does, counted in the manifest).
+    strict: bool = False
+    # Packed rows per Parquet shard.
+    rows_per_shard: int = 256
+    # JSONL lines / Parquet rows read by one tokenize task.
+    rows_per_task: int = 20000
+    # Token lists one row-writing task holds at once (4 bytes a token). The tokenized
+    # pairs stay in files written by the tokenize workers; the rows are written in groups
+    # of shards, each group reading those files once. Peak memory, not output, depends on it.
+    pack_buffer_tokens: int = 1 << 27
+    # Ray actors that tokenize. Fractional CPUs each: on a small cluster, actors of one CPU
+    # leave none for Ray Data's read task, which then hangs without an error (docs/design.md).
+    actors: int = 1
+    # CPUs per tokenize actor and per row-writing task.
+    num_cpus_per_actor: float = 0.5
+    # Stage fails when more than this fraction of the records (pairs, each rejected
+    # completion of a row counted) is quarantined as bad (dropped duplicates do not count).
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
+class ScoreConfig:
+    # Reference-model actors, one model each.
+    actors: int = 1
+    # 1 on GPU workers.
+    num_gpus_per_actor: float = 0.0
+    # Fractional on CPU (see tokenize.actors).
+    num_cpus_per_actor: float = 0.5
+    # torch intra-op threads per actor on CPU.
+    cpu_threads: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    # Ray address: null = RAY_ADDRESS if set, else start a private local cluster.
+    # "auto" joins the cluster on this machine; "local" always starts a new one.
+    address: Optional[str] = None
+    # Local cluster only.
+    num_cpus: Optional[int] = None
+    # Local cluster only: Ray's object store in /dev/shm (Ray's default is 30% of RAM).
+    object_store_memory: int = 512 * 1024**2
+    # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    # Ray Data progress bars for the tokenize and score stages.
+    progress_bars: bool = True
