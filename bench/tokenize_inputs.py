@@ -96,6 +96,7 @@ def measure(n: int, fmt: str, work: Path) -> dict:
     from pipeline.demo import make_assets
     from pipeline.core.storage import Loc
     from pipeline.tokenizing import tokenize
+    from pipeline.core.tokenizer import load_tokenizer
 
     assets = make_assets(work / "assets")
     data = write_inputs(work, n, fmt)
@@ -103,7 +104,7 @@ def measure(n: int, fmt: str, work: Path) -> dict:
                             "data": {"train_files": [str(data)], "eval_fraction": 0.01},
                             "tokenize": {"max_length": 512, "max_tokens_per_row": 2048, "actors": 2}})
     ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
-    tokenize.load_tokenizer(cfg)
+    load_tokenizer(cfg)
     out = Loc(work / "out")
     start = time.perf_counter()
     units = len(sources.plan_chunks(tokenize.resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,

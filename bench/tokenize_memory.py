@@ -52,6 +52,7 @@ def measure(pairs: int, buffer: int | None, work: Path) -> dict:
     from pipeline.core.config import config_from_dict
     from pipeline.demo import make_assets
     from pipeline.tokenizing import tokenize
+    from pipeline.core.tokenizer import load_tokenizer
 
     assets = make_assets(work / "assets")
     data = work / f"pairs-{pairs}.jsonl"
@@ -62,7 +63,7 @@ def measure(pairs: int, buffer: int | None, work: Path) -> dict:
     cfg = config_from_dict({"run_dir": str(work / "run"), "model": {"path": str(assets["model"])},
                             "data": {"train_files": [str(data)], "eval_fraction": 0.05}, "tokenize": tok})
     ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
-    tokenize.load_tokenizer(cfg)  # what the driver loads anyway: not part of the figure
+    load_tokenizer(cfg)  # what the driver loads anyway: not part of the figure
     out = work / f"out-{pairs}"
     out.mkdir()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

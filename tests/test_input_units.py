@@ -132,6 +132,8 @@ def test_one_row_group_parquet_runs_as_many_units_and_the_copy_is_removed(assets
     from helpers import tiny_config
     from pipeline.core.config import config_from_dict, to_dict
     from pipeline.tokenizing import tokenize
+    from pipeline.tokenizing.chunk import TokenizeChunk, UNITS_DIR
+    from pipeline.tokenizing.pack import write_groups_local
 
     data = [{"prompt": f"Describe item {i}.", "chosen": " It is great.", "rejected": " It is awful."}
             for i in range(40)]
@@ -143,15 +145,15 @@ def test_one_row_group_parquet_runs_as_many_units_and_the_copy_is_removed(assets
 
     def tokenize_units(chunks, units_dir):
         seen.extend(chunks)
-        worker = tokenize.TokenizeChunk(to_dict(cfg), str(units_dir))
+        worker = TokenizeChunk(to_dict(cfg), str(units_dir))
         return [worker.tokenize_unit(chunk) for chunk in chunks]
 
     out = Loc(tmp_path / "out")
-    _, stats = tokenize.tokenize_all(cfg, out, tokenize_units, tokenize.write_groups_local)
+    _, stats = tokenize.tokenize_all(cfg, out, tokenize_units, write_groups_local)
     assert len(seen) == 6 and {c["path"] for c in seen} != {str(path)}  # read from the rewritten copy
     assert [c["first_row"] for c in seen] == [0, 7, 14, 21, 28, 35] and {c["label"] for c in seen} == {str(path)}
     assert stats["train"]["pairs"] + stats["eval"]["pairs"] == 40
-    assert not (out / tokenize.UNITS_DIR).exists()
+    assert not (out / UNITS_DIR).exists()
 
 
 @pytest.mark.parametrize("kind", ["json_array", "jsonl", "csv"])

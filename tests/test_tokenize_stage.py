@@ -11,6 +11,9 @@ import pytest
 from helpers import Killer, tiny_config
 from pipeline.demo import make_pairs
 from pipeline.tokenizing import tokenize
+from pipeline.tokenizing.chunk import PAIR_META_SCHEMA, TOKEN_COLUMNS, TokenizeChunk, UNITS_DIR, WRITER_COLUMNS
+from pipeline.core.rows import ROW_SCHEMA
+from pipeline.tokenizing.pack import assemble_rows, shard_groups
 
 BAD_LINES = [
     ("{not json", "invalid_json"),
@@ -106,7 +109,7 @@ def test_too_many_bad_rows_fail_with_a_summary(assets, tmp_path, inputs):
     out.mkdir()
     with pytest.raises(ValueError, match=r"6 of 206 pairs quarantined as bad .*max_bad_fraction"):
         tokenize.run_in_process(cfg, out)
-    assert not (out / tokenize.UNITS_DIR).exists()  # the workers' token lists go either way
+    assert not (out / UNITS_DIR).exists()  # the workers' token lists go either way
 
 
 @pytest.mark.slow
@@ -156,19 +159,19 @@ def test_workers_return_pair_columns_and_write_token_lists(assets, tmp_path, inp
     files, _ = inputs
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_length": 64})
     chunk = dict(plan_chunks(expand_inputs([files[0]]), 50)[0], unit=7)
-    worker = tokenize.TokenizeChunk(to_dict(cfg), str(tmp_path / "units"))
+    worker = TokenizeChunk(to_dict(cfg), str(tmp_path / "units"))
     meta = worker.tokenize_unit(chunk)
     records = worker.tokenize_chunk(chunk)
-    assert meta.schema == tokenize.PAIR_META_SCHEMA
+    assert meta.schema == PAIR_META_SCHEMA
     lists = pq.read_table(tmp_path / "units" / "unit-00007.parquet")
-    assert lists.column_names == tokenize.TOKEN_COLUMNS and lists.num_rows == meta.num_rows == len(records) == 50
+    assert lists.column_names == TOKEN_COLUMNS and lists.num_rows == meta.num_rows == len(records) == 50
     assert meta.column("unit").to_pylist() == [7] * 50 and meta.column("unit_row").to_pylist() == list(range(50))
     assert meta.column("reason").to_pylist()[10] == "invalid_json"
     for rec, m, lst in zip(records, meta.to_pylist(), lists.to_pylist()):
         assert lst == {"chosen_ids": rec.get("chosen_ids"), "rejected_ids": rec.get("rejected_ids")}
         assert (m["chosen_len"], m["rejected_len"]) == (len(lst["chosen_ids"] or []), len(lst["rejected_ids"] or []))
-        assert {k: v for k, v in rec.items() if k not in tokenize.TOKEN_COLUMNS} == {
-            k: m[k] for k in rec if k not in tokenize.TOKEN_COLUMNS}
+        assert {k: v for k, v in rec.items() if k not in TOKEN_COLUMNS} == {
+            k: m[k] for k in rec if k not in TOKEN_COLUMNS}
 
 
 def test_shard_groups_worked_example():
@@ -181,14 +184,14 @@ def test_shard_groups_worked_example():
     shards = [{"name": "s0", "first_row_id": 0, "bins": [[0, 1]]},
               {"name": "s1", "first_row_id": 1, "bins": [[3], [2]]},
               {"name": "s2", "first_row_id": 3, "bins": []}]
-    groups = tokenize.shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=12)
+    groups = shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=12)
     assert [g["pairs"].column("pair_id").to_pylist() for g in groups] == [["a", "b"], ["d", "c"]]
-    assert groups[0]["pairs"].column_names == tokenize.WRITER_COLUMNS
+    assert groups[0]["pairs"].column_names == WRITER_COLUMNS
     assert [g["shards"] for g in groups] == [
         [{"name": "s0", "first_row_id": 0, "bins": [[0, 1]]}],
         [{"name": "s1", "first_row_id": 1, "bins": [[0], [1]]}, {"name": "s2", "first_row_id": 3, "bins": []}],
     ]
-    assert len(tokenize.shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=1)) == 3
+    assert len(shard_groups(pairs, shards, np.array([3, 4, 5, 6]), budget=1)) == 3
 
 
 def test_assemble_rows_worked_example():
@@ -206,18 +209,18 @@ def test_assemble_rows_worked_example():
         "rejected_ids": pa.array([[6, 7, 0], [1, 2], [4, 6, 6]], pa.list_(pa.int32())),
     })
     token_rows = np.array([1, 2, 0])
-    rows = tokenize.assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], first_row_id=10)
-    assert rows.schema == tokenize.ROW_SCHEMA
+    rows = assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], first_row_id=10)
+    assert rows.schema == ROW_SCHEMA
     assert rows.to_pylist() == [
         {"row_id": 10, "input_ids": [4, 5, 4, 6, 6, 1, 2, 3, 1, 2], "position_ids": [0, 1, 0, 1, 2, 0, 1, 2, 0, 1],
          "seq_lens": [2, 3, 3, 2], "prompt_lens": [1, 1, 1, 1], "pair_ids": ["p1", "p0"], "num_tokens": 10},
         {"row_id": 11, "input_ids": [6, 7, 8, 9, 6, 7, 0], "position_ids": [0, 1, 2, 3, 0, 1, 2],
          "seq_lens": [4, 3], "prompt_lens": [2, 2], "pair_ids": ["p2"], "num_tokens": 7},
     ]
-    assert tokenize.assemble_rows(pairs, tokens, token_rows, [], 0).num_rows == 0
+    assert assemble_rows(pairs, tokens, token_rows, [], 0).num_rows == 0
     # share_prompt: each rejected segment keeps its completion only, at the positions it
     # has after its prompt, with prompt_len 0
-    assert tokenize.assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], 10, share_prompt=True).to_pylist() == [
+    assert assemble_rows(pairs, tokens, token_rows, [[1, 0], [2]], 10, share_prompt=True).to_pylist() == [
         {"row_id": 10, "input_ids": [4, 5, 6, 6, 1, 2, 3, 2], "position_ids": [0, 1, 1, 2, 0, 1, 2, 1],
          "seq_lens": [2, 2, 3, 1], "prompt_lens": [1, 0, 1, 0], "pair_ids": ["p1", "p0"], "num_tokens": 8},
         {"row_id": 11, "input_ids": [6, 7, 8, 9, 0], "position_ids": [0, 1, 2, 3, 2],
@@ -236,7 +239,7 @@ def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path,
     local.mkdir()
     ray_out.mkdir()
     shards_local, stats_local = tokenize.run_in_process(cfg, local)
-    killer = Killer("TokenizeChunk", lambda: bool(list((ray_out / tokenize.UNITS_DIR).glob("unit-*.parquet"))))
+    killer = Killer("TokenizeChunk", lambda: bool(list((ray_out / UNITS_DIR).glob("unit-*.parquet"))))
     killer.start()
     shards_ray, stats_ray = tokenize.run_on_ray(cfg, ray_out)
     killer.join()

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
-
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
