@@ -24,7 +24,8 @@ import torch
 
 from pipeline.core.config import PipelineConfig, config_from_dict, for_workers, to_dict
 from pipeline.core.devices import require_gpu
-from pipeline.core.logps import packed_token_logps, segment_sums
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.segments import segment_sums
 from pipeline.core import placement
 from pipeline.core.modeling import load_causal_lm, row_inputs
 from pipeline.core.models import local_dir

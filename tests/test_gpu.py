@@ -24,7 +24,8 @@ import torch
 from helpers import reference_varlen, shared_and_unshared_rows, tiny_config
 from pipeline.core.config import ModelConfig, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.core.logps import packed_token_logps, segment_layout
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.segments import segment_layout
 from pipeline.core.modeling import load_causal_lm, row_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,14 +3,9 @@ import torch
 
 from helpers import reference_varlen, shared_and_unshared_rows
 
-from pipeline.core.logps import (
-    lm_head_target_logps,
-    sequence_logps,
-    packed_token_logps,
-    segment_layout,
-    segment_sums,
-    segment_token_counts,
-)
+from pipeline.core.logps import lm_head_target_logps, sequence_logps, packed_token_logps
+
+from pipeline.core.segments import segment_layout, segment_sums, segment_token_counts
 
 
 def test_segment_layout_worked_example():
@@ -36,7 +31,7 @@ def test_shared_prompt_layout_worked_example():
     positions 2, 3; pair 2 unshared. The first rejected token is predicted from the
     prompt's last token (position 1), and the rejected tokens see the prompt, not the
     chosen completion."""
-    from pipeline.core.logps import attention_mask
+    from pipeline.core.segments import attention_mask
 
     layout = segment_layout(torch.tensor([5, 2, 3, 3]), torch.tensor([2, 0, 1, 1]))
     assert layout.targets.tolist() == [2, 3, 4, 5, 6, 8, 9, 11, 12]

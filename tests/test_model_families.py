@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline.core.config import ModelConfig
-from pipeline.core.logps import lm_head_target_logps, packed_token_logps, segment_layout
+from pipeline.core.logps import lm_head_target_logps, packed_token_logps
+from pipeline.core.segments import segment_layout
 from pipeline.core.modeling import load_causal_lm
 
 VOCAB = 96
@@ -103,7 +104,7 @@ def test_logit_transforms_give_the_models_own_logps(tmp_path, family, transform,
     model = load_causal_lm(family(tmp_path), ModelConfig(path="x", attn_implementation=attn))
     diff = packed_vs_own(model, [11, 7, 16, 9], [3, 3, 5, 2])
     assert diff < 1e-5, diff
-    from pipeline.core.logps import LogitTransform, logit_transform
+    from pipeline.core.logit_transforms import LogitTransform, logit_transform
 
     assert logit_transform(model) == LogitTransform(*transform)
 
@@ -120,7 +121,7 @@ def test_falcon_h1_lm_head_multiplier_and_its_refusal_for_packed_rows(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     assert packed_vs_own(model, [14], [3]) < 1e-5  # one segment: only the logit transform matters
     assert packed_vs_own(model, [7, 7], [2, 2]) > 5e-4  # the leak the probe refuses
-    from pipeline.core.logps import LogitTransform, logit_transform
+    from pipeline.core.logit_transforms import LogitTransform, logit_transform
 
     assert logit_transform(model) == LogitTransform(scale=0.37)
     with pytest.raises(NotImplementedError, match=r"falcon_h1 .*falcon_h1.*segments of a packed row see each other"):
@@ -156,7 +157,7 @@ def test_logit_transform_gradients_equal_the_models_own(tmp_path, family):
 def test_chunked_transform_equals_naive_with_grads(chunk, scale, softcap):
     """Forward (log-probs, log sum p^2) and backward (hidden, weight, bias) of the chunked
     pass with a logit scale and soft-capping, against float64 autograd of the formula."""
-    from pipeline.core.logps import LogitTransform
+    from pipeline.core.logit_transforms import LogitTransform
 
     transform = LogitTransform(scale, softcap)
     g = torch.Generator().manual_seed(0)
@@ -185,7 +186,7 @@ def test_an_unknown_logit_transform_is_refused(assets):
     """A config naming a logit transform of a model type the pass does not know."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.core.logps import logit_transform
+    from pipeline.core.logit_transforms import logit_transform
 
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
     model.config.lm_head_multiplier = 0.5

@@ -12,7 +12,8 @@ import torch
 from helpers import tiny_config
 from pipeline import cli, runner
 from pipeline.core.config import dump_yaml, load_config
-from pipeline.core.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.segments import segment_layout, segment_sums
 from pipeline.core.losses import preference_loss
 from pipeline.core.modeling import row_tensors
 from pipeline.core.packing import epoch_plan

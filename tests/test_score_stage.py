@@ -13,7 +13,8 @@ import torch
 from helpers import tiny_config
 from pipeline import runner
 from pipeline.core.config import to_dict
-from pipeline.core.logps import packed_token_logps, segment_layout, segment_sums
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.segments import segment_layout, segment_sums
 from pipeline.core.modeling import row_tensors
 from pipeline.core.rundir import read_manifest
 from stages.score import ShardScorer, iter_rows

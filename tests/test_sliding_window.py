@@ -13,7 +13,8 @@ import torch
 from helpers import shared_and_unshared_rows
 
 from pipeline.core.config import ModelConfig
-from pipeline.core.logps import attention_mask, packed_token_logps, segment_layout
+from pipeline.core.segments import attention_mask, segment_layout
+from pipeline.core.logps import packed_token_logps
 from pipeline.core.modeling import load_causal_lm, row_inputs
 
 WINDOW = 8

@@ -10,7 +10,8 @@ import torch
 from helpers import tiny_config
 from pipeline.core.config import build_loss, config_from_dict, to_dict
 from pipeline.demo import make_pairs, write_jsonl
-from pipeline.core.logps import packed_token_logps, segment_layout
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.segments import segment_layout
 from pipeline.core.losses import LOSSES
 from pipeline.core.modeling import load_causal_lm, row_tensors
 from stages import score

@@ -3,7 +3,7 @@
 A packed row is a 1-D token stream of segments (chosen, rejected, chosen, rejected, ...);
 each segment is prompt + completion and its ``position_ids`` restart at 0, or, with a
 shared prompt, a rejected segment is its completion only and attends to its chosen
-segment's prompt (``segment_layout``). The loss mask is derived from the stored segment
+segment's prompt (``segments.segment_layout``). The loss mask is derived from the stored segment
 and prompt lengths, never from ``input_ids != pad`` (pad is often EOS, and EOS is a
 completion token we must score).
 
@@ -14,7 +14,7 @@ shared prompts, the blocks as a dense mask). Then only the completion positions 
 through the LM head, ``chunk`` tokens at a time, and each chunk's target logit minus
 logsumexp is taken in fp32. fp32 logits for the whole row are never materialised. An
 architecture's own transform of the LM head's output (a logit scale, final-logit
-soft-capping: ``logit_transform``) is applied inside that pass, and ``probe_packed_logps``
+soft-capping: ``logit_transforms.logit_transform``) is applied inside that pass, and ``probe_packed_logps``
 checks at load time that the pass equals the model's own ``log_softmax(logits)``.
 
 Imports torch only; the model is duck-typed through transformers' public accessors
@@ -28,147 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class SegmentLayout:
-    seg_ids: torch.Tensor  # (T,) segment index of every token
-    targets: torch.Tensor  # (N,) positions of completion tokens (the ones scored)
-    target_seg: torch.Tensor  # (N,) segment index of each target
-    sources: torch.Tensor  # (N,) positions whose hidden state predicts each target
-    num_segments: int
-    # Attention, once per row, as Python ints: (start, end, prefix_start, prefix_end) per
-    # segment: tokens [start, end) attend causally to themselves and to all of
-    # [prefix_start, prefix_end) (a shared prompt; empty when prefix_start == prefix_end).
-    blocks: list[tuple[int, int, int, int]]
-
-    @property
-    def shares_prompts(self) -> bool:
-        return any(pb > pa for _, _, pa, pb in self.blocks)
-
-
-def segment_layout(seq_lens: torch.Tensor, prompt_lens: torch.Tensor) -> SegmentLayout:
-    """Completion-token positions of a packed row.
-
-    seq_lens, prompt_lens: (S,) int, the tokens each segment stores and how many of them
-    are its prompt. Segment s spans [o_s, o_s + L_s) with o_s the running offset; its
-    completion tokens are [o_s + P_s, o_s + L_s). P_s >= 1: the first completion token is
-    predicted from the last prompt token of the same segment.
-
-    Shared prompt (``tokenize.share_prompt``): a rejected segment (odd s) with P_s = 0
-    stores only its completion; its prompt is the first P_{s-1} tokens of its chosen
-    segment, which it attends to (its ``position_ids`` continue from P_{s-1}), and its
-    first token is predicted from that prompt's last token.
-    """
-    seq_lens = seq_lens.long()
-    prompt_lens = prompt_lens.long()
-    num_segments = int(seq_lens.numel())
-    index = torch.arange(num_segments, device=seq_lens.device)
-    shared = prompt_lens == 0
-    if bool((prompt_lens < 0).any()) or bool((prompt_lens >= seq_lens).any()):
-        raise ValueError("every segment needs 0 <= prompt_len < seq_len")
-    if bool((shared & (index % 2 == 0)).any()):
-        raise ValueError("prompt_len 0 (a shared prompt) is only valid for a rejected segment (odd index); "
-                         "a chosen segment needs 1 <= prompt_len < seq_len")
-    seg_ids = torch.repeat_interleave(index, seq_lens)
-    offsets = torch.cumsum(seq_lens, 0) - seq_lens
-    pos_in_seg = torch.arange(seg_ids.numel(), device=seq_lens.device) - offsets[seg_ids]
-    is_target = pos_in_seg >= prompt_lens[seg_ids]
-    targets = torch.nonzero(is_target, as_tuple=False).squeeze(-1)
-    target_seg = seg_ids[targets]
-    sources = targets - 1
-    if bool(shared.any()):
-        # the last prompt token of the chosen segment before: o_{s-1} + P_{s-1} - 1
-        prompt_end = torch.roll(offsets + prompt_lens, 1) - 1
-        first = shared[target_seg] & (pos_in_seg[targets] == 0)
-        sources = torch.where(first, prompt_end[target_seg], sources)
-    starts, lens, prompts = offsets.tolist(), seq_lens.tolist(), prompt_lens.tolist()
-    blocks = [(a, a + n, starts[s - 1], starts[s - 1] + prompts[s - 1]) if p == 0 else (a, a + n, a, a)
-              for s, (a, n, p) in enumerate(zip(starts, lens, prompts))]
-    return SegmentLayout(seg_ids, targets, target_seg, sources, num_segments, blocks)
-
-
-def attention_mask(layout: SegmentLayout, num_tokens: int, window: int | None = None) -> torch.Tensor:
-    """The (T, T) boolean mask of ``layout.blocks`` (True: query row may attend to key
-    column): the dense form of what ``segment_sdpa`` computes block by block, for the
-    attention implementations that take a mask (``sdpa``, ``eager``).
-
-    ``window``: a sliding window as transformers defines it (``masking_utils``: key j is
-    seen from query i when i - window < j <= i), counted in the segment's own positions: a
-    shared-prompt rejected segment's tokens sit at positions P, P+1, ... after its prompt's
-    0 .. P-1, exactly as in the row that stores the prompt on both sides."""
-    mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool)
-    for a, b, pa, pb in layout.blocks:
-        n, p = b - a, pb - pa
-        q_pos = torch.arange(p, p + n)[:, None]
-        keep_own = torch.ones(n, n, dtype=torch.bool).tril()
-        keep_prefix = torch.ones(n, p, dtype=torch.bool)
-        if window is not None:
-            keep_own &= torch.arange(p, p + n)[None, :] > q_pos - window
-            keep_prefix &= torch.arange(p)[None, :] > q_pos - window
-        mask[a:b, a:b] = keep_own
-        mask[a:b, pa:pb] = keep_prefix
-    return mask
-
-
-def mask_windows(config) -> dict[str | None, int | None]:
-    """The sliding window of each kind of attention layer, as transformers' masks apply it
-    for ``sdpa`` and ``eager`` (their only carrier of a window): with ``config.layer_types``,
-    ``{layer type: window}`` (``sliding_attention`` layers get ``config.sliding_window``,
-    ``full_attention`` none); without, ``{None: config.sliding_window}`` for every layer
-    (Mistral, Phi-3, Mixtral: ``create_sliding_window_causal_mask`` when it is set). Other
-    layer types (chunked, indexed, linear attention) are refused: their masks are not
-    block-causal."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types:
-        return {None: window}
-    other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-    if other:
-        raise NotImplementedError(f"rows with shared prompts (tokenize.share_prompt) on sdpa/eager: this model has "
-                                  f"{', '.join(other)} layers, whose masks the dense block mask cannot replace; "
-                                  "use model.attn_implementation segment_sdpa or tokenize.share_prompt false")
-    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(layer_types)}
-
-
-def dense_attention_mask(model, layout: SegmentLayout, num_tokens: int, device) -> torch.Tensor | dict:
-    """The ``attention_mask`` argument for a row with shared prompts on ``sdpa``/``eager``:
-    one (1, 1, T, T) mask (boolean for sdpa, additive for eager), or, where layers differ in
-    their sliding window (Gemma-2/3, Qwen2 with ``max_window_layers``), one per layer type,
-    as the dict the model's forward takes instead of building its own masks."""
-    windows = mask_windows(model.get_decoder().config)
-    eager = getattr(model.config, "_attn_implementation", None) == "eager"
-    dtype = next(model.parameters()).dtype
-
-    def build(window):
-        mask = attention_mask(layout, num_tokens, window).to(device)
-        if eager:  # additive
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-        return mask[None, None]
-
-    if len(set(windows.values())) == 1:
-        return build(next(iter(windows.values())))
-    return {kind: build(window) for kind, window in windows.items()}
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model's forward does to ``lm_head(hidden)``: logits = softcap(scale * z), with
-    softcap(u) = cap * tanh(u / cap) when ``softcap`` is set (``logit_transform``)."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-
-IDENTITY = LogitTransform()
-
-
-def _transform_(z: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
-    """``transform`` applied to fp32 logits in place."""
-    if transform.softcap is not None:
-        return z.mul_(transform.scale / transform.softcap).tanh_().mul_(transform.softcap)
-    if transform.scale != 1.0:
-        return z.mul_(transform.scale)
-    return z
+from .logit_transforms import IDENTITY, LogitTransform, _text_config, _transform_, logit_transform
+from .segments import SegmentLayout, _device_layout, dense_attention_mask, segment_layout, segment_token_counts
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -333,12 +194,6 @@ def packed_token_logps(
                       None if hits is None else torch.zeros_like(zeros, dtype=torch.bool).index_put((layout.targets,), hits))
 
 
-def segment_sums(per_token: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
-    """Sum of per-token values over each segment's completion: (T,) -> (S,)."""
-    sums = torch.zeros(layout.num_segments, dtype=per_token.dtype, device=per_token.device)
-    return sums.index_add(0, layout.target_seg, per_token[layout.targets])
-
-
 def sequence_logps(
     per_token: torch.Tensor, layout: SegmentLayout, aggregation: str = "sum",
     ld_alpha: float | None = None,
@@ -357,11 +212,6 @@ def sequence_logps(
     sums = torch.zeros(layout.num_segments, dtype=per_token.dtype, device=per_token.device)
     sums = sums.index_add(0, layout.target_seg, values)
     return sums / lengths.to(sums.dtype) if aggregation == "mean" else sums
-
-
-def segment_token_counts(layout: SegmentLayout) -> torch.Tensor:
-    """Completion tokens per segment: (S,)."""
-    return torch.bincount(layout.target_seg, minlength=layout.num_segments)
 
 
 def wpo_pair_weights(aligned_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -383,72 +233,13 @@ def ld_token_weights(lengths: torch.Tensor, shared: torch.Tensor, alpha: float) 
     return torch.where(k <= shared[seg], one, one * alpha)
 
 
-# How a causal LM's forward transforms lm_head(hidden) before its loss (transformers 5.23,
-# models/*/modeling_*.py): logits = softcap(scale * lm_head(hidden)).
-# A scale read from the config, by model type: divided by, or multiplied by, the attribute.
-_DIVIDE_BY = {t: "logits_scaling" for t in (
-    "granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
-    "minicpm3",  # divides the hidden state before a bias-free lm_head: the same
-)}
-_MULTIPLY_BY = {"hyperclovax": "logits_scaling", "falcon_h1": "lm_head_multiplier", "cohere": "logit_scale",
-                "cohere2": "logit_scale", "cohere2_moe": "logit_scale", "cohere_compass": "logit_scale"}
-# Final-logit soft-capping: ``final_logit_softcapping`` (Gemma 2/3/3n/4, VaultGemma, nanochat, ...) unless named here.
-_SOFTCAP_ATTR = {"recurrent_gemma": "logits_soft_cap", "xlstm": "output_logit_soft_cap"}
-# Config attributes that name such a transform: with a model type not above, refused.
-_TRANSFORM_ATTRS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
-                    "output_multiplier_scale", "logits_soft_cap", "output_logit_soft_cap")
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _trivial(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and float(value) in (0.0, 1.0))
-
-
-def logit_transform(model) -> LogitTransform:
-    """The transform ``model``'s forward applies to its LM head's output, which the chunked
-    log-prob pass applies too. Raises NotImplementedError where the config names a
-    transform this does not know (``probe_packed_logps`` checks the rest by running it)."""
-    config = model.config
-    text = _text_config(config)
-    types = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
-    scale, known = 1.0, set()
-    for table, invert in ((_DIVIDE_BY, True), (_MULTIPLY_BY, False)):
-        for model_type in types & table.keys():
-            attr = table[model_type]
-            value = getattr(text, attr, None)
-            known.add(attr)
-            if value is not None and float(value) != 1.0:
-                scale = 1.0 / float(value) if invert else float(value)
-    if "minicpm3" in types and scale != 1.0 and getattr(model.get_output_embeddings(), "bias", None) is not None:
-        raise NotImplementedError("minicpm3 with an lm_head bias: its hidden-state scaling is not a logit scale")
-    softcap_attr = next((_SOFTCAP_ATTR[t] for t in types if t in _SOFTCAP_ATTR), "final_logit_softcapping")
-    known.add(softcap_attr)
-    softcap = getattr(text, softcap_attr, None)
-    softcap = None if softcap in (None, 0) else float(softcap)
-    for attr in _TRANSFORM_ATTRS + ("final_logit_softcapping",):
-        value = getattr(text, attr, None)
-        if attr not in known and not _trivial(value):
-            raise NotImplementedError(
-                f"model type {'/'.join(sorted(t for t in types if t))} has {attr}={value}: a transform of its logits "
-                "that the chunked log-prob pass does not know; it computes softcap(scale * lm_head(hidden)) only"
-            )
-    return LogitTransform(scale, softcap)
-
-
-def check_model_supported(model) -> None:
-    """Refuse architectures whose logits are a transform of ``lm_head(last_hidden_state)``
-    the log-prob pass does not apply (``logit_transform``)."""
-    logit_transform(model)
-
-
 # The probe's row: two segments of 6 tokens, prompts of 2, positions restarting at 0.
 _PROBE_LEN, _PROBE_PROMPT = 6, 2
 # Max |log-prob difference| allowed by the probe, by dtype: fp32 is exact up to kernel
 # order; bf16/fp16 logits carry a rounding of up to 2^-8 of their magnitude.
 PROBE_ATOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 0.1, torch.float16: 0.02}
+
+
 PROBE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-8, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 
 
@@ -526,8 +317,3 @@ def probe_packed_logps(model, name: str | None = None) -> float:
             "refused."
         )
     return diff
-
-
-def _device_layout(layout: SegmentLayout, device) -> SegmentLayout:
-    return SegmentLayout(*(x.to(device) for x in (layout.seg_ids, layout.targets, layout.target_seg, layout.sources)),
-                         layout.num_segments, layout.blocks)

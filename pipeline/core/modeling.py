@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from pipeline.core.config import ModelConfig
-from pipeline.core.logps import SegmentLayout, check_model_supported, probe_packed_logps, segment_layout
+from pipeline.core.segments import SegmentLayout, segment_layout
+from pipeline.core.logit_transforms import check_model_supported
+from pipeline.core.logps import probe_packed_logps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

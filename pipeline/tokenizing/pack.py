@@ -29,7 +29,7 @@ def assemble_rows(pairs: pa.Table, tokens: pa.Table, token_rows: np.ndarray, bin
     ``bins`` index ``pairs`` (the per-pair columns); pair i's token lists are row
     ``token_rows[i]`` of ``tokens``. With ``share_prompt`` a rejected segment keeps only its
     completion (prompt_len 0, positions continuing from the prompt's length): its prompt
-    is the chosen segment's (``pipeline.core.logps.segment_layout``). Arrow and numpy
+    is the chosen segment's (``pipeline.core.segments.segment_layout``). Arrow and numpy
     throughout, never a Python object per token; called one shard of rows at a time, so
     the int32 list offsets stay small and so does the memory it takes.
     """

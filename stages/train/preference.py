@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from pipeline.core.config import TrainConfig
-from pipeline.core.logps import (packed_token_logps, segment_sums, segment_token_counts, sequence_logps,
-                            wpo_pair_weights)
+from pipeline.core.logps import packed_token_logps, sequence_logps, wpo_pair_weights
+from pipeline.core.segments import segment_sums, segment_token_counts
 from pipeline.core.losses import LossOutput, PreferenceLoss, router_load_balancing_loss
 from pipeline.core.modeling import moe_router, row_inputs, to_device
 
