@@ -246,7 +246,7 @@ def test_the_probe_refuses_an_unapplied_logit_transform(tmp_path, monkeypatch):
 
 def test_the_probe_changes_nothing(assets):
     """No RNG draw, the train mode restored, no gradient left behind, same results after."""
-    from pipeline.core.logps import probe_packed_logps
+    from pipeline.core.logps_probe import probe_packed_logps
 
     model = load_causal_lm(str(assets["model"]), ModelConfig(path="x"))
     model.train()

@@ -12,7 +12,7 @@ import torch
 from pipeline.core.config import ModelConfig
 from pipeline.core.segments import SegmentLayout, segment_layout
 from pipeline.core.logit_transforms import check_model_supported
-from pipeline.core.logps import probe_packed_logps
+from pipeline.core.logps_probe import probe_packed_logps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -145,6 +145,6 @@ def segment_token_counts(layout: SegmentLayout) -> torch.Tensor:
     return torch.bincount(layout.target_seg, minlength=layout.num_segments)
 
 
-def _device_layout(layout: SegmentLayout, device) -> SegmentLayout:
+def device_layout(layout: SegmentLayout, device) -> SegmentLayout:
     return SegmentLayout(*(x.to(device) for x in (layout.seg_ids, layout.targets, layout.target_seg, layout.sources)),
                          layout.num_segments, layout.blocks)

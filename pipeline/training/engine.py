@@ -9,7 +9,7 @@ import os
 import torch
 
 from pipeline.core.config import ModelConfig, TrainingSettings
-from pipeline.core.logps import probe_packed_logps
+from pipeline.core.logps_probe import probe_packed_logps
 from pipeline.core.modeling import load_causal_lm
 
 from .forward import install as install_forward
@@ -172,7 +172,7 @@ def build_engine(train_cfg: TrainingSettings, model_cfg: ModelConfig, world: int
 
     install(engine)  # checkpoints are loaded with weights_only=True (pipeline/training/safe_load.py)
     if hf_ds is not None:
-        # The load-time probe of the log-prob pass (pipeline.core.logps.probe_packed_logps) needs a
+        # The load-time probe of the log-prob pass (pipeline.core.logps_probe.probe_packed_logps) needs a
         # forward, which a partitioned model runs only inside its engine; every rank runs it
         # (the forward gathers parameters collectively), and all refuse alike.
         probe_packed_logps(engine.module, model_cfg.path)
