@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core import sources
+from pipeline.core import text_units
 from pipeline.core.sources import Source, plan_chunks, read_chunk
 from pipeline.core.storage import Loc
 
@@ -45,7 +45,7 @@ KINDS = {"json_array": "json", "json_wrapped": "json", "csv": "csv", "parquet_on
 @pytest.mark.parametrize("block", [7, 1 << 23])  # 7 bytes: every value crosses a block boundary
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_units_hold_every_row_once_in_order(tmp_path, monkeypatch, kind, block):
-    monkeypatch.setattr(sources._JsonScanner, "BLOCK", block)
+    monkeypatch.setattr(text_units._JsonScanner, "BLOCK", block)
     data = rows(50)
     path = write(tmp_path, kind, data)
     for rows_per_task in (1, 3, 7, 50, 1000):
@@ -92,7 +92,7 @@ def test_a_bad_json_array_names_the_row_and_line(tmp_path):
 
 @pytest.mark.parametrize("block", range(1, 14))
 def test_a_number_cut_at_a_block_end_is_read_whole(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(sources._JsonScanner, "BLOCK", block)
+    monkeypatch.setattr(text_units._JsonScanner, "BLOCK", block)
     path = tmp_path / "d.json"
     path.write_text('[{"a": 1}, 1.5, 12e5, -3]')
     got = [(index, row) for chunk in plan_chunks([Source("d", str(path), "json")], 1) for index, row, _ in

@@ -231,11 +231,3 @@ def ld_token_weights(lengths: torch.Tensor, shared: torch.Tensor, alpha: float) 
     k = torch.arange(seg.numel(), device=lengths.device) - offsets[seg] + 1
     one = torch.ones((), dtype=torch.float64, device=lengths.device)
     return torch.where(k <= shared[seg], one, one * alpha)
-
-
-
-
-
-
-
-

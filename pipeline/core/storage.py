@@ -31,6 +31,17 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def open_input(path: str):
+    """A binary file object for a local path or a pyarrow-filesystem URI (s3://, gs://,
+    hdfs://, file://), as Ray Data reads them."""
+    if is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        return filesystem.open_input_file(inner)
+    return open(path, "rb")
+
+
 class Loc:
     """A file or directory on a pyarrow filesystem, addressed like a ``pathlib.Path``."""
 

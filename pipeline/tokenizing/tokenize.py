@@ -26,7 +26,7 @@ from pipeline.core.config import PipelineConfig, shares_prompt
 from pipeline.core.models import local_dir
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.core.sft_formats import SequenceRows
-from pipeline.core.storage import Loc
+from pipeline.core.storage import Loc, is_uri
 
 from .chunk import PAIR_META_SCHEMA, UNITS_DIR, TokenizeChunk
 from .pack import pack_and_write, source_stats, write_groups_local, write_shard_group
@@ -59,7 +59,7 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
     srcs = resolve_sources(cfg)
     return {
         "version": STAGE_VERSION,
-        "data": {s.label: hash_tree([s.path if sources.is_uri(s.path) else Path(s.path)], cache) for s in srcs},
+        "data": {s.label: hash_tree([s.path if is_uri(s.path) else Path(s.path)], cache) for s in srcs},
         "tokenizer": hash_checkpoint(local_dir(cfg.tokenizer_path, cfg.model, "tokenizer"), "tokenizer", cache),
         "chat_template": hash_tree([Path(cfg.tokenize.chat_template)], cache) if cfg.tokenize.chat_template else None,
         "data_settings": {k: v for k, v in asdict(cfg.data).items() if k != "sources"}
