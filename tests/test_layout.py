@@ -16,10 +16,17 @@ TRAIN_STAGE = ROOT / "stages" / "train"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def test_no_training_or_stage_module_is_over_300_lines():
+# Over 300 lines on purpose, each with its reason in docs/design.md ("Modules over 300 lines").
+OVER_300 = {"pipeline/core/losses.py", "pipeline/core/formats.py"}
+
+
+def test_no_module_is_over_300_lines_without_its_written_reason():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for p in [*TRAINING.glob("*.py"), *(ROOT / "stages").rglob("*.py")]}
-    assert sizes and max(sizes.values()) <= 300, sizes
+             for part in ("pipeline", "stages", "cluster") for p in (ROOT / part).rglob("*.py")}
+    assert len(sizes) > 50
+    assert {name: n for name, n in sizes.items() if n > 300 and name not in OVER_300} == {}
+    design = (ROOT / "docs" / "design.md").read_text()
+    assert all(f"`{name}`" in design for name in OVER_300)
 
 
 def test_no_function_of_the_worker_loop_is_over_40_lines():

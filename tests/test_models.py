@@ -14,7 +14,7 @@ import pytest
 
 from helpers import hub_cache, tiny_config
 from pipeline import runner
-from pipeline.core import models
+from pipeline.core import model_buckets, models
 from pipeline.core.config import ConfigError
 from pipeline.core.storage import Loc
 
@@ -205,7 +205,7 @@ def test_a_bucket_model_is_downloaded_once_per_cache_and_checked(assets, s3_buck
     # the same files: the same fingerprints as the local directory
     assert fingerprints(cfg) == fingerprints(tiny_config(assets, tmp_path / "run"))
     (copy_a,) = (tmp_path / "node-a" / "models").glob("*-tiny")
-    marker = json.loads((copy_a / models.MARKER).read_text())
+    marker = json.loads((copy_a / model_buckets.MARKER).read_text())
     assert sorted(marker["files"]) == sorted(f.name for f in assets["model"].iterdir())
     for name, entry in marker["files"].items():
         assert (copy_a / name).read_bytes() == (assets["model"] / name).read_bytes()
@@ -214,9 +214,9 @@ def test_a_bucket_model_is_downloaded_once_per_cache_and_checked(assets, s3_buck
     # another node (another cache): one download, then the copy is reused as it is
     monkeypatch.setenv("NODE_LOCAL", str(tmp_path / "node-b"))
     first = models.local_dir(pinned_cfg.model.path, pinned_cfg.model)
-    stamp = os.stat(Path(first) / models.MARKER).st_mtime_ns
+    stamp = os.stat(Path(first) / model_buckets.MARKER).st_mtime_ns
     assert models.local_dir(pinned_cfg.model.path, pinned_cfg.model) == first
-    assert os.stat(Path(first) / models.MARKER).st_mtime_ns == stamp
+    assert os.stat(Path(first) / model_buckets.MARKER).st_mtime_ns == stamp
     assert Path(first).parent == tmp_path / "node-b" / "models"
 
     # the bucket changed after the driver pinned it: refused, not trained on
@@ -261,7 +261,7 @@ def test_two_workers_with_their_own_caches_download_the_model_once_each(assets, 
         for _ in range(2):
             path = Path(models.local_dir(model_cfg.path, model_cfg))
             model = load_causal_lm(model_cfg.path, model_cfg)  # the copy, loaded as score/train load it
-            out.append((str(path), json.loads((path / models.MARKER).read_text())["downloaded_at"],
+            out.append((str(path), json.loads((path / model_buckets.MARKER).read_text())["downloaded_at"],
                         float(sum(p.double().sum() for p in model.parameters()))))
         return out
 
