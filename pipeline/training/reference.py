@@ -1,0 +1,99 @@
+"""A reference model held by the ranks, partitioned like the policy: TR-DPO's reference,
+which the ranks refresh themselves (docs/design.md, "TR-DPO offline: the design chosen").
+
+``build_reference`` loads it under ZeRO-3 without an optimizer (as TRL prepares its
+reference), so each rank holds 2N/R bytes of it in bf16; ``mix_policy_into`` makes it
+α·π_θ + (1 − α)·π_ref, each rank on its own partition with the policy's fp32 weights,
+nothing gathered or moved; ``score_row`` runs a packed row through its engine's front door
+and returns what the score stage stores for the row (per-token log-probs aligned with
+``input_ids``, and per-segment sums).
+
+The pieces of the refresh; the train stage's segment loop that uses them is the next step
+of issue #33.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.core.config import ModelConfig, TrainingSettings
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.modeling import load_causal_lm, row_inputs
+from pipeline.core.segments import segment_sums
+
+
+class ScoreForward:
+    """The reference's forward: one packed row's reference log-probs, per token and per
+    segment, as the score stage computes them (``stages/score.py``)."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int, device: torch.device):
+        self.model, self.chunk, self.device = model, chunk, device
+
+    def __call__(self, row: dict) -> dict:
+        input_ids, position_ids, layout = row_inputs(row, self.device)
+        per_token = packed_token_logps(self.model, input_ids, position_ids, layout, self.chunk).logps
+        return {"logps": per_token, "sums": segment_sums(per_token, layout)}
+
+
+def build_reference(train_cfg: TrainingSettings, model_cfg: ModelConfig, path: str, world: int, device: torch.device):
+    """The model at ``path`` as a ZeRO-3 engine without an optimizer, partitioned over the
+    ``world`` ranks while it loads, in eval mode; ``engine(row=row)`` scores a packed row."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cluster.deepspeed_config import build_ds_config
+
+    from .engine import hidden_size
+
+    if train_cfg.zero_stage != 3:
+        raise ValueError("a reference held by the ranks is partitioned like the policy: it needs train.zero_stage 3")
+    ds_config = build_ds_config(train_cfg, model_cfg.dtype, world, hidden_size(model_cfg))
+    for key in ("offload_optimizer", "offload_param"):  # no optimizer; its weights stay on the device
+        ds_config["zero_optimization"].pop(key, None)
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - zero.Init is on while it lives: the load partitions
+    model = load_causal_lm(path, model_cfg)
+    if not hasattr(next(model.parameters()), "ds_id"):
+        raise RuntimeError("the reference was not partitioned while loading (HfDeepSpeedConfig was not active)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    model.forward = ScoreForward(model, model_cfg.logp_chunk_tokens, device)
+    engine.eval()
+    return engine
+
+
+@torch.no_grad()
+def mix_policy_into(reference, policy, alpha: float) -> int:
+    """π_ref ← α·π_θ + (1 − α)·π_ref, TRL's ``SyncRefModelCallback`` update, on this rank's
+    partition of every parameter: the policy's fp32 weights (its optimizer's master copy)
+    into the reference's partition, in the reference's dtype. The two are partitioned alike
+    (the same shapes over the same ranks). Returns the elements mixed on this rank."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    ours = dict(reference.module.named_parameters())
+    mixed = 0
+    for name, p in policy.module.named_parameters():
+        if not p.requires_grad:  # frozen in the policy: it never moved from the reference's start
+            continue
+        ref = ours.get(name)
+        if ref is None:
+            raise ValueError(f"the policy's parameter {name} is not the reference's: a reference is mixed with a "
+                             f"policy of its architecture")
+        local = safe_get_local_fp32_param(p).view(-1)
+        part = ref.ds_tensor.data.view(-1)
+        if local.numel() != part.numel():
+            raise ValueError(f"{name}: the policy's partition holds {local.numel()} elements and the reference's "
+                             f"{part.numel()}; they are partitioned alike only over the same ranks")
+        part.mul_(1.0 - alpha).add_(local.to(part.dtype), alpha=alpha)
+        mixed += part.numel()
+    return mixed
+
+
+@torch.no_grad()
+def score_row(reference, row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A packed row's reference log-probs (float32 per token, aligned with ``input_ids``, 0
+    outside completions) and per-segment sums, through the engine's front door. Every rank
+    calls it for the same number of rows: the forward gathers parameters collectively."""
+    out = reference(row=row)
+    return out["logps"].float().cpu().numpy(), out["sums"].float().cpu().numpy()
