@@ -3,9 +3,10 @@ held by the ranks (pipeline/training/reference.py) next to the policy's engine, 
 with buckets far smaller than the weights.
 
 Rank 0 writes OUT.json: how far the reference's scores of the first rows are from the score
-stage's stored columns (the same model, scored by a plain actor); how far the reference
-mixed with α = 0.6 is from 0.6·θ + 0.4·π_ref computed on whole tensors (θ the policy's
-fp32 weights after 2 steps); the reference's elements on each rank against the model's.
+stage's stored columns (the same model, scored by a plain actor); after 2 policy steps, how
+far its scores mixed with α = 0.6, then α = 1, are from a plain model holding
+0.6·θ + 0.4·π_ref, then θ, computed on whole tensors (θ the policy's fp32 weights); its
+weights after the last mix against θ; the reference's elements on each rank.
 
 Usage: torchrun --nproc_per_node 2 tests/reference_probe.py CONFIG OUT.json
 """
@@ -22,6 +23,8 @@ import torch.distributed as dist
 
 from pipeline import runner
 from pipeline.core.config import for_workers, load_config
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.modeling import load_causal_lm, row_inputs
 from pipeline.core.rows import split_files
 from pipeline.training.engine import build_engine
 from pipeline.training.loop import WorkerSpec, setup, train_step
@@ -29,9 +32,10 @@ from pipeline.training.plan import planned_steps
 from pipeline.training.reference import build_reference, mix_policy_into, score_row
 from stages.train.driver import preference_objective
 
+# Small buckets; ZeRO-3's default persistence threshold (1e5 elements: every parameter of the
+# tiny model would be kept whole between forwards, were the reference to allow it).
 SMALL = {"reduce_bucket_size": 2000, "allgather_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000,
-         "sub_group_size": 10000, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 20000,
-         "stage3_max_reuse_distance": 20000}
+         "sub_group_size": 10000, "stage3_max_live_parameters": 20000, "stage3_max_reuse_distance": 20000}
 ROWS = 4
 
 
@@ -64,31 +68,51 @@ for row in table.to_pylist():
     worst_sum = max(worst_sum, float(np.abs(sums - np.asarray(row["ref_seq_logps"], np.float32)).max()))
 result["score_max_abs_diff"] = {"per_token": worst_token, "per_segment": worst_sum, "rows": ROWS}
 
-# 2. two optimizer steps, then the mix against whole tensors
+# 2. two optimizer steps, then the mixes. The reference is not gathered in between (a gather
+# releases every parameter, so the next forward fetches the partitions afresh): its scores
+# after each mix are compared with a plain model holding the whole-tensor formula's weights.
 for step, plan in planned_steps(ctx.train_rows.num_rows, ctx.world, 1, train_cfg.seed, 2, 0):
     train_step(policy, ctx, step, plan)
-before = gathered(reference.module)
-theta = {}
-for name, p in policy.module.named_parameters():
-    theta[name] = deepspeed.utils.safe_get_full_fp32_param(p).float().clone()
+theta = {name: deepspeed.utils.safe_get_full_fp32_param(p).float().clone()
+         for name, p in policy.module.named_parameters()}
+plain = load_causal_lm(cfg.reference_path, cfg.model)
+plain.eval()
+before = {name: p.detach().float().clone() for name, p in plain.named_parameters()}
+
+
+def scores_against(weights: dict) -> float:
+    """The reference's scores of the rows against a plain model holding ``weights``."""
+    plain.load_state_dict(weights, strict=False)
+    worst = 0.0
+    for row in table.to_pylist():
+        logps, _ = score_row(reference, row)
+        with torch.no_grad():
+            want = packed_token_logps(plain, *row_inputs(row, "cpu"), cfg.model.logp_chunk_tokens).logps.numpy()
+        worst = max(worst, float(np.abs(logps - want).max()))
+    return worst
+
+
 mixed = mix_policy_into(reference, policy, 0.6)
-after = gathered(reference.module)
-diffs = {n: (after[n] - (0.6 * theta[n] + 0.4 * before[n])).abs().max().item() for n in after}
-moved = max((theta[n] - before[n]).abs().max().item() for n in after)
-result["mix"] = {"max_abs_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get), "policy_moved": moved,
-                 "parameters": len(diffs)}
+expected = {n: 0.6 * theta[n] + 0.4 * before[n] for n in theta}
+result["alpha_0.6_scores_max_abs_diff"] = scores_against(expected)
+mix_policy_into(reference, policy, 1.0)  # 1·θ + 0·(the 0.6 mix): the policy
+result["alpha_1_scores_max_abs_diff"] = scores_against(theta)
+# and, gathered at the end, the reference's weights are θ's
+now = gathered(reference.module)
+result["alpha_1_max_abs_diff"] = max((now[n] - theta[n]).abs().max().item() for n in now)
+moved = max((theta[n] - before[n]).abs().max().item() for n in theta)
+result["policy_moved"] = moved
 numel = sum(p.ds_numel for p in reference.module.parameters())
 local = torch.tensor([float(mixed), float(sum(p.ds_tensor.numel() for p in reference.module.parameters()))])
 everyone = [torch.zeros(2) for _ in range(ctx.world)]
 dist.all_gather(everyone, local)
 result["partition"] = {"model_elements": numel, "per_rank": [t.tolist() for t in everyone]}
 
-# 3. with α = 1 the reference is the policy
-mix_policy_into(reference, policy, 1.0)
-now = gathered(reference.module)
-result["alpha_1_max_abs_diff"] = max((now[n] - theta[n]).abs().max().item() for n in now)
-
 if dist.get_rank() == 0:
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result), flush=True)
+reference.destroy()
+policy.destroy()
+dist.barrier()
+dist.destroy_process_group()

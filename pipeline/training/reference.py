@@ -51,6 +51,10 @@ def build_reference(train_cfg: TrainingSettings, model_cfg: ModelConfig, path: s
     ds_config = build_ds_config(train_cfg, model_cfg.dtype, world, hidden_size(model_cfg))
     for key in ("offload_optimizer", "offload_param"):  # no optimizer; its weights stay on the device
         ds_config["zero_optimization"].pop(key, None)
+    # Every parameter partitioned, none kept whole between forwards: ZeRO-3 keeps small ones
+    # (norms, biases) whole once gathered, and only an optimizer's step refreshes those copies,
+    # so a mixed partition would never reach the forward (the second mix scored with old weights).
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - zero.Init is on while it lives: the load partitions
     model = load_causal_lm(path, model_cfg)
     if not hasattr(next(model.parameters()), "ds_id"):
