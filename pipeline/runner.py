@@ -1,6 +1,6 @@
 """The stage runner: fingerprint every stage, skip what is done, run the rest in order.
 
-It knows no stage by name: it loops over the registered stages (``pipeline.core.stage``), each
+It knows no stage by name: it loops over the registered stages (``pipeline.registry``), each
 of which declares what it reads, loads, hands on and how it runs. Fingerprints are
 computed up front from the config and the input files' contents, so ``status`` needs no
 Ray and a rerun with unchanged inputs touches nothing. Each stage writes
