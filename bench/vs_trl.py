@@ -388,7 +388,10 @@ def per_segment(variant):
     return run
 
 
-def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | None = None) -> dict:
+def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | None = None,
+                extra: dict | None = None) -> dict:
+    """``extra``: more DPOConfig settings (bench/tr_dpo.py: TR-DPO's). The result's
+    ``wall_s``: from building the trainer (TRL tokenises there) to the end of ``train``."""
     import shutil
 
     import datasets
@@ -449,7 +452,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
         report_to="none", save_strategy="no", eval_strategy="no", bf16=bf16, fp16=False,
         use_cpu=a.device == "cpu", gradient_checkpointing=a.grad_ckpt, dataloader_num_workers=0,
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=mean_pairs, seed=cfg.train.seed,
-        disable_tqdm=True,
+        disable_tqdm=True, **(extra or {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
     # bf16 weights and Adam states (the usual TRL recipe: load in bf16, bf16=True), or, with
@@ -457,6 +460,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
     weights = weights or a.dtype
     model = AutoModelForCausalLM.from_pretrained(assets["model"], attn_implementation="sdpa",
                                                  dtype=torch.bfloat16 if weights == "bfloat16" else torch.float32)
+    wall = time.perf_counter()
     trainer = SameBatches(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[Timer()])
     # identical tokens: TRL's tokenisation of these pairs has our token count
@@ -466,6 +470,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
     padded = [2 * len(b) * max(len(prompt[i]) + max(len(chosen[i]), len(rejected[i])) for i in b)
               for b in batches]
     trainer.train()
+    wall = time.perf_counter() - wall
     losses = timings["losses"]  # unrounded (the Trainer's log rounds to 4 digits)
     step_tokens = [sum(real[i] for i in b) for b in batches]
     if step_tokens != row_tokens:  # TRL's token ids of each micro-batch are ours
@@ -473,7 +478,7 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
     seconds = sum(timings["steps"][2:])
     tokens = sum(step_tokens[2:len(timings["steps"])])
     grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens, "seconds": seconds,
+    return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens, "seconds": seconds, "wall_s": wall,
             "tokens_per_s": tokens / seconds, "micro_batch_tokens": max(padded), "micro_batch_pairs": mean_pairs,
             "precompute_s": timings["precompute_s"],
             "precompute_tokens_per_s": sum(real) / timings["precompute_s"] if precompute else None,

@@ -22,7 +22,9 @@ def _save(fig, path: Loc) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def _plot_lines(path: Loc, title: str, series: dict[str, tuple[list, list]], ylabel: str) -> None:
+def _plot_lines(path: Loc, title: str, series: dict[str, tuple[list, list]], ylabel: str,
+                marks: tuple[list, str] | None = None) -> None:
+    """``marks``: steps drawn as dashed vertical lines, and their legend label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,6 +34,9 @@ def _plot_lines(path: Loc, title: str, series: dict[str, tuple[list, list]], yla
     for label, (x, y) in series.items():
         if x:
             ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+    if marks and marks[0]:
+        for i, step in enumerate(marks[0]):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8, label=marks[1] if i == 0 else None)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -137,14 +142,16 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
     train = results.get("train")
     if train:
         records = _metrics(train)
+        refreshes = train["stats"].get("reference_refreshes") or {}
+        marks = (refreshes["steps"], "reference refreshed") if refreshes.get("steps") else None
         _plot_lines(out / "loss.png", "loss", {"train": _series(records, "loss"),
-                                               "eval": _series(records, "eval_loss")}, "loss")
+                                               "eval": _series(records, "eval_loss")}, "loss", marks)
         _plot_lines(out / "accuracy.png", "rewards/accuracies",
                     {"train": _series(records, "rewards/accuracies"),
-                     "eval": _series(records, "eval_rewards/accuracies")}, "accuracy")
+                     "eval": _series(records, "eval_rewards/accuracies")}, "accuracy", marks)
         _plot_lines(out / "margins.png", "rewards/margins",
                     {"train": _series(records, "rewards/margins"),
-                     "eval": _series(records, "eval_rewards/margins")}, "margin")
+                     "eval": _series(records, "eval_rewards/margins")}, "margin", marks)
         s = train["stats"]
         final = s.get("final_eval", {})
         lines += ["", "## train", "",
@@ -155,6 +162,14 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
                   "- no eval split (data.eval_fraction: 0), so no eval metrics",
                   f"- model: `{s['export']}`", "",
                   "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![margins](margins.png)"]
+        if marks:  # TR-DPO: the log-ratios restart at each refresh
+            steps = refreshes["steps"]
+            _plot_lines(out / "rewards.png", "rewards (beta x log-ratio to the reference)",
+                        {"chosen": _series(records, "rewards/chosen"),
+                         "rejected": _series(records, "rewards/rejected")}, "reward", marks)
+            shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
+            lines += ["", f"- TR-DPO: the reference refreshed {len(steps)} times (steps {shown}), "
+                          f"{refreshes['seconds']:.1f} s in all", "", "![rewards](rewards.png)"]
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
     return md

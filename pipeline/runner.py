@@ -257,7 +257,9 @@ def status(cfg: PipelineConfig) -> list[dict]:
         state = stage_state(plan.dir)
         manifest = read_manifest(plan.dir) if state == "done" else None
         figures = _figures(manifest) if manifest else s.partial(plan.dir) if state == "partial" else {}
-        table.append({"stage": s.name, "fingerprint": plan.fingerprint, "state": state,
+        progress = s.progress(cfg, plan.dir)
+        table.append({"stage": s.name, "fingerprint": plan.fingerprint,
+                      "state": f"{state} ({progress})" if progress else state,
                       "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
                       "seconds": figures.get("seconds", "-"), "dir": redact_text(str(plan.dir))})
     return table

@@ -88,8 +88,18 @@ def test_cli_reports_a_typo_without_a_traceback():
         (["train.loss_type=ipo", "train.aggregation=mean"], r"train.aggregation: mean would length-normalise \['ipo'\]"),
         (["train.ld_alpha=1.5"], r"train.ld_alpha: must be in \[0, 1\]"),
         (["train.loss_type=aot", "train.use_weighting=true"], "train.use_weighting: WPO weights are per pair"),
-        (["train.sync_ref_model=true"], "train.sync_ref_model: TR-DPO .* scores the reference once, offline"),
-        (["train.ref_model_mixup_alpha=0.6"], "train.ref_model_mixup_alpha: .* needs a live reference"),
+        (["train.ref_model_mixup_alpha=0.6"], "train.ref_model_mixup_alpha: TR-DPO's alpha applies only with "
+                                              "train.sync_ref_model: true"),
+        (["train.sync_ref_model=true", "train.loss_type=simpo"], "train.sync_ref_model: simpo read no reference"),
+        (["train.sync_ref_model=true", "train.loss_type=[cpo, orpo]"], "train.sync_ref_model: cpo/orpo read no"),
+        (["train.sync_ref_model=true", "train.reference_free=true"], "train.sync_ref_model: train.reference_free"),
+        (["train.sync_ref_model=true", "train.ref_model_mixup_alpha=0"], r"train.ref_model_mixup_alpha: must be in \(0, 1\] \(it is 0"),
+        (["train.sync_ref_model=true", "train.ref_model_mixup_alpha=1.5"], r"train.ref_model_mixup_alpha: must be in \(0, 1\]"),
+        (["train.sync_ref_model=true", "train.ref_model_sync_steps=0"], "train.ref_model_sync_steps: must be >= 1"),
+        (["train.sync_ref_model=true", "train.zero_stage=2"], "train.sync_ref_model: .* needs train.zero_stage: 3 .it is 2"),
+        (["train.sync_ref_model=true", "train.peft.r=4"], "train.sync_ref_model: with train.peft the reference"),
+        (["train.sync_ref_model=true", "train.deepspeed={zero_optimization: {offload_optimizer: {device: nvme}}}"],
+         "train.sync_ref_model: .* offload_optimizer on nvme"),
         (["train.loss_type=simpo_v2"], "train.loss_type: 'simpo_v2' is not one of"),
     ],
 )
@@ -131,3 +141,21 @@ def test_run_help_lists_every_stage(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"comma-separated subset of {','.join(STAGES)}" in text and "sft" in STAGES
     assert f"run this stage ({', '.join(STAGES)}) and every later one" in text
+
+
+def test_tr_dpo_settings_enter_trains_fingerprint_only_when_on(tmp_path):
+    """Without sync_ref_model TR-DPO's tau is not in train's fingerprint (runs made before it
+    keep theirs); with it, tau is, and the alpha that applies (null is TRL's 0.6: the same run)."""
+    from stages.train.driver import train_settings
+
+    def settings(*overrides):
+        return train_settings(load_config(write(tmp_path, BASE), list(overrides)).train)
+
+    plain = settings()
+    assert "ref_model_sync_steps" not in plain and plain["ref_model_mixup_alpha"] is None
+    assert settings("train.ref_model_sync_steps=64") == plain
+    on = settings("train.sync_ref_model=true")
+    assert on["ref_model_sync_steps"] == 512 and on["ref_model_mixup_alpha"] == 0.6
+    assert settings("train.sync_ref_model=true", "train.ref_model_mixup_alpha=0.6") == on
+    assert settings("train.sync_ref_model=true", "train.ref_model_sync_steps=64") != on
+    assert settings("train.sync_ref_model=true", "train.ref_model_mixup_alpha=0.5") != on

@@ -31,7 +31,8 @@ What a stage declares:
   (refused on the driver where Ray would wait for them forever);
 - ``preflight(cfg, use_ray)``: checks before any stage runs; ``summary(stats)``: its lines
   under the run's summary table; ``partial(dir)``: what ``status`` shows of a partial
-  output.
+  output; ``progress(cfg, dir)``: what ``status`` adds to its state (train's TR-DPO
+  refreshes), or None.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Stage:
     gpus: Callable[[Any], dict] = lambda cfg: {}  # cfg -> {the setting that asks: GPUs the cluster must have}
     summary: Callable[[dict], list[str]] = lambda stats: []
     partial: Callable[[Loc], dict] = lambda out: {}
+    progress: Callable[[Any, Loc], Optional[str]] = lambda cfg, out: None
 
     def __post_init__(self):
         # a loaded model the manifest does not record could never be checked against its producer

@@ -52,6 +52,8 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
         dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                            client_state={"step": step, "world_size": ctx.world, **rng_state()})
+    for hook in ctx.objective.hooks:  # the objective's own state (TR-DPO's reference), beside the engine's
+        hook.save(ctx, root / tag, step)
     if ctx.staged:
         final.upload(root / tag)
         shutil.rmtree(root / tag)

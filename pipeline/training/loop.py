@@ -194,11 +194,16 @@ def train_worker(config: dict) -> None:
     train_cfg = ctx.train_cfg
 
     done = resume(engine, ctx, log)
+    for hook in ctx.objective.hooks:  # the objective's state between steps, resumed at this step
+        hook.start(engine, ctx, done)
     if done == 0:
         log_eval(engine, ctx, log, 0)
     for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
                                          train_cfg.seed, ctx.total_steps, done):
         log.step(train_step(engine, ctx, step, step_plan))
+        for hook in ctx.objective.hooks:  # before the step's eval and checkpoint, which see what it did
+            if (record := hook.after_step(engine, ctx, step)) is not None:
+                log.write(record)
         if step % train_cfg.eval_steps == 0 and step < ctx.total_steps:
             log_eval(engine, ctx, log, step)
         if train_cfg.save_steps and step % train_cfg.save_steps == 0 and step < ctx.total_steps:

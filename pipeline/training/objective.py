@@ -11,6 +11,7 @@ module that implements ``Objective``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -42,11 +43,27 @@ class RowLoss:
         return cls(out["loss_sum"], out.get("aux_loss"), out["metric_sums"], out["units"], out["tokens"])
 
 
+class StepHook(Protocol):
+    """What an objective does between steps, on every rank in step with the others (TRL's
+    ``TrainerCallback``, at the three moments the loop has): the preference objective's
+    TR-DPO reference refresh (``refresh.py``)."""
+
+    def start(self, engine, ctx, done: int) -> None:
+        """Once the engine is built and resumed (``done`` steps), before the first step."""
+
+    def after_step(self, engine, ctx, step: int) -> dict | None:
+        """After a step's optimizer step, before its eval and checkpoint; a record to log, or None."""
+
+    def save(self, ctx, folder: Path, step: int) -> None:
+        """Write this rank's state into a checkpoint's folder (``start`` reads it back on resume)."""
+
+
 class Objective(Protocol):
     unit: str  # the name of the normalising count, logged as a metric ("pairs")
     metric_names: tuple[str, ...]  # logged as means per unit, in this order
     accuracy: str  # the metric the progress line shows as "acc"
     columns: list[str]  # row columns read
+    hooks: tuple[StepHook, ...]  # what it does between steps (most objectives: nothing)
 
     def units_per_row(self, rows: RowReader) -> np.ndarray: ...
 

@@ -8,8 +8,7 @@ nothing gathered or moved; ``score_row`` runs a packed row through its engine's 
 and returns what the score stage stores for the row (per-token log-probs aligned with
 ``input_ids``, and per-segment sums).
 
-The pieces of the refresh; the train stage's segment loop that uses them is the next step
-of issue #33.
+The pieces of the refresh; ``refresh.py`` is the step hook that uses them.
 """
 
 from __future__ import annotations
@@ -55,6 +54,10 @@ def build_reference(train_cfg: TrainingSettings, model_cfg: ModelConfig, path: s
     # (norms, biases) whole once gathered, and only an optimizer's step refreshes those copies,
     # so a mixed partition would never reach the forward (the second mix scored with old weights).
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    # Nor a second copy a forward gathers from: ZeRO++'s hpZ keeps one per node
+    # (ds_secondary_tensor), which only an optimizer's step refreshes; MiCS shards otherwise.
+    for key in ("zero_hpz_partition_size", "mics_shard_size", "mics_hierarchical_params_gather"):
+        ds_config["zero_optimization"].pop(key, None)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - zero.Init is on while it lives: the load partitions
     model = load_causal_lm(path, model_cfg)
     if not hasattr(next(model.parameters()), "ds_id"):
@@ -89,7 +92,8 @@ def mix_policy_into(reference, policy, alpha: float) -> int:
         if local.numel() != part.numel():
             raise ValueError(f"{name}: the policy's partition holds {local.numel()} elements and the reference's "
                              f"{part.numel()}; they are partitioned alike only over the same ranks")
-        part.mul_(1.0 - alpha).add_(local.to(part.dtype), alpha=alpha)
+        # in fp32 (a small alpha is not lost to bf16's rounding), the policy's from the host under offload
+        part.copy_(part.float().mul_(1.0 - alpha).add_(local.to(part.device, torch.float32), alpha=alpha))
         mixed += part.numel()
     return mixed
 

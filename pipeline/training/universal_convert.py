@@ -118,7 +118,8 @@ def convert(path: Loc, scratch: Path, workers: int, stage: str = "train") -> dic
     from .safe_load import weights_only_loads
 
     start = time.time()
-    parts = [f.relative_to(path) for f in path.files() if not f.relative_to(path).startswith(UNIVERSAL + "/")]
+    # DeepSpeed's files lie at the top (under it: the universal output, TR-DPO's reference partitions)
+    parts = [rel for rel in (f.relative_to(path) for f in path.files()) if "/" not in rel]
     world = json.loads((path / COMPLETE).read_text())["world_size"]
     ranks = {p.split("zero_pp_rank_")[1].split("_")[0] for p in parts if "zero_pp_rank_" in p}
     if ranks != {str(r) for r in range(world)}:

@@ -28,6 +28,7 @@ class SFTObjective:
     unit = "completion_tokens"
     metric_names = ("loss", "mean_token_accuracy")
     accuracy = "mean_token_accuracy"
+    hooks = ()
     columns = ROW_COLUMNS
     needs_reference = False
 

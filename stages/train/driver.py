@@ -18,7 +18,7 @@ from pipeline.training.export import EXPORT_DIR, export_digest, merge_adapter
 from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch,
                                       model_settings, summarize, training_settings)
 from pipeline.training.loop import WorkerSpec
-from pipeline.training.metrics import METRICS_FILE
+from pipeline.training.metrics import METRICS_FILE, read_metrics
 
 from .preference import PreferenceObjective
 
@@ -35,8 +35,20 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft
         "policy_model": hash_checkpoint(local_dir(cfg.model.path, cfg.model), "model", cache) if sft is None
         else {"sft": sft},
         "model_settings": model_settings(cfg),
-        "train_settings": training_settings(cfg.train),
+        "train_settings": train_settings(cfg.train),
     }
+
+
+def train_settings(train_cfg) -> dict:
+    """The training settings train's fingerprint holds. TR-DPO's keys came after runs were
+    made: without ``sync_ref_model`` its tau is left out (those runs keep their
+    fingerprints), with it the alpha that applies (null is 0.6: the same run)."""
+    settings = training_settings(train_cfg)
+    if train_cfg.sync_ref_model:
+        settings["ref_model_mixup_alpha"] = train_cfg.mixup_alpha
+    else:
+        del settings["ref_model_sync_steps"]
+    return settings
 
 
 def preference_objective(cfg: PipelineConfig) -> PreferenceObjective:
@@ -82,7 +94,12 @@ def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:
     if cfg.train.merge_adapter:
         merge_adapter(cfg, out)
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
-    return [ShardInfo.of(f, 0, base=out) for f in files], summarize(out)
+    stats = summarize(out)
+    if cfg.train.sync_ref_model:  # TR-DPO: when the reference was refreshed, and what that cost
+        done = [r for r in read_metrics(out) if "reference_refresh" in r]
+        stats["reference_refreshes"] = {"steps": [r["step"] for r in done],
+                                        "seconds": sum(r["refresh_seconds"] for r in done)}
+    return [ShardInfo.of(f, 0, base=out) for f in files], stats
 
 
 def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
@@ -127,8 +144,20 @@ def summary_lines(stats: dict) -> list[str]:
     final = stats.get("final_eval", {})
     evaluated = (f"final eval rewards/accuracies {final['eval_rewards/accuracies']:.3f}, "
                  f"eval loss {final['eval_loss']:.4f}") if final else NO_EVAL
-    return [f"train: {stats['steps']} steps, step-0 loss {stats['step0_loss']:.6f} (ln 2 = 0.693147), {evaluated}",
-            f"model: {stats['export']}"]
+    refreshed = stats.get("reference_refreshes")
+    return ([f"train: {stats['steps']} steps, step-0 loss {stats['step0_loss']:.6f} (ln 2 = 0.693147), {evaluated}"]
+            + ([f"TR-DPO: {len(refreshed['steps'])} reference refreshes (every {refreshed['steps'][0]} steps), "
+                f"{refreshed['seconds']:.1f} s"] if refreshed and refreshed["steps"] else [])
+            + [f"model: {stats['export']}"])
+
+
+def refreshes(cfg: PipelineConfig, out: Loc) -> str | None:
+    """TR-DPO's segments, as ``status`` shows them: the refreshes done, and their steps."""
+    if not cfg.train.sync_ref_model:
+        return None
+    done = [r["step"] for r in read_metrics(out) if "reference_refresh" in r]
+    last = f", the last at step {done[-1]}" if done else ""
+    return f"TR-DPO: {len(done)} reference refreshes{last}, one every {cfg.train.ref_model_sync_steps} steps"
 
 
 STAGE = Stage(
@@ -148,4 +177,5 @@ STAGE = Stage(
     gpus=lambda cfg: {"train.use_gpu": float(cfg.train.num_workers)} if cfg.train.use_gpu else {},
     preflight=lambda cfg, use_ray: check_before_run(cfg.train, cfg, "train", use_ray),
     summary=summary_lines,
+    progress=refreshes,
 )

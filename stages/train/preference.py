@@ -15,6 +15,7 @@ from pipeline.core.losses import LossOutput, PreferenceLoss, router_load_balanci
 from pipeline.core.modeling import moe_router, row_inputs, to_device
 
 from pipeline.training.objective import RowLoss
+from pipeline.training.refresh import ReferenceRefresh
 from pipeline.core.rows import ROW_COLUMNS, RowReader
 
 
@@ -47,6 +48,9 @@ class PreferenceObjective:
         self.router_aux_loss_coef = train_cfg.router_aux_loss_coef
         self.chunk = logp_chunk_tokens
         self.columns = ROW_COLUMNS + (["ref_logps"] if self.needs_reference else [])
+        # TR-DPO: the ranks refresh the reference and rescore the rows they train on next
+        self.hooks = ((ReferenceRefresh(train_cfg.mixup_alpha, train_cfg.ref_model_sync_steps),)
+                      if train_cfg.sync_ref_model else ())
 
     def units_per_row(self, rows: RowReader) -> np.ndarray:
         return np.array([len(s) // 2 for s in rows.read_column("seq_lens")], dtype=np.int64)

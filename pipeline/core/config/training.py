@@ -106,6 +106,9 @@ class TrainingSettings:
     deepspeed: Optional[Union[str, dict[str, Any]]] = None
 
 
+TR_DPO_ALPHA = 0.6  # TRL 1.16's ref_model_mixup_alpha
+
+
 @dataclass
 class PreferenceSettings:
     """The preference loss (TRL DPOConfig's names and defaults): the train stage's alone."""
@@ -140,10 +143,19 @@ class PreferenceSettings:
     aggregation: Literal["sum", "mean"] = "sum"
     # Treat the reference log-probs as 0: no score stage.
     reference_free: bool = False
-    # Options that need a live reference model; named here so they fail with the reason.
+    # TR-DPO (TRL's names): every ref_model_sync_steps steps the reference becomes
+    # alpha * policy + (1 - alpha) * reference, and the ranks rescore the coming steps' rows
+    # and the eval rows with it (docs/tr-dpo.md). ZeRO-3 only; not with reference-free losses.
     sync_ref_model: bool = False
-    # Refused for the same reason (TRL's reference mixup).
+    # TR-DPO's alpha, in (0, 1]; null: TRL's 0.6. Only with sync_ref_model.
     ref_model_mixup_alpha: Optional[float] = None
+    # TR-DPO's tau: optimizer steps between refreshes (TRL's default).
+    ref_model_sync_steps: int = 512
+
+    @property
+    def mixup_alpha(self) -> float:
+        """TR-DPO's alpha as it applies: null is TRL's 0.6."""
+        return TR_DPO_ALPHA if self.ref_model_mixup_alpha is None else self.ref_model_mixup_alpha
 
 
 @dataclass

@@ -175,9 +175,38 @@ def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
     sorting = [x for x in names if LOSSES[x].sorts_pairs]
     need(not (train_cfg.use_weighting and sorting),
          f"train.use_weighting: WPO weights are per pair and {'/'.join(sorting)} sort pairs")
-    need(not train_cfg.sync_ref_model,
-         "train.sync_ref_model: TR-DPO updates the reference during training; this pipeline scores "
-         "the reference once, offline (no reference model at train time)")
-    need(train_cfg.ref_model_mixup_alpha is None,
-         "train.ref_model_mixup_alpha: mixing policy into the reference needs a live reference "
-         "model; this pipeline scores the reference once, offline")
+    _validate_tr_dpo(train_cfg, names)
+
+
+def _validate_tr_dpo(train_cfg: TrainConfig, names: list[str]) -> None:
+    """TR-DPO's settings: the reference it refreshes must be one the loss reads, partitioned
+    like the policy (ZeRO-3), mixed from weights the ranks hold whole (no LoRA yet)."""
+    from pipeline.core.losses import LOSSES
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    if not train_cfg.sync_ref_model:
+        need(train_cfg.ref_model_mixup_alpha is None,
+             "train.ref_model_mixup_alpha: TR-DPO's alpha applies only with train.sync_ref_model: true")
+        return
+    need(not all(LOSSES[x].reference_free for x in names),
+         f"train.sync_ref_model: {'/'.join(names)} read no reference log-probs, so there is no reference to "
+         "refresh (TR-DPO needs a loss against a reference)")
+    need(not train_cfg.reference_free, "train.sync_ref_model: train.reference_free treats the reference "
+                                       "log-probs as 0, so there is no reference to refresh")
+    alpha = train_cfg.ref_model_mixup_alpha
+    need(alpha is None or 0.0 < alpha <= 1.0, f"train.ref_model_mixup_alpha: must be in (0, 1] (it is {alpha}); "
+                                              "0 would never move the reference")
+    need(train_cfg.ref_model_sync_steps >= 1, "train.ref_model_sync_steps: must be >= 1")
+    need(train_cfg.zero_stage == 3,
+         f"train.sync_ref_model: the ranks hold the reference partitioned like the policy, which needs "
+         f"train.zero_stage: 3 (it is {train_cfg.zero_stage})")
+    offload = ((train_cfg.deepspeed or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device")
+    need(offload != "nvme",
+         "train.sync_ref_model: the refresh reads the policy's fp32 weights parameter by parameter, which with "
+         "train.deepspeed's offload_optimizer on nvme swaps a whole sub-group in for each; offload to cpu instead")
+    need(train_cfg.peft is None,
+         "train.sync_ref_model: with train.peft the reference would be mixed from the merged weights, which "
+         "this version does not do yet; train without peft, or without sync_ref_model")
