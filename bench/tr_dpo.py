@@ -57,10 +57,11 @@ def config(a, out: Path, assets: dict, name: str, sync: bool):
 
 
 def variant_prepare(a, out: Path, assets: dict) -> dict:
-    """The epoch's steps: the tokenize stage's train rows (1 rank, 1 row a step)."""
+    """The epoch's steps: the tokenize stage's train rows (1 rank, 1 row a step), tokenized
+    where ``vs_trl.variant_trl`` reads our steps' pairs to give TRL the same batches."""
     from pipeline import runner
 
-    cfg = config(a, out, assets, "prepare", sync=False)
+    cfg = config(a, out, assets, "run", sync=False)
     results = runner.run_pipeline(cfg, stages=["tokenize"], use_ray=False, log=lambda _: None)
     return {"steps": results["tokenize"]["stats"]["train"]["rows"]}
 
@@ -78,7 +79,9 @@ def variant_ours(a, out: Path, assets: dict, sync: bool) -> dict:
     results = runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
     wall = time.perf_counter() - start
     refreshes = [r for r in read_metrics(runner.plan_stages(cfg)["train"].dir) if "reference_refresh" in r]
+    steps = [r for r in read_metrics(runner.plan_stages(cfg)["train"].dir) if "loss" in r]
     return {"wall_s": wall, "stages_s": {k: r["seconds"] for k, r in results.items()},
+            "step_s": sum(r["tokens"] / r["tokens_per_second"] for r in steps),
             "refreshes": len(refreshes), "refresh_s": sum(r["refresh_seconds"] for r in refreshes),
             "rescored_rows": sum(r["rescored_rows"] for r in refreshes), "steps": results["train"]["stats"]["steps"]}
 
@@ -88,8 +91,8 @@ def variant_trl(a, out: Path, assets: dict) -> dict:
 
     result = vs_trl.variant_trl(out, assets, settings(a), precompute=False,
                                 extra={"sync_ref_model": True, "ref_model_mixup_alpha": ALPHA,
-                                       "ref_model_sync_steps": a.tau})
-    return {"wall_s": result["wall_s"], "steps": len(result["losses"])}
+                                       "ref_model_sync_steps": a.tau}, same_tokens=False)
+    return {"wall_s": result["wall_s"], "steps": len(result["losses"]), "differing": result["micro_batches_differing"]}
 
 
 VARIANTS = {"prepare": variant_prepare, "ours-plain": lambda a, o, s: variant_ours(a, o, s, sync=False),
@@ -146,6 +149,14 @@ def main() -> None:
     print(f"TRL over ours with TR-DPO: {trl['wall_s'] / pipeline['sync']:.2f}x (goal >= 1.5x)")
     print(f"refreshes: {sync['refresh_s']:.1f} s, {100 * sync['refresh_s'] / pipeline['sync']:.1f}% of the TR-DPO "
           f"run ({sync['rescored_rows']} rows rescored)")
+    # The same steps train the same rows in both runs: their seconds differ only by the
+    # machine's drift between the runs (measured: +-10% on this 2-core VM), which the ratio
+    # above includes and this one does not.
+    drift = sync["step_s"] / plain["step_s"]
+    print(f"optimizer steps: {plain['step_s']:.1f} s plain, {sync['step_s']:.1f} s TR-DPO ({drift:.2f}x: the "
+          f"machine's drift); plain + the refreshes: {(pipeline['plain'] + sync['refresh_s']) / pipeline['plain']:.2f}x")
+    if trl["differing"]:
+        print(f"(TRL tokenised {trl['differing']} of {a.steps} micro-batches to another token count than ours)")
 
 
 if __name__ == "__main__":

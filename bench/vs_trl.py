@@ -389,9 +389,11 @@ def per_segment(variant):
 
 
 def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | None = None,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, same_tokens: bool = True) -> dict:
     """``extra``: more DPOConfig settings (bench/tr_dpo.py: TR-DPO's). The result's
-    ``wall_s``: from building the trainer (TRL tokenises there) to the end of ``train``."""
+    ``wall_s``: from building the trainer (TRL tokenises there) to the end of ``train``.
+    ``same_tokens``: refuse a micro-batch whose TRL token count is not ours (the loss
+    parity needs it; a timing over an epoch only counts the ones that differ)."""
     import shutil
 
     import datasets
@@ -473,12 +475,14 @@ def variant_trl(out: Path, assets: dict, a, precompute: bool, weights: str | Non
     wall = time.perf_counter() - wall
     losses = timings["losses"]  # unrounded (the Trainer's log rounds to 4 digits)
     step_tokens = [sum(real[i] for i in b) for b in batches]
-    if step_tokens != row_tokens:  # TRL's token ids of each micro-batch are ours
+    differ = sum(a != b for a, b in zip(step_tokens, row_tokens))
+    if differ and same_tokens:  # TRL's token ids of each micro-batch are ours
         raise RuntimeError(f"token counts differ: TRL {step_tokens} vs ours {row_tokens}")
     seconds = sum(timings["steps"][2:])
     tokens = sum(step_tokens[2:len(timings["steps"])])
     grad_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens, "seconds": seconds, "wall_s": wall,
+            "micro_batches_differing": differ,
             "tokens_per_s": tokens / seconds, "micro_batch_tokens": max(padded), "micro_batch_pairs": mean_pairs,
             "precompute_s": timings["precompute_s"],
             "precompute_tokens_per_s": sum(real) / timings["precompute_s"] if precompute else None,

@@ -6,7 +6,8 @@ Rank 0 writes OUT.json: how far the reference's scores of the first rows are fro
 stage's stored columns (the same model, scored by a plain actor); after 2 policy steps, how
 far its scores mixed with α = 0.6, then α = 1, are from a plain model holding
 0.6·θ + 0.4·π_ref, then θ, computed on whole tensors (θ the policy's fp32 weights); its
-weights after the last mix against θ; the reference's elements on each rank.
+weights after the last mix against θ; the reference's elements on each rank; and with a LoRA
+policy, a fresh reference mixed with α = 0.6 against peft's own merge of the policy.
 
 Usage: torchrun --nproc_per_node 2 tests/reference_probe.py CONFIG OUT.json
 """
@@ -26,7 +27,8 @@ from pipeline.core.config import for_workers, load_config
 from pipeline.core.logps import packed_token_logps
 from pipeline.core.modeling import load_causal_lm, row_inputs
 from pipeline.core.rows import split_files
-from pipeline.training.engine import build_engine
+from pipeline.core.config import LoraSettings
+from pipeline.training.engine import add_lora, build_engine
 from pipeline.training.loop import WorkerSpec, setup, train_step
 from pipeline.training.plan import planned_steps
 from pipeline.training.reference import build_reference, mix_policy_into, score_row
@@ -107,6 +109,29 @@ local = torch.tensor([float(mixed), float(sum(p.ds_tensor.numel() for p in refer
 everyone = [torch.zeros(2) for _ in range(ctx.world)]
 dist.all_gather(everyone, local)
 result["partition"] = {"model_elements": numel, "per_rank": [t.tolist() for t in everyone]}
+
+# 3. with LoRA: the reference mixed with the merged weights. The oracle is peft's own
+# merge_and_unload of the policy gathered whole, on a plain model, after 2 steps (B moved off 0).
+lora_cfg = dataclasses.replace(train_cfg, peft=LoraSettings(r=4, alpha=8.0, target_modules="all-linear"))
+lora_policy = build_engine(lora_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
+ctx.train_cfg = lora_cfg
+for step, plan in planned_steps(ctx.train_rows.num_rows, ctx.world, 1, train_cfg.seed, 2, 0):
+    train_step(lora_policy, ctx, step, plan)
+fresh = build_reference(lora_cfg, ctx.cfg.model, cfg.reference_path, ctx.world, ctx.device)
+mix_policy_into(fresh, lora_policy, 0.6)
+state = {name: deepspeed.utils.safe_get_full_fp32_param(p).float().clone() if p.requires_grad else None
+         for name, p in lora_policy.module.named_parameters()}
+whole = gathered(lora_policy.module)  # the frozen base weights, whole
+merged = add_lora(load_causal_lm(cfg.reference_path, cfg.model), lora_cfg.peft)
+merged.load_state_dict({n: state[n] if state[n] is not None else whole[n] for n in state})
+merged = merged.merge_and_unload()
+expected = {n: 0.6 * p.detach().float() + 0.4 * before[n] for n, p in merged.named_parameters()}
+now = gathered(fresh.module)
+result["lora"] = {"adapters_moved": max(state[n].abs().max().item() for n in state if "lora_B" in n),
+                  "max_abs_diff": max((now[n] - expected[n]).abs().max().item() for n in now),
+                  "names_equal": sorted(now) == sorted(expected)}
+fresh.destroy()
+lora_policy.destroy()
 
 if dist.get_rank() == 0:
     with open(out_path, "w") as f:

@@ -97,7 +97,6 @@ def test_cli_reports_a_typo_without_a_traceback():
         (["train.sync_ref_model=true", "train.ref_model_mixup_alpha=1.5"], r"train.ref_model_mixup_alpha: must be in \(0, 1\]"),
         (["train.sync_ref_model=true", "train.ref_model_sync_steps=0"], "train.ref_model_sync_steps: must be >= 1"),
         (["train.sync_ref_model=true", "train.zero_stage=2"], "train.sync_ref_model: .* needs train.zero_stage: 3 .it is 2"),
-        (["train.sync_ref_model=true", "train.peft.r=4"], "train.sync_ref_model: with train.peft the reference"),
         (["train.sync_ref_model=true", "train.deepspeed={zero_optimization: {offload_optimizer: {device: nvme}}}"],
          "train.sync_ref_model: .* offload_optimizer on nvme"),
         (["train.loss_type=simpo_v2"], "train.loss_type: 'simpo_v2' is not one of"),

@@ -56,3 +56,14 @@ def test_each_rank_mixes_its_own_partition_into_the_reference(probe):
     total = probe["partition"]["model_elements"]
     for mixed, held in probe["partition"]["per_rank"]:
         assert mixed == held and total / 2 <= held <= total / 2 + 1000  # half, and a little padding
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_with_lora_the_reference_is_mixed_with_the_merged_weights(probe):
+    """A LoRA policy after 2 steps (its B matrices moved off 0): the reference, mixed with
+    α = 0.6 rank by rank, holds 0.6 · (peft's merge_and_unload of the policy) + 0.4 · π_ref,
+    under the plain model's parameter names."""
+    lora = probe["lora"]
+    assert lora["names_equal"] and lora["adapters_moved"] > 1e-4
+    assert lora["max_abs_diff"] <= 1e-6

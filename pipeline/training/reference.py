@@ -70,32 +70,65 @@ def build_reference(train_cfg: TrainingSettings, model_cfg: ModelConfig, path: s
     return engine
 
 
+PEFT_PREFIX = "base_model.model."  # a PEFT model's parameter names: its base model's, under this
+
+
 @torch.no_grad()
 def mix_policy_into(reference, policy, alpha: float) -> int:
     """π_ref ← α·π_θ + (1 − α)·π_ref, TRL's ``SyncRefModelCallback`` update, on this rank's
-    partition of every parameter: the policy's fp32 weights (its optimizer's master copy)
-    into the reference's partition, in the reference's dtype. The two are partitioned alike
-    (the same shapes over the same ranks). Returns the elements mixed on this rank."""
-    from deepspeed.utils import safe_get_local_fp32_param
-
+    partition of every parameter (``policy_partitions``: the policy's weights as a plain
+    model of the reference's architecture holds them, merged with LoRA), mixed in fp32 into
+    the reference's partition, in the reference's dtype. The two are partitioned alike (the
+    same shapes over the same ranks). Returns the elements mixed on this rank."""
     ours = dict(reference.module.named_parameters())
     mixed = 0
-    for name, p in policy.module.named_parameters():
-        if not p.requires_grad:  # frozen in the policy: it never moved from the reference's start
-            continue
+    for name, local in policy_partitions(policy):
         ref = ours.get(name)
         if ref is None:
             raise ValueError(f"the policy's parameter {name} is not the reference's: a reference is mixed with a "
                              f"policy of its architecture")
-        local = safe_get_local_fp32_param(p).view(-1)
         part = ref.ds_tensor.data.view(-1)
         if local.numel() != part.numel():
             raise ValueError(f"{name}: the policy's partition holds {local.numel()} elements and the reference's "
                              f"{part.numel()}; they are partitioned alike only over the same ranks")
-        # in fp32 (a small alpha is not lost to bf16's rounding), the policy's from the host under offload
+        # in fp32: a small alpha is not lost to bf16's rounding
         part.copy_(part.float().mul_(1.0 - alpha).add_(local.to(part.device, torch.float32), alpha=alpha))
         mixed += part.numel()
     return mixed
+
+
+def policy_partitions(policy):
+    """(the reference's name, this rank's partition as fp32) of every weight of the policy,
+    in the same order on every rank (the adapters' gathers are collective): a trained
+    parameter's fp32 master partition (from the host under ZeRO-Offload); a frozen one's
+    own partition; with LoRA, a wrapped layer's base weight plus its adapter's update
+    (scaling · B @ A from the fp32 masters), the merged weight peft's ``merge_and_unload``
+    makes, and the adapters themselves not at all."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+    model = policy.module
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        if not p.requires_grad:
+            local = p.ds_tensor.data.view(-1).float()
+        else:
+            local = safe_get_local_fp32_param(p).view(-1).float()
+        if name.endswith(".base_layer.weight"):
+            layer = model.get_submodule(name[:-len(".base_layer.weight")])
+            (adapter,) = layer.active_adapters
+            if adapter not in getattr(layer, "lora_A", {}):
+                raise ValueError(f"{name}: TR-DPO mixes the merged weights of LoRA's linear layers, and this one is a "
+                                 f"{type(layer).__name__}; leave it out of train.peft.target_modules")
+            a = safe_get_full_fp32_param(layer.lora_A[adapter].weight).float()
+            b = safe_get_full_fp32_param(layer.lora_B[adapter].weight).float()
+            delta = (b @ a).T if layer.fan_in_fan_out else b @ a
+            flat = (delta * layer.scaling[adapter]).reshape(-1).to(local.device)
+            lo = int(torch.distributed.get_rank()) * local.numel() if torch.distributed.is_initialized() else 0
+            piece = flat[lo:lo + local.numel()]
+            local = local.clone()
+            local[:piece.numel()] += piece  # past the weight's end: ZeRO-3's padding
+        yield name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."), local
 
 
 @torch.no_grad()

@@ -180,7 +180,7 @@ def _validate_loss_context(train_cfg: TrainConfig, names: list[str]) -> None:
 
 def _validate_tr_dpo(train_cfg: TrainConfig, names: list[str]) -> None:
     """TR-DPO's settings: the reference it refreshes must be one the loss reads, partitioned
-    like the policy (ZeRO-3), mixed from weights the ranks hold whole (no LoRA yet)."""
+    like the policy (ZeRO-3), mixed from the policy's fp32 weights read parameter by parameter."""
     from pipeline.core.losses import LOSSES
 
     def need(cond: bool, msg: str) -> None:
@@ -207,6 +207,3 @@ def _validate_tr_dpo(train_cfg: TrainConfig, names: list[str]) -> None:
     need(offload != "nvme",
          "train.sync_ref_model: the refresh reads the policy's fp32 weights parameter by parameter, which with "
          "train.deepspeed's offload_optimizer on nvme swaps a whole sub-group in for each; offload to cpu instead")
-    need(train_cfg.peft is None,
-         "train.sync_ref_model: with train.peft the reference would be mixed from the merged weights, which "
-         "this version does not do yet; train without peft, or without sync_ref_model")
