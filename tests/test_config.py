@@ -99,6 +99,8 @@ def test_cli_reports_a_typo_without_a_traceback():
         (["train.sync_ref_model=true", "train.zero_stage=2"], "train.sync_ref_model: .* needs train.zero_stage: 3 .it is 2"),
         (["train.sync_ref_model=true", "train.deepspeed={zero_optimization: {offload_optimizer: {device: nvme}}}"],
          "train.sync_ref_model: .* offload_optimizer on nvme"),
+        (["train.sync_ref_model=true", "train.deepspeed={zero_optimization: {offload_param: {device: nvme}}}"],
+         "train.sync_ref_model: .* offload_param on nvme"),
         (["train.loss_type=simpo_v2"], "train.loss_type: 'simpo_v2' is not one of"),
     ],
 )

@@ -90,3 +90,35 @@ def test_a_missing_partition_is_refused_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"the reference partitions of its TR-DPO refreshes are missing "
                                                 r"\(.*zero_pp_rank_1_reference.pt\)"):
         load_partitions(ref, checkpoint, Rank(0, 1, tmp_path / "scratch"))
+
+
+def frozen(*names: str, numel: int = 4) -> torch.nn.Module:
+    """A module whose parameters are frozen ZeRO-3 partitions (``ds_tensor``: one rank's)."""
+    module = torch.nn.Module()
+    for name in names:
+        p = torch.nn.Parameter(torch.zeros(numel), requires_grad=False)
+        p.ds_tensor = torch.full((numel,), 1.0)
+        module.register_parameter(name, p)
+    return module
+
+
+def test_a_reference_parameter_the_policy_lacks_is_refused_not_left_unmixed():
+    """A reference with a weight of its own (an untied lm_head) against a policy without it
+    (tied): mixing every other weight and not that one would be a silent half-refresh."""
+    from pipeline.training.reference import mix_policy_into
+
+    reference = Reference(frozen("embed", "head"))
+    with pytest.raises(ValueError, match=r"the reference's parameters \['head'\] have no counterpart in the policy"):
+        mix_policy_into(reference, Reference(frozen("embed")), 0.6)
+
+
+def test_a_lora_layer_whose_base_weight_is_tied_is_refused():
+    """peft's layer on a tied lm_head: its base weight is the embeddings' (named once), so
+    its adapter's update would be lost from the mix."""
+    from pipeline.training.reference import policy_partitions
+
+    policy = frozen("embed")
+    policy.head = torch.nn.Module()
+    policy.head.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 2, bias=False)})
+    with pytest.raises(ValueError, match=r"LoRA adapts \['head'\], whose weight is tied to another parameter"):
+        list(policy_partitions(Reference(policy)))

@@ -81,8 +81,9 @@ def mix_policy_into(reference, policy, alpha: float) -> int:
     the reference's partition, in the reference's dtype. The two are partitioned alike (the
     same shapes over the same ranks). Returns the elements mixed on this rank."""
     ours = dict(reference.module.named_parameters())
-    mixed = 0
+    mixed, seen = 0, set()
     for name, local in policy_partitions(policy):
+        seen.add(name)
         ref = ours.get(name)
         if ref is None:
             raise ValueError(f"the policy's parameter {name} is not the reference's: a reference is mixed with a "
@@ -94,6 +95,9 @@ def mix_policy_into(reference, policy, alpha: float) -> int:
         # in fp32: a small alpha is not lost to bf16's rounding
         part.copy_(part.float().mul_(1.0 - alpha).add_(local.to(part.device, torch.float32), alpha=alpha))
         mixed += part.numel()
+    if set(ours) - seen:  # e.g. a reference with an lm_head of its own, and a policy whose is tied to its embeddings
+        raise ValueError(f"the reference's parameters {sorted(set(ours) - seen)[:5]} have no counterpart in the "
+                         f"policy: a reference is mixed with a policy of its architecture")
     return mixed
 
 
@@ -107,6 +111,7 @@ def policy_partitions(policy):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
     model = policy.module
+    adapted = {n for n, m in model.named_modules() if getattr(m, "lora_A", None)}
     for name, p in model.named_parameters():
         if ".lora_" in name:
             continue
@@ -115,6 +120,7 @@ def policy_partitions(policy):
         else:
             local = safe_get_local_fp32_param(p).view(-1).float()
         if name.endswith(".base_layer.weight"):
+            adapted.discard(name[:-len(".base_layer.weight")])
             layer = model.get_submodule(name[:-len(".base_layer.weight")])
             (adapter,) = layer.active_adapters
             if adapter not in getattr(layer, "lora_A", {}):
@@ -129,6 +135,9 @@ def policy_partitions(policy):
             local = local.clone()
             local[:piece.numel()] += piece  # past the weight's end: ZeRO-3's padding
         yield name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."), local
+    if adapted:  # a base weight met under another name first: tied (lm_head to the embeddings)
+        raise ValueError(f"LoRA adapts {sorted(adapted)}, whose weight is tied to another parameter: its merged "
+                         f"weight is not one tensor; leave it out of train.peft.target_modules")
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ from .groups import RowSource
 
 @dataclass
 class LoraSettings:
-    """LoRA through peft; the reference is the base model (model.path), scored offline."""
+    """LoRA through peft; the reference is the base model (model.reference_path, or model.path), scored
+    offline (with TR-DPO, mixed with the merged policy)."""
 
     # LoRA rank.
     r: int = 16

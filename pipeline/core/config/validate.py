@@ -203,7 +203,8 @@ def _validate_tr_dpo(train_cfg: TrainConfig, names: list[str]) -> None:
     need(train_cfg.zero_stage == 3,
          f"train.sync_ref_model: the ranks hold the reference partitioned like the policy, which needs "
          f"train.zero_stage: 3 (it is {train_cfg.zero_stage})")
-    offload = ((train_cfg.deepspeed or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device")
-    need(offload != "nvme",
-         "train.sync_ref_model: the refresh reads the policy's fp32 weights parameter by parameter, which with "
-         "train.deepspeed's offload_optimizer on nvme swaps a whole sub-group in for each; offload to cpu instead")
+    zero = (train_cfg.deepspeed or {}).get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        need((zero.get(key) or {}).get("device") != "nvme",
+             f"train.sync_ref_model: the refresh reads the policy's weights parameter by parameter, which "
+             f"train.deepspeed's {key} on nvme keeps swapped out; offload to cpu instead")
