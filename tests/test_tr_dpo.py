@@ -38,6 +38,9 @@ TRAIN = {"max_steps": STEPS, "num_workers": 1, "gradient_accumulation_steps": 2,
          "eval_steps": 2, "logging_steps": 1, "report_to": []}
 SYNC = {"sync_ref_model": True, "ref_model_sync_steps": TAU, "ref_model_mixup_alpha": ALPHA}
 HERE = Path(__file__).parent
+# Buckets and sub-groups far smaller than the weights (4k-33k elements): what breaks at scale breaks here
+SMALL = {"reduce_bucket_size": 2000, "allgather_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000,
+         "sub_group_size": 10000}
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -218,7 +221,8 @@ def test_a_kill_during_the_second_refresh_resumes_bit_for_bit(assets, data):
 
 
 def test_two_ranks_on_ray_in_a_bucket_and_a_resume_on_one(assets, data, tmp_path, ray_cluster, s3_bucket):
-    """TR-DPO on 2 ZeRO-3 ranks under Ray Train, on an S3 run directory: each rank mixes
+    """TR-DPO on 2 ZeRO-3 ranks under Ray Train, buckets and optimizer sub-groups far smaller
+    than the weights, on an S3 run directory (then 1 rank x 2 accumulation): each rank mixes
     and rescores its half, and the steps equal one rank's with twice the accumulation
     (the same rows a step). Then the run, lost after step 3's checkpoint, resumes on 1
     rank: the rank reassembles its reference from the 2 ranks' saved partitions (fetched
@@ -229,7 +233,7 @@ def test_two_ranks_on_ray_in_a_bucket_and_a_resume_on_one(assets, data, tmp_path
         return tiny_config(assets, f"{s3_bucket}/tr-dpo-{tmp_path.name}", data_file=data / "pairs.jsonl",
                            tokenize={"max_tokens_per_row": 256}, data={"eval_fraction": 0.2},
                            train={**TRAIN, **SYNC, "num_workers": workers, "gradient_accumulation_steps": accum,
-                                  "save_steps": 3, "save_total_limit": None})
+                                  "save_steps": 3, "save_total_limit": None, "deepspeed": {"zero_optimization": SMALL}})
 
     two = on_ray(2, 1)
     runner.run_pipeline(two, log=lambda _: None)
