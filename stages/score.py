@@ -10,10 +10,16 @@ off, and ``__call__`` scores one shard per call.
 Columns added: ``ref_logps`` (float32 per token, aligned with ``input_ids``, 0 outside
 completions) and ``ref_seq_logps`` (float32 per segment: the completion's sum), so the
 trainer can change the aggregation without re-scoring.
+
+With TR-DPO (``train.sync_ref_model``) only the rows the steps before the first reference
+refresh train on, and the eval rows, are scored; the other train rows hold nulls in both
+columns, since the train ranks rescore each later segment's rows with the refreshed
+reference before its steps (docs/tr-dpo.md). Each train row is then scored once an epoch.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -33,6 +39,7 @@ from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, read_man
 from pipeline.core.stage import RunContext, Stage
 from pipeline.core.storage import Loc
 from pipeline.core.rows import ROW_GROUP_ROWS
+from pipeline.training.plan import first_segment_rows, first_segment_settings
 
 STAGE_VERSION = 1
 
@@ -101,37 +108,44 @@ class ShardScorer:
             )
         return tok, row.sums.numpy()
 
-    def score_table(self, table: pa.Table) -> pa.Table:
+    def score_table(self, table: pa.Table, wanted: list[int] | None = None) -> pa.Table:
         """Rows go one step ahead: row k+1 is queued before row k's results are read, so the
-        GPU starts on it while the host waits for row k and converts it."""
-        results, in_flight = [], None
-        for row in iter_rows(table):
-            queued = self.launch(row)
+        GPU starts on it while the host waits for row k and converts it. ``wanted``: the
+        shard's rows to score (None: all); the others get nulls."""
+        keep = None if wanted is None else set(wanted)
+        results, in_flight = {}, None
+        for i, row in enumerate(iter_rows(table)):
+            if keep is not None and i not in keep:
+                continue
+            queued = (i, self.launch(row))
             if in_flight is not None:
-                results.append(self.collect(in_flight))
+                results[in_flight[0]] = self.collect(in_flight[1])
             in_flight = queued
         if in_flight is not None:
-            results.append(self.collect(in_flight))
+            results[in_flight[0]] = self.collect(in_flight[1])
+        rows = [results.get(i) for i in range(table.num_rows)]
         return table.append_column(
-            SCORE_FIELDS[0], pa.array([tok for tok, _ in results], type=SCORE_FIELDS[0].type)
-        ).append_column(SCORE_FIELDS[1], pa.array([seg for _, seg in results], type=SCORE_FIELDS[1].type))
+            SCORE_FIELDS[0], pa.array([r and r[0] for r in rows], type=SCORE_FIELDS[0].type)
+        ).append_column(SCORE_FIELDS[1], pa.array([r and r[1] for r in rows], type=SCORE_FIELDS[1].type))
 
-    def score_shard(self, src: str, dst: str) -> dict:
+    def score_shard(self, src: str, dst: str, wanted: list[int] | None = None) -> dict:
         src_loc, final = Loc(src), Loc(dst)
         with src_loc.open_input() as f:
             table = pq.read_table(f)
-        scored = self.score_table(table)
+        scored = self.score_table(table, wanted)
         final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
         return {"name": final.name, "rows": scored.num_rows, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.score_shard(s, d) for s, d in zip(batch["src"], batch["dst"])]
+        results = [self.score_shard(s, d, json.loads(w))
+                   for s, d, w in zip(batch["src"], batch["dst"], batch["wanted"])]
         return {k: [r[k] for r in results] for k in ("name", "rows", "node_id", "hostname")}
 
 
 def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
-    """``sft``: the sft stage's fingerprint when its export is the reference."""
-    return {
+    """``sft``: the sft stage's fingerprint when its export is the reference. With TR-DPO,
+    what decides the train rows scored (``first_segment``)."""
+    inputs = {
         "version": STAGE_VERSION,
         "upstream": upstream,
         "reference_model": hash_checkpoint(local_dir(cfg.reference_path, cfg.model), "model", cache) if sft is None
@@ -139,6 +153,28 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft
         "dtype": cfg.model.dtype,
         "attn_implementation": cfg.model.attn_implementation,
     }
+    if cfg.train.sync_ref_model:
+        inputs["first_segment"] = first_segment_settings(cfg.train)
+    return inputs
+
+
+def rows_to_score(cfg: PipelineConfig, in_manifest: dict) -> dict[str, list[int]]:
+    """TR-DPO: for each train shard, the indexes within it of the first segment's rows (the
+    train rows are the train shards' rows in name order, as the ranks read them). Empty
+    without TR-DPO, and for eval shards: every row is scored."""
+    if not cfg.train.sync_ref_model:
+        return {}
+    shards = sorted((s for s in in_manifest["shards"] if s["name"].startswith("train-")), key=lambda s: s["name"])
+    wanted = first_segment_rows(sum(s["rows"] for s in shards), cfg.train)
+    out, start, k = {}, 0, 0
+    for shard in shards:
+        end = start + shard["rows"]
+        out[shard["name"]] = []
+        while k < len(wanted) and wanted[k] < end:
+            out[shard["name"]].append(wanted[k] - start)
+            k += 1
+        start = end
+    return out
 
 
 def _is_complete(path: Loc, rows: int) -> bool:
@@ -152,14 +188,16 @@ def _is_complete(path: Loc, rows: int) -> bool:
         return False
 
 
-def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc) -> list[dict]:
+def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc, wanted: dict[str, list[int]]) -> list[dict]:
+    """The shards to score, each with the rows of it to score (JSON; null: all)."""
     todo = []
     for shard in in_manifest["shards"]:
         if shard["name"] == "quarantine.parquet":
             continue
         dst = out_dir / shard["name"]
         if not _is_complete(dst, shard["rows"]):
-            todo.append({"src": str(in_dir / shard["name"]), "dst": str(dst)})
+            todo.append({"src": str(in_dir / shard["name"]), "dst": str(dst),
+                         "wanted": json.dumps(wanted.get(shard["name"]))})
     return todo
 
 
@@ -169,22 +207,25 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
     for leftover in out_dir.iterdir():  # half-written files of actors that were killed
         if ".tmp-" in leftover.name:
             leftover.unlink()
-    shards, rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0.0
+    shards, rows, scored_rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0, 0.0
     for shard in in_manifest["shards"]:
         if shard["name"] == "quarantine.parquet":
             continue
         path = out_dir / shard["name"]
         with path.open_input() as f:
             table = pq.read_table(f, columns=["num_tokens", "ref_seq_logps", "seq_lens", "prompt_lens"])
+        shards.append(ShardInfo.of(path, table.num_rows))
         rows += table.num_rows
         tokens += int(pa.compute.sum(table.column("num_tokens")).as_py() or 0)
+        table = table.filter(pa.compute.is_valid(table.column("ref_seq_logps")))  # TR-DPO leaves rows unscored
+        scored_rows += table.num_rows
         seq = pa.compute.list_flatten(table.column("seq_lens")).to_numpy()
         prm = pa.compute.list_flatten(table.column("prompt_lens")).to_numpy()
         completion_tokens += int((seq - prm).sum())
         logp_sum += float(pa.compute.list_flatten(table.column("ref_seq_logps")).to_numpy().astype(np.float64).sum())
-        shards.append(ShardInfo.of(path, table.num_rows))
     stats = {
         "rows": rows,
+        "rows_scored": scored_rows,
         "tokens": tokens,
         "completion_tokens": completion_tokens,
         "mean_ref_logp_per_token": logp_sum / completion_tokens if completion_tokens else math.nan,
@@ -196,11 +237,11 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
 
 def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
-    todo = _todo(in_dir, in_manifest, out_dir)
+    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
     scored = []
     if todo:
         scorer = ShardScorer(to_dict(cfg))
-        scored = [scorer.score_shard(item["src"], item["dst"]) for item in todo]
+        scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"])) for item in todo]
     return _finish(in_manifest, out_dir, scored)
 
 
@@ -208,7 +249,7 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
     import ray
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
-    todo = _todo(in_dir, in_manifest, out_dir)
+    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
     scored = []
     if todo:
         score_cfg = cfg.score

@@ -102,3 +102,18 @@ def test_shared_prompt_rows_score_every_pair_as_unshared_rows(assets, tmp_path):
     # the shared rows hold every token of the unshared ones but the second copy of each prompt
     assert tokens[False][1] == 0 and tokens[True][0] + tokens[True][1] == tokens[False][0]
     assert tokens[True][1] > 0.1 * tokens[False][0]
+
+
+def test_tr_dpo_scores_the_rows_it_is_given_and_leaves_nulls(tokenized):
+    """TR-DPO: the score stage scores the first segment's rows only; they hold what scoring
+    every row gives them, bit for bit, and the others hold nulls in both columns."""
+    cfg, table = tokenized
+    scorer = ShardScorer(to_dict(cfg))
+    every, some = scorer.score_table(table).to_pylist(), scorer.score_table(table, wanted=[2, 0]).to_pylist()
+    for i, (all_row, row) in enumerate(zip(every, some)):
+        if i in (0, 2):
+            assert row == all_row
+        else:
+            assert row["ref_logps"] is None and row["ref_seq_logps"] is None
+            assert {k: v for k, v in row.items() if not k.startswith("ref_")} == \
+                {k: v for k, v in all_row.items() if not k.startswith("ref_")}

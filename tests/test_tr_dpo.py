@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from pipeline.core.logps import packed_token_logps
 from pipeline.core.modeling import load_causal_lm, row_tensors
 from pipeline.core.packing import eval_plan
 from pipeline.core.rows import RowReader, split_files
+from pipeline.core.rundir import read_manifest
 from pipeline.core.segments import segment_layout
 from pipeline.demo import make_pairs, write_jsonl
 from pipeline.training.plan import planned_steps
@@ -166,8 +168,17 @@ def test_offline_refresh_equals_trl_sync_with_a_live_reference(assets, request, 
     assert "- TR-DPO: the reference refreshed 3 times (steps 2, 4, 6)" in report and "![rewards](rewards.png)" in report
     assert (Path(cfg.run_dir) / "report" / "rewards.png").stat().st_size > 1000
     # the refreshes changed what was trained: the plain run (a fixed reference) differs
-    plain = by_step(run(config(assets, data)), "loss")
+    plain_cfg = config(assets, data)
+    plain = by_step(run(plain_cfg), "loss")
     assert max(abs(plain[s]["loss"] - got_steps[s]["loss"]) for s in range(3, STEPS + 1)) > 1e-3
+    # the score stage scored every eval row and the train rows of steps 1 and 2 (2 rows each),
+    # each as the plain run's score stage did; it left the other train rows to the refreshes
+    ours, theirs = (runner.plan_stages(c)["score"].dir for c in (cfg, plain_cfg))
+    for split, scored in (("train", 4), ("eval", None)):
+        a, b = ([r for f in split_files(d, split) for r in pq.read_table(str(f)).to_pylist()] for d in (ours, theirs))
+        assert len(a) == len(b) and all(x == y for x, y in zip(a, b) if x["ref_logps"] is not None)
+        assert sum(x["ref_logps"] is not None for x in a) == (scored or len(b))
+    assert read_manifest(ours)["stats"]["rows_scored"] == 4 + RowReader(split_files(theirs, "eval")).num_rows
 
 
 @pytest.mark.parametrize("tau", [STEPS, STEPS + 100])

@@ -40,7 +40,7 @@ from .export import export_model
 from .forward import row_loss
 from .metrics import MetricsLog, MetricSums
 from .objective import Objective
-from .plan import planned_steps, steps_per_epoch
+from .plan import planned_steps, steps_per_epoch, total_steps
 from .resume import resume
 
 
@@ -105,11 +105,12 @@ def setup(spec: WorkerSpec) -> RankContext:
     torch.manual_seed(train_cfg.seed)
     train_rows = RowReader(split_files(spec.rows_dir, "train"), spec.objective.columns)
     per_epoch = steps_per_epoch(train_rows.num_rows, world, train_cfg.gradient_accumulation_steps)
-    total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.num_train_epochs * per_epoch
+    steps = total_steps(train_rows.num_rows, world, train_cfg.gradient_accumulation_steps, train_cfg.max_steps,
+                        train_cfg.num_train_epochs)
     out = Loc(spec.out_dir)
     return RankContext(cfg, train_cfg, spec.objective, rank, world, device, train_rows,
                        RowReader(split_files(spec.rows_dir, "eval"), spec.objective.columns),
-                       spec.objective.units_per_row(train_rows), per_epoch, total_steps, out,
+                       spec.objective.units_per_row(train_rows), per_epoch, steps, out,
                        out.local or scratch_dir(train_cfg, out, rank), spec.ray_train, spec.stage)
 
 

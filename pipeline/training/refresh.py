@@ -55,7 +55,12 @@ class RescoredRows:
 
     def __getitem__(self, row: int) -> dict:
         stored = self.rows[row]
-        return {**stored, self.column: self.values[row]} if row in self.values else stored
+        if row in self.values:
+            return {**stored, self.column: self.values[row]}
+        if stored[self.column] is None:  # the score stage scored the first segment's rows only
+            raise RuntimeError(f"train: row {row} has no {self.column}: the score stage scored the rows of another "
+                               "first TR-DPO segment, and no refresh rescored it (rescore: --from score --force)")
+        return stored
 
 
 class ReferenceRefresh:

@@ -64,6 +64,9 @@ class PreferenceObjective:
         seq = sequence_logps(tok.logps, layout, self.aggregation, self.ld_alpha)
         ref = None
         if self.needs_reference:
+            if row["ref_logps"] is None:  # a TR-DPO row the score stage left to the refreshes
+                raise RuntimeError("train: a packed row has no reference log-probs (the score stage leaves TR-DPO's "
+                                   "rows after its first segment to the refreshes): rescore, --from score --force")
             ref_tok = to_device(torch.tensor(row["ref_logps"], dtype=torch.float32), device)
             ref = sequence_logps(ref_tok, layout, self.aggregation, self.ld_alpha)
         lengths = segment_token_counts(layout).float()
