@@ -8,7 +8,7 @@ from pipeline.core.stage import Stage
 
 # The pipeline's own stages, in the order they run. Their names are here, so that listing
 # them (``--help``) imports no stage.
-BUILT_IN = ("tokenize", "sft", "score", "train")
+BUILT_IN = ("tokenize", "sft", "score", "train", "generate")
 _added: list[Stage] = []
 
 
@@ -25,9 +25,9 @@ def unregister(name: str) -> None:
 
 def built_in() -> list[Stage]:
     """The pipeline's own stages, each from the module that declares it (``STAGE``)."""
-    from stages import score, sft, tokenize, train  # imported when a stage is asked for, not to list names
+    from stages import generate, score, sft, tokenize, train  # imported when a stage is asked for, not to list names
 
-    found = [tokenize.STAGE, sft.STAGE, score.STAGE, train.STAGE]
+    found = [tokenize.STAGE, sft.STAGE, score.STAGE, train.STAGE, generate.STAGE]
     assert [s.name for s in found] == list(BUILT_IN), "BUILT_IN names the stages in their order"
     return found
 

@@ -136,8 +136,12 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
         values = reference_logps(Loc(score["dir"]))
         if values.size:
             _plot_histogram(out / "reference_logps.png", values, "reference log-probs (completion tokens)")
+            st = score["stats"]
+            subset = st.get("rows_scored", st["rows"]) < st["rows"]  # TR-DPO: the first segment and eval rows
             lines += ["", "## score", "",
-                      f"- mean reference log-prob per completion token {score['stats']['mean_ref_logp_per_token']:.4f}",
+                      f"- mean reference log-prob per completion token {st['mean_ref_logp_per_token']:.4f}"
+                      + (f" (over the {st['rows_scored']} rows scored: TR-DPO's first segment and the eval rows; "
+                         "the train ranks score the others)" if subset else ""),
                       "", "![reference log-probs](reference_logps.png)"]
     train = results.get("train")
     if train:
@@ -170,6 +174,10 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
             shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
             lines += ["", f"- TR-DPO: the reference refreshed {len(steps)} times (steps {shown}), "
                           f"{refreshes['seconds']:.1f} s in all", "", "![rewards](rewards.png)"]
+    from pipeline.registry import stage
+
+    for name, result in results.items():  # the sections stages declare (Stage.report)
+        lines += stage(name).report(out, result)
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
     return md

@@ -220,3 +220,25 @@ def test_activation_offloading_on_cuda_keeps_gradients_and_frees_memory(assets):
     assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
     assert held_on < 0.5 * held_off, (held_on, held_off)
     assert not any(moves(p) for p in model.parameters())
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="needs vLLM")
+def test_vllm_and_hf_answer_the_same_greedy_tokens(assets):
+    """generate's vLLM engine against its HF engine on the demo model, greedy, fp32: the same
+    completions, cut at the same stop token (stages/generate/engines.py)."""
+    from types import SimpleNamespace
+
+    from stages.generate.engines import HFEngine, VLLMEngine
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": f"Describe the {item}."}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for item in ("lamp", "river", "violin")]
+    g = SimpleNamespace(num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=24, tensor_parallel_size=1, seed=0)
+    mcfg = ModelConfig(path=str(assets["model"]), dtype="float32")
+    hf = HFEngine(str(assets["model"]), mcfg, CUDA, tok.pad_token_id or tok.eos_token_id, stop).generate(prompts, g, 0)
+    vllm = VLLMEngine(str(assets["model"]), mcfg, g, stop).generate(prompts, g, 0)
+    assert vllm == hf

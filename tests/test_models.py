@@ -304,7 +304,7 @@ def test_a_shipped_config_names_its_model_directory_and_runs_once_adapted(name, 
     assert cli.main(["status", str(CONFIGS / name), *adapted]) == 0
     table = capsys.readouterr().out
     assert [line.split()[:3:2] for line in table.splitlines()[1:]] == [
-        ["tokenize", "missing"], ["sft", "not"], ["score", "missing"], ["train", "missing"]], table
+        ["tokenize", "missing"], ["sft", "not"], ["score", "missing"], ["train", "missing"], ["generate", "not"]], table
 
 
 @pytest.mark.parametrize("written", ["./no-model", "../no-model", "~/no-such-model-dir", "/no/such/model"])

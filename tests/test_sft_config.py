@@ -123,7 +123,7 @@ def test_the_fingerprint_chain(assets, tmp_path):
 
 def test_status_shows_the_sft_stage(assets, tmp_path):
     rows = {r["stage"]: r for r in status(tiny_config(assets, tmp_path / "run", sft={"enabled": True}))}
-    assert list(rows) == ["tokenize", "sft", "score", "train"]
+    assert list(rows) == ["tokenize", "sft", "score", "train", "generate"]
     assert rows["sft"]["state"] == "missing" and rows["sft"]["fingerprint"] != "-"
     off = {r["stage"]: r for r in status(tiny_config(assets, tmp_path / "run"))}
     assert off["sft"]["state"] == "not needed"

@@ -71,7 +71,7 @@ def count_stage():
 def test_a_stage_registered_with_one_line_runs_after_train(assets, tmp_path, count_stage, capsys):
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256},
                       train={"max_steps": 2, "num_workers": 1, "eval_steps": 100, "report_to": []})
-    assert [r["stage"] for r in runner.status(cfg)] == ["tokenize", "sft", "score", "train", "count"]
+    assert [r["stage"] for r in runner.status(cfg)] == ["tokenize", "sft", "score", "train", "generate", "count"]
     assert {r["stage"]: r["state"] for r in runner.status(cfg)}["count"] == "missing"
 
     results = runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
@@ -101,7 +101,7 @@ def test_a_stage_registered_with_one_line_runs_after_train(assets, tmp_path, cou
     assert "[count] done already" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
-    assert "tokenize,sft,score,train,count" in capsys.readouterr().out
+    assert "tokenize,sft,score,train,generate,count" in capsys.readouterr().out
 
 
 @pytest.mark.slow

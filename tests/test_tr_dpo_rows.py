@@ -3,7 +3,10 @@
 the ranks before its step, so only the rows of steps 1..τ (and the eval rows) are read
 with the score stage's column. Fast: plans and manifests, no model."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from helpers import tiny_config
 from pipeline.training.plan import first_segment_rows
@@ -56,3 +59,35 @@ def test_each_train_shard_gets_its_rows_in_name_order_and_eval_shards_all(assets
     assert len(wanted) == 6
     plain = tiny_config(assets, tmp_path)
     assert rows_to_score(plain, manifest) == {}
+
+
+def test_a_tr_dpo_rerun_at_another_global_batch_is_refused_not_restarted(assets, tmp_path):
+    """TR-DPO's score output depends on the rows a step, so a rerun at another global batch
+    has another score fingerprint as train's upstream. It is still this run: a partial train
+    output with checkpoints at 2 rows a step refuses a rerun at 3, as for a plain run, with
+    the way to keep the global batch (it used to start anew beside the checkpoints)."""
+    import json
+
+    from pipeline import runner
+    from pipeline.core.config import ConfigError
+    from pipeline.core.rundir import MANIFEST
+    from pipeline.training.checkpoints import CHECKPOINT_DIR, COMPLETE
+    from pipeline.training.launch import INPUTS_FILE, check_global_batch
+
+    def plans(workers, tau=4):
+        return runner.plan_stages(tiny_config(assets, tmp_path / "run", train={
+            "sync_ref_model": True, "ref_model_sync_steps": tau, "num_workers": workers}))
+
+    two, three, other_tau = plans(2), plans(3), plans(3, tau=5)
+    assert two["score"].fingerprint != three["score"].fingerprint  # the first segment's rows differ
+    for p in (two, three, other_tau):  # the score outputs done, as their manifests record them
+        Path(p["score"].dir.local).mkdir(parents=True, exist_ok=True)
+        (p["score"].dir / MANIFEST).write_text(json.dumps({"inputs": p["score"].inputs}))
+    old = Path(two["train"].dir.local)  # the run at 2 x 1, lost after step 10's checkpoint
+    (old / CHECKPOINT_DIR / "step-00000010").mkdir(parents=True)
+    (old / CHECKPOINT_DIR / "step-00000010" / COMPLETE).write_text(json.dumps({"step": 10}))
+    (old / INPUTS_FILE).write_text(json.dumps(two["train"].inputs))
+
+    with pytest.raises(ConfigError, match=r"global batch of 2 rows a step, and this one's is 3 .*\(1 x 2, 2 x 1\)"):
+        check_global_batch(three["train"].dir, {"inputs": three["train"].inputs})
+    check_global_batch(other_tau["train"].dir, {"inputs": other_tau["train"].inputs})  # another run: no refusal

@@ -119,7 +119,8 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
 
     mcfg = cfg.model
     names = {"path": mcfg.path, "tokenizer_path": cfg.tokenizer_path}
-    if build_loss(cfg.train).needs_reference and not cfg.sft.enabled:  # with sft the reference is its export
+    # with sft the reference is its export; generate loads the reference whatever the loss
+    if (build_loss(cfg.train).needs_reference or cfg.generate.enabled) and not cfg.sft.enabled:
         names["reference_path"] = cfg.reference_path
     _check_names(cfg, names)
     kinds: dict[str, set] = {}
@@ -129,7 +130,16 @@ def pin(cfg: PipelineConfig) -> tuple[PipelineConfig, dict[str, Pinned]]:
                for name in kinds}
     done = {key: dataclasses.replace(by_name[name], key=f"model.{key}") for key, name in names.items()}
     model = dataclasses.replace(mcfg, revision=None, **{k: p.pinned for k, p in done.items()})
-    return dataclasses.replace(cfg, model=model), done
+    cfg = dataclasses.replace(cfg, model=model)
+    judge = cfg.generate.reward_model if cfg.generate.enabled else None
+    if judge is not None:  # pinned as the run's models are, recorded by the generate stage
+        if kind_of(judge) == "local" and not Path(judge).expanduser().is_dir():
+            raise ConfigError(f"generate.reward_model: {judge}: no such directory (a name starting with "
+                              f"{', '.join(PATH_PREFIXES)} is a local path, not a Hub id)")
+        done["reward_model"] = _pin_one("generate.reward_model", judge, mcfg, {"model", "tokenizer"})
+        cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate,
+                                                                    reward_model=done["reward_model"].pinned))
+    return cfg, done
 
 
 def pin_trained(cfg: PipelineConfig, export: str, digest: str,

@@ -18,7 +18,7 @@ What a stage declares:
   ``optional``: off unless the config turns it on, so a plain run does not report it;
 - ``reads(cfg, planned)``: the planned stages whose outputs it reads;
 - ``models``: the model keys it loads (``ModelConfig``: ``path``, ``reference_path``,
-  ``tokenizer_path``), which its manifest records; ``loads``: those that another stage of
+  ``tokenizer_path``; or ``reward_model``, generate's), which its manifest records; ``loads``: those that another stage of
   the run makes when it is planned, ``{producer: key}``: an output made from another
   build of that model is refused, and a partial one cleared;
 - ``export(cfg, out)``: for a stage that makes a model later stages load, its directory
@@ -32,7 +32,8 @@ What a stage declares:
 - ``preflight(cfg, use_ray)``: checks before any stage runs; ``summary(stats)``: its lines
   under the run's summary table; ``partial(dir)``: what ``status`` shows of a partial
   output; ``progress(cfg, dir)``: what ``status`` adds to its state (train's TR-DPO
-  refreshes), or None.
+  refreshes), or None; ``report(folder, result)``: its section of ``report.md`` (lines),
+  its images written into the report's folder.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class Stage:
     summary: Callable[[dict], list[str]] = lambda stats: []
     partial: Callable[[Loc], dict] = lambda out: {}
     progress: Callable[[Any, Loc], Optional[str]] = lambda cfg, out: None
+    report: Callable[[Loc, dict], list[str]] = lambda folder, result: []
 
     def __post_init__(self):
         # a loaded model the manifest does not record could never be checked against its producer

@@ -60,10 +60,22 @@ def training_settings(train_cfg: TrainingSettings) -> dict:
             | {GLOBAL_BATCH: train_cfg.num_workers * train_cfg.gradient_accumulation_steps})
 
 
-def _batch_apart(inputs: dict) -> tuple[dict, int]:
+def _batch_apart(inputs: dict, run_dir: Loc) -> tuple[dict, int]:
+    """The inputs without the global batch, and the global batch. TR-DPO's score output
+    holds the first segment's rows, which the global batch decides: its fingerprint (the
+    upstream) then changes with the batch, and stands here for the score inputs without
+    the segment (``first_segment``), read from its manifest."""
     settings = dict(inputs["train_settings"])
     batch = settings.pop(GLOBAL_BATCH, None)
-    return dict(inputs, train_settings=settings), batch
+    upstream = inputs.get("upstream")
+    for stage_dir in run_dir.iterdir() if upstream else []:
+        manifest = stage_dir / str(upstream) / MANIFEST
+        if manifest.is_file():
+            made = json.loads(manifest.read_text()).get("inputs", {})
+            if "first_segment" in made:
+                upstream = {k: v for k, v in made.items() if k != "first_segment"}
+            break
+    return dict(inputs, train_settings=settings, upstream=upstream), batch
 
 
 def check_global_batch(out: Loc, info: dict) -> None:
@@ -74,11 +86,12 @@ def check_global_batch(out: Loc, info: dict) -> None:
     out = Loc(out)
     if "inputs" not in info:  # a caller outside the runner (a benchmark): nothing to compare
         return
-    mine, batch = _batch_apart(info["inputs"])
+    run_dir = out.parent.parent  # <run_dir>/<stage>/<fingerprint>
+    mine, batch = _batch_apart(info["inputs"], run_dir)
     for other in out.parent.iterdir() if not info.get("force") else []:
         if other.name == out.name or (other / MANIFEST).is_file() or not (other / INPUTS_FILE).is_file():
             continue
-        theirs, their_batch = _batch_apart(json.loads((other / INPUTS_FILE).read_text()))
+        theirs, their_batch = _batch_apart(json.loads((other / INPUTS_FILE).read_text()), run_dir)
         if theirs == mine and their_batch != batch and complete_checkpoints(other):
             fits = ", ".join(f"{w} x {their_batch // w}" for w in range(1, their_batch + 1) if their_batch % w == 0)
             stage = out.parent.name  # <run_dir>/<stage>/<fingerprint>: train, or sft

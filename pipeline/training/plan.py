@@ -6,6 +6,8 @@ import math
 
 from pipeline.core.packing import epoch_plan
 
+PLAN_VERSION = 1  # raised when a change of this module or of packing.epoch_plan changes which rows a step reads
+
 
 def steps_per_epoch(num_rows: int, world: int, grad_accum: int) -> int:
     return math.ceil(num_rows / (world * grad_accum))
@@ -52,4 +54,4 @@ def first_segment_settings(train_cfg) -> dict:
     t = train_cfg
     return {"seed": t.seed, "rows_per_step": t.num_workers * t.gradient_accumulation_steps,
             "ref_model_sync_steps": t.ref_model_sync_steps, "max_steps": t.max_steps,
-            "num_train_epochs": t.num_train_epochs}
+            "num_train_epochs": t.num_train_epochs, "plan_version": PLAN_VERSION}

@@ -1,5 +1,5 @@
 """The run's groups of settings that are not training: the model, the data, tokenize,
-score and the cluster, and the error every config check raises."""
+score, generate and the cluster, and the error every config check raises."""
 
 from __future__ import annotations
 
@@ -135,6 +135,48 @@ class ScoreConfig:
     num_cpus_per_actor: float = 0.5
     # torch intra-op threads per actor on CPU.
     cpu_threads: int = 1
+
+
+@dataclass
+class GenerateConfig:
+    # Off by default. On: after train, the trained policy and the reference answer the same
+    # prompts, side by side in the report (docs/generate.md).
+    enabled: bool = False
+    # Prompts drawn (with generate.seed) from the eval split's, as tokenize stored them: the
+    # prompt tokens trained on. All of them when fewer.
+    num_prompts: int = 50
+    # Or a JSON Lines file of {"prompt": text, or a list of chat messages}, rendered with the
+    # chat template and its generation prompt. null: the eval split's prompts.
+    prompts_file: Optional[str] = None
+    # Completion tokens at most; a completion ends earlier at EOS or the end-of-turn token.
+    max_new_tokens: int = 64
+    # 0: greedy.
+    temperature: float = 0.0
+    # Nucleus sampling (with a temperature).
+    top_p: float = 1.0
+    # Completions per prompt and model.
+    num_samples: int = 1
+    # Draws the prompts and seeds the sampling.
+    seed: int = 0
+    # auto: vLLM where it is installed and the actors have GPUs, HF generate otherwise.
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    # vLLM's tensor parallelism: GPUs a model is split over.
+    tensor_parallel_size: int = 1
+    # A sequence-classification reward model (local path, Hub id or URI) that scores every
+    # completion: win rates of the policy against the reference and the chosen answers.
+    # null: no judge.
+    reward_model: Optional[str] = None
+    # Prompts an output shard holds: what a generate call batches, and what a rerun resumes by.
+    prompts_per_shard: int = 16
+    # Generation actors, each with both models (and the reward model).
+    actors: int = 1
+    # 1 (or tensor_parallel_size) on GPU workers.
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.5
+    # torch intra-op threads per actor on CPU.
+    cpu_threads: int = 1
+    # Prompts shown side by side in the report.
+    show: int = 5
 
 
 @dataclass

@@ -218,6 +218,10 @@ def for_workers(cfg: PipelineConfig) -> dict:
         if out["model"][key] and Path(out["model"][key]).expanduser().is_dir():
             out["model"][key] = _absolute(out["model"][key])
     out["tokenize"]["chat_template"] = _absolute(out["tokenize"]["chat_template"])
+    gen = out["generate"]
+    gen["prompts_file"] = _absolute(gen["prompts_file"])
+    if gen["reward_model"] and Path(gen["reward_model"]).expanduser().is_dir():
+        gen["reward_model"] = _absolute(gen["reward_model"])
     return out
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-from .groups import ClusterConfig, DataConfig, ModelConfig, ScoreConfig, TokenizeConfig
+from .groups import ClusterConfig, DataConfig, GenerateConfig, ModelConfig, ScoreConfig, TokenizeConfig
 from .training import SFTConfig, TrainConfig, TrainingSettings
 
 
@@ -22,6 +22,8 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # An SFT reference trained by the pipeline (off by default): see SFTConfig.
     sft: SFTConfig = field(default_factory=SFTConfig)
+    # Samples of the trained policy and the reference after train (off by default).
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     # Derived values live here so each is computed in one place.

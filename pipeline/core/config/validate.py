@@ -72,8 +72,35 @@ def _validate(cfg: PipelineConfig) -> None:
         need(not (cfg.model.attn_implementation == "flex_attention" and not cfg.sft.use_gpu),
              "model.attn_implementation: flex_attention has no backward on CPU (sft.use_gpu is false); "
              "use segment_sdpa")
+    if cfg.generate.enabled:
+        _validate_generate(cfg.generate, need)
+        need(cfg.generate.prompts_file is not None or cfg.data.eval_fraction > 0,
+             "generate.prompts_file: the prompts come from the eval split, and data.eval_fraction is 0; "
+             "give a prompts file or an eval fraction")
+        need(cfg.train.peft is None or cfg.train.merge_adapter,
+             "generate.enabled with train.peft: generate loads the trained policy as a plain model; set "
+             "train.merge_adapter: true")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype: float16 is not supported (use bfloat16 or float32)")
+
+
+def _validate_generate(g, need) -> None:
+    need(g.num_prompts >= 1, "generate.num_prompts: must be >= 1")
+    need(g.max_new_tokens >= 1, "generate.max_new_tokens: must be >= 1")
+    need(g.temperature >= 0, "generate.temperature: must be >= 0 (0: greedy)")
+    need(0 < g.top_p <= 1, "generate.top_p: must be in (0, 1]")
+    need(g.num_samples >= 1, "generate.num_samples: must be >= 1")
+    need(g.num_samples == 1 or g.temperature > 0,
+         "generate.num_samples: greedy decoding (temperature 0) gives one completion a prompt; set a temperature")
+    need(g.prompts_per_shard >= 1, "generate.prompts_per_shard: must be >= 1")
+    need(g.actors >= 1, "generate.actors: must be >= 1")
+    need(g.show >= 0, "generate.show: must be >= 0")
+    need(g.tensor_parallel_size >= 1, "generate.tensor_parallel_size: must be >= 1")
+    need(g.tensor_parallel_size == 1 or g.engine == "vllm",
+         "generate.tensor_parallel_size: only with generate.engine: vllm (HF generate runs a model on one device)")
+    need(g.engine != "vllm" or g.num_gpus_per_actor >= g.tensor_parallel_size,
+         "generate.num_gpus_per_actor: vLLM splits each model over generate.tensor_parallel_size GPUs, which an "
+         "actor must have (or engine: hf)")
 
 
 def rename_group(message: str, group: str, to: str) -> str:
