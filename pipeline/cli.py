@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, DataError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,9 +65,16 @@ def main(argv: list[str] | None = None) -> int:
                                       force=args.force, use_ray=not args.no_ray)
         print(runner.format_summary(results))
         return 0
-    except (ConfigError, FileNotFoundError) as e:  # a bad setting or path: say which, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # a setting, a path or data to fix: which, no traceback
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
+
+
+def user_error(e: Exception) -> str:
+    """The message of an error the user can fix; raised in a Ray worker, Ray wraps it in
+    a RayTaskError (a subclass of both) whose text holds the worker's traceback: its cause's."""
+    cause = getattr(e, "cause", None)
+    return str(cause) if isinstance(cause, (ConfigError, DataError)) else str(e)
 
 
 if __name__ == "__main__":

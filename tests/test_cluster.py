@@ -107,6 +107,18 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         out = rel.stdout + rel.stderr
         assert rel.returncode != 0 and "error: run_dir: 'runs/tiny' is relative" in out, out[-3000:]
         assert "[tokenize] running" not in out
+
+        # data to fix ends the job in one line, FAILED, no traceback (a crash keeps one)
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"a": [1], "b": 2}))
+        failed = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+             str(REPO), "--", sys.executable, "-m", "pipeline", "run", str(config), f"data.train_files=[{bad}]"],
+            env=env, capture_output=True, text=True, timeout=300)
+        out = failed.stdout + failed.stderr
+        assert failed.returncode != 0 and "failed" in out.lower(), out[-3000:]
+        assert "error: data.train_files: " in out and "holds neither a JSON array of rows nor JSON Lines" in out
+        assert "Traceback" not in out, out[-3000:]
     finally:
         head.terminate()
         try:

@@ -11,6 +11,7 @@ import re
 
 import pyarrow as pa
 
+from pipeline.core.config import DataError
 from pipeline.core.redaction import redact_text
 from pipeline.core.storage import is_uri, open_input
 
@@ -168,7 +169,7 @@ def _not_an_array(path: str) -> None:
             return None
         if sc.skip_ws(end) < len(sc.buf):
             return None
-    raise ValueError(f"data.train_files: {redact_text(path)} holds neither a JSON array of rows nor JSON Lines")
+    raise DataError(f"data.train_files: {redact_text(path)} holds neither a JSON array of rows nor JSON Lines")
 
 
 def _csv_lines(raw):

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core import packing
-from pipeline.core.config import PipelineConfig, shares_prompt
+from pipeline.core.config import DataError, PipelineConfig, shares_prompt
 from pipeline.core.rows import ROW_GROUP_ROWS, ROW_SCHEMA, assemble_sequences, sequence_table
 from pipeline.core.rundir import ShardInfo
 from pipeline.core.storage import Loc
@@ -174,7 +174,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     bad = {r: c for r, c in reasons.items() if r != "duplicate"}
     if n_in and sum(bad.values()) / records.num_rows > tokenize_cfg.max_bad_fraction:
         top = ", ".join(f"{r}: {c}" for r, c in Counter(bad).most_common())
-        raise ValueError(
+        raise DataError(
             f"tokenize: {sum(bad.values())} of {records.num_rows} pairs quarantined as bad "
             f"({sum(bad.values()) / records.num_rows:.1%} > tokenize.max_bad_fraction "
             f"{tokenize_cfg.max_bad_fraction:.1%}): {top}; see {final}"
@@ -223,7 +223,8 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     stats["rows"] = stats["train"]["rows"] + stats["eval"]["rows"]
     stats["tokens"] = stats["train"]["tokens"] + stats["eval"]["tokens"]
     if stats["train"]["rows"] == 0:
-        raise ValueError("tokenize: no training pairs left (all quarantined or in eval)")
+        raise DataError(f"tokenize: no training pairs left (all quarantined or in eval): see {final} and "
+                        f"data.eval_fraction")
     groups = shard_groups(pairs, plan, held, tokenize_cfg.pack_buffer_tokens)
     stats["write_groups"] = len(groups)
     for group in groups:

@@ -11,6 +11,12 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+class DataError(ValueError):
+    """Input data the user can fix (a file in no format, too many bad rows, no pairs left):
+    the message names the file, the key or the quarantine file. Like a ConfigError it ends a
+    run in one line and exit code 2, not a traceback."""
+
+
 @dataclass
 class ModelConfig:
     # The policy's starting checkpoint: a local HF checkpoint directory, a Hub id
