@@ -45,8 +45,8 @@ def test_each_source_gives_its_share_drawn_with_the_seed(assets, tmp_path):
     mixture = [{"name": "alpha", "files": str(a), "weight": 0.3}, {"files": [str(b)], "max_pairs": 20}]
     cfg, stats, ids = run(assets, tmp_path, "one", mixture)
     assert stats["sources"] == {
-        "alpha": {"rows": 100, "sampled_rows": 30, "pairs": 30, "quarantined": 0},
-        "b": {"rows": 50, "sampled_rows": 20, "pairs": 20, "quarantined": 0},  # named after the file
+        "alpha": {"rows": 100, "sampled_rows": 30, "pairs": 30, "quarantined": 0, "format": "standard"},
+        "b": {"rows": 50, "sampled_rows": 20, "pairs": 20, "quarantined": 0, "format": "standard"},  # the file's name
     }
     assert stats["input_rows"] == stats["pairs"] == len(ids) == 50
     # The same seed draws the same rows, whatever the read units; another seed others.
@@ -57,6 +57,48 @@ def test_each_source_gives_its_share_drawn_with_the_seed(assets, tmp_path):
     # weight 1 and no limit: every row
     _, full, _ = run(assets, tmp_path, "full", [{"files": str(a)}, {"files": str(b), "weight": 1.0}])
     assert full["sources"]["a"]["sampled_rows"] == 100 and full["sources"]["b"]["pairs"] == 50
+
+
+def pair_tokens(out_dir) -> dict:
+    """{pair id: (prompt, chosen, rejected) token lists} of a tokenize output's train rows."""
+    from stages.generate.prompts import pairs_of_row
+
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out_dir.glob("train-*.parquet"))]).to_pylist()
+    return {pid: (p, c, r) for row in rows for pid, p, c, r in pairs_of_row(
+        row["input_ids"], row["seq_lens"], row["prompt_lens"], row["pair_ids"])}
+
+
+def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
+    """Conversational pairs, implicit-prompt pairs (HH-RLHF's shape: chosen and rejected
+    strings sharing the prompt) and standard pairs with a row of several rejected answers,
+    mixed: each source gives the pairs it gives alone, token for token (it quarantined the
+    minority formats' rows as missing_field / mixed_formats), and the manifest names each
+    source's format."""
+    from pipeline.demo import make_pairs, write_jsonl
+
+    chat = tmp_path / "chat.jsonl"
+    write_jsonl(make_pairs(30, seed=4), chat)
+    hh = tmp_path / "hh.jsonl"
+    write_jsonl([{"chosen": f"\n\nHuman: What about item {i}?\n\nAssistant: It is great.",
+                  "rejected": f"\n\nHuman: What about item {i}?\n\nAssistant: It is awful."} for i in range(20)], hh)
+    std = tmp_path / "std.jsonl"
+    rows = pairs("gamma", 10)
+    rows[0]["rejected"] = [" It is awful.", " It is dull.", " It is broken."]
+    write_jsonl(rows, std)
+    sources = {"chat": chat, "hh": hh, "std": std}
+    mixture = [{"name": name, "files": str(path)} for name, path in sources.items()]
+    _, stats, _ = run(assets, tmp_path, "mixed", mixture)
+    assert stats["quarantined"] == 0, stats["quarantine_reasons"]
+    assert {n: c["format"] for n, c in stats["sources"].items()} == {
+        "chat": "conversational", "hh": "implicit_standard", "std": "standard"}
+    assert {n: c["pairs"] for n, c in stats["sources"].items()} == {"chat": 30, "hh": 20, "std": 12}
+    mixed = pair_tokens(tmp_path / "mixed" / "out")
+    alone = {}
+    for name, path in sources.items():
+        _, alone_stats, _ = run(assets, tmp_path, f"alone-{name}", [{"name": name, "files": str(path)}])
+        assert alone_stats["quarantined"] == 0
+        alone.update(pair_tokens(tmp_path / f"alone-{name}" / "out"))
+    assert len(mixed) == 62 and mixed == alone
 
 
 def test_the_draw_keeps_exactly_its_count_and_units_that_keep_nothing_are_left_out():

@@ -12,21 +12,33 @@ from pipeline.core import sources
 from pipeline.core.config import PipelineConfig
 
 
-def dataset_checks(records: pa.Table, cfg: PipelineConfig) -> tuple[pa.Table, dict]:
-    """Quarantine what only the whole dataset reveals: rows whose format is not the
-    dataset's, and (with ``data.duplicates: drop``) repeated pairs. ``records`` is sorted."""
+def dataset_checks(records: pa.Table, cfg: PipelineConfig, chunks: list[dict] | None = None) -> tuple[pa.Table, dict]:
+    """Quarantine what only the whole dataset reveals: rows whose format is not their
+    source's (each source of a mixture, ``data.sources``, has its own: the format most of
+    its good rows have), and (with ``data.duplicates: drop``) repeated pairs. ``records``
+    is sorted; ``chunks`` map each record's file to its mixture source."""
+    group = {c["label"]: c.get("group") or "" for c in chunks or []}
     good = records.column("reason").is_null().to_pylist()
     fmts = records.column("format").to_pylist()
+    labels = records.column("source").to_pylist()
+    groups = [group.get(label, "") for label in labels]
     counts = Counter(f for f, ok in zip(fmts, good) if ok)
+    by_group: dict[str, Counter] = {}
+    for f, ok, g in zip(fmts, good, groups):
+        if ok:
+            by_group.setdefault(g, Counter())[f] += 1
+    formats = {g: c.most_common(1)[0][0] for g, c in by_group.items()}
     dataset_format = counts.most_common(1)[0][0] if counts else None
     reasons = records.column("reason").to_pylist()
     details = records.column("detail").to_pylist()
-    for i, (fmt, ok) in enumerate(zip(fmts, good)):
-        if ok and fmt != dataset_format:
-            explicit = not dataset_format.startswith("implicit")
+    one = len(formats) <= 1
+    for i, (fmt, ok, g) in enumerate(zip(fmts, good, groups)):
+        if ok and fmt != formats[g]:
+            theirs = f"the dataset is {formats[g]}" if one else f"source {g} is {formats[g]}"
+            explicit = not formats[g].startswith("implicit")
             reasons[i] = "missing_field" if explicit and fmt.startswith("implicit") else "mixed_formats"
-            details[i] = (f"{cfg.data.prompt_key} (the dataset is {dataset_format})" if reasons[i] == "missing_field"
-                          else f"the dataset is {dataset_format}, this row is {fmt}")
+            details[i] = (f"{cfg.data.prompt_key} ({theirs})" if reasons[i] == "missing_field"
+                          else f"{theirs}, this row is {fmt}")
             good[i] = False
     first_seen: dict[str, int] = {}
     duplicates = 0
@@ -45,6 +57,7 @@ def dataset_checks(records: pa.Table, cfg: PipelineConfig) -> tuple[pa.Table, di
     records = records.set_column(records.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     records = records.set_column(records.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
     return records, {"format": dataset_format, "formats_seen": dict(sorted(counts.items())),
+                     **({"source_formats": dict(sorted(formats.items()))} if not one else {}),
                      "duplicate_pairs": duplicates, "duplicates": cfg.data.duplicates}
 
 

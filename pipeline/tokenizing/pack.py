@@ -156,7 +156,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     order = pc.sort_indices(records, sort_keys=[("source", "ascending"), ("row_index", "ascending"),
                                                 ("expansion", "ascending")])
     records = records.take(order)
-    records, dataset_stats = dataset_checks(records, cfg)
+    records, dataset_stats = dataset_checks(records, cfg, chunks)
     bad_mask = records.column("reason").is_valid()
     quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
     pairs = records.filter(pc.invert(bad_mask))

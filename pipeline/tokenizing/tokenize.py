@@ -96,6 +96,8 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         if drawn is not None:
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
                 stats["sources"] = source_stats(records, pq.read_table(f, columns=["source"]), chunks, drawn)
+            for name, counts in stats["sources"].items():  # each source's own format
+                counts["format"] = stats.get("source_formats", {}).get(name, stats["format"])
         return shards, stats
     finally:
         units_dir.rmtree()
