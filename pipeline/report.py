@@ -125,9 +125,9 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
                   f"{s['train']['waste_fraction']:.2%}; eval: {s['eval']['pairs']} pairs in {s['eval']['rows']} rows, "
                   f"waste {s['eval']['waste_fraction']:.2%}"]
         if s.get("sources"):
-            lines += ["", "| source | rows | rows drawn | pairs | quarantined |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {redact_text(name)} | {c['rows']} | {c['sampled_rows']} | {c['pairs']} | {c['quarantined']} |"
-                      for name, c in s["sources"].items()]
+            lines += ["", "| source | rows | rows drawn | pairs | quarantined | format |", "|---|---:|---:|---:|---:|---|"]
+            lines += [f"| {redact_text(name)} | {c['rows']} | {c['sampled_rows']} | {c['pairs']} | {c['quarantined']} | "
+                      f"{c.get('format', '-')} |" for name, c in s["sources"].items()]
     sft = results.get("sft")
     if sft:
         lines += _sft_section(out, sft)

@@ -70,23 +70,24 @@ def pair_tokens(out_dir) -> dict:
 
 def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
     """Conversational pairs, implicit-prompt pairs (HH-RLHF's shape: chosen and rejected
-    strings sharing the prompt) and standard pairs with a row of several rejected answers,
-    mixed: each source gives the pairs it gives alone, token for token (it quarantined the
-    minority formats' rows as missing_field / mixed_formats), and the manifest names each
-    source's format."""
+    strings sharing the prompt, here under column names of their own) and standard pairs
+    with a row of several rejected answers, mixed: each source gives the pairs it gives
+    alone, token for token (it quarantined the minority formats' rows as missing_field /
+    mixed_formats), and the manifest names each source's format."""
     from pipeline.demo import make_pairs, write_jsonl
 
     chat = tmp_path / "chat.jsonl"
     write_jsonl(make_pairs(30, seed=4), chat)
     hh = tmp_path / "hh.jsonl"
-    write_jsonl([{"chosen": f"\n\nHuman: What about item {i}?\n\nAssistant: It is great.",
-                  "rejected": f"\n\nHuman: What about item {i}?\n\nAssistant: It is awful."} for i in range(20)], hh)
+    write_jsonl([{"good": f"\n\nHuman: What about item {i}?\n\nAssistant: It is great.",
+                  "bad": f"\n\nHuman: What about item {i}?\n\nAssistant: It is awful."} for i in range(20)], hh)
     std = tmp_path / "std.jsonl"
     rows = pairs("gamma", 10)
     rows[0]["rejected"] = [" It is awful.", " It is dull.", " It is broken."]
     write_jsonl(rows, std)
     sources = {"chat": chat, "hh": hh, "std": std}
-    mixture = [{"name": name, "files": str(path)} for name, path in sources.items()]
+    own = {"hh": {"chosen_key": "good", "rejected_key": "bad"}}
+    mixture = [{"name": name, "files": str(path), **own.get(name, {})} for name, path in sources.items()]
     _, stats, _ = run(assets, tmp_path, "mixed", mixture)
     assert stats["quarantined"] == 0, stats["quarantine_reasons"]
     assert {n: c["format"] for n, c in stats["sources"].items()} == {
@@ -95,7 +96,7 @@ def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
     mixed = pair_tokens(tmp_path / "mixed" / "out")
     alone = {}
     for name, path in sources.items():
-        _, alone_stats, _ = run(assets, tmp_path, f"alone-{name}", [{"name": name, "files": str(path)}])
+        _, alone_stats, _ = run(assets, tmp_path, f"alone-{name}", [{"name": name, "files": str(path), **own.get(name, {})}])
         assert alone_stats["quarantined"] == 0
         alone.update(pair_tokens(tmp_path / f"alone-{name}" / "out"))
     assert len(mixed) == 62 and mixed == alone
@@ -130,7 +131,12 @@ def test_the_mixture_is_fingerprinted_and_reported(assets, tmp_path):
     report = write_report(tmp_path / "fp", {"tokenize": {"ran": True, "rows": 1, "tokens": 1, "seconds": 0,
                                                          "dir": str(tmp_path), "stats": stats}})
     text = report.read_text()
-    assert "| alpha | 100 | 30 | 30 | 0 |" in text and "| beta | 50 | 50 | 50 | 0 |" in text
+    assert "| alpha | 100 | 30 | 30 | 0 | standard |" in text and "| beta | 50 | 50 | 50 | 0 | standard |" in text
+    # a source's own column names are fingerprinted where set (mixtures made before keep theirs)
+    raw["data"]["sources"][0]["weight"] = 0.3
+    raw["data"]["sources"][1]["prompt_key"] = "question"
+    keyed = tokenize.fingerprint_inputs(config_from_dict(raw), cache)
+    assert keyed["mixture"][0] == fp["mixture"][0] and keyed["mixture"][1]["prompt_key"] == "question"
 
 
 @pytest.mark.parametrize("source, message", [
@@ -140,6 +146,7 @@ def test_the_mixture_is_fingerprinted_and_reported(assets, tmp_path):
     ({"weight": 0.5}, r"data.sources\[0\]: exactly one of files and hf_dataset"),
     ({"files": "a.jsonl", "ratio": 1}, r"data.sources\[0\]: unknown key ratio"),
     ({"hf_dataset": {"name": "x"}}, r"data.sources\[0\].hf_dataset.path: required"),
+    ({"files": "a.jsonl", "chosen_key": 3}, r"data.sources\[0\].chosen_key: a column name \(got 3\)"),
 ])
 def test_a_bad_source_names_its_key(assets, tmp_path, source, message):
     raw = to_dict(tiny_config(assets, tmp_path))

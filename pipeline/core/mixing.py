@@ -1,6 +1,8 @@
 """Dataset mixtures: ``data.sources``, as open-instruct's ``dataset_mixer_list``.
 
-A mixture is a list of sources, each ``{name, files | hf_dataset, weight | max_pairs}``:
+A mixture is a list of sources, each ``{name, files | hf_dataset, weight | max_pairs}``
+(and, where a source's columns are named otherwise than ``data``'s, ``prompt_key``,
+``chosen_key``, ``rejected_key``; each source's format is its own):
 
 * ``files`` (a path, glob or directory, or a list of them) or ``hf_dataset`` (a
   ``datasets.load_dataset`` spec), read as ``data.train_files`` / ``data.hf_dataset`` are;
@@ -26,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-KEYS = ("name", "files", "hf_dataset", "weight", "max_pairs")
+COLUMN_KEYS = ("prompt_key", "chosen_key", "rejected_key")  # a source's own column names (default data's)
+KEYS = ("name", "files", "hf_dataset", "weight", "max_pairs") + COLUMN_KEYS
 
 
 def source_name(src: dict) -> str:
@@ -67,15 +70,25 @@ def check(sources: Any, need: Callable[[bool, str], None], check_hf_dataset: Cal
         if "max_pairs" in src:
             m = src["max_pairs"]
             need(isinstance(m, int) and not isinstance(m, bool) and m >= 1, f"{key}.max_pairs: an integer >= 1 (got {m!r})")
+        for column in COLUMN_KEYS:
+            need(column not in src or (isinstance(src[column], str) and src[column]),
+                 f"{key}.{column}: a column name (got {src.get(column)!r})")
         name = source_name(src)
         need(name not in names, f"{key}.name: {name!r} names two sources (give each a name)")
         names.add(name)
 
 
 def settings(sources: list[dict]) -> list[dict]:
-    """What the tokenize fingerprint keeps of a mixture besides the files' contents."""
+    """What the tokenize fingerprint keeps of a mixture besides the files' contents (a
+    source's column names only where it sets them: mixtures made before keep theirs)."""
     return [{"name": source_name(s), "weight": s.get("weight"), "max_pairs": s.get("max_pairs"),
-             "files": files_of(s) if s.get("files") else None, "hf_dataset": s.get("hf_dataset")} for s in sources]
+             "files": files_of(s) if s.get("files") else None, "hf_dataset": s.get("hf_dataset"),
+             **{k: s[k] for k in COLUMN_KEYS if k in s}} for s in sources]
+
+
+def columns(sources: list[dict]) -> dict[str, dict]:
+    """{source name: the column names it sets}: what its read units are read by."""
+    return {source_name(s): {k: s[k] for k in COLUMN_KEYS if k in s} for s in sources}
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:

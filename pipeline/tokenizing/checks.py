@@ -8,7 +8,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from pipeline.core import sources
+from pipeline.core import mixing, sources
 from pipeline.core.config import PipelineConfig
 
 
@@ -32,12 +32,14 @@ def dataset_checks(records: pa.Table, cfg: PipelineConfig, chunks: list[dict] | 
     reasons = records.column("reason").to_pylist()
     details = records.column("detail").to_pylist()
     one = len(formats) <= 1
+    prompt_key = {name: cols.get("prompt_key", cfg.data.prompt_key)
+                  for name, cols in mixing.columns(cfg.data.sources or []).items()}
     for i, (fmt, ok, g) in enumerate(zip(fmts, good, groups)):
         if ok and fmt != formats[g]:
             theirs = f"the dataset is {formats[g]}" if one else f"source {g} is {formats[g]}"
             explicit = not formats[g].startswith("implicit")
             reasons[i] = "missing_field" if explicit and fmt.startswith("implicit") else "mixed_formats"
-            details[i] = (f"{cfg.data.prompt_key} ({theirs})" if reasons[i] == "missing_field"
+            details[i] = (f"{prompt_key.get(g, cfg.data.prompt_key)} ({theirs})" if reasons[i] == "missing_field"
                           else f"{theirs}, this row is {fmt}")
             good[i] = False
     first_seen: dict[str, int] = {}

@@ -5,6 +5,8 @@ per-pair columns (ids, keys, lengths, where the tokens are) returned."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -113,6 +115,8 @@ class TokenizeChunk:
         tokenize_cfg = self.cfg.tokenize
         records = []
         keep = set(chunk["keep"]) if chunk.get("keep") is not None else None  # a mixture's draw
+        own = json.loads(chunk.get("columns") or "{}")  # a mixture source's own column names
+        rows = dataclasses.replace(self.rows, **own) if own else self.rows
         for index, row, text in sources.read_chunk(chunk):
             if keep is not None and index - chunk["first_row"] not in keep:
                 continue
@@ -121,7 +125,7 @@ class TokenizeChunk:
             try:
                 if row is None:
                     raise formats.BadRow("invalid_json", "not a JSON object")
-                pairs = self.rows.normalize(row)
+                pairs = rows.normalize(row)
             except formats.BadRow as bad:
                 records.append(dict(base, reason=bad.reason, detail=bad.detail, raw=raw))
                 continue

@@ -15,6 +15,8 @@ tasks; ``run_in_process`` runs the same code in-process. The driver never holds 
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +87,8 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         drawn = None
         if cfg.data.sources:
             chunks, drawn = mixing.sample(chunks, cfg.data.sources, cfg.data.seed)
+            own = mixing.columns(cfg.data.sources)  # a source's own column names travel with its units
+            chunks = [dict(c, columns=json.dumps(own.get(c["group"]) or {})) for c in chunks]
         chunks = [dict(c, unit=i) for i, c in enumerate(chunks)]
         tables = tokenize_units(chunks, units_dir)
         workers = [dict(zip(("node_id", "hostname"), w)) for tb in tables if "node_id" in tb.column_names
