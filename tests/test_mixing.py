@@ -80,7 +80,8 @@ def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
     write_jsonl(make_pairs(30, seed=4), chat)
     hh = tmp_path / "hh.jsonl"
     write_jsonl([{"good": f"\n\nHuman: What about item {i}?\n\nAssistant: It is great.",
-                  "bad": f"\n\nHuman: What about item {i}?\n\nAssistant: It is awful."} for i in range(20)], hh)
+                  "bad": f"\n\nHuman: What about item {i}?\n\nAssistant: It is awful."} for i in range(20)]
+                + [{"good": "\n\nHuman: Hi\n\nAssistant: Same.", "bad": "\n\nHuman: Hi\n\nAssistant: Same."}], hh)
     std = tmp_path / "std.jsonl"
     rows = pairs("gamma", 10)
     rows[0]["rejected"] = [" It is awful.", " It is dull.", " It is broken."]
@@ -89,7 +90,9 @@ def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
     own = {"hh": {"chosen_key": "good", "rejected_key": "bad"}}
     mixture = [{"name": name, "files": str(path), **own.get(name, {})} for name, path in sources.items()]
     _, stats, _ = run(assets, tmp_path, "mixed", mixture)
-    assert stats["quarantined"] == 0, stats["quarantine_reasons"]
+    assert stats["quarantine_reasons"] == {"empty_completion": 1}  # hh's last row, named with its source
+    bad = pq.read_table(tmp_path / "mixed" / "out" / "quarantine.parquet").to_pylist()
+    assert [(b["source_name"], b["source"], b["row_index"]) for b in bad] == [("hh", str(hh), 20)]
     assert {n: c["format"] for n, c in stats["sources"].items()} == {
         "chat": "conversational", "hh": "implicit_standard", "std": "standard"}
     assert {n: c["pairs"] for n, c in stats["sources"].items()} == {"chat": 30, "hh": 20, "std": 12}
@@ -97,7 +100,7 @@ def test_each_source_of_a_mixture_has_its_own_format(assets, tmp_path):
     alone = {}
     for name, path in sources.items():
         _, alone_stats, _ = run(assets, tmp_path, f"alone-{name}", [{"name": name, "files": str(path), **own.get(name, {})}])
-        assert alone_stats["quarantined"] == 0
+        assert alone_stats["quarantined"] == (name == "hh")
         alone.update(pair_tokens(tmp_path / f"alone-{name}" / "out"))
     assert len(mixed) == 62 and mixed == alone
 
