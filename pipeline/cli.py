@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_error(e: Exception) -> str:
-    """The message of an error the user can fix; raised in a Ray worker, Ray wraps it in
-    a RayTaskError (a subclass of both) whose text holds the worker's traceback: its cause's."""
-    cause = getattr(e, "cause", None)
-    return str(cause) if isinstance(cause, (ConfigError, DataError)) else str(e)
+    """The message of an error the user can fix. Raised in a Ray worker, Ray wraps it in a
+    RayTaskError (a subclass of both) whose text holds the worker's traceback: the message
+    is its cause's."""
+    while isinstance(getattr(e, "cause", None), (ConfigError, DataError, FileNotFoundError)):
+        e = e.cause
+    return str(e)
 
 
 if __name__ == "__main__":

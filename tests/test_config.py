@@ -160,3 +160,19 @@ def test_tr_dpo_settings_enter_trains_fingerprint_only_when_on(tmp_path):
     assert settings("train.sync_ref_model=true", "train.ref_model_mixup_alpha=0.6") == on
     assert settings("train.sync_ref_model=true", "train.ref_model_sync_steps=64") != on
     assert settings("train.sync_ref_model=true", "train.ref_model_mixup_alpha=0.5") != on
+
+
+def test_a_data_error_raised_in_a_ray_worker_is_said_in_one_line():
+    """Ray wraps a worker's exception in a RayTaskError that is also an instance of its
+    class, whose text holds the worker's traceback: the CLI says the cause's message."""
+    from ray.exceptions import RayTaskError
+
+    from pipeline.cli import user_error
+    from pipeline.core.config import DataError
+
+    try:
+        raise DataError("data.train_files: x.json holds neither a JSON array of rows nor JSON Lines")
+    except DataError as e:
+        wrapped = RayTaskError("tokenize_unit", "Traceback (most recent call last):\n  frames", e).as_instanceof_cause()
+    assert isinstance(wrapped, DataError) and "frames" in str(wrapped)  # the worker's text, not the message
+    assert user_error(wrapped) == "data.train_files: x.json holds neither a JSON array of rows nor JSON Lines"

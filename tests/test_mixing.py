@@ -185,3 +185,48 @@ def test_a_mixture_on_ray_writes_the_shards_of_the_in_process_run(assets, tmp_pa
     assert [s.sha256 for s in shards_local] == [s.sha256 for s in shards_ray]
     assert stats_ray["sources"] == stats_local["sources"]
     assert {name: s["pairs"] for name, s in stats_ray["sources"].items()} == {"a": 50, "b": 50, "c": 25}
+
+
+def test_files_without_a_mixture_are_one_dataset_and_a_source_without_good_rows_says_so(assets, tmp_path):
+    """data.train_files over two files of two formats: one dataset, one format, the other
+    file's rows quarantined as before (per-source formats are a mixture's). In a mixture, a
+    source whose every row is bad (a column name misspelt) has no format, and the other
+    source's rows keep theirs."""
+    from pipeline.demo import make_pairs, write_jsonl
+
+    a, _ = write_inputs(tmp_path)  # 100 standard pairs
+    chat = tmp_path / "chat.jsonl"
+    write_jsonl(make_pairs(10, seed=4), chat)
+    raw = to_dict(tiny_config(assets, tmp_path / "files", tokenize={"max_bad_fraction": 0.5},
+                              data={"eval_fraction": 0.0}))
+    raw["data"]["train_files"] = [str(a), str(chat)]
+    out = tmp_path / "files" / "out"
+    out.mkdir(parents=True)
+    _, stats = tokenize.run_in_process(config_from_dict(raw), out)
+    assert stats["format"] == "standard" and stats["quarantine_reasons"] == {"mixed_formats": 10}
+    assert "source_formats" not in stats and "sources" not in stats
+    bad = pq.read_table(out / "quarantine.parquet")
+    assert "source_name" not in bad.column_names
+    assert set(bad.column("detail").to_pylist()) == {"the dataset is standard, this row is conversational"}
+
+    mixture = [{"name": "alpha", "files": str(a)}, {"name": "chat", "files": str(chat), "prompt_key": "question"}]
+    _, stats, _ = run(assets, tmp_path, "mixed", mixture, max_bad_fraction=0.5)
+    assert stats["sources"]["alpha"]["format"] == "standard" and stats["sources"]["chat"]["format"] is None
+    assert stats["sources"]["chat"]["quarantined"] == 10
+
+
+def test_sft_data_sources_refuse_preference_column_names(assets, tmp_path):
+    raw = to_dict(tiny_config(assets, tmp_path))
+    raw["sft"] = {"enabled": True, "data": {"sources": [{"files": "a.jsonl", "chosen_key": "good"}]}}
+    with pytest.raises(ConfigError, match=r"sft.data.sources\[0\].chosen_key: per-source column names are for "):
+        config_from_dict(raw)
+
+
+def test_two_sources_that_share_a_label_stay_two_sources(assets, tmp_path):
+    """One file named in two sources (as two hf_dataset json sources share "hf:json[train]"):
+    each record keeps its own source, its format, its count."""
+    a, _ = write_inputs(tmp_path)
+    mixture = [{"name": "first", "files": str(a), "max_pairs": 10}, {"name": "second", "files": str(a), "max_pairs": 20}]
+    _, stats, ids = run(assets, tmp_path, "shared", mixture)
+    assert {n: (c["pairs"], c["format"]) for n, c in stats["sources"].items()} == {
+        "first": (10, "standard"), "second": (20, "standard")}

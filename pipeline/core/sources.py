@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.core.config import DataError
 from pipeline.core.redaction import redact_text
 from pipeline.core.storage import is_uri, open_input
 from pipeline.core.text_units import UTF8_BOM, _csv_chunks, _json_array_chunks, _read_csv_unit
@@ -82,7 +83,7 @@ def expand_inputs(patterns: list[str]) -> list[Source]:
             for f in found:
                 kind = KINDS.get(Path(f).suffix)
                 if kind is None:
-                    raise ValueError(f"data.train_files: {redact_text(f)!r} is not .jsonl, .json, .parquet or .csv")
+                    raise DataError(f"data.train_files: {redact_text(f)!r} is not .jsonl, .json, .parquet or .csv")
                 sources.append(Source(redact_text(f), f, kind))  # the label is written down
             continue
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -99,7 +100,7 @@ def expand_inputs(patterns: list[str]) -> list[Source]:
         for f in found:
             kind = "hf_disk" if is_hf_disk(f) else KINDS.get(Path(f).suffix)
             if kind is None:
-                raise ValueError(f"data.train_files: {f!r} is not .jsonl, .json, .parquet, .csv "
+                raise DataError(f"data.train_files: {f!r} is not .jsonl, .json, .parquet, .csv "
                                  "or a save_to_disk directory")
             sources.append(Source(f, os.path.abspath(f), kind))
     return sources
@@ -130,7 +131,7 @@ def _load_hf_disk(path: str, split: str):
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"data.split: {path} has splits {sorted(ds)}, not {split!r}")
+            raise DataError(f"data.split: {path} has splits {sorted(ds)}, not {split!r}")
         ds = ds[split]
     return ds
 

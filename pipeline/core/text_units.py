@@ -117,7 +117,7 @@ def _json_array_chunks(path: str, rows_per_task: int) -> list[dict] | None:
         try:
             chunks, pos = _array_units(sc, pos, rows_per_task)
         except json.JSONDecodeError as e:
-            raise ValueError(f"data.train_files: {redact_text(path)} is not a valid JSON array: {e.msg} at "
+            raise DataError(f"data.train_files: {redact_text(path)} is not a valid JSON array: {e.msg} at "
                              f"{sc.where(e.pos)}") from None
         if sc.skip_ws(pos) < len(sc.buf):
             return None  # text after the array: JSON Lines of arrays
@@ -218,7 +218,7 @@ def _csv_chunks(path: str, rows_per_task: int) -> list[dict]:
                                        kind="csv", header=header))
                     start = pos
         except csv.Error as e:
-            raise ValueError(f"data.train_files: {redact_text(path)}: not CSV at record {reader.line_num}: {e}") from None
+            raise DataError(f"data.train_files: {redact_text(path)}: not CSV at record {reader.line_num}: {e}") from None
     if count % rows_per_task:
         chunks.append(dict(start=start, stop=pos, first_row=count - count % rows_per_task, rows=count % rows_per_task,
                            kind="csv", header=header))

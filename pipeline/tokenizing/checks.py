@@ -17,7 +17,8 @@ def dataset_checks(records: pa.Table, cfg: PipelineConfig, chunks: list[dict] | 
     source's (each source of a mixture, ``data.sources``, has its own: the format most of
     its good rows have), and (with ``data.duplicates: drop``) repeated pairs. ``records``
     is sorted; ``chunks`` map each record's file to its mixture source."""
-    group = {c["label"]: c.get("group") or "" for c in chunks or []}
+    # a mixture's sources (data.sources); a plain run's files are one dataset
+    group = {c["label"]: c.get("group") or "" for c in chunks or []} if cfg.data.sources else {}
     good = records.column("reason").is_null().to_pylist()
     fmts = records.column("format").to_pylist()
     labels = records.column("source").to_pylist()
@@ -31,7 +32,7 @@ def dataset_checks(records: pa.Table, cfg: PipelineConfig, chunks: list[dict] | 
     dataset_format = counts.most_common(1)[0][0] if counts else None
     reasons = records.column("reason").to_pylist()
     details = records.column("detail").to_pylist()
-    one = len(formats) <= 1
+    one = len(cfg.data.sources or []) <= 1
     prompt_key = {name: cols.get("prompt_key", cfg.data.prompt_key)
                   for name, cols in mixing.columns(cfg.data.sources or []).items()}
     for i, (fmt, ok, g) in enumerate(zip(fmts, good, groups)):
@@ -59,7 +60,7 @@ def dataset_checks(records: pa.Table, cfg: PipelineConfig, chunks: list[dict] | 
     records = records.set_column(records.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     records = records.set_column(records.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
     return records, {"format": dataset_format, "formats_seen": dict(sorted(counts.items())),
-                     **({"source_formats": dict(sorted(formats.items()))} if not one else {}),
+                     **({"source_formats": dict(sorted(formats.items()))} if cfg.data.sources else {}),
                      "duplicate_pairs": duplicates, "duplicates": cfg.data.duplicates}
 
 

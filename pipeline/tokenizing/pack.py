@@ -160,7 +160,7 @@ def pack_and_write(records: pa.Table, cfg: PipelineConfig, out_dir: Loc, chunks:
     bad_mask = records.column("reason").is_valid()
     quarantine = fill_raw(records.filter(bad_mask).select(QUARANTINE_COLUMNS), chunks or [])
     group = {c["label"]: c.get("group") for c in chunks or []}
-    if any(group.values()):  # a mixture: each entry names its source too, not only its file
+    if cfg.data.sources:  # a mixture: each entry names its source too, not only its file
         quarantine = quarantine.append_column("source_name", pa.array(
             [group.get(label) for label in quarantine.column("source").to_pylist()], pa.string()))
     pairs = records.filter(pc.invert(bad_mask))

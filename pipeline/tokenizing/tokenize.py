@@ -46,9 +46,15 @@ ADDED_SETTINGS = {"prompt_too_long": "quarantine", "min_completion_tokens": 1}
 def resolve_sources(cfg: PipelineConfig) -> list[sources.Source]:
     cache = Loc(cfg.run_dir) / "sources"
     if cfg.data.sources:
-        return [replace(s, group=mixing.source_name(spec)) for spec in cfg.data.sources
-                for s in ([sources.hf_dataset_source(spec["hf_dataset"], cache)] if spec.get("hf_dataset")
-                          else sources.expand_inputs(mixing.files_of(spec)))]
+        found = [replace(s, group=mixing.source_name(spec)) for spec in cfg.data.sources
+                 for s in ([sources.hf_dataset_source(spec["hf_dataset"], cache)] if spec.get("hf_dataset")
+                           else sources.expand_inputs(mixing.files_of(spec)))]
+        # a label two sources share (two hf_dataset json sources: "hf:json[train]"; one file in two
+        # sources) is made the source's own, so that every record maps to its source
+        groups: dict[str, set] = {}
+        for s in found:
+            groups.setdefault(s.label, set()).add(s.group)
+        return [replace(s, label=f"{s.group}:{s.label}") if len(groups[s.label]) > 1 else s for s in found]
     if cfg.data.hf_dataset is not None:
         return [sources.hf_dataset_source(cfg.data.hf_dataset, cache)]
     return sources.expand_inputs(cfg.data.train_files)
@@ -101,7 +107,7 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
                 stats["sources"] = source_stats(records, pq.read_table(f, columns=["source"]), chunks, drawn)
             for name, counts in stats["sources"].items():  # each source's own format
-                counts["format"] = stats.get("source_formats", {}).get(name, stats["format"])
+                counts["format"] = stats.get("source_formats", {}).get(name)  # None: no good row
         return shards, stats
     finally:
         units_dir.rmtree()

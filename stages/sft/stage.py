@@ -15,6 +15,7 @@ from (``pipeline.runner`` hands it on).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, fields, replace
 
 import numpy as np
@@ -172,7 +173,10 @@ def tokenize_own(data_cfg: PipelineConfig, rows: SequenceRows, out: Loc, use_ray
         text = str(e)
         if not text.startswith("tokenize: "):
             raise
-        raise ValueError("sft.data: " + text[len("tokenize: "):].replace("pairs", "rows")) from None
+        # the same error (a DataError ends the run in one line), said of sft.data's rows
+        said = re.sub(r"\bpairs\b", "rows", text[len("tokenize: "):]).replace("data.eval_fraction",
+                                                                                "sft.data.eval_fraction")
+        raise type(e)("sft.data: " + said) from None
     for split in SPLITS:  # the counts of write_chosen_rows's stats
         stats[split] = {"sequences": stats[split].pop("pairs"), **stats[split]}
     return shards, stats

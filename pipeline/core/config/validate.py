@@ -136,6 +136,11 @@ def _validate_data_source(data, group: str) -> None:
         from pipeline.core import mixing
 
         mixing.check(data.sources, need, check_hf_dataset)
+        if group != "data":  # sft's rows are read by their own keys (messages_key ...), one set for all
+            for i, src in enumerate(data.sources):
+                own = [k for k in mixing.COLUMN_KEYS if isinstance(src, dict) and k in src]
+                need(not own, f"data.sources[{i}].{own[0] if own else ''}: per-source column names are for "
+                              "data.sources (preference pairs); the sft data's keys are sft.data's")
     need(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
 
 
