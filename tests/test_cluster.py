@@ -113,10 +113,11 @@ def test_ray_job_submit_runs_the_pipeline(assets, tmp_path):
         bad.write_text(json.dumps({"a": [1], "b": 2}))
         failed = subprocess.run(
             [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
-             str(REPO), "--", sys.executable, "-m", "pipeline", "run", str(config), f"data.train_files=[{bad}]"],
+             str(REPO), f"--runtime-env-json={runtime_env}", "--", sys.executable, "-m", "pipeline", "run",
+             str(config), f"data.train_files=[{bad}]"],
             env=env, capture_output=True, text=True, timeout=300)
         out = failed.stdout + failed.stderr
-        assert failed.returncode != 0 and "failed" in out.lower(), out[-3000:]
+        assert failed.returncode != 0 and "failed with exit code 2" in out, out[-3000:]
         assert "error: data.train_files: " in out and "holds neither a JSON array of rows nor JSON Lines" in out
         assert "Traceback" not in out, out[-3000:]
     finally:
