@@ -16,9 +16,6 @@ def connect(cfg: ClusterConfig, log=print) -> str:
 
     # Ray Data's progress bars for tokenize and score (rows done, rows/s, per operator).
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars
-    # an error in a stage's actor (a DataError in a read unit) reaches the driver as its own
-    # class, not as "UDF failed to process a data block": the CLI ends it in one line
-    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")

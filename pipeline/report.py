@@ -127,7 +127,7 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
         if s.get("sources"):
             lines += ["", "| source | rows | rows drawn | pairs | quarantined | format |", "|---|---:|---:|---:|---:|---|"]
             lines += [f"| {redact_text(name)} | {c['rows']} | {c['sampled_rows']} | {c['pairs']} | {c['quarantined']} | "
-                      f"{c.get('format', '-')} |" for name, c in s["sources"].items()]
+                      f"{c.get('format') or '-'} |" for name, c in s["sources"].items()]
     sft = results.get("sft")
     if sft:
         lines += _sft_section(out, sft)

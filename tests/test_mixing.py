@@ -124,7 +124,7 @@ def test_the_mixture_is_fingerprinted_and_reported(assets, tmp_path):
     cache = HashCache(tmp_path / "hashes.json")
     fp = tokenize.fingerprint_inputs(cfg, cache)
     assert fp["mixture"][0] == {"name": "alpha", "weight": 0.3, "max_pairs": None, "files": [str(a)],
-                                "hf_dataset": None}
+                                "hf_dataset": None, "checks": 2}
     raw = to_dict(cfg)
     raw["data"]["sources"][0]["weight"] = 0.4
     assert tokenize.fingerprint_inputs(config_from_dict(raw), cache) != fp
@@ -135,7 +135,7 @@ def test_the_mixture_is_fingerprinted_and_reported(assets, tmp_path):
                                                          "dir": str(tmp_path), "stats": stats}})
     text = report.read_text()
     assert "| alpha | 100 | 30 | 30 | 0 | standard |" in text and "| beta | 50 | 50 | 50 | 0 | standard |" in text
-    # a source's own column names are fingerprinted where set (mixtures made before keep theirs)
+    # a source's own column names are fingerprinted where set
     raw["data"]["sources"][0]["weight"] = 0.3
     raw["data"]["sources"][1]["prompt_key"] = "question"
     keyed = tokenize.fingerprint_inputs(config_from_dict(raw), cache)
@@ -230,3 +230,4 @@ def test_two_sources_that_share_a_label_stay_two_sources(assets, tmp_path):
     _, stats, ids = run(assets, tmp_path, "shared", mixture)
     assert {n: (c["pairs"], c["format"]) for n, c in stats["sources"].items()} == {
         "first": (10, "standard"), "second": (20, "standard")}
+    assert len(ids) == 30 and len(set(ids)) == 30  # a pair id each, the source's label in it

@@ -118,3 +118,20 @@ def test_own_rows_of_the_pairs_chosen_conversations_are_the_chosen_rows(assets, 
         assert read_sequences(own, split) == read_sequences(chosen, split), split
     assert stats["train"]["sequences"] + stats["eval"]["sequences"] == 300
     assert {s.name for s in shards} >= {"quarantine.parquet", "train-00000.parquet"}
+
+
+def test_own_data_with_nothing_to_train_on_is_a_data_error_of_sft_data(assets, tmp_path):
+    """Every row in the eval split: the run ends in one line (a DataError), said of sft.data's
+    rows and its eval fraction; the quarantine path in it as it is."""
+    from pipeline.core.config import DataError
+
+    pairs = [json.loads(line) for line in open(assets["data"]).read().splitlines()[:3]]
+    data = tmp_path / "pairs-sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": p["prompt"] + p["chosen"]}) + "\n" for p in pairs))
+    cfg = tiny_config(assets, tmp_path / "run", sft={"enabled": True, "data": {"train_files": [str(data)],
+                                                                                 "eval_fraction": 0.99}})
+    out = Loc(tmp_path / "own")
+    out.mkdir()
+    with pytest.raises(DataError, match=r"^sft\.data: no training rows left \(all quarantined or in eval\): see "
+                                         r".*/own/quarantine\.parquet and sft\.data\.eval_fraction$"):
+        sft.tokenize_own(*sft.own_data(cfg), out, use_ray=False)

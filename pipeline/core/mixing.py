@@ -30,6 +30,7 @@ import numpy as np
 
 COLUMN_KEYS = ("prompt_key", "chosen_key", "rejected_key")  # a source's own column names (default data's)
 KEYS = ("name", "files", "hf_dataset", "weight", "max_pairs") + COLUMN_KEYS
+CHECKS_VERSION = 2  # 2: a format per source, the quarantine's source_name
 
 
 def source_name(src: dict) -> str:
@@ -80,10 +81,12 @@ def check(sources: Any, need: Callable[[bool, str], None], check_hf_dataset: Cal
 
 def settings(sources: list[dict]) -> list[dict]:
     """What the tokenize fingerprint keeps of a mixture besides the files' contents (a
-    source's column names only where it sets them: mixtures made before keep theirs)."""
+    source's column names only where it sets them)."""
     return [{"name": source_name(s), "weight": s.get("weight"), "max_pairs": s.get("max_pairs"),
              "files": files_of(s) if s.get("files") else None, "hf_dataset": s.get("hf_dataset"),
-             **{k: s[k] for k in COLUMN_KEYS if k in s}} for s in sources]
+             **{k: s[k] for k in COLUMN_KEYS if k in s},
+             # each source its own format, source_name in the quarantine (mixtures made before re-tokenize)
+             "checks": CHECKS_VERSION} for s in sources]
 
 
 def columns(sources: list[dict]) -> dict[str, dict]:

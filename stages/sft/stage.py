@@ -174,8 +174,8 @@ def tokenize_own(data_cfg: PipelineConfig, rows: SequenceRows, out: Loc, use_ray
         if not text.startswith("tokenize: "):
             raise
         # the same error (a DataError ends the run in one line), said of sft.data's rows
-        said = re.sub(r"\bpairs\b", "rows", text[len("tokenize: "):]).replace("data.eval_fraction",
-                                                                                "sft.data.eval_fraction")
+        what, see, where = text[len("tokenize: "):].partition(" see ")  # the path after it stays as it is
+        said = re.sub(r"\bpairs\b", "rows", what) + see + where.replace("data.eval_fraction", "sft.data.eval_fraction")
         raise type(e)("sft.data: " + said) from None
     for split in SPLITS:  # the counts of write_chosen_rows's stats
         stats[split] = {"sequences": stats[split].pop("pairs"), **stats[split]}

@@ -139,8 +139,9 @@ def _validate_data_source(data, group: str) -> None:
         if group != "data":  # sft's rows are read by their own keys (messages_key ...), one set for all
             for i, src in enumerate(data.sources):
                 own = [k for k in mixing.COLUMN_KEYS if isinstance(src, dict) and k in src]
-                need(not own, f"data.sources[{i}].{own[0] if own else ''}: per-source column names are for "
-                              "data.sources (preference pairs); the sft data's keys are sft.data's")
+                need(not own, f"data.sources[{i}].{own[0] if own else ''}: per-source column names are for the "
+                              "preference pairs' sources; the sft stage's own data is read by its own keys "
+                              "(messages_key, prompt_key, completion_key)")
     need(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction: must be in [0, 1)")
 
 
