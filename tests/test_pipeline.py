@@ -165,7 +165,7 @@ def test_cli_with_another_loss_reruns_only_train(first_run, tmp_path, capsys):
     assert cli.main(["status", str(config_file), *overrides]) == 0
     status = capsys.readouterr().out.splitlines()
     assert [line.split()[0] + " " + line.split()[2] for line in status[1:]] == [
-        "tokenize done", "sft not", "score done", "train done"]  # sft is off: not needed
+        "tokenize done", "sft not", "score done", "train done", "generate not"]  # sft and generate off: not needed
 
 
 def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_path):

@@ -83,7 +83,7 @@ def test_a_second_run_skips_all_four(sft_run):
     again = runner.run_pipeline(cfg)
     assert [r["ran"] for r in again.values()] == [False, False, False, False]
     status = {r["stage"]: r["state"] for r in runner.status(cfg)}
-    assert status == {"tokenize": "done", "sft": "done", "score": "done", "train": "done"}
+    assert status == {"tokenize": "done", "sft": "done", "score": "done", "train": "done", "generate": "not needed"}
 
 
 def test_a_new_beta_reruns_only_train(sft_run):

@@ -101,7 +101,7 @@ def test_reference_free_loss_skips_the_score_stage(assets, tmp_path):
     status = run_cli(path, command="status", timeout=120).stdout.splitlines()
     assert [line.split()[0:3] for line in status[1:]] == [
         ["tokenize", status[1].split()[1], "done"], ["sft", "-", "not"], ["score", "-", "not"],
-        ["train", status[4].split()[1], "done"]]
+        ["train", status[4].split()[1], "done"], ["generate", "-", "not"]]
 
 
 @pytest.mark.slow
