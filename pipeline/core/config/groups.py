@@ -132,10 +132,14 @@ class TokenizeConfig:
 
 
 @dataclass
-class ScoreConfig:
-    # Reference-model actors, one model each.
+class ModelActors:
+    """Where a stage's model-holding actors run (score's and generate's): each loads its
+    models once and takes a shard a call."""
+
+    # Actors, each holding the stage's models (score: the reference; generate: the policy, the
+    # reference and the reward model).
     actors: int = 1
-    # 1 on GPU workers.
+    # 1 on GPU workers (generate with vLLM: its tensor_parallel_size).
     num_gpus_per_actor: float = 0.0
     # Fractional on CPU (see tokenize.actors).
     num_cpus_per_actor: float = 0.5
@@ -144,7 +148,12 @@ class ScoreConfig:
 
 
 @dataclass
-class GenerateConfig:
+class ScoreConfig(ModelActors):
+    pass
+
+
+@dataclass
+class GenerateConfig(ModelActors):
     # Off by default. On: after train, the trained policy and the reference answer the same
     # prompts, side by side in the report (docs/generate.md).
     enabled: bool = False
@@ -174,13 +183,6 @@ class GenerateConfig:
     reward_model: Optional[str] = None
     # Prompts an output shard holds: what a generate call batches, and what a rerun resumes by.
     prompts_per_shard: int = 16
-    # Generation actors, each with both models (and the reward model).
-    actors: int = 1
-    # 1 (or tensor_parallel_size) on GPU workers.
-    num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 0.5
-    # torch intra-op threads per actor on CPU.
-    cpu_threads: int = 1
     # Prompts shown side by side in the report.
     show: int = 5
 
