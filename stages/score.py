@@ -71,7 +71,7 @@ def iter_rows(table: pa.Table):
 
 class ShardScorer:
     def __init__(self, cfg_dict: dict):
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg = config_from_dict(cfg_dict, handed_on=True)
         require_gpu(self.cfg.score.num_gpus_per_actor > 0, "score.num_gpus_per_actor")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":

@@ -166,3 +166,22 @@ def test_an_output_made_from_another_sft_model_is_stale(tmp_path):
         f"score ({'f' * 16}) was made from an SFT model with digest {'a' * 64}, and the sft stage's model is now")
     (tmp_path / "score" / SFT_MARKER).write_text(json.dumps({"export_digest": "b" * 64}))
     assert stale_sft_output("score", plan, "partial", now) is None
+
+
+def test_a_worker_after_train_takes_the_sft_export_as_its_reference(assets, tmp_path):
+    """After sft and train the driver hands the workers a config whose policy is train's
+    export and whose reference is sft's; with sft.enabled still set, that is no user giving
+    two references (the generate stage's actors refused it: a ConfigError in the worker)."""
+    import shutil
+
+    from pipeline.core import models
+    from pipeline.core.config import for_workers
+
+    cfg = tiny_config(assets, tmp_path / "run", sft={"enabled": True})
+    sft_export, train_export = (shutil.copytree(assets["model"], tmp_path / name) for name in ("sft", "train"))
+    cfg, _ = models.pin_trained(cfg, str(sft_export), "d1", ("path", "reference_path"))
+    cfg, _ = models.pin_trained(cfg, str(train_export), "d2", ("path",))
+    worker = config_from_dict(for_workers(cfg), handed_on=True)
+    assert (worker.model.path, worker.reference_path) == (str(train_export), str(sft_export))
+    with pytest.raises(ConfigError, match=r"model\.reference_path and sft\.enabled"):  # as a user's config
+        config_from_dict(for_workers(cfg))

@@ -76,7 +76,7 @@ class TokenizeChunk:
         ``sft_formats.SequenceRows`` for the sft stage's own data: one-sided pairs)."""
         from pipeline.core.config import config_from_dict
 
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg = config_from_dict(cfg_dict, handed_on=True)
         self.tokenizer = load_tokenizer(self.cfg)
         self.units_dir = Loc(units_dir) if units_dir is not None else None
         d = self.cfg.data

@@ -90,7 +90,7 @@ class RankContext:
 
 
 def setup(spec: WorkerSpec) -> RankContext:
-    cfg = config_from_dict(spec.cfg_dict)
+    cfg = config_from_dict(spec.cfg_dict, handed_on=True)
     for key, value in spec.env.items():  # a rank on another node lacks the driver's environment
         os.environ.setdefault(key, value)
     train_cfg = spec.train_cfg or cfg.train

@@ -67,7 +67,7 @@ class ShardGenerator:
     whole shards."""
 
     def __init__(self, cfg_dict: dict):
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg = config_from_dict(cfg_dict, handed_on=True)
         g = self.cfg.generate
         require_gpu(g.num_gpus_per_actor > 0, "generate.num_gpus_per_actor")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

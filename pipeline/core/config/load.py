@@ -186,10 +186,13 @@ def as_written(cfg: "PipelineConfig") -> dict:
     return redact(out)
 
 
-def config_from_dict(raw: dict) -> PipelineConfig:
+def config_from_dict(raw: dict, handed_on: bool = False) -> PipelineConfig:
+    """A config from its dict. ``handed_on``: the dict is one the driver made from a checked
+    config (a worker's, with models other stages trained in it): what only a user's choice can
+    contradict is not asked again (after sft, ``model.reference_path`` is the sft export)."""
     cfg = _build(PipelineConfig, _inherit_train(raw), "")
     _read_files(cfg)
-    _validate(cfg)
+    _validate(cfg, handed_on)
     return cfg
 
 

@@ -23,7 +23,7 @@ def shares_prompt(cfg: PipelineConfig) -> bool:
     return cfg.model.attn_implementation in PROMPT_SHARING_ATTENTION
 
 
-def _validate(cfg: PipelineConfig) -> None:
+def _validate(cfg: PipelineConfig, handed_on: bool = False) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
@@ -63,7 +63,7 @@ def _validate(cfg: PipelineConfig) -> None:
     _validate_training(cfg.train, "train")
     need(not cfg.train.merge_adapter or cfg.train.peft is not None, "train.merge_adapter: only with train.peft")
     if cfg.sft.enabled:
-        need(cfg.model.reference_path is None,
+        need(handed_on or cfg.model.reference_path is None,
              f"model.reference_path and sft.enabled: the sft stage trains the reference from model.path, and "
              f"model.reference_path ({cfg.model.reference_path}) names another one; give one of them")
         _validate_training(cfg.sft_training(), "sft")
