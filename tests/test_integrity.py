@@ -13,7 +13,8 @@ from pipeline import runner
 from pipeline.core.config import config_from_dict, redact, to_dict
 from pipeline.demo import make_pairs, write_jsonl
 from pipeline.core.rundir import stage_state
-from stages import score, train
+from stages import train
+from stages.score import stage as score
 
 
 @pytest.fixture()

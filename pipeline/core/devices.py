@@ -64,3 +64,17 @@ def check_ray_cluster_gpus(cfg: PipelineConfig, stages: list[Stage]) -> None:
     except Exception:  # noqa: BLE001 - a private API: without it, judge by what is there now
         at_most = None
     check_cluster_gpus(cfg, stages, ray.cluster_resources(), at_most)
+
+
+def peak_tflops(configured: float | None, device, dtype: str) -> float | None:
+    """The denominator of mfu: ``device.peak_tflops`` when given, else the vendor's figure
+    for a known GPU (``flops.PEAK_TFLOPS``), else None (a CPU: no mfu)."""
+    if configured:
+        return configured
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        from pipeline.core.flops import known_peak_tflops
+
+        return known_peak_tflops(torch.cuda.get_device_name(device), dtype)
+    return None

@@ -28,7 +28,8 @@ import torch
 
 from pipeline.core import placement
 from pipeline.core.config import PipelineConfig, TrainingSettings, config_from_dict
-from pipeline.core.devices import require_gpu
+from pipeline.core.devices import peak_tflops, require_gpu
+from pipeline.core.flops import ModelShape, mfu, row_work, train_flops
 from pipeline.training.offload import offload_activations
 from pipeline.core.packing import MicroBatch, eval_plan
 from pipeline.core.rows import RowReader, split_files
@@ -83,10 +84,17 @@ class RankContext:
     out_dir: Path  # where this rank writes: ``out`` itself, or local scratch uploaded to it
     ray_train: bool = False
     stage: str = "train"
+    shape: ModelShape | None = None  # the policy's, once the engine is built: a row's FLOPs for mfu
+    peak_tflops: float | None = None  # one device's peak (device.peak_tflops, or known): None, no mfu
 
     @property
     def staged(self) -> bool:
         return self.out.remote
+
+    def row_flops(self, row: dict) -> int:
+        """A train step's model FLOPs on ``row`` (forward and backward; LoRA's frozen base
+        gets its input's gradient only)."""
+        return train_flops(self.shape, row_work(row["seq_lens"], row["prompt_lens"]), self.train_cfg.peft is not None)
 
 
 def setup(spec: WorkerSpec) -> RankContext:
@@ -129,18 +137,22 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     lr = engine.get_lr()[0]
     sums, t0 = MetricSums(ctx.objective.unit, ctx.objective.metric_names, ctx.device), time.time()
     for mb in step_plan[ctx.rank]:
+        row = ctx.train_rows[mb.row]
         with offload_activations(ctx.train_cfg.activation_offloading):
-            out = row_loss(engine, ctx.train_rows[mb.row])  # engine(row): the objective's pass (forward.py)
+            out = row_loss(engine, row)  # engine(row): the objective's pass (forward.py)
         loss = out.loss_sum * (mb.weight * scale)
         if out.aux_loss is not None:  # a mean over micro-batches once DeepSpeed divides
             loss = loss + mb.weight * out.aux_loss
         engine.backward(loss)
         engine.step()
-        sums.add(out, mb.weight)
+        sums.add(out, mb.weight, ctx.row_flops(row))
     metrics = sums.reduce()
+    seconds = max(time.time() - t0, 1e-9)
     metrics.update(step=step, epoch=step / ctx.steps_per_epoch, learning_rate=lr,
-                   grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                   tokens_per_second=metrics["tokens"] / max(time.time() - t0, 1e-9))
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens_per_second=metrics["tokens"] / seconds)
+    flops = metrics.pop("flops", 0)  # every rank's rows: the step's FLOPs over its seconds on world devices
+    if ctx.peak_tflops:
+        metrics["mfu"] = mfu(flops, seconds, ctx.world, ctx.peak_tflops)
     return metrics
 
 
@@ -191,6 +203,8 @@ def train_worker(config: dict) -> None:
     write_pid(ctx)
     record_workers(ctx, started)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
+    ctx.shape = ModelShape.of(engine.module.config, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
+    ctx.peak_tflops = peak_tflops(ctx.cfg.device.peak_tflops, ctx.device, ctx.cfg.model.dtype)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg
 

@@ -29,15 +29,16 @@ class MetricSums:
 
     def __init__(self, unit: str, metric_names: tuple[str, ...], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.count_names = ("rows", unit, "tokens")  # known on the host
+        self.count_names = ("rows", unit, "tokens", "flops")  # known on the host
         self.sum_names = ("aux_loss",) + tuple(metric_names)  # summed on the device
         self.counts = dict.fromkeys(self.count_names, 0)
         self.sums = torch.zeros(len(self.sum_names), dtype=torch.float64, device=self.device)
 
-    def add(self, out: RowLoss, weight: float) -> None:
+    def add(self, out: RowLoss, weight: float, flops: int = 0) -> None:
+        """``flops``: the model FLOPs the row cost (``pipeline.core.flops``), for mfu."""
         if weight == 0.0:  # a filler that only keeps the ranks in lock-step
             return
-        for name, n in zip(self.count_names, (1, out.units, out.tokens)):
+        for name, n in zip(self.count_names, (1, out.units, out.tokens, flops)):
             self.counts[name] += n
         values = dict(out.metric_sums)
         values["aux_loss"] = (out.aux_loss.detach().double() * out.units if out.aux_loss is not None  # unit-weighted
@@ -57,6 +58,8 @@ class MetricSums:
         out.update({f"{prefix}{k}": int(total[k]) for k in self.count_names})
         if total["aux_loss"] == 0.0:  # a dense model: no router loss to report
             del out[f"{prefix}aux_loss"]
+        if total["flops"] == 0.0:  # not counted (eval): nothing to make an mfu of
+            del out[f"{prefix}flops"]
         return out
 
 
@@ -132,7 +135,7 @@ class MetricsLog:
         if self.ctx.rank == 0:
             eta = (time.time() - self.start) / m["step"] * (total - m["step"])
             say(f"[{self.ctx.stage}] step {m['step']}/{total} loss {m['loss']:.4f} acc {m[self.ctx.objective.accuracy]:.3f} "
-                f"tok/s {m['tokens_per_second']:.0f} eta {eta:.0f}s")
+                f"tok/s {m['tokens_per_second']:.0f}" + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "") + f" eta {eta:.0f}s")
 
 
 def window_record(window: list[dict], counts: tuple[str, ...]) -> dict:
@@ -148,6 +151,9 @@ def window_record(window: list[dict], counts: tuple[str, ...]) -> dict:
         elif key == "tokens_per_second":
             seconds = sum(r["tokens"] / r[key] for r in window if r[key])
             record[key] = sum(r["tokens"] for r in window) / seconds if seconds else value
+        elif key == "mfu":  # over the window's seconds, as the throughput
+            seconds = [r["tokens"] / r["tokens_per_second"] if r["tokens_per_second"] else 0.0 for r in window]
+            record[key] = sum(r[key] * t for r, t in zip(window, seconds)) / sum(seconds) if sum(seconds) else value
         else:
             record[key] = sum(r[key] for r in window) / len(window)
     return record

@@ -24,7 +24,7 @@ from pipeline.core.segments import segment_sums
 
 class ScoreForward:
     """The reference's forward: one packed row's reference log-probs, per token and per
-    segment, as the score stage computes them (``stages/score.py``)."""
+    segment, as the score stage computes them (``stages/score/``)."""
 
     def __init__(self, model: torch.nn.Module, chunk: int, device: torch.device):
         self.model, self.chunk, self.device = model, chunk, device

@@ -10,7 +10,8 @@ settings, the preference loss, the train and sft groups), ``run`` (``PipelineCon
 ``validate`` (the checks at load) and ``load`` (YAML in, overrides, dicts out).
 """
 
-from .groups import ClusterConfig, ConfigError, DataConfig, DataError, GenerateConfig, ModelConfig, RowSource, ScoreConfig, TokenizeConfig
+from .groups import (ClusterConfig, ConfigError, DataConfig, DataError, DeviceConfig, GenerateConfig, ModelConfig, RowSource,
+                     ScoreConfig, TokenizeConfig)
 from .load import (apply_overrides, as_written, config_from_dict, dump_yaml, for_workers, load_config, redact,
                    resume_location, to_dict)
 from .run import PipelineConfig
@@ -18,7 +19,7 @@ from .training import (SFT_FROM_TRAIN, TRAIN_ONLY_KEYS, LoraSettings, Preference
                        TrainConfig, TrainingSettings)
 from .validate import PROMPT_SHARING_ATTENTION, build_loss, rename_group, shares_prompt
 
-__all__ = ["ClusterConfig", "ConfigError", "DataConfig", "DataError", "GenerateConfig", "LoraSettings", "ModelConfig",
+__all__ = ["ClusterConfig", "ConfigError", "DataConfig", "DataError", "DeviceConfig", "GenerateConfig", "LoraSettings", "ModelConfig",
            "PROMPT_SHARING_ATTENTION", "PipelineConfig", "PreferenceSettings", "RowSource", "SFTConfig", "SFTDataConfig", "SFT_FROM_TRAIN",
            "ScoreConfig", "TRAIN_ONLY_KEYS", "TokenizeConfig", "TrainConfig", "TrainingSettings", "apply_overrides",
            "as_written", "build_loss", "config_from_dict", "dump_yaml", "for_workers", "load_config", "redact",

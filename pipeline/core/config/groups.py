@@ -188,6 +188,18 @@ class GenerateConfig(ModelActors):
 
 
 @dataclass
+class DeviceConfig:
+    # The memory of the device one train rank (or score actor) runs on, in GiB: a GPU's
+    # memory, or a CPU rank's share of its node's. `pipeline plan` compares its per-rank
+    # totals with it; null (unknown): nothing is compared.
+    memory_gib: Optional[float] = None
+    # The device's dense peak TFLOP/s in model.dtype, the denominator of the train and
+    # score metrics' mfu. null: the vendor's figure where the GPU is known
+    # (pipeline/core/flops.py, PEAK_TFLOPS), else no mfu is logged.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
 class ClusterConfig:
     # Ray address: null = RAY_ADDRESS if set, else start a private local cluster.
     # "auto" joins the cluster on this machine; "local" always starts a new one.

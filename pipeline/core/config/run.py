@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-from .groups import ClusterConfig, DataConfig, GenerateConfig, ModelConfig, ScoreConfig, TokenizeConfig
+from .groups import ClusterConfig, DataConfig, DeviceConfig, GenerateConfig, ModelConfig, ScoreConfig, TokenizeConfig
 from .training import SFTConfig, TrainConfig, TrainingSettings
 
 
@@ -25,6 +25,8 @@ class PipelineConfig:
     # Samples of the trained policy and the reference after train (off by default).
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # What one device holds and computes: for `pipeline plan` and the metrics' mfu.
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
     # Derived values live here so each is computed in one place.
     @property

@@ -1,0 +1,132 @@
+"""The score stage's actor: the reference model loaded once, each call one shard of packed
+rows scored and committed whole (``ShardScorer``), with what the rows cost (its FLOPs and
+seconds, for the stage's mfu)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.core import placement
+from pipeline.core.config import config_from_dict
+from pipeline.core.devices import peak_tflops, require_gpu
+from pipeline.core.flops import ModelShape, forward_flops, row_work
+from pipeline.core.logps import packed_token_logps
+from pipeline.core.modeling import load_causal_lm, row_inputs
+from pipeline.core.rows import ROW_GROUP_ROWS
+from pipeline.core.segments import segment_sums
+from pipeline.core.storage import Loc
+
+SCORE_FIELDS = [
+    pa.field("ref_logps", pa.list_(pa.float32())),
+    pa.field("ref_seq_logps", pa.list_(pa.float32())),
+]
+
+
+@dataclass
+class _InFlight:
+    """A row whose forward has been queued; its results land in host memory later."""
+
+    row_id: int
+    logps: torch.Tensor  # (T,) on the host once ``done`` has fired
+    sums: torch.Tensor  # (S,)
+    done: "torch.cuda.Event | None"  # None on CPU, where everything ran already
+
+
+def iter_rows(table: pa.Table):
+    """A shard's rows with their token lists as numpy slices (no Python lists of tokens)."""
+    lists = {}
+    for name in ("input_ids", "position_ids", "seq_lens", "prompt_lens"):
+        col = table.column(name).combine_chunks()
+        lists[name] = (col.values.to_numpy(), col.offsets.to_numpy())  # offsets index the unsliced values
+    for i, row_id in enumerate(table.column("row_id").to_pylist()):
+        yield {"row_id": row_id, **{n: v[o[i]:o[i + 1]] for n, (v, o) in lists.items()}}
+
+
+class ShardScorer:
+    def __init__(self, cfg_dict: dict):
+        self.cfg = config_from_dict(cfg_dict, handed_on=True)
+        require_gpu(self.cfg.score.num_gpus_per_actor > 0, "score.num_gpus_per_actor")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.score.cpu_threads)
+        self.model = load_causal_lm(self.cfg.reference_path, self.cfg.model, self.device)
+        self.model.eval()
+        # a row's FLOPs and this device's peak, for the stage's mfu
+        self.shape = ModelShape.of(self.model.config, sum(p.numel() for p in self.model.parameters()))
+        self.peak = peak_tflops(self.cfg.device.peak_tflops, self.device, self.cfg.model.dtype)
+
+    @torch.inference_mode()
+    def launch(self, row: dict) -> _InFlight:
+        """Queue one row's forward and the copy of its results to the host; on a GPU this
+        returns before the kernels have run (nothing here waits on the device)."""
+        input_ids, position_ids, layout = row_inputs(row, self.device)
+        per_token = packed_token_logps(
+            self.model, input_ids, position_ids, layout, self.cfg.model.logp_chunk_tokens
+        ).logps
+        sums = segment_sums(per_token, layout)
+        if self.device.type == "cpu":
+            return _InFlight(row["row_id"], per_token, sums, None)
+        host = per_token.to("cpu", non_blocking=True), sums.to("cpu", non_blocking=True)  # pinned
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(row["row_id"], *host, done)
+
+    @staticmethod
+    def collect(row: _InFlight) -> tuple[np.ndarray, np.ndarray]:
+        if row.done is not None:
+            row.done.synchronize()
+        tok = row.logps.numpy()
+        bad = ~np.isfinite(tok) | (tok > 0)
+        if bad.any():
+            raise ValueError(
+                f"score: row {row.row_id} has {int(bad.sum())} reference log-probs that "
+                "are NaN, inf or positive; the reference model or dtype is broken"
+            )
+        return tok, row.sums.numpy()
+
+    def score_table(self, table: pa.Table, wanted: list[int] | None = None) -> pa.Table:
+        """Rows go one step ahead: row k+1 is queued before row k's results are read, so the
+        GPU starts on it while the host waits for row k and converts it. ``wanted``: the
+        shard's rows to score (None: all); the others get nulls."""
+        keep = None if wanted is None else set(wanted)
+        results, in_flight = {}, None
+        for i, row in enumerate(iter_rows(table)):
+            if keep is not None and i not in keep:
+                continue
+            queued = (i, self.launch(row))
+            if in_flight is not None:
+                results[in_flight[0]] = self.collect(in_flight[1])
+            in_flight = queued
+        if in_flight is not None:
+            results[in_flight[0]] = self.collect(in_flight[1])
+        rows = [results.get(i) for i in range(table.num_rows)]
+        return table.append_column(
+            SCORE_FIELDS[0], pa.array([r and r[0] for r in rows], type=SCORE_FIELDS[0].type)
+        ).append_column(SCORE_FIELDS[1], pa.array([r and r[1] for r in rows], type=SCORE_FIELDS[1].type))
+
+    def score_shard(self, src: str, dst: str, wanted: list[int] | None = None) -> dict:
+        src_loc, final = Loc(src), Loc(dst)
+        with src_loc.open_input() as f:
+            table = pq.read_table(f)
+        start = time.perf_counter()
+        scored = self.score_table(table, wanted)
+        seconds = time.perf_counter() - start
+        rows = range(table.num_rows) if wanted is None else wanted
+        seq, prm = table.column("seq_lens").to_pylist(), table.column("prompt_lens").to_pylist()
+        flops = sum(forward_flops(self.shape, row_work(seq[i], prm[i])) for i in rows)
+        final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
+        return {"name": final.name, "rows": scored.num_rows, "flops": flops, "seconds": seconds,
+                "peak_tflops": self.peak or 0.0, **placement.here()}
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.score_shard(s, d, json.loads(w))
+                   for s, d, w in zip(batch["src"], batch["dst"], batch["wanted"])]
+        return {k: [r[k] for r in results] for k in ("name", "rows", "flops", "seconds", "peak_tflops", "node_id",
+                                                      "hostname")}

@@ -1,0 +1,149 @@
+"""The score stage's work: which shards and rows to score, the actors over them (on Ray, or
+one in this process), and the stats of what was scored."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core import placement
+from pipeline.core.config import PipelineConfig, for_workers, to_dict
+from pipeline.core.models import local_dir
+from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
+from pipeline.core.storage import Loc
+from pipeline.training.plan import first_segment_rows, first_segment_settings
+
+from .scorer import ShardScorer
+
+STAGE_VERSION = 1
+
+
+def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache, upstream: str, sft: str | None = None) -> dict:
+    """``sft``: the sft stage's fingerprint when its export is the reference. With TR-DPO,
+    what decides the train rows scored (``first_segment``)."""
+    inputs = {
+        "version": STAGE_VERSION,
+        "upstream": upstream,
+        "reference_model": hash_checkpoint(local_dir(cfg.reference_path, cfg.model), "model", cache) if sft is None
+        else {"sft": sft},
+        "dtype": cfg.model.dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+    if cfg.train.sync_ref_model:
+        inputs["first_segment"] = first_segment_settings(cfg.train)
+    return inputs
+
+
+def rows_to_score(cfg: PipelineConfig, in_manifest: dict) -> dict[str, list[int]]:
+    """TR-DPO: for each train shard, the indexes within it of the first segment's rows (the
+    train rows are the train shards' rows in name order, as the ranks read them). Empty
+    without TR-DPO, and for eval shards: every row is scored."""
+    if not cfg.train.sync_ref_model:
+        return {}
+    shards = sorted((s for s in in_manifest["shards"] if s["name"].startswith("train-")), key=lambda s: s["name"])
+    wanted = first_segment_rows(sum(s["rows"] for s in shards), cfg.train)
+    out, start, k = {}, 0, 0
+    for shard in shards:
+        end = start + shard["rows"]
+        out[shard["name"]] = []
+        while k < len(wanted) and wanted[k] < end:
+            out[shard["name"]].append(wanted[k] - start)
+            k += 1
+        start = end
+    return out
+
+
+def _is_complete(path: Loc, rows: int) -> bool:
+    """A committed shard: readable Parquet footer with the input's row count."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open_input() as f:
+            return pq.ParquetFile(f).metadata.num_rows == rows
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc, wanted: dict[str, list[int]]) -> list[dict]:
+    """The shards to score, each with the rows of it to score (JSON; null: all)."""
+    todo = []
+    for shard in in_manifest["shards"]:
+        if shard["name"] == "quarantine.parquet":
+            continue
+        dst = out_dir / shard["name"]
+        if not _is_complete(dst, shard["rows"]):
+            todo.append({"src": str(in_dir / shard["name"]), "dst": str(dst),
+                         "wanted": json.dumps(wanted.get(shard["name"]))})
+    return todo
+
+
+def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[ShardInfo], dict]:
+    """The manifest's shards and stats; ``scored``: what this attempt scored, and where
+    (shards committed by an earlier, interrupted attempt are counted as such)."""
+    for leftover in out_dir.iterdir():  # half-written files of actors that were killed
+        if ".tmp-" in leftover.name:
+            leftover.unlink()
+    shards, rows, scored_rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0, 0.0
+    for shard in in_manifest["shards"]:
+        if shard["name"] == "quarantine.parquet":
+            continue
+        path = out_dir / shard["name"]
+        with path.open_input() as f:
+            table = pq.read_table(f, columns=["num_tokens", "ref_seq_logps", "seq_lens", "prompt_lens"])
+        shards.append(ShardInfo.of(path, table.num_rows))
+        rows += table.num_rows
+        tokens += int(pa.compute.sum(table.column("num_tokens")).as_py() or 0)
+        table = table.filter(pa.compute.is_valid(table.column("ref_seq_logps")))  # TR-DPO leaves rows unscored
+        scored_rows += table.num_rows
+        seq = pa.compute.list_flatten(table.column("seq_lens")).to_numpy()
+        prm = pa.compute.list_flatten(table.column("prompt_lens")).to_numpy()
+        completion_tokens += int((seq - prm).sum())
+        logp_sum += float(pa.compute.list_flatten(table.column("ref_seq_logps")).to_numpy().astype(np.float64).sum())
+    stats = {
+        "rows": rows,
+        "rows_scored": scored_rows,
+        "tokens": tokens,
+        "completion_tokens": completion_tokens,
+        "mean_ref_logp_per_token": logp_sum / completion_tokens if completion_tokens else math.nan,
+        "workers": placement.by_node(scored, "shards"),
+        "shards_from_earlier_attempts": len(shards) - len({s["name"] for s in scored}),
+    }
+    capacity = sum(s["seconds"] * s["peak_tflops"] * 1e12 for s in scored)  # each actor's busy seconds at its peak
+    if capacity:
+        stats["mfu"] = sum(s["flops"] for s in scored) / capacity
+    return shards, stats
+
+
+def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+    in_dir, out_dir = Loc(in_dir), Loc(out_dir)
+    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
+    scored = []
+    if todo:
+        scorer = ShardScorer(to_dict(cfg))
+        scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"])) for item in todo]
+    return _finish(in_manifest, out_dir, scored)
+
+
+def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+    import ray
+
+    in_dir, out_dir = Loc(in_dir), Loc(out_dir)
+    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
+    scored = []
+    if todo:
+        score_cfg = cfg.score
+        ds = ray.data.from_items(todo).map_batches(
+            ShardScorer,
+            fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(score_cfg.actors, len(todo))),
+            num_cpus=score_cfg.num_cpus_per_actor,
+            num_gpus=score_cfg.num_gpus_per_actor,
+        )
+        scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
+    return _finish(in_manifest, out_dir, scored)
+
