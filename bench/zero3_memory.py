@@ -95,7 +95,10 @@ def worker(a) -> None:
         deepspeed_config.build_ds_config = build_ds_config
     rank, world = init_distributed("gloo")
     phases = [("imports", rss(), peak())]
-    train_cfg = TrainConfig(zero_stage=a.stage, num_workers=world, learning_rate=1e-5, report_to=[])
+    offload = {f"offload_{w}": {"device": "cpu"} for w in (getattr(a, "offload", None) or "").split("+") if w}
+    train_cfg = TrainConfig(zero_stage=a.stage, num_workers=world, learning_rate=1e-5, report_to=[],
+                            gradient_checkpointing=bool(getattr(a, "gc", False)),
+                            deepspeed={"zero_optimization": offload} if offload else None)
     model_cfg = ModelConfig(path=a.model_dir, dtype="float32", attn_implementation="segment_sdpa")
     # the NLL of the completion tokens: the log-prob pass and its backward, through engine(row)
     engine = build_engine(train_cfg, model_cfg, world, 10, SFTObjective(1024), torch.device("cpu"))
@@ -113,8 +116,14 @@ def worker(a) -> None:
         phases.append((f"step {step + 1} backward", rss(), peak()))
         engine.step()
         phases.append((f"step {step + 1} optimizer", rss(), peak()))
-    print("RESULT " + json.dumps({"rank": rank, "world": world, "stage": a.stage, "params": n,
-                                  "phases": phases, "buffers": zero_buffers(engine)}), flush=True)
+    line = "RESULT " + json.dumps({"rank": rank, "world": world, "stage": a.stage, "params": n,
+                                   "phases": phases, "buffers": zero_buffers(engine)}) + "\n"
+    sys.stdout.flush()
+    os.write(1, line.encode())  # one write: two ranks' lines never interleave on the shared pipe
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank done before gloo's threads go: an exit under a live collective aborts
+    dist.destroy_process_group()
 
 
 def run_config(model_dir: str, stage: int, world: int, a) -> list[dict]:
@@ -122,7 +131,8 @@ def run_config(model_dir: str, stage: int, world: int, a) -> list[dict]:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
            __file__, "--worker", "--model-dir", model_dir, "--stage", str(stage), "--tokens", str(a.tokens),
-           "--steps", str(a.steps)] + (["--zero", a.zero] if a.zero else [])
+           "--steps", str(a.steps)] + (["--zero", a.zero] if a.zero else []) + (["--gc"] if getattr(a, "gc", False) else []) \
+        + (["--offload", a.offload] if getattr(a, "offload", None) else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
     if out.returncode:
@@ -140,6 +150,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-zero3-memory"))
     ap.add_argument("--zero", help="extra zero_optimization settings, KEY=VALUE,... (e.g. "
                                    "stage3_max_live_parameters=1e8)")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--offload", help="optimizer, param or optimizer+param: ZeRO-Offload to the CPU")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)

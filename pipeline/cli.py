@@ -2,6 +2,7 @@
 
   run CONFIG [key.sub=value ...] [--stages STAGE,...] [--from STAGE] [--force]
   status CONFIG [key.sub=value ...]
+  plan CONFIG [key.sub=value ...] [--mfu F]   per-rank memory and FLOPs, before launch
   demo-assets [DIR]      build the demo's data, tokenizer and tiny model (deterministic)
 """
 
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="each stage's fingerprint and state")
     st.add_argument("config")
     st.add_argument("overrides", nargs="*")
+    plan = sub.add_parser("plan", help="per-rank memory and FLOPs of each stage, before launch (no weights, no Ray)")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--mfu", type=float, default=0.4, help="the MFU the times are given at (default 0.4)")
     demo = sub.add_parser("demo-assets", help="build the demo's data, tokenizer and tiny model")
     demo.add_argument("dir", nargs="?", default="runs/tiny-assets")
     return p
@@ -55,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from pipeline import runner
 
+        if args.command == "plan":
+            from pipeline.planning import plan_text
+
+            print(plan_text(runner.plan(cfg, args.mfu), args.config), end="")
+            return 0
         if args.command == "status":
             print(runner.format_table(
                 runner.status(cfg),

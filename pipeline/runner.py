@@ -20,7 +20,7 @@ from typing import Callable
 import yaml
 
 from pipeline.core import models
-from pipeline.core.config import ConfigError, PipelineConfig, as_written
+from pipeline.core.config import ConfigError, DataError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
 from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
@@ -263,6 +263,22 @@ def status(cfg: PipelineConfig) -> list[dict]:
                       "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
                       "seconds": figures.get("seconds", "-"), "dir": redact_text(str(plan.dir))})
     return table
+
+
+def plan(cfg: PipelineConfig, mfu: float = 0.4):
+    """``pipeline plan`` (pipeline/planning/), given the local outputs of the stages already
+    done (a tokenized output gives the run's FLOPs); nothing remote is asked."""
+    from pipeline.core.storage import is_uri
+    from pipeline.planning import make_plan
+
+    done = {}
+    if not is_uri(cfg.run_dir) and not any(is_uri(f) for f in cfg.data.train_files) and not cfg.data.sources:
+        try:
+            done = {name: p.dir.local for name, p in plan_stages(models.pin(cfg)[0]).items()
+                    if p.dir.local and stage_state(p.dir) == "done"}
+        except (ConfigError, DataError, OSError):  # data not there yet: planned without its rows
+            pass
+    return make_plan(cfg, done, mfu)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
