@@ -90,7 +90,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-plan-memory"))
     ap.add_argument("--allocator", choices=("release", "default"), default="release")
+    ap.add_argument("--predict-again", action="store_true",
+                    help="no run: the measured figures of --out's results.json against this code's predictions")
     a = ap.parse_args()
+    if a.predict_again:
+        results = json.loads((Path(a.out) / "plan-results.json").read_text())
+        for r in results:
+            c = parse(r["spec"], a.tokens)
+            assets = build_assets(Path(a.out), c["model"], argparse.Namespace(dtype="float32", pairs=8,
+                                                                               pair_words="10-20,5-10", max_length=64))
+            _, plan = predict(assets["model"], c)
+            r["predicted"], r["phase"] = plan.peak(place=None)
+        report(results, a)
+        return
     if a.allocator == "release":  # inherited by torchrun's ranks
         import os
 
@@ -116,7 +128,7 @@ def main() -> None:
                             "lines": [(x.name, x.bytes, x.phases) for x in plan.lines]})
         print(f"# {spec}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
+        (Path(a.out) / "plan-results.json").write_text(json.dumps(results, indent=1))
     report(results, a)
 
 

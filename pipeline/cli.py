@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help=f"comma-separated subset of {','.join(stages)}")
     run.add_argument("--from", dest="from_stage", help=f"run this stage ({', '.join(stages)}) and every later one")
     run.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
+    run.add_argument("--skip-memory-check", action="store_true",
+                     help="run even where the plan's peak exceeds device.memory_gib (docs/plan.md)")
     run.add_argument("--no-ray", action="store_true",
                      help="run every stage's core in this process, one train rank (no Ray)")
     st = sub.add_parser("status", help="each stage's fingerprint and state")
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["stage", "fingerprint", "state", "rows", "tokens", "seconds", "dir"]))
             return 0
         stages = args.stages.split(",") if args.stages else None
-        results = runner.run_pipeline(cfg, stages=stages, from_stage=args.from_stage,
-                                      force=args.force, use_ray=not args.no_ray)
+        results = runner.run_pipeline(cfg, stages=stages, from_stage=args.from_stage, force=args.force,
+                                      use_ray=not args.no_ray, memory_check=not args.skip_memory_check)
         print(runner.format_summary(results))
         return 0
     except (ConfigError, DataError, FileNotFoundError) as e:  # a setting, a path or data to fix: which, no traceback

@@ -19,6 +19,7 @@ from typing import Callable
 
 import yaml
 
+from pipeline import planning
 from pipeline.core import models
 from pipeline.core.config import ConfigError, DataError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
@@ -26,7 +27,7 @@ from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
 from pipeline.registry import names, registered, stage
-from pipeline.core.storage import Loc
+from pipeline.core.storage import Loc, is_uri
 
 
 def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
@@ -120,7 +121,7 @@ def check_run_dir(run_dir: str, environ: dict | None = None) -> None:
         return
     try:
         working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
-    except ValueError:
+    except ValueError:  # not JSON: no working directory to name
         working_dir = None
     where = f"Ray's temporary copy of the job's working directory ({working_dir})" if working_dir else \
         "a directory Ray manages for the job"
@@ -136,16 +137,20 @@ def run_pipeline(
     force: bool = False,
     use_ray: bool = True,
     log: Callable[[str], None] = print,
+    memory_check: bool = True,
 ) -> dict[str, dict]:
     check_run_dir(cfg.run_dir)
     log = _redacting(log)  # stage directories are printed: a run_dir URI may hold credentials
     selected = select_stages(stages, from_stage)
     written = as_written(cfg)  # the config as given (Hub ids, not the commits they resolved to)
     cfg, pinned = models.pin(cfg)  # once, on the driver: every worker loads the same files
+    cfg = planning.resolve(cfg)  # zero_stage: auto, from the config alone (as status and plan resolve it)
     for s in registered():  # checked before any stage runs, not on the ranks after hours of scoring
         if s.name in selected and s.needed(cfg) is None:
             s.preflight(cfg, use_ray)
     plans = plan_stages(cfg)
+    if memory_check and (why := planning.over_memory(cfg, {n: p.dir for n, p in plans.items() if n in selected}, force)):
+        raise ConfigError(why)  # device.memory_gib given, and a stage to run does not fit: refused before launch
     run_dir = Loc(cfg.run_dir)
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
@@ -242,13 +247,12 @@ class _Run:
 
 def _figures(manifest: dict) -> dict:
     stats = manifest["stats"]
-    return {"rows": stats["rows"], "tokens": stats["tokens"], "seconds": manifest["seconds"],
-            "stats": stats}
+    return {"rows": stats["rows"], "tokens": stats["tokens"], "seconds": manifest["seconds"], "stats": stats}
 
 
 def status(cfg: PipelineConfig) -> list[dict]:
     table = []
-    plans = plan_stages(models.pin(cfg)[0])
+    plans = plan_stages(planning.resolve(models.pin(cfg)[0]))
     for s in registered():
         if s.name not in plans:
             table.append({"stage": s.name, "fingerprint": "-", "state": "not needed", "dir": f"({s.needed(cfg)})"})
@@ -266,19 +270,15 @@ def status(cfg: PipelineConfig) -> list[dict]:
 
 
 def plan(cfg: PipelineConfig, mfu: float = 0.4):
-    """``pipeline plan`` (pipeline/planning/), given the local outputs of the stages already
-    done (a tokenized output gives the run's FLOPs); nothing remote is asked."""
-    from pipeline.core.storage import is_uri
-    from pipeline.planning import make_plan
-
+    """``pipeline plan`` (pipeline/planning/); the local outputs of stages done give the run's FLOPs."""
     done = {}
-    if not is_uri(cfg.run_dir) and not any(is_uri(f) for f in cfg.data.train_files) and not cfg.data.sources:
-        try:
-            done = {name: p.dir.local for name, p in plan_stages(models.pin(cfg)[0]).items()
+    if not is_uri(cfg.run_dir) and not cfg.data.sources and not any(is_uri(f) for f in cfg.data.train_files):
+        try:  # nothing remote is asked, no weights needed
+            done = {n: p.dir.local for n, p in plan_stages(planning.resolve(models.pin(cfg)[0])).items()
                     if p.dir.local and stage_state(p.dir) == "done"}
-        except (ConfigError, DataError, OSError):  # data not there yet: planned without its rows
+        except (ConfigError, DataError, OSError):  # data or weights not there yet: planned without the rows
             pass
-    return make_plan(cfg, done, mfu)
+    return planning.make_plan(cfg, done, mfu)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -125,9 +125,10 @@ def test_model_states_agree_with_deepspeeds_estimators():
     assert W * states(z2o, "step", "host") == pytest.approx(16 * N, abs=64)
     assert ds_cpu == int(N * max(4 * W, 16) * 1.5)
     # ZeRO-3, no offload: DeepSpeed 4·largest layer + 18N/W; the plan's partitions are 2+2+4+8 =
-    # 16N/W, the fp32 gradients existing for one sub-group at a time (its step line), and the
-    # gathered parameters are bounded by stage3_max_live_parameters (1e9 by default), not by
-    # the largest layer
+    # 16N/W, the fp32 gradients existing for one sub-group at a time (its step line); where
+    # DeepSpeed counts the largest layer gathered in fp32, the plan counts the LM head's weight
+    # (the largest parameter) and the prefetch bucket gathered in bf16 at the peak, and notes
+    # the bound stage3_max_live_parameters puts on what ZeRO-3 may keep
     from cluster.deepspeed_config import zero3_sizes
 
     z3 = train_rank(f, TrainShape(zero_stage=3, world=W, ds=zero3_sizes(4096), **base))  # as the pipeline builds it
@@ -135,8 +136,9 @@ def test_model_states_agree_with_deepspeeds_estimators():
                                                                cpu_offload=False)
     assert states(z3, "backward") == pytest.approx(16 * N / W, abs=64)
     assert ds_gpu - int(18 * N / W) == largest == 4 * f.largest_param
-    gathered = next(x.bytes for x in z3.lines if x.name == "ZeRO-3: gathered parameters")
-    assert gathered == 2 * (10**9 + f.largest_param)
+    gathered = next(x.bytes for x in z3.lines if x.name == "ZeRO-3: gathered parameters at the peak")
+    assert gathered == 2 * (f.largest_param + 50_000_000)
+    assert f"ZeRO-3 may keep up to {2 * (10**9 + f.largest_param) / GiB:.2f} GiB gathered" in z3.notes[0]
     sub_group = next(x for x in z3.lines if x.name.startswith("optimizer step: a sub-group"))
     assert sub_group.bytes == 8 * (50_000_000 + -(-f.largest_param // W))  # flat fp32 gradients + foreach's temporary
     # ZeRO-3 + offload_optimizer + offload_param: the GPU holds no states (DeepSpeed: the
@@ -194,3 +196,26 @@ def test_plan_reads_a_hub_id_from_the_offline_cache(tmp_path, assets, capsys, mo
     text = plan_cli(capsys, "configs/qwen2.5-1.5b-1node.yaml", "model.path=Qwen/Qwen2.5-1.5B-Instruct",
                     f"data.train_files=[{assets['data']}]")
     assert "Model: 1543.7M parameters (vocab 151936, hidden 1536, 28 layers" in text
+
+
+def test_the_runs_flops_come_from_the_tokenized_rows(assets, tmp_path):
+    """Once tokenize has run, the plan counts the run: every train row once an epoch at 3x
+    its forward, every row once for score."""
+    from helpers import tiny_config
+
+    from pipeline import runner
+    from pipeline.core.flops import ModelShape, forward_flops, row_work, train_flops
+    from pipeline.core.rows import RowReader, split_files
+    from transformers import AutoConfig
+
+    cfg = tiny_config(assets, tmp_path / "run", train={"num_train_epochs": 2})
+    assert runner.plan(cfg).stages[-1].flops_run is None  # nothing tokenized yet
+    runner.run_pipeline(cfg, stages=["tokenize"], use_ray=False, log=lambda _: None)
+    plan = runner.plan(cfg)
+    shape = ModelShape.of(AutoConfig.from_pretrained(assets["model"]), plan.facts.params)
+    out = runner.plan_stages(cfg)["tokenize"].dir
+    work = {split: [row_work(r["seq_lens"], r["prompt_lens"]) for r in (lambda rr: [rr[i] for i in range(rr.num_rows)])(
+        RowReader(split_files(out, split)))] for split in ("train", "eval")}
+    score, train = (s for s in plan.stages if s.stage in ("score", "train"))
+    assert train.flops_run == 2 * sum(train_flops(shape, w) for w in work["train"])
+    assert score.flops_run == sum(forward_flops(shape, w) for w in work["train"] + work["eval"])

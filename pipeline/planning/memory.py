@@ -146,16 +146,16 @@ def train_rank(f: ModelFacts, s: TrainShape) -> RankMemory:
             m.add("gradients: fp32 accumulators (DeepSpeed's bf16 optimizer)", 4 * Nt, f"4·{nt}", ("step",))
     if z >= 1 and s.offload_optimizer:  # reduced into fp32 host buffers, where the optimizer steps
         m.add("gradients: this rank's partition, fp32", 4 * Nt / W, f"4·{nt}/W", place="host")
-    if z == 2:
+    if z == 2:  # the partition's gradients come out of the reduce at the backward's end, and go at the step
         if not s.offload_optimizer:
-            m.add("gradients: this rank's partition", b * Nt / W, f"b·{nt}/W")
+            m.add("gradients: this rank's partition", b * Nt / W, f"b·{nt}/W", ("step",))
         bucket = s.setting("reduce_bucket_size")
-        if s.on_gpu:
+        if s.on_gpu:  # allocated whole
             m.add("gradient reduce bucket", b * bucket * (2 if s.ds.get("overlap_comm") else 1),
-                  "b·reduce_bucket_size (x2 with overlap_comm)", ("backward",))
-        else:
-            m.add("gradient reduce bucket (the pages written)", b * min(bucket, Nt), f"b·min(reduce_bucket_size, {nt})",
-                  ("backward",))
+                  "b·reduce_bucket_size (x2 with overlap_comm)")
+        else:  # a CPU page is resident once written: a parameter's gradient at a time (measured)
+            m.add("gradient reduce bucket (the pages written)", b * min(bucket, f.largest_param),
+                  "b·min(reduce_bucket_size, largest parameter)")
     elif z == 3:
         if not s.offload_optimizer:
             m.add("gradients: this rank's partition", b * Nt / W, f"b·{nt}/W")
@@ -172,10 +172,15 @@ def train_rank(f: ModelFacts, s: TrainShape) -> RankMemory:
         m.add("master weights (fp32): this rank's partition", 4 * Nt / W, f"4·{nt}/W", place=opt_place)
     m.add("optimizer states" + (": this rank's partition" if shard > 1 else ""), moments * Nt / shard,
           f"{moments}·{nt}" + ("/W" if shard > 1 else ""), place=opt_place)
-    if z == 3:
-        live = min(N, s.setting("stage3_max_live_parameters") + f.largest_param)
-        m.add("ZeRO-3: gathered parameters", b * live, "b·min(N, stage3_max_live_parameters + largest parameter)",
-              ("backward",))
+    if z == 3:  # at the peak, the LM head's backward: its weight, and the prefetched layers behind it
+        held = min(N, f.largest_param + s.setting("stage3_prefetch_bucket_size"))
+        m.add("ZeRO-3: gathered parameters at the peak", b * held,
+              "b·min(N, largest parameter + stage3_prefetch_bucket_size)", ("backward",))
+        bound = min(N, s.setting("stage3_max_live_parameters") + f.largest_param)
+        if bound > held:
+            m.notes.append(f"ZeRO-3 may keep up to {b * bound / GiB:.2f} GiB gathered (b·min(N, stage3_max_live_parameters"
+                           f" + largest parameter)) where its trace holds parameters for reuse; not seen in "
+                           f"bench/plan_memory.py, where the peak held {b * held / GiB:.2f} GiB")
     activations(m, f, s)
     step_transient(m, f, s, Nt, nt)
     return m

@@ -8,7 +8,6 @@ depends on it."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +96,3 @@ def model_facts(config, trust_remote_code: bool = False) -> ModelFacts:
     if intermediate is None:
         return ModelFacts(**facts, modelled=False, why_not=f"{type(text).__name__} has no intermediate_size")
     return ModelFacts(**facts)
-
-
-def facts_json(facts: ModelFacts) -> str:
-    return json.dumps({"params": facts.params, "vocab": facts.shape.vocab, "hidden": facts.shape.hidden,
-                       "layers": facts.shape.layers, "intermediate": facts.intermediate})

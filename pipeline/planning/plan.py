@@ -49,6 +49,7 @@ class Plan:
     mfu: float
     stages: list[StagePlan]
     rows_known: bool
+    notes: list[str] = field(default_factory=list)
 
 
 def train_shape(cfg: PipelineConfig, settings: TrainingSettings, facts: ModelFacts, **over) -> TrainShape:
@@ -169,7 +170,14 @@ def add_flops(plan: StagePlan, facts: ModelFacts, cfg: PipelineConfig, settings,
 
 def make_plan(cfg: PipelineConfig, done: dict[str, Path] | None = None, mfu: float = 0.4) -> Plan:
     """``done``: the local output directories of the stages already done; the tokenize
-    stage's rows give the run's FLOPs."""
+    stage's rows give the run's FLOPs. ``zero_stage: auto`` is resolved here, and said."""
+    from .auto import resolve
+
+    given, cfg = cfg, resolve(cfg)
+    notes = [f"{group}.zero_stage: auto -> {getattr(cfg, group).zero_stage} (the lowest ZeRO stage whose plan fits "
+             f"device.memory_gib; 3 where it is unknown or none fits)"
+             for group in ("train", "sft") if getattr(given, group).zero_stage == "auto"
+             and (group == "train" or cfg.sft.enabled)]
     facts = model_facts(read_config(cfg.model.path, cfg.model), cfg.model.trust_remote_code)
     rows = row_works((done or {}).get("tokenize"), cfg)
     stages = []
@@ -186,4 +194,5 @@ def make_plan(cfg: PipelineConfig, done: dict[str, Path] | None = None, mfu: flo
         add_flops(stages[-1], ref, cfg, None, rows)
     stages.append(training_plan(cfg, "train", cfg.train, facts))
     add_flops(stages[-1], facts, cfg, cfg.train, rows)
-    return Plan(facts, cfg.model.dtype, cfg.device.memory_gib, cfg.device.peak_tflops, mfu, stages, rows is not None)
+    return Plan(facts, cfg.model.dtype, cfg.device.memory_gib, cfg.device.peak_tflops, mfu, stages, rows is not None,
+                notes)

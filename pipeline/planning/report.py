@@ -38,6 +38,7 @@ def stage_text(s: StagePlan, plan: Plan) -> list[str]:
     host = m.peak(place="host")[0] if on_gpu else 0
     out.append(f"| **peak ({phase})** | **{gib(total)}** | {verdict.strip()} | | "
                + (f"+ {gib(host)} host |" if host else "|"))
+    out += [f"Note: {n}" for n in m.notes]
     if s.others:
         out += ["", f"Other settings, peak {where} (GiB): " + "; ".join(
             f"{label} {gib(dev)}" + (f" (+{gib(host)} host)" if host and on_gpu else "") for label, dev, host in s.others)]
@@ -63,6 +64,7 @@ def plan_text(plan: Plan, source: str) -> str:
             f"{'tied' if f.shape.tied else 'untied'} embeddings), {plan.dtype}.",
             f"Device memory: {f'{plan.memory_gib:g} GiB' if plan.memory_gib else 'unknown (device.memory_gib)'}; "
             f"peak: {f'{plan.peak_tflops:g} TFLOP/s' if plan.peak_tflops else 'unknown (device.peak_tflops)'}.", ""]
+    head += [*plan.notes, ""] if plan.notes else []
     if not f.modelled:
         head += [f"Not modelled: {f.why_not}. The lines below count a dense model of the same widths.", ""]
     body = [line for s in plan.stages for line in stage_text(s, plan)]

@@ -97,8 +97,10 @@ class TrainingSettings:
     use_gpu: bool = False
     # CPUs per Ray Train worker (torch threads on CPU).
     cpus_per_worker: float = 1.0
-    # DeepSpeed ZeRO stage.
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    # DeepSpeed ZeRO stage; auto: the lowest whose plan (`pipeline plan`) fits
+    # device.memory_gib, resolved from the config alone before any stage (3 with the memory
+    # unknown, or where none fits); the resolved stage is what the fingerprint holds.
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = 3
     # Your own DeepSpeed config: a JSON file's path (read when the config is loaded, so its
     # content is in the fingerprint) or a mapping, deep-merged over the one the pipeline
     # builds, as the HF Trainer's --deepspeed: ZeRO-Offload (cpu; nvme where libaio is

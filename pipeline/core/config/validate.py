@@ -236,7 +236,7 @@ def _validate_tr_dpo(train_cfg: TrainConfig, names: list[str]) -> None:
     need(alpha is None or 0.0 < alpha <= 1.0, f"train.ref_model_mixup_alpha: must be in (0, 1] (it is {alpha}); "
                                               "0 would never move the reference")
     need(train_cfg.ref_model_sync_steps >= 1, "train.ref_model_sync_steps: must be >= 1")
-    need(train_cfg.zero_stage == 3,
+    need(train_cfg.zero_stage in (3, "auto"),  # auto resolves to 3 under TR-DPO
          f"train.sync_ref_model: the ranks hold the reference partitioned like the policy, which needs "
          f"train.zero_stage: 3 (it is {train_cfg.zero_stage})")
     zero = (train_cfg.deepspeed or {}).get("zero_optimization", {})
