@@ -61,23 +61,24 @@ def parse(spec: str, tokens: int) -> dict:
 
 
 def predict(model_dir: str, c: dict):
+    """The plan of this configuration, through the same path as `pipeline plan` (a config,
+    ``plan.train_shape``, ``memory.train_rank``): fp32, segment_sdpa, the default chunk."""
     from transformers import AutoConfig
 
-    from cluster.deepspeed_config import build_ds_config, offload_device
-    from pipeline.core.config import TrainConfig
-    from pipeline.planning.memory import TrainShape, train_rank
+    from pipeline.core.config import config_from_dict
+    from pipeline.planning.memory import train_rank
     from pipeline.planning.model import model_facts
+    from pipeline.planning.plan import train_shape
 
-    config = AutoConfig.from_pretrained(model_dir)
-    facts = model_facts(config)
     offload = {f"offload_{w}": {"device": "cpu"} for w in (c["offload"] or "").split("+") if w}
-    train_cfg = TrainConfig(zero_stage=c["stage"], num_workers=c["world"], report_to=[], gradient_checkpointing=c["gc"],
-                            deepspeed={"zero_optimization": offload} if offload else None)
-    ds = build_ds_config(train_cfg, "float32", c["world"], config.hidden_size)
-    shape = TrainShape(zero_stage=c["stage"], world=c["world"], dtype="float32", tokens=c["tokens"], chunk=1024,
-                       gradient_checkpointing=c["gc"], offload_optimizer=offload_device(ds, "offload_optimizer") is not None,
-                       offload_param=offload_device(ds, "offload_param") is not None, ds=ds["zero_optimization"])
-    return facts, train_rank(facts, shape)
+    cfg = config_from_dict({
+        "model": {"path": model_dir, "dtype": "float32", "attn_implementation": "segment_sdpa"},
+        "data": {"train_files": ["unused.jsonl"]},
+        "tokenize": {"max_tokens_per_row": c["tokens"], "max_length": min(1024, c["tokens"] // 2)},
+        "train": {"zero_stage": c["stage"], "num_workers": c["world"], "gradient_checkpointing": c["gc"],
+                  "report_to": [], "deepspeed": {"zero_optimization": offload} if offload else None}})
+    facts = model_facts(AutoConfig.from_pretrained(model_dir))
+    return facts, train_rank(facts, train_shape(cfg, cfg.train, facts))
 
 
 def main() -> None:

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from pipeline.planning import plan_text
 
-            print(plan_text(runner.plan(cfg, args.mfu), args.config), end="")
+            if not 0 < args.mfu <= 1:
+                raise ConfigError(f"--mfu: {args.mfu} is not in (0, 1]")
+            print(plan_text(plan_of(cfg, args.mfu), args.config), end="")
             return 0
         if args.command == "status":
             print(runner.format_table(
@@ -80,6 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # a setting, a path or data to fix: which, no traceback
         print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
+
+
+def plan_of(cfg, mfu: float = 0.4):
+    """``pipeline plan`` (pipeline/planning/). Where the stages that need no weights (tokenize)
+    are done in a local run directory, their rows give the run's FLOPs; no model is pinned,
+    downloaded or hashed for it, and nothing remote is asked."""
+    from pipeline import planning, runner
+    from pipeline.core.rundir import stage_state
+    from pipeline.core.storage import is_uri
+
+    done = {}
+    if not is_uri(cfg.run_dir) and not cfg.data.sources and not any(is_uri(f) for f in cfg.data.train_files):
+        try:
+            done = {n: p.dir.local for n, p in runner.plan_stages(cfg, weightless=True).items()
+                    if p.dir.local and stage_state(p.dir) == "done"}
+        except (ConfigError, DataError, OSError):  # data not there yet: planned without its rows
+            pass
+    return planning.make_plan(cfg, done, mfu)
 
 
 def user_error(e: Exception) -> str:

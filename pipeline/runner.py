@@ -21,23 +21,25 @@ import yaml
 
 from pipeline import planning
 from pipeline.core import models
-from pipeline.core.config import ConfigError, DataError, PipelineConfig, as_written
+from pipeline.core.config import ConfigError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
 from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
 from pipeline.registry import names, registered, stage
-from pipeline.core.storage import Loc, is_uri
+from pipeline.core.storage import Loc
 
 
-def plan_stages(cfg: PipelineConfig) -> dict[str, StagePlan]:
+def plan_stages(cfg: PipelineConfig, weightless: bool = False) -> dict[str, StagePlan]:
     """Every registered stage the config needs, in order, each fingerprinted from the config
-    and the fingerprints of the stages planned before it."""
+    (``zero_stage: auto`` resolved) and the fingerprints of the stages planned before it.
+    ``weightless``: only those that load no model's weights (nothing downloaded or hashed)."""
+    cfg = planning.resolve(cfg)
     run_dir = Loc(cfg.run_dir)
     cache = HashCache(run_dir / ".hash_cache.json")
     plans: dict[str, StagePlan] = {}
     for s in registered():
-        if s.needed(cfg) is None:
+        if s.needed(cfg) is None and not (weightless and set(s.models) - {"tokenizer_path"}):
             inputs = s.fingerprint_inputs(cfg, cache, {name: p.fingerprint for name, p in plans.items()})
             fp = fingerprint(inputs)
             plans[s.name] = StagePlan(s.name, fp, run_dir / s.name / fp, inputs)
@@ -252,7 +254,7 @@ def _figures(manifest: dict) -> dict:
 
 def status(cfg: PipelineConfig) -> list[dict]:
     table = []
-    plans = plan_stages(planning.resolve(models.pin(cfg)[0]))
+    plans = plan_stages(models.pin(cfg)[0])
     for s in registered():
         if s.name not in plans:
             table.append({"stage": s.name, "fingerprint": "-", "state": "not needed", "dir": f"({s.needed(cfg)})"})
@@ -267,18 +269,6 @@ def status(cfg: PipelineConfig) -> list[dict]:
                       "rows": figures.get("rows", "-"), "tokens": figures.get("tokens", "-"),
                       "seconds": figures.get("seconds", "-"), "dir": redact_text(str(plan.dir))})
     return table
-
-
-def plan(cfg: PipelineConfig, mfu: float = 0.4):
-    """``pipeline plan`` (pipeline/planning/); the local outputs of stages done give the run's FLOPs."""
-    done = {}
-    if not is_uri(cfg.run_dir) and not cfg.data.sources and not any(is_uri(f) for f in cfg.data.train_files):
-        try:  # nothing remote is asked, no weights needed
-            done = {n: p.dir.local for n, p in plan_stages(planning.resolve(models.pin(cfg)[0])).items()
-                    if p.dir.local and stage_state(p.dir) == "done"}
-        except (ConfigError, DataError, OSError):  # data or weights not there yet: planned without the rows
-            pass
-    return planning.make_plan(cfg, done, mfu)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -76,3 +76,14 @@ def test_the_logged_mfu_adds_up_to_the_rows_flops(assets, tmp_path):
     assert logged == pytest.approx(expected, rel=1e-9)
     assert all(0 < m["mfu"] for m in steps)
     assert "mfu" in results["score"]["stats"]  # the score stage's, over its actors' seconds
+
+
+def test_a_logging_windows_mfu_is_over_its_seconds():
+    """Two steps logged as one record: 1 s at mfu 0.1 and 3 s at 0.3 make 1 / 4 x 0.1 + 3 / 4 x
+    0.3 = 0.25 (the FLOPs over the seconds, as the throughput), not their mean 0.2."""
+    from pipeline.training.metrics import window_record
+
+    window = [{"step": 1, "tokens": 100, "tokens_per_second": 100.0, "mfu": 0.1},
+              {"step": 2, "tokens": 300, "tokens_per_second": 100.0, "mfu": 0.3}]
+    record = window_record(window, ("tokens",))
+    assert record["mfu"] == pytest.approx(0.25) and record["tokens_per_second"] == pytest.approx(100.0)

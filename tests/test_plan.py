@@ -209,9 +209,11 @@ def test_the_runs_flops_come_from_the_tokenized_rows(assets, tmp_path):
     from transformers import AutoConfig
 
     cfg = tiny_config(assets, tmp_path / "run", train={"num_train_epochs": 2})
-    assert runner.plan(cfg).stages[-1].flops_run is None  # nothing tokenized yet
+    from pipeline.cli import plan_of
+
+    assert plan_of(cfg).stages[-1].flops_run is None  # nothing tokenized yet
     runner.run_pipeline(cfg, stages=["tokenize"], use_ray=False, log=lambda _: None)
-    plan = runner.plan(cfg)
+    plan = plan_of(cfg)
     shape = ModelShape.of(AutoConfig.from_pretrained(assets["model"]), plan.facts.params)
     out = runner.plan_stages(cfg)["tokenize"].dir
     work = {split: [row_work(r["seq_lens"], r["prompt_lens"]) for r in (lambda rr: [rr[i] for i in range(rr.num_rows)])(
@@ -219,3 +221,43 @@ def test_the_runs_flops_come_from_the_tokenized_rows(assets, tmp_path):
     score, train = (s for s in plan.stages if s.stage in ("score", "train"))
     assert train.flops_run == 2 * sum(train_flops(shape, w) for w in work["train"])
     assert score.flops_run == sum(forward_flops(shape, w) for w in work["train"] + work["eval"])
+
+
+def test_other_settings_skip_what_the_settings_cannot_take(assets, tmp_path):
+    """RMSprop has no offload (DeepSpeedCPUAdam is Adam), and a DeepSpeed JSON that repeats
+    its ZeRO stage does not stop the other stages being planned; auto keeps the JSON's stage."""
+    from helpers import tiny_config
+
+    from pipeline.planning import make_plan, resolve
+
+    cfg = tiny_config(assets, tmp_path / "run", train={"optimizer": "rmsprop"})
+    others = [label for label, _, _ in make_plan(cfg).stages[-1].others]
+    assert others == ["ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
+    cfg = tiny_config(assets, tmp_path / "run", device={"memory_gib": 4},
+                      train={"zero_stage": "auto", "deepspeed": {"zero_optimization": {"stage": 2}}})
+    assert len(make_plan(cfg).stages[-1].others) == 8
+    assert resolve(cfg).train.zero_stage == 2  # the JSON's, though ZeRO-0 fits
+
+
+def test_accumulated_gradients_are_held_through_the_next_backward():
+    f = facts_of(LLAMA_8B)
+    for z, name in ((0, "gradients"), (2, "gradients: this rank's partition")):
+        one, two = (train_rank(f, TrainShape(zero_stage=z, world=8, dtype="bfloat16", tokens=4096, chunk=1024,
+                                             on_gpu=True, accumulation=a)) for a in (1, 2))
+        assert next(x for x in one.lines if x.name == name).phases == ("step",)
+        assert next(x for x in two.lines if x.name == name).phases == ("backward", "step")
+        held = sum(x.bytes for x in two.lines if x.name.startswith("gradients") and x.name != "gradients: the "
+                   "partition flattened to fp32 for the step")  # ZeRO-0 in bf16: its fp32 accumulators too
+        assert two.total("backward") - one.total("backward") == held
+
+
+def test_a_mixture_of_experts_is_not_modelled_and_gets_no_mfu():
+    from transformers import MixtralConfig
+
+    from pipeline.core.flops import dense_shape
+
+    config = MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    assert dense_shape(config, 10**6) is None
+    facts = model_facts(config)
+    assert not facts.modelled and "a mixture of experts (4 experts)" in facts.why_not

@@ -1,5 +1,5 @@
 """TR-DPO's first segment: the train rows the score stage scores (pipeline/training/plan.py
-``first_segment_rows``; stages/score.py ``rows_to_score``). Every later row is rescored in
+``first_segment_rows``; stages/score/stage.py ``rows_to_score``). Every later row is rescored in
 the ranks before its step, so only the rows of steps 1..τ (and the eval rows) are read
 with the score stage's column. Fast: plans and manifests, no model."""
 

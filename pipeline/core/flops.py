@@ -54,6 +54,21 @@ class ModelShape:
                    tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def experts(config) -> int | None:
+    """A mixture of experts' expert count (its text config's), or None for a dense model."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((int(n) for n in (getattr(config, k, None) for k in EXPERT_KEYS) if n), None)
+
+
+def dense_shape(config, params: int) -> ModelShape | None:
+    """The shape the FLOPs count reads, or None for a mixture of experts, whose tokens pass
+    through top-k of its experts' weights, not all of them (no mfu is counted for it)."""
+    return None if experts(config) else ModelShape.of(config, params)
+
+
 def attention_pairs(blocks: Iterable[tuple[int, int, int, int]]) -> int:
     """(query, key) pairs of a packed row's causal attention: ``blocks`` as
     ``SegmentLayout.blocks``, (start, end, prefix_start, prefix_end) per segment."""
@@ -101,16 +116,18 @@ def train_flops(shape: ModelShape, work: RowWork, frozen_base: bool = False) -> 
     return forward + (weights if frozen_base else 2 * weights) + 2 * attention
 
 
-# Dense peak TFLOP/s of one device in bf16/fp16 (fp32 for float32: TF32 tensor cores where
-# the device has them), without sparsity, from the vendors' data sheets. A name matches
-# when it is a substring of torch.cuda.get_device_name(); the first match wins.
+# Dense peak TFLOP/s of one device, without sparsity, from the vendors' data sheets: bf16/fp16
+# on tensor cores; float32 without TF32 (the pipeline does not enable TF32, so fp32 matmuls
+# run on the CUDA cores). A name matches when it is a substring of
+# torch.cuda.get_device_name(); the first match wins.
 PEAK_TFLOPS = (
-    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
-    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
-    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),  # SXM
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
-    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 183.0}),
-    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 35.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 60.0}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),  # SXM
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 91.6}),
+    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 31.2}),
 )
 
 

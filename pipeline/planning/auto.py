@@ -18,7 +18,7 @@ from pipeline.core.config import ConfigError, PipelineConfig, TrainingSettings
 
 from .memory import GiB, train_rank
 from .model import ModelFacts, model_facts, read_config
-from .plan import CPU_RANK_OVERHEAD, _peak, make_plan, train_shape
+from .plan import CPU_RANK_OVERHEAD, _peak, make_plan, memory_limit, train_shape
 from .report import gib, stage_text
 
 AUTO = "auto"
@@ -29,17 +29,22 @@ def _facts(cfg: PipelineConfig) -> ModelFacts:
 
 
 def candidates(settings: TrainingSettings, tr_dpo: bool) -> tuple[int, ...]:
-    """The ZeRO stages this training group can run at, lowest first."""
-    zero = (settings.deepspeed or {}).get("zero_optimization", {}) if isinstance(settings.deepspeed, dict) else {}
-    offloads = {k for k in ("offload_optimizer", "offload_param") if (zero.get(k) or {}).get("device", "none") != "none"}
-    if tr_dpo or "offload_param" in offloads:
+    """The ZeRO stages this training group can run at, lowest first: the one its DeepSpeed
+    JSON names, if it names one."""
+    from cluster.deepspeed_config import offload_device
+
+    ds = settings.deepspeed if isinstance(settings.deepspeed, dict) else {}
+    named = (ds.get("zero_optimization") or {}).get("stage", "auto")
+    if named != "auto":
+        return (int(named),)
+    if tr_dpo or offload_device(ds, "offload_param"):
         return (3,)
-    return (1, 2, 3) if "offload_optimizer" in offloads else (0, 1, 2, 3)
+    return (1, 2, 3) if offload_device(ds, "offload_optimizer") else (0, 1, 2, 3)
 
 
 def fitting_stage(cfg: PipelineConfig, settings: TrainingSettings, facts: ModelFacts, tr_dpo: bool) -> int:
     """The lowest ZeRO stage whose plan fits device.memory_gib; 3 if unknown or none fits."""
-    if not cfg.device.memory_gib:
+    if not cfg.device.memory_gib or not facts.modelled:  # unknown, or not modelled: the default
         return 3
     overhead = None if settings.use_gpu else CPU_RANK_OVERHEAD
     for z in candidates(settings, tr_dpo):
@@ -60,9 +65,11 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     train, sft = cfg.train, cfg.sft
     if train.zero_stage == AUTO:
         train = dataclasses.replace(train, zero_stage=fitting_stage(cfg, train, facts, train.sync_ref_model))
-    if sft.zero_stage == AUTO:  # its own plan: the sft group's settings (train's where not its own)
-        resolved = fitting_stage(cfg, cfg.sft_training(), facts, False) if sft.enabled else 3
-        sft = dataclasses.replace(sft, zero_stage=resolved)
+    if "zero_stage" in sft.from_train:  # sft follows train's stage, as its workers' config rebuilds it
+        sft = dataclasses.replace(sft, zero_stage=train.zero_stage)
+    elif sft.zero_stage == AUTO:  # its own auto: its own plan
+        sft = dataclasses.replace(sft, zero_stage=fitting_stage(cfg, cfg.sft_training(), facts, False) if sft.enabled
+                                  else 3)
     return dataclasses.replace(cfg, train=train, sft=sft)
 
 
@@ -77,20 +84,23 @@ def over_memory(cfg: PipelineConfig, outputs: dict, force: bool = False) -> str 
         return None
     stages = {name for name, out in outputs.items() if force or stage_state(out) != "done"}
     plan = make_plan(cfg)
-    limit = cfg.device.memory_gib * GiB
-    over = [s for s in plan.stages if s.stage in stages and _peak(s.memory, s.overhead, s.overhead is None) > limit]
+    if not plan.facts.modelled:  # the plan prints "not modelled"; no refusal is made on its dense figures
+        return None
+    over = [s for s in plan.stages if s.stage in stages
+            and _peak(s.memory, s.overhead, s.overhead is None) > memory_limit(cfg, s.stage)]
     if not over:
         return None
     lines = []
     for s in over:
-        peak = _peak(s.memory, s.overhead, s.overhead is None)
+        peak, limit = _peak(s.memory, s.overhead, s.overhead is None), memory_limit(cfg, s.stage)
         fits = [label for label, dev, _ in s.others if dev <= limit]
         change = ([f"{s.stage}.zero_stage / {s.stage}.deepspeed offload ({', '.join(fits)} fit)"] if fits else []) + \
             ([f"tokenize.max_tokens_per_row (at most {s.largest_row} fits)"] if s.largest_row else []) + \
             ([f"{s.stage}.gradient_checkpointing: true"] if _checkpointing_fits(cfg, s.stage, limit) else [])
         what = "an actor" if s.stage == "score" else "a rank"
+        share = "" if limit == cfg.device.memory_gib * GiB else f" (its share: {gib(limit)} GiB)"
         lines.append(f"{s.stage}: the plan's peak {what} is {gib(peak)} GiB, over device.memory_gib "
-                     f"{cfg.device.memory_gib:g}; change " + (", ".join(change) or "the device (nothing in this config "
+                     f"{cfg.device.memory_gib:g}{share}; change " + (", ".join(change) or "the device (nothing in this config "
                                                                    "fits it: more memory a device, or more ranks)"))
     table = [line for s in over for line in stage_text(s, plan)]
     return "\n".join(lines + ["(or run with --skip-memory-check; docs/plan.md)", ""] + table)

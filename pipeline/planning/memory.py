@@ -89,6 +89,7 @@ class TrainShape:
     on_gpu: bool = False
     ds: dict = field(default_factory=dict)  # zero_optimization as merged (bucket sizes ...)
     attention: str = "segment_sdpa"  # model.attn_implementation
+    accumulation: int = 1  # gradient_accumulation_steps: > 1 keeps the gradients through the next backward
 
     @property
     def attention_outputs(self) -> int:
@@ -138,17 +139,18 @@ def train_rank(f: ModelFacts, s: TrainShape) -> RankMemory:
         m.add("weights: this rank's partition", b * N / W, "b·N/W", place="host" if s.offload_param else "device")
     else:
         m.add("weights", b * N, "b·N")
-    # gradients
+    # gradients: complete at the step; with accumulation also held through the next micro-batch's backward
     shard = 1 if z == 0 else W
+    held = ("backward", "step") if s.accumulation > 1 else ("step",)
     if z <= 1:
-        m.add("gradients", b * Nt, f"b·{nt} (the step's, all of them)", ("step",))
+        m.add("gradients", b * Nt, f"b·{nt} (the step's, all of them)", held)
         if z == 0 and b < 4:
-            m.add("gradients: fp32 accumulators (DeepSpeed's bf16 optimizer)", 4 * Nt, f"4·{nt}", ("step",))
+            m.add("gradients: fp32 accumulators (DeepSpeed's bf16 optimizer)", 4 * Nt, f"4·{nt}", held)
     if z >= 1 and s.offload_optimizer:  # reduced into fp32 host buffers, where the optimizer steps
         m.add("gradients: this rank's partition, fp32", 4 * Nt / W, f"4·{nt}/W", place="host")
     if z == 2:  # the partition's gradients come out of the reduce at the backward's end, and go at the step
         if not s.offload_optimizer:
-            m.add("gradients: this rank's partition", b * Nt / W, f"b·{nt}/W", ("step",))
+            m.add("gradients: this rank's partition", b * Nt / W, f"b·{nt}/W", held)
         bucket = s.setting("reduce_bucket_size")
         if s.on_gpu:  # allocated whole
             m.add("gradient reduce bucket", b * bucket * (2 if s.ds.get("overlap_comm") else 1),
@@ -179,10 +181,14 @@ def train_rank(f: ModelFacts, s: TrainShape) -> RankMemory:
         bound = min(N, s.setting("stage3_max_live_parameters") + f.largest_param)
         if bound > held:
             m.notes.append(f"ZeRO-3 may keep up to {b * bound / GiB:.2f} GiB gathered (b·min(N, stage3_max_live_parameters"
-                           f" + largest parameter)) where its trace holds parameters for reuse; not seen in "
-                           f"bench/plan_memory.py, where the peak held {b * held / GiB:.2f} GiB")
+                           f" + largest parameter)) where its trace holds parameters for reuse; the ranks measured "
+                           f"in bench/plan_memory.py held only what the line above counts")
     activations(m, f, s)
     step_transient(m, f, s, Nt, nt)
+    if s.attention == "eager":
+        m.notes.append("eager attention also saves its H·T² probabilities a layer (not counted): use segment_sdpa")
+    elif s.attention == "sdpa":
+        m.notes.append("sdpa isolates a packed row's segments with a T x T mask (not counted): use segment_sdpa")
     return m
 
 

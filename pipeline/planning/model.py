@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import ConfigError, LoraSettings, ModelConfig
-from pipeline.core.flops import ModelShape
+from pipeline.core.flops import ModelShape, experts
 
 LORA_ALL_LINEAR_SKIP = ("lm_head",)  # peft's "all-linear" leaves the output layer out
 
@@ -45,7 +45,7 @@ class ModelFacts:
         return sum(lora.r * (i + o) for _, i, o in chosen)
 
 
-def read_config(name: str, mcfg: ModelConfig):
+def read_config(name: str, mcfg: ModelConfig, key: str = "model.path"):
     """The model's transformers config: a local directory's config.json, a Hub id's from
     the Hub cache (config and tokenizer files only), a bucket URI's config.json alone."""
     from transformers import AutoConfig
@@ -57,17 +57,18 @@ def read_config(name: str, mcfg: ModelConfig):
     if where == "local":
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path: {name}: no config.json there")
+            raise ConfigError(f"{key}: {name}: no config.json there")
         directory = str(path)
     elif where == "uri":
         from pipeline.core.models import _split_digest
 
         text = (Loc(_split_digest(name)[0]) / "config.json").read_text()
-        directory = tempfile.mkdtemp(prefix="plan-config-")
-        Path(directory, "config.json").write_text(text)
+        with tempfile.TemporaryDirectory(prefix="plan-config-") as directory:
+            Path(directory, "config.json").write_text(text)
+            return AutoConfig.from_pretrained(directory, trust_remote_code=mcfg.trust_remote_code)
     else:
-        repo, revision = _revision_for("path", name, mcfg)
-        directory = _hub_snapshot("model.path", repo, revision, {"tokenizer"})
+        repo, revision = _revision_for(key.split(".")[-1], name, mcfg)
+        directory = _hub_snapshot(key, repo, revision, {"tokenizer"})
     return AutoConfig.from_pretrained(directory, trust_remote_code=mcfg.trust_remote_code)
 
 
@@ -84,15 +85,15 @@ def model_facts(config, trust_remote_code: bool = False) -> ModelFacts:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear))
-    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    n_experts = experts(config)
     intermediate = getattr(text, "intermediate_size", None)
     facts = dict(
         shape=ModelShape.of(config, sum(p.numel() for p in params)),
         intermediate=intermediate or 4 * text.hidden_size, kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
         heads=heads, head_dim=head_dim, largest_param=max(p.numel() for p in params), linear_shapes=linears)
-    if experts:
+    if n_experts:
         return ModelFacts(**facts, modelled=False,
-                          why_not=f"a mixture of experts ({experts} experts): routing buffers and the experts' activations")
+                          why_not=f"a mixture of experts ({n_experts} experts): routing buffers and the experts' activations")
     if intermediate is None:
         return ModelFacts(**facts, modelled=False, why_not=f"{type(text).__name__} has no intermediate_size")
     return ModelFacts(**facts)

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.config import PipelineConfig, TrainingSettings
+from pipeline.core.config import ConfigError, PipelineConfig, TrainingSettings
 from pipeline.core.flops import RowWork, forward_flops, row_work, train_flops
 
 from .memory import GiB, RankMemory, TrainShape, score_actor, train_rank
@@ -65,7 +65,8 @@ def train_shape(cfg: PipelineConfig, settings: TrainingSettings, facts: ModelFac
         lora_params=facts.lora_params(settings.peft) if settings.peft is not None else None,
         offload_optimizer=offload_device(ds, "offload_optimizer") is not None,
         offload_param=offload_device(ds, "offload_param") is not None,
-        on_gpu=settings.use_gpu, ds=ds["zero_optimization"], attention=cfg.model.attn_implementation)
+        on_gpu=settings.use_gpu, ds=ds["zero_optimization"], attention=cfg.model.attn_implementation,
+        accumulation=settings.gradient_accumulation_steps)
 
 
 def _peak(memory: RankMemory, overhead: int | None, on_gpu: bool) -> int:
@@ -99,19 +100,30 @@ def training_plan(cfg: PipelineConfig, stage: str, settings: TrainingSettings, f
     overhead = None if settings.use_gpu else CPU_RANK_OVERHEAD
     plan = StagePlan(stage, train_rank(facts, shape), overhead, world=settings.num_workers)
     user = settings.deepspeed if isinstance(settings.deepspeed, dict) else {}
+    kept = {k: v for k, v in (user.get("zero_optimization") or {}).items()
+            if k not in ("offload_optimizer", "offload_param", "stage")}  # each choice sets these itself
     for label, z, offloads in OTHER_SETTINGS:
-        zero = {k: v for k, v in (user.get("zero_optimization") or {}).items() if k not in ("offload_optimizer",
-                                                                                               "offload_param")}
-        zero.update({f"offload_{w}": {"device": "cpu"} for w in offloads or ()})
-        other = train_rank(facts, train_shape(cfg, settings, facts, zero_stage=z,
-                                              deepspeed=dict(user, zero_optimization=zero)))
-        plan.others.append((label, _peak(other, overhead, True) if settings.use_gpu else _peak(other, overhead, False),
-                            other.peak(place="host")[0]))
+        zero = dict(kept, **{f"offload_{w}": {"device": "cpu"} for w in offloads or ()})
+        try:
+            other = train_rank(facts, train_shape(cfg, settings, facts, zero_stage=z,
+                                                  deepspeed=dict(user, zero_optimization=zero)))
+        except ConfigError:  # a choice these settings cannot take (offload with RMSprop ...)
+            continue
+        plan.others.append((label, _peak(other, overhead, settings.use_gpu), other.peak(place="host")[0]))
     if cfg.device.memory_gib:
         limit = cfg.device.memory_gib * GiB
         plan.largest_row = _largest_row(lambda t: _peak(train_rank(facts, train_shape(cfg, settings, facts, tokens=t)),
                                                         overhead, settings.use_gpu) <= limit)
     return plan
+
+
+def memory_limit(cfg: PipelineConfig, stage: str) -> float | None:
+    """The memory one rank or actor of ``stage`` has: device.memory_gib, or a score actor's
+    share of a GPU it shares (score.num_gpus_per_actor < 1)."""
+    if not cfg.device.memory_gib:
+        return None
+    gpus = cfg.score.num_gpus_per_actor
+    return cfg.device.memory_gib * GiB * (gpus if stage == "score" and 0 < gpus < 1 else 1.0)
 
 
 def score_plan(cfg: PipelineConfig, facts: ModelFacts) -> StagePlan:
@@ -120,7 +132,7 @@ def score_plan(cfg: PipelineConfig, facts: ModelFacts) -> StagePlan:
     T, C = cfg.tokenize.max_tokens_per_row, cfg.model.logp_chunk_tokens
     plan = StagePlan("score", score_actor(facts, cfg.model.dtype, T, C), overhead, world=cfg.score.actors)
     if cfg.device.memory_gib:
-        limit = cfg.device.memory_gib * GiB
+        limit = memory_limit(cfg, "score")
         plan.largest_row = _largest_row(lambda t: _peak(score_actor(facts, cfg.model.dtype, t, C), overhead, True)
                                         <= limit)
     return plan
@@ -164,7 +176,7 @@ def add_flops(plan: StagePlan, facts: ModelFacts, cfg: PipelineConfig, settings,
             import math
 
             steps_per_epoch = math.ceil(len(train) / per_step_rows) if train else 0
-            epochs = settings.num_train_epochs if settings.max_steps < 0 else settings.max_steps / max(steps_per_epoch, 1)
+            epochs = settings.max_steps / max(steps_per_epoch, 1) if settings.max_steps > 0 else settings.num_train_epochs
             plan.flops_run = int(epochs * sum(cost(w) for w in train))
 
 
@@ -189,9 +201,12 @@ def make_plan(cfg: PipelineConfig, done: dict[str, Path] | None = None, mfu: flo
 
     if build_loss(cfg.train).needs_reference:
         ref = facts if cfg.model.reference_path is None or cfg.sft.enabled else \
-            model_facts(read_config(cfg.model.reference_path, cfg.model), cfg.model.trust_remote_code)
+            model_facts(read_config(cfg.model.reference_path, cfg.model, "model.reference_path"), cfg.model.trust_remote_code)
         stages.append(score_plan(cfg, ref))
         add_flops(stages[-1], ref, cfg, None, rows)
+        if cfg.train.sync_ref_model:
+            notes.append("TR-DPO: score scores the eval rows and the first segment's; the ranks score the rest with "
+                         "the refreshed reference (a forward a row, once an epoch), counted in neither stage's FLOPs")
     stages.append(training_plan(cfg, "train", cfg.train, facts))
     add_flops(stages[-1], facts, cfg, cfg.train, rows)
     return Plan(facts, cfg.model.dtype, cfg.device.memory_gib, cfg.device.peak_tflops, mfu, stages, rows is not None,

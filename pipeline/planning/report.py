@@ -25,8 +25,10 @@ def stage_text(s: StagePlan, plan: Plan) -> list[str]:
            f"| {where} | GiB | formula | phase | where |", "|---|---:|---|---|---|"]
     for x in m.lines:
         out.append(f"| {x.name} | {gib(x.bytes)} | {x.formula} | {', '.join(x.phases)} | {x.place} |")
-    for phase in sorted({p for x in m.lines for p in x.phases}):
-        out.append(f"| **total, {phase}** | {gib(m.total(phase))} | | | |")
+    for phase in sorted({p for x in m.lines for p in x.phases}):  # a GPU's device memory; a CPU rank's is its host's
+        device = m.total(phase, "device" if on_gpu else None)
+        host = m.total(phase, "host") if on_gpu else 0
+        out.append(f"| **total, {phase}** | {gib(device)} | | | " + (f"+ {gib(host)} host |" if host else "|"))
     out.append("| fixed overhead of the process | " + ("not modelled | CUDA context, NCCL workspace | | |" if on_gpu else
                f"{gib(s.overhead)} | measured on CPU (bench/plan_memory.py) | | |"))
     peak, phase = m.peak(place="device" if on_gpu else None)

@@ -29,7 +29,7 @@ import torch
 from pipeline.core import placement
 from pipeline.core.config import PipelineConfig, TrainingSettings, config_from_dict
 from pipeline.core.devices import peak_tflops, require_gpu
-from pipeline.core.flops import ModelShape, mfu, row_work, train_flops
+from pipeline.core.flops import ModelShape, dense_shape, mfu, row_work, train_flops
 from pipeline.training.offload import offload_activations
 from pipeline.core.packing import MicroBatch, eval_plan
 from pipeline.core.rows import RowReader, split_files
@@ -93,7 +93,10 @@ class RankContext:
 
     def row_flops(self, row: dict) -> int:
         """A train step's model FLOPs on ``row`` (forward and backward; LoRA's frozen base
-        gets its input's gradient only)."""
+        gets its input's gradient only); 0 where not counted (no shape: a MoE model, or a
+        context not built by ``train_worker``)."""
+        if self.shape is None:
+            return 0
         return train_flops(self.shape, row_work(row["seq_lens"], row["prompt_lens"]), self.train_cfg.peft is not None)
 
 
@@ -203,7 +206,7 @@ def train_worker(config: dict) -> None:
     write_pid(ctx)
     record_workers(ctx, started)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
-    ctx.shape = ModelShape.of(engine.module.config, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
+    ctx.shape = dense_shape(engine.module.config, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
     ctx.peak_tflops = peak_tflops(ctx.cfg.device.peak_tflops, ctx.device, ctx.cfg.model.dtype)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg

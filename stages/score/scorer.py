@@ -16,7 +16,7 @@ import torch
 from pipeline.core import placement
 from pipeline.core.config import config_from_dict
 from pipeline.core.devices import peak_tflops, require_gpu
-from pipeline.core.flops import ModelShape, forward_flops, row_work
+from pipeline.core.flops import dense_shape, forward_flops, row_work
 from pipeline.core.logps import packed_token_logps
 from pipeline.core.modeling import load_causal_lm, row_inputs
 from pipeline.core.rows import ROW_GROUP_ROWS
@@ -59,8 +59,12 @@ class ShardScorer:
         self.model = load_causal_lm(self.cfg.reference_path, self.cfg.model, self.device)
         self.model.eval()
         # a row's FLOPs and this device's peak, for the stage's mfu
-        self.shape = ModelShape.of(self.model.config, sum(p.numel() for p in self.model.parameters()))
-        self.peak = peak_tflops(self.cfg.device.peak_tflops, self.device, self.cfg.model.dtype)
+        self.shape = dense_shape(self.model.config, sum(p.numel() for p in self.model.parameters()))  # None: MoE
+        # an actor's share of its device's peak: a fraction of a GPU (num_gpus_per_actor < 1) is that share
+        gpus = self.cfg.score.num_gpus_per_actor
+        share = gpus if self.device.type == "cuda" and 0 < gpus < 1 else 1.0
+        peak = peak_tflops(self.cfg.device.peak_tflops, self.device, self.cfg.model.dtype)
+        self.peak = peak * share if peak and self.shape is not None else 0.0
 
     @torch.inference_mode()
     def launch(self, row: dict) -> _InFlight:
@@ -120,10 +124,10 @@ class ShardScorer:
         seconds = time.perf_counter() - start
         rows = range(table.num_rows) if wanted is None else wanted
         seq, prm = table.column("seq_lens").to_pylist(), table.column("prompt_lens").to_pylist()
-        flops = sum(forward_flops(self.shape, row_work(seq[i], prm[i])) for i in rows)
+        flops = sum(forward_flops(self.shape, row_work(seq[i], prm[i])) for i in rows) if self.peak else 0
         final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
         return {"name": final.name, "rows": scored.num_rows, "flops": flops, "seconds": seconds,
-                "peak_tflops": self.peak or 0.0, **placement.here()}
+                "peak_tflops": self.peak, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
         results = [self.score_shard(s, d, json.loads(w))

@@ -112,9 +112,10 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
         "workers": placement.by_node(scored, "shards"),
         "shards_from_earlier_attempts": len(shards) - len({s["name"] for s in scored}),
     }
-    capacity = sum(s["seconds"] * s["peak_tflops"] * 1e12 for s in scored)  # each actor's busy seconds at its peak
+    counted = [s for s in scored if s["peak_tflops"]]  # actors with a known peak (and a dense model)
+    capacity = sum(s["seconds"] * s["peak_tflops"] * 1e12 for s in counted)  # their busy seconds at their share of it
     if capacity:
-        stats["mfu"] = sum(s["flops"] for s in scored) / capacity
+        stats["mfu"] = sum(s["flops"] for s in counted) / capacity
     return shards, stats
 
 
