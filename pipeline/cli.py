@@ -85,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_of(cfg, mfu: float = 0.4):
-    """``pipeline plan`` (pipeline/planning/). Where the stages that need no weights (tokenize)
-    are done in a local run directory, their rows give the run's FLOPs; no model is pinned,
-    downloaded or hashed for it, and nothing remote is asked."""
+    """``pipeline plan`` (pipeline/planning/). Where the stages before the first that loads a
+    model (tokenize) are done in an existing local run directory on local data, their rows
+    give the run's FLOPs; no model is pinned, and no weights are downloaded or hashed for it."""
+    from pathlib import Path
+
     from pipeline import planning, runner
+    from pipeline.core.models import kind_of
     from pipeline.core.rundir import stage_state
     from pipeline.core.storage import is_uri
 
     done = {}
-    if not is_uri(cfg.run_dir) and not cfg.data.sources and not any(is_uri(f) for f in cfg.data.train_files):
+    local = not is_uri(cfg.run_dir) and Path(cfg.run_dir).expanduser().is_dir() and kind_of(cfg.tokenizer_path) != "uri"
+    if local and not cfg.data.sources and cfg.data.hf_dataset is None and not any(is_uri(f) for f in cfg.data.train_files):
         try:
             done = {n: p.dir.local for n, p in runner.plan_stages(cfg, weightless=True).items()
                     if p.dir.local and stage_state(p.dir) == "done"}

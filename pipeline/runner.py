@@ -39,7 +39,9 @@ def plan_stages(cfg: PipelineConfig, weightless: bool = False) -> dict[str, Stag
     cache = HashCache(run_dir / ".hash_cache.json")
     plans: dict[str, StagePlan] = {}
     for s in registered():
-        if s.needed(cfg) is None and not (weightless and set(s.models) - {"tokenizer_path"}):
+        if weightless and set(s.models) - {"tokenizer_path"}:  # the first that loads a model ends a weightless plan
+            break
+        if s.needed(cfg) is None:
             inputs = s.fingerprint_inputs(cfg, cache, {name: p.fingerprint for name, p in plans.items()})
             fp = fingerprint(inputs)
             plans[s.name] = StagePlan(s.name, fp, run_dir / s.name / fp, inputs)

@@ -28,10 +28,18 @@ def test_auto_is_the_lowest_stage_that_fits_and_enters_the_fingerprint(assets, t
     unknown = tiny_config(assets, tmp_path / "run", train={"zero_stage": "auto"})
     assert planning.resolve(unknown).train.zero_stage == 3
     assert fingerprints(unknown)["train"] == fingerprints(three)["train"]
-    # sft's own auto (it follows train's when not given), resolved on its own plan
+    # sft follows train's resolved stage when it inherits it, as its workers rebuild it; with an
+    # auto of its own it is resolved on its own plan
+    from pipeline.core.config import config_from_dict, for_workers
+
     sft = tiny_config(assets, tmp_path / "run", train={"zero_stage": "auto"}, sft={"enabled": True},
                       device={"memory_gib": 4})
-    assert (planning.resolve(sft).train.zero_stage, planning.resolve(sft).sft.zero_stage) == (0, 0)
+    resolved = planning.resolve(sft)
+    assert (resolved.train.zero_stage, resolved.sft.zero_stage) == (0, 0)
+    assert config_from_dict(for_workers(resolved), handed_on=True).sft.zero_stage == 0
+    own = tiny_config(assets, tmp_path / "run", train={"zero_stage": 2}, sft={"enabled": True, "zero_stage": "auto"},
+                      device={"memory_gib": 4})
+    assert (planning.resolve(own).train.zero_stage, planning.resolve(own).sft.zero_stage) == (2, 0)
 
 
 @pytest.mark.parametrize("memory, expected", [(40, 3), (45, 2), (60, 1), (200, 0), (20, 3)])
@@ -46,6 +54,21 @@ def test_auto_on_an_8b_model_on_one_node(assets, tmp_path, memory, expected):
                       train={"zero_stage": "auto", "num_workers": 8, "use_gpu": True, "gradient_checkpointing": True},
                       device={"memory_gib": memory})
     assert planning.resolve(cfg).train.zero_stage == expected
+
+
+def test_a_stage_named_in_the_deepspeed_json_is_autos(assets, tmp_path):
+    """A JSON naming its stage decides auto, with the memory known or not; under TR-DPO a
+    stage other than 3 is refused on the driver, naming both settings."""
+    for memory in (None, 4):
+        cfg = tiny_config(assets, tmp_path / "run", device={"memory_gib": memory}, train={
+            "zero_stage": "auto", "deepspeed": {"zero_optimization": {"stage": 2}}})
+        assert planning.resolve(cfg).train.zero_stage == 2
+    cfg = tiny_config(assets, tmp_path / "run", train={
+        "zero_stage": "auto", "sync_ref_model": True, "ref_model_sync_steps": 2,
+        "deepspeed": {"zero_optimization": {"stage": 2}}})
+    with pytest.raises(ConfigError, match=r"^train\.deepspeed: zero_optimization\.stage is 2, and "
+                                          r"train\.sync_ref_model needs ZeRO-3"):
+        planning.resolve(cfg)
 
 
 def test_tr_dpo_and_offload_param_keep_auto_at_3(assets, tmp_path):
@@ -98,3 +121,21 @@ def test_status_and_run_agree_on_the_resolved_stage(assets, tmp_path):
     import yaml
 
     assert yaml.safe_load((Path(cfg.run_dir) / "config.yaml").read_text())["train"]["zero_stage"] == "auto"  # as given
+
+
+def test_a_score_actor_sharing_a_gpu_is_held_to_its_share(assets, tmp_path):
+    """Two actors on a GPU (num_gpus_per_actor 0.5) have half its memory each: the plan's
+    verdict and the refusal both say so."""
+    from pipeline.core.storage import Loc
+
+    cfg = tiny_config(assets, tmp_path / "run", score={"num_gpus_per_actor": 0.5}, device={"memory_gib": 0.3},
+                      tokenize={"max_tokens_per_row": 65536})
+    plan = planning.make_plan(cfg)
+    score = next(s for s in plan.stages if s.stage == "score")
+    peak = score.memory.peak()[0]
+    assert 0.15 * 2**30 < peak < 0.3 * 2**30  # fits the GPU, not half of it
+    text = planning.plan_text(plan, "cfg")
+    assert f"| **peak (forward)** | **{peak / 2**30:.2f}** | of device.memory_gib 0.3 (its share: 0.15 GiB): over by" in text
+    why = planning.over_memory(cfg, {"score": Loc(tmp_path / "run" / "score")})
+    assert why.startswith(f"score: the plan's peak an actor is {peak / 2**30:.2f} GiB, over device.memory_gib 0.3 "
+                          f"(its share: 0.15 GiB); change")

@@ -54,13 +54,13 @@ class ModelShape:
                    tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def experts(config) -> int | None:
     """A mixture of experts' expert count (its text config's), or None for a dense model."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return next((int(n) for n in (getattr(config, k, None) for k in EXPERT_KEYS) if n), None)
+    return next((int(n) for n in (getattr(config, k, None) for k in EXPERT_KEYS) if isinstance(n, int) and n > 1), None)
 
 
 def dense_shape(config, params: int) -> ModelShape | None:
@@ -121,6 +121,7 @@ def train_flops(shape: ModelShape, work: RowWork, frozen_base: bool = False) -> 
 # run on the CUDA cores). A name matches when it is a substring of
 # torch.cuda.get_device_name(); the first match wins.
 PEAK_TFLOPS = (
+    ("H200 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 60.0}),
     ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
     ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 60.0}),
     ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.0}),

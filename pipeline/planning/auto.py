@@ -28,7 +28,7 @@ def _facts(cfg: PipelineConfig) -> ModelFacts:
     return model_facts(read_config(cfg.model.path, cfg.model), cfg.model.trust_remote_code)
 
 
-def candidates(settings: TrainingSettings, tr_dpo: bool) -> tuple[int, ...]:
+def candidates(settings: TrainingSettings, tr_dpo: bool, group: str = "train") -> tuple[int, ...]:
     """The ZeRO stages this training group can run at, lowest first: the one its DeepSpeed
     JSON names, if it names one."""
     from cluster.deepspeed_config import offload_device
@@ -36,25 +36,33 @@ def candidates(settings: TrainingSettings, tr_dpo: bool) -> tuple[int, ...]:
     ds = settings.deepspeed if isinstance(settings.deepspeed, dict) else {}
     named = (ds.get("zero_optimization") or {}).get("stage", "auto")
     if named != "auto":
-        return (int(named),)
+        if named not in (0, 1, 2, 3):
+            raise ConfigError(f"{group}.deepspeed: zero_optimization.stage is {named!r}; one of 0, 1, 2, 3 (or auto)")
+        if tr_dpo and named != 3:
+            raise ConfigError(f"{group}.deepspeed: zero_optimization.stage is {named}, and train.sync_ref_model needs "
+                              f"ZeRO-3 (the ranks hold the reference partitioned like the policy)")
+        return (named,)
     if tr_dpo or offload_device(ds, "offload_param"):
         return (3,)
     return (1, 2, 3) if offload_device(ds, "offload_optimizer") else (0, 1, 2, 3)
 
 
-def fitting_stage(cfg: PipelineConfig, settings: TrainingSettings, facts: ModelFacts, tr_dpo: bool) -> int:
-    """The lowest ZeRO stage whose plan fits device.memory_gib; 3 if unknown or none fits."""
-    if not cfg.device.memory_gib or not facts.modelled:  # unknown, or not modelled: the default
-        return 3
+def fitting_stage(cfg: PipelineConfig, settings: TrainingSettings, facts: ModelFacts, tr_dpo: bool,
+                  group: str = "train") -> int:
+    """The lowest ZeRO stage whose plan fits device.memory_gib; the highest it can run at
+    (3, or the JSON's) with the memory unknown, a model not modelled, or none fitting."""
+    stages = candidates(settings, tr_dpo, group)
+    if len(stages) == 1 or not cfg.device.memory_gib or not facts.modelled:
+        return stages[-1]
     overhead = None if settings.use_gpu else CPU_RANK_OVERHEAD
-    for z in candidates(settings, tr_dpo):
+    for z in stages:
         try:
             shape = train_shape(cfg, dataclasses.replace(settings, zero_stage=z), facts)
-        except ConfigError:  # the user's DeepSpeed JSON names another stage, or offload this one cannot take
+        except ConfigError:  # an offload this stage cannot take
             continue
         if _peak(train_rank(facts, shape), overhead, settings.use_gpu) <= cfg.device.memory_gib * GiB:
             return z
-    return 3
+    return stages[-1]
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
@@ -68,8 +76,8 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     if "zero_stage" in sft.from_train:  # sft follows train's stage, as its workers' config rebuilds it
         sft = dataclasses.replace(sft, zero_stage=train.zero_stage)
     elif sft.zero_stage == AUTO:  # its own auto: its own plan
-        sft = dataclasses.replace(sft, zero_stage=fitting_stage(cfg, cfg.sft_training(), facts, False) if sft.enabled
-                                  else 3)
+        sft = dataclasses.replace(sft, zero_stage=fitting_stage(cfg, cfg.sft_training(), facts, False, "sft")
+                                  if sft.enabled else 3)
     return dataclasses.replace(cfg, train=train, sft=sft)
 
 

@@ -34,6 +34,7 @@ class StagePlan:
     memory: RankMemory
     overhead: int | None  # None: a GPU rank's, not modelled
     others: list[tuple[str, int, int]] = field(default_factory=list)  # (setting, device peak, host) per rank
+    limit: float | None = None  # the memory one rank or actor has (memory_limit)
     largest_row: int | None = None  # the largest max_tokens_per_row whose peak fits device.memory_gib
     flops_step: int | None = None
     flops_run: int | None = None
@@ -98,7 +99,8 @@ OTHER_SETTINGS = (
 def training_plan(cfg: PipelineConfig, stage: str, settings: TrainingSettings, facts: ModelFacts) -> StagePlan:
     shape = train_shape(cfg, settings, facts)
     overhead = None if settings.use_gpu else CPU_RANK_OVERHEAD
-    plan = StagePlan(stage, train_rank(facts, shape), overhead, world=settings.num_workers)
+    plan = StagePlan(stage, train_rank(facts, shape), overhead, world=settings.num_workers,
+                     limit=memory_limit(cfg, stage))
     user = settings.deepspeed if isinstance(settings.deepspeed, dict) else {}
     kept = {k: v for k, v in (user.get("zero_optimization") or {}).items()
             if k not in ("offload_optimizer", "offload_param", "stage")}  # each choice sets these itself
@@ -130,7 +132,8 @@ def score_plan(cfg: PipelineConfig, facts: ModelFacts) -> StagePlan:
     on_gpu = cfg.score.num_gpus_per_actor > 0
     overhead = None if on_gpu else CPU_RANK_OVERHEAD
     T, C = cfg.tokenize.max_tokens_per_row, cfg.model.logp_chunk_tokens
-    plan = StagePlan("score", score_actor(facts, cfg.model.dtype, T, C), overhead, world=cfg.score.actors)
+    plan = StagePlan("score", score_actor(facts, cfg.model.dtype, T, C), overhead, world=cfg.score.actors,
+                     limit=memory_limit(cfg, "score"))
     if cfg.device.memory_gib:
         limit = memory_limit(cfg, "score")
         plan.largest_row = _largest_row(lambda t: _peak(score_actor(facts, cfg.model.dtype, t, C), overhead, True)
@@ -186,8 +189,9 @@ def make_plan(cfg: PipelineConfig, done: dict[str, Path] | None = None, mfu: flo
     from .auto import resolve
 
     given, cfg = cfg, resolve(cfg)
-    notes = [f"{group}.zero_stage: auto -> {getattr(cfg, group).zero_stage} (the lowest ZeRO stage whose plan fits "
-             f"device.memory_gib; 3 where it is unknown or none fits)"
+    notes = [f"{group}.zero_stage: auto -> {getattr(cfg, group).zero_stage} (docs/plan.md: the lowest ZeRO stage whose "
+             f"plan fits device.memory_gib, or the one its DeepSpeed JSON names; sft follows train's unless it "
+             f"sets its own)"
              for group in ("train", "sft") if getattr(given, group).zero_stage == "auto"
              and (group == "train" or cfg.sft.enabled)]
     facts = model_facts(read_config(cfg.model.path, cfg.model), cfg.model.trust_remote_code)

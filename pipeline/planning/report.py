@@ -34,9 +34,10 @@ def stage_text(s: StagePlan, plan: Plan) -> list[str]:
     peak, phase = m.peak(place="device" if on_gpu else None)
     total = peak + (s.overhead or 0)
     verdict = ""
-    if plan.memory_gib:
-        room = plan.memory_gib * GiB - total
-        verdict = f" of device.memory_gib {plan.memory_gib:g}: " + ("fits" if room >= 0 else f"over by {gib(-room)} GiB")
+    if s.limit:
+        room = s.limit - total
+        share = "" if s.limit == plan.memory_gib * GiB else f" (its share: {gib(s.limit)} GiB)"
+        verdict = f" of device.memory_gib {plan.memory_gib:g}{share}: " + ("fits" if room >= 0 else f"over by {gib(-room)} GiB")
     host = m.peak(place="host")[0] if on_gpu else 0
     out.append(f"| **peak ({phase})** | **{gib(total)}** | {verdict.strip()} | | "
                + (f"+ {gib(host)} host |" if host else "|"))

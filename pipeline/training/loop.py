@@ -154,7 +154,7 @@ def train_step(engine, ctx: RankContext, step: int, step_plan: list[list[MicroBa
     metrics.update(step=step, epoch=step / ctx.steps_per_epoch, learning_rate=lr,
                    grad_norm=float(engine.get_global_grad_norm() or 0.0), tokens_per_second=metrics["tokens"] / seconds)
     flops = metrics.pop("flops", 0)  # every rank's rows: the step's FLOPs over its seconds on world devices
-    if ctx.peak_tflops:
+    if ctx.peak_tflops and ctx.shape is not None:  # a known peak and a dense model
         metrics["mfu"] = mfu(flops, seconds, ctx.world, ctx.peak_tflops)
     return metrics
 
