@@ -11,6 +11,9 @@ import os
 from pipeline.core.config import ClusterConfig
 
 
+_STARTED = []  # the local cluster this process started (``disconnect`` stops it)
+
+
 def connect(cfg: ClusterConfig, log=print) -> str:
     import ray
 
@@ -34,5 +37,19 @@ def connect(cfg: ClusterConfig, log=print) -> str:
             dashboard_host="127.0.0.1",
             **kwargs,
         )
+        _STARTED.append(ray.get_runtime_context().gcs_address)
+        # Ray Train's watcher of nodes being drained (spot preemption) is one more process to
+        # start with every training stage; this private cluster's one node is never drained.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         log(f"[ray] started a local cluster at {ray.get_runtime_context().gcs_address}")
     return ray.get_runtime_context().gcs_address
+
+
+def disconnect() -> None:
+    """Stop the local cluster ``connect`` started, once the stages are done (otherwise it stops
+    when the process exits); a cluster joined by address is left running."""
+    import ray
+
+    if _STARTED and ray.is_initialized() and ray.get_runtime_context().gcs_address == _STARTED[-1]:
+        ray.shutdown()
+    _STARTED.clear()

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.redaction import redact_text
+from pipeline.core.rundir import read_manifest
 from pipeline.core.storage import Loc
 
 
@@ -95,8 +96,9 @@ def _sft_section(out: Loc, sft: dict) -> list[str]:
     return ["", "## sft", "",
             f"- {s['steps']} steps, loss {s['step0_loss']:.4f} -> {s['final_loss']:.4f}; train: "
             f"{pack['sequences']} chosen sequences in {pack['rows']} rows, waste {pack['waste_fraction']:.2%}",
-            (f"- eval split, mean chosen log-prob per completion token: {logp['base']:.4f} under the base model, "
-             f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else
+            ("- eval split, mean chosen log-prob per completion token: "
+             + (f"{logp['base']:.4f} under the base model, " if logp["base"] is not None else "")
+             + f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else
             "- no eval split (data.eval_fraction: 0), so no eval metrics",
             *([f"- its own data: {s['packing']['input_rows']} rows, {s['packing']['quarantined']} quarantined "
                f"({json.dumps(s['packing']['quarantine_reasons'])}), format {s['packing']['format']}"]
@@ -105,9 +107,18 @@ def _sft_section(out: Loc, sft: dict) -> list[str]:
             "![sft loss](sft_loss.png)"]
 
 
+MADE_FROM = "_MADE_FROM.json"  # the stage outputs the report describes: each one's directory and commit time
+
+
 def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
-    """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's location."""
+    """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's location. A run
+    in which no stage ran, on the very outputs the report already describes (each stage's
+    directory and manifest's ``finished_at``), keeps it: drawing it again draws the same."""
     out = Loc(run_dir) / "report"
+    made_from = {name: [r["dir"], (read_manifest(Loc(r["dir"])) or {}).get("finished_at")] for name, r in results.items()}
+    if not any(r["ran"] for r in results.values()) and (out / "report.md").is_file() and (out / MADE_FROM).is_file() \
+            and json.loads((out / MADE_FROM).read_text()) == made_from:
+        return out / "report.md"
     out.mkdir()
     lines = ["# Run report", "", "| stage | state | rows | tokens | seconds | output |", "|---|---|---:|---:|---:|---|"]
     for name, r in results.items():
@@ -180,4 +191,5 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
         lines += stage(name).report(out, result)
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
+    (out / MADE_FROM).write_text(json.dumps(made_from))
     return md

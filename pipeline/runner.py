@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Callable
 
@@ -23,8 +22,9 @@ from pipeline import planning
 from pipeline.core import models
 from pipeline.core.config import ConfigError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
+from pipeline.core.phases import PhaseClock, phases_line
 from pipeline.core.redaction import redact_text
-from pipeline.core.rundir import HashCache, fingerprint, read_manifest, stage_state, write_manifest
+from pipeline.core.rundir import HashCache, check_run_dir, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
 from pipeline.registry import names, registered, stage
 from pipeline.core.storage import Loc
@@ -115,25 +115,6 @@ def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: log(redact_text(line))
 
 
-def check_run_dir(run_dir: str, environ: dict | None = None) -> None:
-    """Refuse a relative ``run_dir`` in a job submitted with ``ray job submit``: the job runs
-    in Ray's temporary copy of its working directory, deleted when the job ends, so the
-    outputs would be lost with it."""
-    environ = os.environ if environ is None else environ
-    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray Jobs for the entrypoint
-    if not job or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
-        return
-    try:
-        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
-    except ValueError:  # not JSON: no working directory to name
-        working_dir = None
-    where = f"Ray's temporary copy of the job's working directory ({working_dir})" if working_dir else \
-        "a directory Ray manages for the job"
-    raise ConfigError(f"run_dir: {run_dir!r} is relative, and under `ray job submit` it would resolve inside "
-                      f"{where}, which is deleted when the job ends: the outputs would be lost. Use an absolute "
-                      f"path on storage every node sees, or a URI (s3://bucket/prefix)")
-
-
 def run_pipeline(
     cfg: PipelineConfig,
     stages: list[str] | None = None,
@@ -166,10 +147,18 @@ def run_pipeline(
                 log(f"[{s.name}] not needed: {s.needed(cfg)}")
             continue
         run.stage(s, written)
-    if run.results:
+    if run.results:  # drawn while the local cluster, no longer needed, stops
+        from concurrent.futures import ThreadPoolExecutor
+
         from pipeline.report import write_report
 
-        log(f"[report] {write_report(run_dir, run.results)}")
+        with ThreadPoolExecutor(1) as pool:
+            report = pool.submit(write_report, run_dir, run.results)
+            if run.connected:
+                from cluster.ray_cluster import disconnect
+
+                disconnect()  # only a local cluster this run started
+            log(f"[report] {report.result()}")
     return run.results
 
 
@@ -236,22 +225,25 @@ class _Run:
             # before anything is placed: Ray waits forever for GPUs the cluster cannot have
             check_ray_cluster_gpus(self.cfg, [stage(name) for name in self.selected if name in self.plans])
         self.log(f"[{s.name}] running -> {plan.dir}")
-        start = time.time()
+        clock = PhaseClock()
         used = {p.key: p.record() for k, p in self.pinned.items() if k in s.models}
         # with a model another stage made as its policy (model.path), the policy that stage started from
         bases = {f"{producer}.base_model": self.bases[producer].record() for producer, key in s.loads.items()
                  if key == "path" and producer in self.bases}
-        shards, stats = s.run(RunContext(self.cfg, self.plans, s.name, self.use_ray, self.force, dict(used, **bases)))
-        seconds = time.time() - start
+        shards, stats = s.run(RunContext(self.cfg, self.plans, s.name, self.use_ray, self.force, dict(used, **bases),
+                                         clock))
+        finished = time.time()
+        seconds = finished - clock.started
         manifest = write_manifest(plan.dir, stage=s.name, fp=plan.fingerprint, inputs=plan.inputs, settings=written,
-                                  shards=shards, stats=stats, seconds=seconds, models=used)
+                                  shards=shards, stats=stats, seconds=seconds, models=used, phases=clock.seconds(finished))
         self.results[s.name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
         self.log(f"[{s.name}] done in {seconds:.1f}s")
 
 
 def _figures(manifest: dict) -> dict:
     stats = manifest["stats"]
-    return {"rows": stats["rows"], "tokens": stats["tokens"], "seconds": manifest["seconds"], "stats": stats}
+    return {"rows": stats["rows"], "tokens": stats["tokens"], "seconds": manifest["seconds"], "stats": stats,
+            "phases": manifest.get("phases")}
 
 
 def status(cfg: PipelineConfig) -> list[dict]:
@@ -289,4 +281,5 @@ def format_summary(results: dict[str, dict]) -> str:
     lines = [format_table(rows, ["stage", "state", "rows", "tokens", "seconds", "output"])]
     for name, r in results.items():
         lines += stage(name).summary(r["stats"])
-    return "\n".join(lines)
+    ran = [phases_line(name, r["phases"]) for name, r in results.items() if r["ran"] and r.get("phases")]
+    return "\n".join(lines + (["phases: " + "; ".join(ran)] if ran else []))

@@ -9,7 +9,7 @@ from pipeline.tokenizing.tokenize import fingerprint_inputs, run_in_process, run
 
 
 def _run(ctx: RunContext) -> tuple[list[ShardInfo], dict]:
-    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, ctx.out)
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, ctx.out, clock=ctx.clock)
 
 
 STAGE = Stage(

@@ -224,6 +224,7 @@ def write_manifest(
     stats: dict,
     seconds: float,
     models: dict | None = None,
+    phases: dict | None = None,
 ) -> dict:
     manifest = {
         "stage": stage,
@@ -234,8 +235,30 @@ def write_manifest(
         "shards": [s.__dict__ for s in shards],
         "stats": stats,
         "seconds": round(seconds, 3),
+        **({"phases": phases} if phases else {}),  # start-up, work, shutdown (core/phases.py)
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest = redact_values(manifest)  # data labels, paths and stats hold no credential
     (Loc(stage_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
     return manifest
+
+
+def check_run_dir(run_dir: str, environ: dict | None = None) -> None:
+    """Refuse a relative ``run_dir`` in a job submitted with ``ray job submit``: the job runs
+    in Ray's temporary copy of its working directory, deleted when the job ends, so the
+    outputs would be lost with it."""
+    from pipeline.core.config import ConfigError
+
+    environ = os.environ if environ is None else environ
+    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray Jobs for the entrypoint
+    if not job or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
+        return
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except ValueError:  # not JSON: no working directory to name
+        working_dir = None
+    where = f"Ray's temporary copy of the job's working directory ({working_dir})" if working_dir else \
+        "a directory Ray manages for the job"
+    raise ConfigError(f"run_dir: {run_dir!r} is relative, and under `ray job submit` it would resolve inside "
+                      f"{where}, which is deleted when the job ends: the outputs would be lost. Use an absolute "
+                      f"path on storage every node sees, or a URI (s3://bucket/prefix)")

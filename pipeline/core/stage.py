@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pipeline.core.phases import PhaseClock
 from pipeline.core.storage import Loc
 
 
@@ -62,6 +63,7 @@ class RunContext:
     use_ray: bool
     force: bool
     models: dict = field(default_factory=dict)  # where the models it loads came from (recorded with an export)
+    clock: PhaseClock = field(default_factory=PhaseClock)  # its phases: start-up, work, shutdown (core/phases.py)
 
     @property
     def plan(self) -> StagePlan:

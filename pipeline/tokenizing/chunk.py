@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +82,7 @@ class TokenizeChunk:
         self.units_dir = Loc(units_dir) if units_dir is not None else None
         d = self.cfg.data
         self.rows = rows or formats.PreferenceColumns(d.prompt_key, d.chosen_key, d.rejected_key)
+        self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
@@ -91,6 +93,7 @@ class TokenizeChunk:
         # where each unit was tokenised: one row of these per unit, dropped before packing
         return pa.concat_tables([t.append_column("node_id", pa.array([where["node_id"]] * t.num_rows, pa.string()))
                                  .append_column("hostname", pa.array([where["hostname"]] * t.num_rows, pa.string()))
+                                 .append_column("ready_at", pa.array([self.ready_at] * t.num_rows, pa.float64()))
                                  for t in tables])
 
     def tokenize_unit(self, chunk: dict) -> pa.Table:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.core import mixing, placement, sources
 from pipeline.core.config import PipelineConfig, shares_prompt
 from pipeline.core.models import local_dir
+from pipeline.core.phases import STARTUP, WORK, PhaseClock
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, hash_tree
 from pipeline.core.sft_formats import SequenceRows
 from pipeline.core.storage import Loc, is_uri
@@ -82,10 +83,12 @@ def fingerprint_inputs(cfg: PipelineConfig, cache: HashCache) -> dict:
 
 
 def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups,
-                 sequences: bool = False) -> tuple[list[ShardInfo], dict]:
+                 sequences: bool = False, clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
     """Plan the read units, tokenize them (``tokenize_units(chunks, units_dir)`` -> the
     per-pair tables), pack and write; the unit files (and inputs restaged for reading)
-    are removed whatever happens. ``sequences``: the units hold one-sided pairs."""
+    are removed whatever happens. ``sequences``: the units hold one-sided pairs.
+    ``clock``: the stage's phases (start-up ends when the first tokenizer is loaded,
+    work when the shards are written)."""
     units_dir = Loc(out_dir) / UNITS_DIR
     try:
         chunks = sources.plan_chunks(resolve_sources(cfg), cfg.tokenize.rows_per_task, cfg.data.split,
@@ -97,11 +100,17 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
             chunks = [dict(c, columns=json.dumps(own.get(c["group"]) or {})) for c in chunks]
         chunks = [dict(c, unit=i) for i, c in enumerate(chunks)]
         tables = tokenize_units(chunks, units_dir)
+        ready = [min(tb.column("ready_at").to_pylist()) for tb in tables
+                 if "ready_at" in tb.column_names and tb.num_rows]
+        if clock is not None and ready:
+            clock.end(STARTUP, min(ready))
         workers = [dict(zip(("node_id", "hostname"), w)) for tb in tables if "node_id" in tb.column_names
                    for w in zip(tb.column("node_id").to_pylist(), tb.column("hostname").to_pylist())]
         records = (pa.concat_tables([tb.select(PAIR_META_SCHEMA.names).cast(PAIR_META_SCHEMA) for tb in tables])
                    if tables else PAIR_META_SCHEMA.empty_table())
         shards, stats = pack_and_write(records, cfg, out_dir, chunks, write_groups, sequences)
+        if clock is not None:
+            clock.end(WORK)
         stats["workers"] = placement.by_node(workers or [placement.here()] * records.num_rows, "records")
         if drawn is not None:
             with (Loc(out_dir) / "quarantine.parquet").open_input() as f:
@@ -113,18 +122,23 @@ def tokenize_all(cfg: PipelineConfig, out_dir: Loc, tokenize_units, write_groups
         units_dir.rmtree()
 
 
-def run_in_process(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[ShardInfo], dict]:
+def run_in_process(cfg: PipelineConfig, out_dir: Loc, rows=None,
+                   clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
     """``rows``: as ``TokenizeChunk``'s (``SequenceRows``: the sft stage's own data)."""
     from pipeline.core.config import to_dict
 
     def tokenize_units(chunks, units_dir):
         worker = TokenizeChunk(to_dict(cfg), str(units_dir), rows)
+        if clock is not None:
+            clock.end(STARTUP)
         return [worker.tokenize_unit(chunk) for chunk in chunks]
 
-    return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local, sequences=isinstance(rows, SequenceRows))
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups_local, sequences=isinstance(rows, SequenceRows),
+                        clock=clock)
 
 
-def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[ShardInfo], dict]:
+def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None,
+               clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
     import ray
 
     from pipeline.core.config import for_workers
@@ -148,4 +162,5 @@ def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None) -> tuple[list[Shard
         task = ray.remote(num_cpus=tokenize_cfg.num_cpus_per_actor)(write_shard_group)
         return ray.get([task.remote(**group) for group in groups])
 
-    return tokenize_all(cfg, out_dir, tokenize_units, write_groups, sequences=isinstance(rows, SequenceRows))
+    return tokenize_all(cfg, out_dir, tokenize_units, write_groups, sequences=isinstance(rows, SequenceRows),
+                        clock=clock)

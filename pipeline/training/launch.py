@@ -9,12 +9,13 @@ import os
 from dataclasses import asdict
 
 from pipeline.core.config import ConfigError, PipelineConfig, TrainingSettings, rename_group
+from pipeline.core.phases import PhaseClock
 from pipeline.core.rundir import MANIFEST
 from pipeline.core.storage import Loc
 
 from .checkpoints import CHECKPOINT_DIR, complete_checkpoints
 from .export import EXPORT_DIR
-from .loop import WORKERS_FILE, WorkerSpec, train_worker
+from .loop import PHASES_FILE, WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import read_metrics
 from .universal_convert import prepare_resume
 
@@ -26,7 +27,7 @@ MODEL_SOURCE_SETTINGS = ("revision", "cache_dir")
 
 # Settings added after runs were made: fingerprinted only when set, so that those runs'
 # outputs keep their fingerprints.
-ADDED_SETTINGS = {"deepspeed": None}
+ADDED_SETTINGS = {"deepspeed": None, "eval_on_start": True}
 
 
 RUN_ONLY_SETTINGS = ("save_steps", "save_total_limit", "resume_from_checkpoint", "max_failures", "local_dir",
@@ -165,6 +166,9 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return
+    # Ray Train's controller polls its ranks every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+    # default), so a stage's end was seen up to 2 s late; a poll is one small RPC a rank.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -183,6 +187,15 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
     trainer.fit()
+
+
+def mark_phases(clock: PhaseClock, out: Loc) -> None:
+    """A training stage's phases, as its rank 0 recorded them (``PHASES_FILE``): start-up
+    until the engine was built and resumed, work until the model was exported."""
+    path = Loc(out) / PHASES_FILE
+    if path.is_file():
+        for phase, at in json.loads(path.read_text()).items():
+            clock.end(phase, at)
 
 
 NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"

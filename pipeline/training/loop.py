@@ -3,7 +3,7 @@
 ``train_worker`` runs on each Ray Train worker (or in-process as one rank) and reads top
 to bottom: set up the rank, build the engine, resume, then for each step of the seeded
 plan: the objective on each micro-batch, ``engine.backward``, ``engine.step``, metrics;
-eval at step 0, every ``eval_steps`` and at the end; checkpoints; the export. What is
+eval at step 0 (``eval_on_start``), every ``eval_steps`` and at the end; checkpoints; the export. What is
 trained (the objective: DPO's pairs, or another method's rows) is the only part that
 differs between stages; the loop names none of it.
 
@@ -46,6 +46,7 @@ from .resume import resume
 
 
 WORKERS_FILE = "workers.json"  # where the ranks ran, per attempt (record_workers)
+PHASES_FILE = "_PHASES.json"  # when the attempt that finished ended its start-up and its work (rank 0's clock)
 
 
 @dataclass
@@ -196,6 +197,19 @@ def record_workers(ctx: RankContext, started: float) -> None:
         path.write_text(json.dumps({"attempts": attempts + [everyone]}, indent=1))
 
 
+def measure_model(ctx: RankContext, engine) -> None:
+    """The policy's shape and the device's peak, for mfu (none for a MoE model or an unknown device)."""
+    ctx.shape = dense_shape(engine.module.config, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
+    ctx.peak_tflops = peak_tflops(ctx.cfg.device.peak_tflops, ctx.device, ctx.cfg.model.dtype)
+
+
+def record_phases(ctx: RankContext, ready_at: float) -> None:
+    """When this attempt's start-up ended and its work (through the export) did, on rank 0's
+    clock: the stage's phases (``launch.mark_phases``)."""
+    if ctx.rank == 0:
+        (ctx.out / PHASES_FILE).write_text(json.dumps({"startup": ready_at, "work": time.time()}))
+
+
 def train_worker(config: dict) -> None:
     """One rank of training. ``config``: {"spec": WorkerSpec} (Ray Train's loop config)."""
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
@@ -206,15 +220,15 @@ def train_worker(config: dict) -> None:
     write_pid(ctx)
     record_workers(ctx, started)
     engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
-    ctx.shape = dense_shape(engine.module.config, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
-    ctx.peak_tflops = peak_tflops(ctx.cfg.device.peak_tflops, ctx.device, ctx.cfg.model.dtype)
+    measure_model(ctx, engine)
     log = MetricsLog(ctx)
     train_cfg = ctx.train_cfg
 
     done = resume(engine, ctx, log)
     for hook in ctx.objective.hooks:  # the objective's state between steps, resumed at this step
         hook.start(engine, ctx, done)
-    if done == 0:
+    ready_at = time.time()  # start-up over: engine built, checkpoint resumed
+    if done == 0 and train_cfg.eval_on_start:
         log_eval(engine, ctx, log, 0)
     for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
                                          train_cfg.seed, ctx.total_steps, done):
@@ -231,6 +245,7 @@ def train_worker(config: dict) -> None:
         # the trained weights are kept before the export, which can still fail (disk, tokenizer)
         save_checkpoint(engine, ctx, ctx.total_steps, log)
     export_model(engine, ctx, spec.info)
+    record_phases(ctx, ready_at)
     if not train_cfg.save_steps:  # no checkpoints asked for: the final one only guarded the export
         discard_checkpoint(ctx, ctx.total_steps)
     log.close()

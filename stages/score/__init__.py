@@ -26,7 +26,7 @@ from .stage import fingerprint_inputs, rows_to_score, run_in_process, run_on_ray
 
 def _run(ctx: RunContext):
     rows = ctx.dir("tokenize")
-    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, read_manifest(rows), ctx.out)
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, read_manifest(rows), ctx.out, ctx.clock)
 
 
 def _needed(cfg: PipelineConfig) -> str | None:

@@ -65,6 +65,7 @@ class ShardScorer:
         share = gpus if self.device.type == "cuda" and 0 < gpus < 1 else 1.0
         peak = peak_tflops(self.cfg.device.peak_tflops, self.device, self.cfg.model.dtype)
         self.peak = peak * share if peak and self.shape is not None else 0.0
+        self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
 
     @torch.inference_mode()
     def launch(self, row: dict) -> _InFlight:
@@ -127,10 +128,10 @@ class ShardScorer:
         flops = sum(forward_flops(self.shape, row_work(seq[i], prm[i])) for i in rows) if self.peak else 0
         final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
         return {"name": final.name, "rows": scored.num_rows, "flops": flops, "seconds": seconds,
-                "peak_tflops": self.peak, **placement.here()}
+                "peak_tflops": self.peak, "ready_at": self.ready_at, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
         results = [self.score_shard(s, d, json.loads(w))
                    for s, d, w in zip(batch["src"], batch["dst"], batch["wanted"])]
-        return {k: [r[k] for r in results] for k in ("name", "rows", "flops", "seconds", "peak_tflops", "node_id",
-                                                      "hostname")}
+        return {k: [r[k] for r in results] for k in ("name", "rows", "flops", "seconds", "peak_tflops", "ready_at",
+                                                      "node_id", "hostname")}

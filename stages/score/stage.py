@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.core import placement
 from pipeline.core.config import PipelineConfig, for_workers, to_dict
 from pipeline.core.models import local_dir
+from pipeline.core.phases import STARTUP, WORK, PhaseClock
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.core.storage import Loc
 from pipeline.training.plan import first_segment_rows, first_segment_settings
@@ -119,17 +120,25 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
     return shards, stats
 
 
-def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+def _mark(clock: PhaseClock | None, scored: list[dict]) -> None:
+    """Start-up ended when the first actor had its model loaded; work, now."""
+    if clock is not None and scored:
+        clock.end(STARTUP, min(s["ready_at"] for s in scored))
+        clock.end(WORK)
+
+
+def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc, clock: PhaseClock | None = None):
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
     scored = []
     if todo:
         scorer = ShardScorer(to_dict(cfg))
         scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"])) for item in todo]
+    _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)
 
 
-def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc):
+def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc, clock: PhaseClock | None = None):
     import ray
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
@@ -146,5 +155,6 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
             num_gpus=score_cfg.num_gpus_per_actor,
         )
         scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
+    _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)
 

@@ -27,6 +27,7 @@ from pipeline.core import packing
 from pipeline.core.config import (DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
                                   resume_location)
 from pipeline.core.models import local_dir
+from pipeline.core.phases import PhaseClock
 from pipeline.core.rows import ROW_GROUP_ROWS, assemble_sequences, sequence_table, split_files
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.core.sft_formats import SequenceRows
@@ -35,7 +36,7 @@ from pipeline.core.storage import Loc
 from pipeline.tokenizing import tokenize
 from pipeline.training.export import EXPORT_DIR, merge_adapter
 from pipeline.training.export import export_digest as digest_of_export
-from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch,
+from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch, mark_phases,
                                       model_settings, summarize, training_settings)
 from pipeline.training.loop import WorkerSpec
 from pipeline.training.metrics import METRICS_FILE, read_metrics
@@ -185,11 +186,12 @@ def tokenize_own(data_cfg: PipelineConfig, rows: SequenceRows, out: Loc, use_ray
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: bool):
+def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: bool, clock: PhaseClock | None = None):
     """Repack, train ``sft.num_workers`` ranks (one in this process without Ray), export;
     returns the shards the manifest commits (rows, metrics, the exported model) and the
     stats (the training summary, the packing and the eval split's mean chosen log-prob per
-    completion token under the base model and under the SFT model)."""
+    completion token under the base model and under the SFT model). ``clock``: its phases,
+    as its rank 0 recorded them (the rows written before the ranks start count as start-up)."""
     from pipeline.core.tracking import forwarded_env
 
     out = Loc(out)
@@ -206,6 +208,8 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
                       str(out), str(out), export_info, ray_train=use_ray,
                       env=forwarded_env(train_cfg.report_to, os.environ), stage="sft", train_cfg=train_cfg)
     launch(spec, train_cfg, out)
+    if clock is not None:
+        mark_phases(clock, out)
     if train_cfg.peft is not None:
         merge_adapter(cfg, out)
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
@@ -222,10 +226,17 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
 # ----------------------------------------------------------------------------- the stage's door
 
 
+def chosen_logps(logp: dict) -> str:
+    """The eval split's mean chosen log-prob per token, under the base model (its eval at
+    step 0; none with sft.eval_on_start false) and under the SFT model."""
+    base = (f"{logp['base']:.4f} under the base model, " if logp["base"] is not None
+            else "(no eval before the first step: sft.eval_on_start false) ")
+    return f"{base}{logp['sft']:.4f} under the SFT model"
+
+
 def summary_lines(stats: dict) -> list[str]:
     logp = stats["eval_chosen_logp_per_token"]
-    evaluated = (f"eval split's mean chosen log-prob per token {logp['base']:.4f} under the base model, "
-                 f"{logp['sft']:.4f} under the SFT model") if logp["sft"] is not None else NO_EVAL
+    evaluated = f"eval split's mean chosen log-prob per token {chosen_logps(logp)}" if logp["sft"] is not None else NO_EVAL
     return [f"sft: {stats['steps']} steps, loss {stats['step0_loss']:.4f} -> {stats['final_loss']:.4f}, {evaluated}",
             f"SFT model (the reference and the policy's start): {stats['export']}"]
 
@@ -233,7 +244,7 @@ def summary_lines(stats: dict) -> list[str]:
 STAGE = Stage(
     name="sft",
     fingerprint_inputs=lambda cfg, cache, fingerprints: fingerprint_inputs(cfg, cache, fingerprints["tokenize"]),
-    run=lambda ctx: run(ctx.cfg, ctx.dir("tokenize"), ctx.out, ctx.info("tokenize"), ctx.use_ray),
+    run=lambda ctx: run(ctx.cfg, ctx.dir("tokenize"), ctx.out, ctx.info("tokenize"), ctx.use_ray, ctx.clock),
     needed=lambda cfg: None if cfg.sft.enabled else "sft.enabled is false (the reference is model.reference_path or "
                                                      "model.path)",
     optional=True,

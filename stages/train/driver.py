@@ -16,7 +16,7 @@ from pipeline.core.stage import RunContext, Stage
 from pipeline.core.storage import Loc
 from pipeline.training.export import EXPORT_DIR, export_digest, merge_adapter
 from pipeline.training.launch import (LOOP_VERSION, NO_EVAL, check_before_run, check_global_batch, launch,
-                                      model_settings, summarize, training_settings)
+                                      mark_phases, model_settings, summarize, training_settings)
 from pipeline.training.loop import WorkerSpec
 from pipeline.training.metrics import METRICS_FILE, read_metrics
 
@@ -125,7 +125,9 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
 def _run(ctx: RunContext):
     """On the scored rows, or on the tokenized rows for a reference-free loss."""
     rows = ctx.dir("score") if "score" in ctx.plans else ctx.dir("tokenize")
-    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"))
+    shards, stats = (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"))
+    mark_phases(ctx.clock, ctx.out)
+    return shards, stats
 
 
 def trained_model(cfg: PipelineConfig, out: Loc) -> tuple[Loc, str]:

@@ -69,8 +69,13 @@ class TrainingSettings:
     # Log every N steps (and the first, the last and at checkpoints): the means over those
     # steps, their rows and tokens summed (as TRL averages over its logging window).
     logging_steps: int = 1
-    # Eval every N steps, and at step 0 and at the end.
+    # Eval every N steps, and at the end.
     eval_steps: int = 50
+    # Also eval before the first step (TRL's name). On by default, unlike TRL: step 0 is
+    # where a run shows the policy equals the reference it was scored with (a DPO eval loss
+    # of ln 2) and, for sft, the base model's eval figure; it costs one pass over the eval
+    # split. false skips it.
+    eval_on_start: bool = True
     # DeepSpeed checkpoint every save_steps optimizer steps (0: none); the last
     # save_total_limit complete ones are kept (null: all). A final one is written before the
     # export (a failed export loses no training); with 0 it is removed once the export is done.

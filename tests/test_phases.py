@@ -1,0 +1,124 @@
+"""Where a run's seconds go (#37): each stage's manifest splits its seconds into start-up,
+work and shutdown; a run that ran nothing leaves the report alone; the step-0 eval is
+``eval_on_start``; a local Ray cluster the run started is gone when it ends."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import run_cli, tiny_config, write_config
+from pipeline import runner
+from pipeline.core.config import config_from_dict, to_dict
+from pipeline.core.phases import PhaseClock, phases_line
+from pipeline.core.rundir import read_manifest
+from pipeline.demo import make_pairs, write_jsonl
+from pipeline.training.metrics import read_metrics
+
+
+def test_phases_are_the_differences_between_marks_and_sum_to_the_stage_seconds():
+    clock = PhaseClock(started=100.0)
+    clock.end("startup", 103.5)  # a worker's ready_at
+    clock.end("work", 110.0)
+    assert clock.seconds(111.25) == {"startup": 3.5, "work": 6.5, "shutdown": 1.25}
+    # nothing marked: all work; start-up marked alone: the rest is work
+    assert PhaseClock(started=5.0).seconds(7.0) == {"startup": 0.0, "work": 2.0, "shutdown": 0.0}
+    only = PhaseClock(started=0.0)
+    only.end("startup", 1.0)
+    assert only.seconds(4.0) == {"startup": 1.0, "work": 3.0, "shutdown": 0.0}
+    # another node's clock: a mark before the start or after the end is held inside the stage
+    skewed = PhaseClock(started=50.0)
+    skewed.end("startup", 49.0)
+    skewed.end("work", 60.0)
+    assert skewed.seconds(58.0) == {"startup": 0.0, "work": 8.0, "shutdown": 0.0}
+    with pytest.raises(ValueError, match="phase 'warmup'"):
+        skewed.end("warmup")
+    assert phases_line("score", {"startup": 5.04, "work": 0.8, "shutdown": 0.0}) == \
+        "score: start-up 5.0 s, work 0.8 s, shutdown 0.0 s"
+
+
+@pytest.fixture()
+def small(assets, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(300, seed=2), data)
+    return tiny_config(assets, tmp_path / "run", data_file=data, tokenize={"max_tokens_per_row": 256,
+                                                                          "rows_per_shard": 4})
+
+
+def test_each_manifest_splits_its_seconds_into_phases_and_the_summary_shows_them(small):
+    results = runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    for name in ("tokenize", "score"):
+        manifest = read_manifest(Path(results[name]["dir"]))
+        phases = manifest["phases"]
+        assert list(phases) == ["startup", "work", "shutdown"]
+        assert sum(phases.values()) == pytest.approx(manifest["seconds"], abs=0.005)
+        assert phases["startup"] > 0 and phases["work"] > 0, (name, phases)  # tokenizer / model loaded, then rows
+    summary = runner.format_summary(results)
+    assert re.search(r"^phases: tokenize: start-up \d+\.\d s, work \d+\.\d s, shutdown \d+\.\d s; score: start-up ",
+                     summary, re.M), summary
+
+
+def test_a_run_that_ran_nothing_leaves_the_report_of_the_same_outputs_alone(small):
+    runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    report = Path(small.run_dir) / "report"
+    drawn = {p.name: p.stat().st_mtime_ns for p in report.iterdir()}
+    time.sleep(0.01)
+    again = runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    assert not any(r["ran"] for r in again.values())
+    assert {p.name: p.stat().st_mtime_ns for p in report.iterdir()} == drawn  # not drawn again
+    # other outputs (here: tokenize alone) are another report, drawn though nothing ran
+    runner.run_pipeline(small, stages=["tokenize"], use_ray=False, log=lambda _: None)
+    assert (report / "report.md").stat().st_mtime_ns > drawn["report.md"]
+    assert "## score" not in (report / "report.md").read_text()
+    assert json.loads((report / "_MADE_FROM.json").read_text()).keys() == {"tokenize"}
+
+
+def test_eval_on_start_is_in_the_fingerprint_only_when_turned_off(small):
+    def train_fp(**train):
+        raw = to_dict(small)
+        raw["train"].update(train)
+        return runner.plan_stages(config_from_dict(raw))["train"].fingerprint
+
+    # on by default, and on is the behaviour of the runs made before the setting: their fingerprint
+    assert train_fp() == train_fp(eval_on_start=True) != train_fp(eval_on_start=False)
+
+
+@pytest.mark.slow  # DeepSpeed starts numactl
+def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(make_pairs(300, seed=2), data)
+    records = {}
+    for on in (True, False):
+        cfg = tiny_config(assets, tmp_path / f"run-{on}", data_file=data, tokenize={"max_tokens_per_row": 256},
+                          train={"max_steps": 3, "eval_steps": 2, "num_workers": 1, "eval_on_start": on})
+        results = runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
+        records[on] = read_metrics(Path(results["train"]["dir"]))
+        phases = read_manifest(Path(results["train"]["dir"]))["phases"]
+        assert phases["startup"] > 0 and phases["work"] > 0, phases  # the rank's engine, then the steps
+    assert [r["step"] for r in records[True] if "eval_loss" in r] == [0, 2, 3]
+    assert [r["step"] for r in records[False] if "eval_loss" in r] == [2, 3]
+    # the same steps: an eval changes nothing of the training
+    assert [(r["step"], r["loss"]) for r in records[False] if "loss" in r] == \
+        [(r["step"], r["loss"]) for r in records[True] if "loss" in r]
+    assert [r["eval_loss"] for r in records[False] if "eval_loss" in r] == \
+        [r["eval_loss"] for r in records[True] if "eval_loss" in r][1:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_local_cluster_a_run_started_is_gone_when_it_ends(small, tmp_path):
+    """`python -m pipeline run` on Ray with no address starts a private cluster; when the
+    run ends no process of it is left (its GCS port appears in every one's command line)."""
+    config = write_config(small, tmp_path / "run.yaml")
+    proc = run_cli(config, "--stages", "tokenize", ray=True, timeout=240)
+    started = re.search(r"^\[ray\] started a local cluster at \S+:(\d+)$", proc.stdout, re.M)
+    assert started, proc.stdout[-2000:]
+    port = started.group(1)
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+            if any(f":{port}" in part for part in (p.info["cmdline"] or []))]
+    assert not left, left
+    phases = read_manifest(next(Path(small.run_dir).glob("tokenize/*")))["phases"]
+    assert phases["startup"] > 0 and phases["work"] > 0, phases  # the actors' tokenizer, then the rows
