@@ -153,7 +153,7 @@ def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None,
             fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir), "rows": rows},
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(tokenize_cfg.actors, len(chunks))),
+            compute=placement.actor_pool(min(tokenize_cfg.actors, len(chunks))),
             num_cpus=tokenize_cfg.num_cpus_per_actor,
         )
         return ray.get(ds.to_arrow_refs())  # per-pair columns only: the token lists stay in files

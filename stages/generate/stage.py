@@ -265,7 +265,7 @@ def run(cfg: PipelineConfig, tokenized: Loc, out: Loc, use_ray: bool):
 
         ds = ray.data.from_items(todo).map_batches(
             ShardGenerator, fn_constructor_kwargs={"cfg_dict": for_workers(cfg)}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(g.actors, len(todo))),
+            compute=placement.actor_pool(min(g.actors, len(todo))),
             num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor)
         done = ds.take_all()  # the actors commit the shards; this drives them and says where
     elif todo:

@@ -150,7 +150,7 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
             ShardScorer,
             fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(score_cfg.actors, len(todo))),
+            compute=placement.actor_pool(min(score_cfg.actors, len(todo))),
             num_cpus=score_cfg.num_cpus_per_actor,
             num_gpus=score_cfg.num_gpus_per_actor,
         )
