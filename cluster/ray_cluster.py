@@ -6,6 +6,7 @@ does that by accident. The address in use is printed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pipeline.core.config import ClusterConfig
@@ -38,9 +39,6 @@ def connect(cfg: ClusterConfig, log=print) -> str:
             **kwargs,
         )
         _STARTED.append(ray.get_runtime_context().gcs_address)
-        # Ray Train's watcher of nodes being drained (spot preemption) is one more process to
-        # start with every training stage; this private cluster's one node is never drained.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         log(f"[ray] started a local cluster at {ray.get_runtime_context().gcs_address}")
     return ray.get_runtime_context().gcs_address
 
@@ -53,3 +51,26 @@ def disconnect() -> None:
     if _STARTED and ray.is_initialized() and ray.get_runtime_context().gcs_address == _STARTED[-1]:
         ray.shutdown()
     _STARTED.clear()
+
+
+@contextlib.contextmanager
+def ray_train_env():
+    """Ray Train's settings for a training stage's ranks, where the user's environment does
+    not give them (the driver's values reach its controller), for the stage's duration:
+    - RAY_TRAIN_HEALTH_CHECK_INTERVAL_S 0.5 (Ray's default 2): the controller polls its
+      ranks that often, so a stage's end was seen up to 2 s late; a poll is a small RPC a rank;
+    - on the private local cluster ``connect`` started, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER 0:
+      the watcher of nodes being drained (spot preemption) is one more process to start with
+      every training stage, and this cluster's one node is never drained."""
+    import ray
+
+    defaults = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if _STARTED and ray.is_initialized() and ray.get_runtime_context().gcs_address == _STARTED[-1]:
+        defaults["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)

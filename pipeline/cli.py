@@ -115,5 +115,15 @@ def user_error(e: Exception) -> str:
     return str(e)
 
 
+def entry() -> int:
+    """The ``dpo-pipeline`` command and ``python -m pipeline``: ``main``, then the process
+    exits without the collector walking every object of torch first (``placement.settle``)."""
+    code = main()
+    from pipeline.core.placement import settle
+
+    settle()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

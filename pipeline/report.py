@@ -108,14 +108,17 @@ def _sft_section(out: Loc, sft: dict) -> list[str]:
 
 
 MADE_FROM = "_MADE_FROM.json"  # the stage outputs the report describes: each one's directory and commit time
+REPORT_VERSION = 1  # bumped when the report's content changes: a kept report is of this version
 
 
 def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
     """Markdown + PNGs under ``<run_dir>/report``; returns the Markdown's location. A run
     in which no stage ran, on the very outputs the report already describes (each stage's
-    directory and manifest's ``finished_at``), keeps it: drawing it again draws the same."""
+    directory and manifest's ``finished_at``, and the report's version), keeps it: it
+    describes them, as the run that made them (its table says "ran" where this one skipped)."""
     out = Loc(run_dir) / "report"
     made_from = {name: [r["dir"], (read_manifest(Loc(r["dir"])) or {}).get("finished_at")] for name, r in results.items()}
+    made_from = {"version": REPORT_VERSION, "outputs": made_from}
     if not any(r["ran"] for r in results.values()) and (out / "report.md").is_file() and (out / MADE_FROM).is_file() \
             and json.loads((out / MADE_FROM).read_text()) == made_from:
         return out / "report.md"

@@ -22,7 +22,7 @@ from pipeline import planning
 from pipeline.core import models
 from pipeline.core.config import ConfigError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
-from pipeline.core.phases import PhaseClock, phases_line
+from pipeline.core.phases import PhaseClock, phases_line, process_started, run_line
 from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, check_run_dir, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
@@ -159,6 +159,9 @@ def run_pipeline(
 
                 disconnect()  # only a local cluster this run started
             log(f"[report] {report.result()}")
+    if run.ran:  # where the run's seconds went besides its stages'
+        log(run_line(process_started(), run.ran[0], sum(r["seconds"] for r in run.results.values() if r["ran"]),
+                     run.ran[-1], run.ray_start))
     return run.results
 
 
@@ -173,6 +176,7 @@ class _Run:
         self.exports: dict[str, object] = {}  # each producer's model as handed on (Pinned, with its digest)
         self.bases: dict[str, object] = {}  # the policy each producer started from (recorded with later exports)
         self.connected = False
+        self.ray_start, self.ran = 0.0, []  # seconds in ray.init; when the stages that ran started, and the last ended
         self.needed = set().union(*(ups for name, ups in upstream(plans, cfg).items() if name in selected))
 
     def stage(self, s: Stage, written: dict) -> None:
@@ -220,8 +224,9 @@ class _Run:
         if self.use_ray and not self.connected:
             from cluster.ray_cluster import connect
 
+            started = time.time()
             connect(self.cfg.cluster, self.log)
-            self.connected = True
+            self.connected, self.ray_start = True, time.time() - started
             # before anything is placed: Ray waits forever for GPUs the cluster cannot have
             check_ray_cluster_gpus(self.cfg, [stage(name) for name in self.selected if name in self.plans])
         self.log(f"[{s.name}] running -> {plan.dir}")
@@ -237,6 +242,7 @@ class _Run:
         manifest = write_manifest(plan.dir, stage=s.name, fp=plan.fingerprint, inputs=plan.inputs, settings=written,
                                   shards=shards, stats=stats, seconds=seconds, models=used, phases=clock.seconds(finished))
         self.results[s.name] = {"ran": True, "dir": str(plan.dir), **_figures(manifest)}
+        self.ran = [self.ran[0] if self.ran else clock.started, finished]
         self.log(f"[{s.name}] done in {seconds:.1f}s")
 
 

@@ -4,13 +4,14 @@ work and shutdown; a run that ran nothing leaves the report alone; the step-0 ev
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from helpers import run_cli, tiny_config, write_config
+from helpers import tiny_config, write_config
 from pipeline import runner
 from pipeline.core.config import config_from_dict, to_dict
 from pipeline.core.phases import PhaseClock, phases_line
@@ -69,21 +70,27 @@ def test_a_run_that_ran_nothing_leaves_the_report_of_the_same_outputs_alone(smal
     again = runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
     assert not any(r["ran"] for r in again.values())
     assert {p.name: p.stat().st_mtime_ns for p in report.iterdir()} == drawn  # not drawn again
+    # a stage run again (--force): its output is committed anew, and the report drawn again
+    runner.run_pipeline(small, stages=["score"], force=True, use_ray=False, log=lambda _: None)
+    redrawn = {p.name: p.stat().st_mtime_ns for p in report.iterdir()}
+    assert redrawn["report.md"] > drawn["report.md"] and redrawn["reference_logps.png"] > drawn["reference_logps.png"]
     # other outputs (here: tokenize alone) are another report, drawn though nothing ran
     runner.run_pipeline(small, stages=["tokenize"], use_ray=False, log=lambda _: None)
     assert (report / "report.md").stat().st_mtime_ns > drawn["report.md"]
     assert "## score" not in (report / "report.md").read_text()
-    assert json.loads((report / "_MADE_FROM.json").read_text()).keys() == {"tokenize"}
+    assert json.loads((report / "_MADE_FROM.json").read_text())["outputs"].keys() == {"tokenize"}
 
 
 def test_eval_on_start_is_in_the_fingerprint_only_when_turned_off(small):
-    def train_fp(**train):
+    def fp(stage, **settings):
         raw = to_dict(small)
-        raw["train"].update(train)
-        return runner.plan_stages(config_from_dict(raw))["train"].fingerprint
+        raw["sft"]["enabled"] = True
+        raw[stage].update(settings)
+        return runner.plan_stages(config_from_dict(raw))[stage].fingerprint
 
     # on by default, and on is the behaviour of the runs made before the setting: their fingerprint
-    assert train_fp() == train_fp(eval_on_start=True) != train_fp(eval_on_start=False)
+    for stage in ("train", "sft"):
+        assert fp(stage) == fp(stage, eval_on_start=True) != fp(stage, eval_on_start=False), stage
 
 
 @pytest.mark.slow  # DeepSpeed starts numactl
@@ -96,6 +103,8 @@ def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tm
                           train={"max_steps": 3, "eval_steps": 2, "num_workers": 1, "eval_on_start": on})
         results = runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
         records[on] = read_metrics(Path(results["train"]["dir"]))
+        # the stats' step-0 eval loss is step 0's, or none: not the first eval after it
+        assert results["train"]["stats"]["eval_step0_loss"] == (records[on][0]["eval_loss"] if on else None)
         phases = read_manifest(Path(results["train"]["dir"]))["phases"]
         assert phases["startup"] > 0 and phases["work"] > 0, phases  # the rank's engine, then the steps
     assert [r["step"] for r in records[True] if "eval_loss" in r] == [0, 2, 3]
@@ -107,18 +116,33 @@ def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tm
         [r["eval_loss"] for r in records[True] if "eval_loss" in r][1:]
 
 
+RUN_ON_OWN_CLUSTER = """
+import json, sys, psutil, ray
+from pipeline import runner
+from pipeline.core.config import load_config
+lines = []
+runner.run_pipeline(load_config(sys.argv[1]), stages=["tokenize", "score"], log=lines.append)
+port = ":" + next(l for l in lines if l.startswith("[ray] started")).rsplit(":", 1)[1]
+left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if any(port in a for a in p.info["cmdline"] or [])]
+print(json.dumps({"initialized": ray.is_initialized(), "left": left, "lines": lines}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_the_local_cluster_a_run_started_is_gone_when_it_ends(small, tmp_path):
-    """`python -m pipeline run` on Ray with no address starts a private cluster; when the
-    run ends no process of it is left (its GCS port appears in every one's command line)."""
+def test_the_local_cluster_a_run_started_is_gone_when_its_stages_are(small, tmp_path):
+    """``run`` on Ray with no address starts a private cluster; it is stopped once the stages
+    are done (while the report is drawn), before the process exits, and no process of it is
+    left (its GCS port is in every one's command line). The phases on Ray: start-up until
+    the first actor had its tokenizer or model loaded."""
     config = write_config(small, tmp_path / "run.yaml")
-    proc = run_cli(config, "--stages", "tokenize", ray=True, timeout=240)
-    started = re.search(r"^\[ray\] started a local cluster at \S+:(\d+)$", proc.stdout, re.M)
-    assert started, proc.stdout[-2000:]
-    port = started.group(1)
-    left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
-            if any(f":{port}" in part for part in (p.info["cmdline"] or []))]
-    assert not left, left
-    phases = read_manifest(next(Path(small.run_dir).glob("tokenize/*")))["phases"]
-    assert phases["startup"] > 0 and phases["work"] > 0, phases  # the actors' tokenizer, then the rows
+    proc = subprocess.run([sys.executable, "-c", RUN_ON_OWN_CLUSTER, str(config)], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["initialized"] and not out["left"], out
+    assert re.match(r"\[run\] \d+\.\d s since the process started: \d+\.\d s before the first stage "
+                    r"\(imports, checks, fingerprints; Ray's start \d+\.\d s\)", out["lines"][-1]), out["lines"][-1]
+    for stage in ("tokenize", "score"):
+        phases = read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
+        assert phases["startup"] > 0.5 and phases["work"] > 0, (stage, phases)  # an actor's imports take seconds

@@ -50,3 +50,21 @@ class PhaseClock:
 def phases_line(name: str, phases: dict[str, float]) -> str:
     """``tokenize: start-up 5.1 s, work 3.2 s, shutdown 0.4 s`` (the run's summary)."""
     return f"{name}: " + ", ".join(f"{k.replace('startup', 'start-up')} {phases.get(k, 0.0):.1f} s" for k in PHASES)
+
+
+def process_started() -> float:
+    """When this process started (its time before ``run`` is imports), or now if unknown."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):
+        return time.time()
+
+
+def run_line(started: float, first_stage: float, stages: float, last_stage_end: float, ray_start: float) -> str:
+    """The run's own seconds around its stages' (the summary's phases line has theirs)."""
+    now = time.time()
+    return (f"[run] {now - started:.1f} s since the process started: {first_stage - started:.1f} s before the "
+            f"first stage (imports, checks, fingerprints; Ray's start {ray_start:.1f} s), {stages:.1f} s in the "
+            f"stages, {now - last_stage_end:.1f} s after them (the report, while a local Ray cluster stops)")

@@ -83,6 +83,7 @@ class TokenizeChunk:
         d = self.cfg.data
         self.rows = rows or formats.PreferenceColumns(d.prompt_key, d.chosen_key, d.rejected_key)
         self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
+        placement.settle()
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [

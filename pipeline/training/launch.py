@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 
 from pipeline.core.config import ConfigError, PipelineConfig, TrainingSettings, rename_group
-from pipeline.core.phases import PhaseClock
+from pipeline.core.phases import STARTUP, WORK, PhaseClock
 from pipeline.core.rundir import MANIFEST
 from pipeline.core.storage import Loc
 
@@ -139,7 +139,7 @@ def summarize(out: Loc) -> dict:
         "steps": train[-1]["step"] if train else 0,
         "step0_loss": train[0]["loss"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
-        "eval_step0_loss": evals[0]["eval_loss"] if evals else None,
+        "eval_step0_loss": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,  # eval_on_start
         "final_eval": {k: v for k, v in evals[-1].items()} if evals else {},
         "rows": int(sum(r["rows"] for r in train)),
         "tokens": int(sum(r["tokens"] for r in train)),
@@ -166,9 +166,6 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return
-    # Ray Train's controller polls its ranks every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-    # default), so a stage's end was seen up to 2 s late; a poll is one small RPC a rank.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -186,16 +183,27 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
         run_config=RunConfig(storage_path=str(Loc(out)), name=CHECKPOINT_DIR,
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
-    trainer.fit()
+    from cluster.ray_cluster import ray_train_env
+
+    with ray_train_env():  # its controller's poll, and no preemption watcher on a private cluster
+        trainer.fit()
 
 
-def mark_phases(clock: PhaseClock, out: Loc) -> None:
+def mark_phases(clock: PhaseClock, out: Loc, merged: bool = False) -> None:
     """A training stage's phases, as its rank 0 recorded them (``PHASES_FILE``): start-up
-    until the engine was built and resumed, work until the model was exported."""
+    until the first engine of this run was built and resumed, work until the model was
+    exported (a failed attempt, and Ray Train's restart after it, are work). Times before
+    this run's start are an earlier run's, which stopped before the export. ``merged``: the
+    driver merged a LoRA adapter into the base model since: work too, until now."""
     path = Loc(out) / PHASES_FILE
     if path.is_file():
-        for phase, at in json.loads(path.read_text()).items():
-            clock.end(phase, at)
+        times = json.loads(path.read_text())
+        ours = [t for t in times.get(STARTUP, []) if t >= clock.started] or times.get(STARTUP, [])[-1:]
+        for phase, at in ((STARTUP, ours[:1]), (WORK, times.get(WORK, [])[-1:])):
+            if at:
+                clock.end(phase, at[0])
+    if merged:
+        clock.end(WORK)
 
 
 NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"

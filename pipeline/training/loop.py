@@ -203,11 +203,22 @@ def measure_model(ctx: RankContext, engine) -> None:
     ctx.peak_tflops = peak_tflops(ctx.cfg.device.peak_tflops, ctx.device, ctx.cfg.model.dtype)
 
 
-def record_phases(ctx: RankContext, ready_at: float) -> None:
-    """When this attempt's start-up ended and its work (through the export) did, on rank 0's
-    clock: the stage's phases (``launch.mark_phases``)."""
+def record_phases(ctx: RankContext, phase: str) -> None:
+    """The moment an attempt's ``phase`` ended, on rank 0's clock (``launch.mark_phases``):
+    each attempt's start-up (engine built, checkpoint resumed), and the work of the one
+    that finished (through the export)."""
     if ctx.rank == 0:
-        (ctx.out / PHASES_FILE).write_text(json.dumps({"startup": ready_at, "work": time.time()}))
+        path = ctx.out / PHASES_FILE
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        times[phase] = times.get(phase, []) + [time.time()]
+        path.write_text(json.dumps(times))
+
+
+def started_up(ctx: RankContext) -> None:
+    """The rank's start-up is over (engine built, checkpoint resumed): recorded, and what it
+    allocated set aside from the garbage collector (``placement.settle``)."""
+    record_phases(ctx, "startup")
+    placement.settle()
 
 
 def train_worker(config: dict) -> None:
@@ -227,7 +238,7 @@ def train_worker(config: dict) -> None:
     done = resume(engine, ctx, log)
     for hook in ctx.objective.hooks:  # the objective's state between steps, resumed at this step
         hook.start(engine, ctx, done)
-    ready_at = time.time()  # start-up over: engine built, checkpoint resumed
+    started_up(ctx)
     if done == 0 and train_cfg.eval_on_start:
         log_eval(engine, ctx, log, 0)
     for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
@@ -245,7 +256,7 @@ def train_worker(config: dict) -> None:
         # the trained weights are kept before the export, which can still fail (disk, tokenizer)
         save_checkpoint(engine, ctx, ctx.total_steps, log)
     export_model(engine, ctx, spec.info)
-    record_phases(ctx, ready_at)
+    record_phases(ctx, "work")
     if not train_cfg.save_steps:  # no checkpoints asked for: the final one only guarded the export
         discard_checkpoint(ctx, ctx.total_steps)
     log.close()

@@ -13,7 +13,7 @@ from .stage import fingerprint_inputs, preflight, run, summary_lines
 
 
 def _run(ctx: RunContext):
-    return run(ctx.cfg, ctx.dir("tokenize"), ctx.out, ctx.use_ray)
+    return run(ctx.cfg, ctx.dir("tokenize"), ctx.out, ctx.use_ray, ctx.clock)
 
 
 def _needed(cfg: PipelineConfig) -> str | None:

@@ -14,6 +14,8 @@ intervals over prompts.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +27,7 @@ from pipeline.core.config import PipelineConfig, config_from_dict, for_workers, 
 from pipeline.core.devices import require_gpu
 from pipeline.core.modeling import DTYPES
 from pipeline.core.models import local_dir
+from pipeline.core.phases import STARTUP, WORK, PhaseClock
 from pipeline.core.config import ConfigError
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.core.storage import Loc
@@ -89,6 +92,8 @@ class ShardGenerator:
         self.judge = None if g.reward_model is None else RewardModel(
             local_dir(g.reward_model, self.cfg.model), DTYPES[self.cfg.model.dtype], self.device,
             self.cfg.model.trust_remote_code)
+        self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
+        placement.settle()
 
     def answer(self, prompts: pa.Table, shard: int) -> pa.Table:
         g = self.cfg.generate
@@ -125,11 +130,11 @@ class ShardGenerator:
         with Loc(prompts_path).open_input() as f:
             prompts = pq.read_table(f)
         Loc(dst).write_parquet(self.answer(prompts.slice(shard * per, per), shard))
-        return {"name": Loc(dst).name, "engine": self.engine, **placement.here()}
+        return {"name": Loc(dst).name, "engine": self.engine, "ready_at": self.ready_at, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
         results = [self.generate_shard(p, int(k), d) for p, k, d in zip(batch["prompts"], batch["shard"], batch["dst"])]
-        return {k: [r[k] for r in results] for k in ("name", "engine", "node_id", "hostname")}
+        return {k: [r[k] for r in results] for k in ("name", "engine", "ready_at", "node_id", "hostname")}
 
 
 # ----------------------------------------------------------------------------- the driver side
@@ -254,7 +259,7 @@ def win_rates(t: pa.Table) -> dict:
     return out
 
 
-def run(cfg: PipelineConfig, tokenized: Loc, out: Loc, use_ray: bool):
+def run(cfg: PipelineConfig, tokenized: Loc, out: Loc, use_ray: bool, clock: PhaseClock | None = None):
     out = Loc(out)
     prompts = write_prompts(cfg, Loc(tokenized), out)
     g = cfg.generate
@@ -271,6 +276,9 @@ def run(cfg: PipelineConfig, tokenized: Loc, out: Loc, use_ray: bool):
     elif todo:
         generator = ShardGenerator(to_dict(cfg))
         done = [generator.generate_shard(item["prompts"], item["shard"], item["dst"]) for item in todo]
+    if clock is not None and done:  # start-up: until the first actor had its models loaded
+        clock.end(STARTUP, min(d["ready_at"] for d in done))
+        clock.end(WORK)
     return _stats(out, prompts, done, g.prompts_per_shard, g.show)
 
 

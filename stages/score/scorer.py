@@ -66,6 +66,7 @@ class ShardScorer:
         peak = peak_tflops(self.cfg.device.peak_tflops, self.device, self.cfg.model.dtype)
         self.peak = peak * share if peak and self.shape is not None else 0.0
         self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
+        placement.settle()
 
     @torch.inference_mode()
     def launch(self, row: dict) -> _InFlight:

@@ -208,10 +208,10 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
                       str(out), str(out), export_info, ray_train=use_ray,
                       env=forwarded_env(train_cfg.report_to, os.environ), stage="sft", train_cfg=train_cfg)
     launch(spec, train_cfg, out)
-    if clock is not None:
-        mark_phases(clock, out)
     if train_cfg.peft is not None:
         merge_adapter(cfg, out)
+    if clock is not None:
+        mark_phases(clock, out, merged=train_cfg.peft is not None)
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
     summary = summarize(out)
     first = next((r for r in read_metrics(out) if r.get("step") == 0 and "eval_loss" in r), None)

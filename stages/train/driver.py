@@ -126,7 +126,7 @@ def _run(ctx: RunContext):
     """On the scored rows, or on the tokenized rows for a reference-free loss."""
     rows = ctx.dir("score") if "score" in ctx.plans else ctx.dir("tokenize")
     shards, stats = (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"))
-    mark_phases(ctx.clock, ctx.out)
+    mark_phases(ctx.clock, ctx.out, merged=ctx.cfg.train.merge_adapter)
     return shards, stats
 
 
