@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import tiny_config, write_config
@@ -146,3 +147,11 @@ def test_the_local_cluster_a_run_started_is_gone_when_its_stages_are(small, tmp_
     for stage in ("tokenize", "score"):
         phases = read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
         assert phases["startup"] > 0.5 and phases["work"] > 0, (stage, phases)  # an actor's imports take seconds
+
+
+def test_the_process_start_is_the_kernels_to_the_clock_tick():
+    from pipeline.core.phases import process_started
+
+    # psutil adds the boot time in whole seconds: within 1 s of it, and in the past
+    assert abs(process_started() - psutil.Process().create_time()) < 1.0
+    assert process_started() < time.time()

@@ -16,6 +16,7 @@ clock's offset, so each mark is held between the one before it and the stage's e
 
 from __future__ import annotations
 
+import os
 import time
 
 STARTUP, WORK, SHUTDOWN = "startup", "work", "shutdown"
@@ -53,12 +54,14 @@ def phases_line(name: str, phases: dict[str, float]) -> str:
 
 
 def process_started() -> float:
-    """When this process started (its time before ``run`` is imports), or now if unknown."""
+    """When this process started (its time before ``run`` is imports), or now if unknown:
+    its start in clock ticks since boot (/proc/self/stat's 22nd field) against the seconds
+    since boot now (psutil's create_time adds the boot time in whole seconds: up to 1 s off)."""
     try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except (ImportError, OSError):
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux
         return time.time()
 
 
