@@ -16,7 +16,7 @@ the stages" is the process's wall time less their sum: imports, Ray's start and 
 checks, fingerprints and pins, the report. After each run, no process of the cluster it
 started may be left (checked by the GCS port in command lines).
 
-    .venv/bin/python bench/startup_cost.py [--sizes 200,400] [--repeat 3] [--out runs/bench-startup]
+    .venv/bin/python bench/startup_cost.py [--sizes 200,400] [--repeat 3] [--parts demo,small] [--out runs/bench-startup]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ STAGES = ("tokenize", "score", "train")
 def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{' '.join(cmd)}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    if out.returncode:  # the whole stderr: Ray's log lines can bury the error in its tail
+        log = Path(f"/tmp/startup-cost-failed-{time.time_ns()}.log")
+        log.write_text(out.stdout + "\n----- stderr\n" + out.stderr)
+        sys.exit(f"{' '.join(cmd)}: exit {out.returncode} (its output: {log})\n{out.stderr[-3000:]}")
     return time.perf_counter() - start, out.stdout
 
 
@@ -89,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="200,400", help="pairs of the two 19M-model runs")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--parts", default="demo,small", help="demo (the demo's runs), small (the 19M model's fit)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-startup"))
     a = ap.parse_args()
     out = Path(a.out)
@@ -100,17 +103,17 @@ def main() -> None:
     demo_args = [f"model.path={demo['model']}", f"data.train_files=[{demo['data']}]"]
     torch_import = statistics.median(timed([sys.executable, "-c", "import torch"])[0] for _ in range(3))
     first, unchanged, beta = [], [], []
-    for k in range(a.repeat):
+    for k in range(a.repeat if "demo" in a.parts else 0):
         demo_dir = out / f"demo-run-{time.time_ns()}"
         first.append(run("configs/tiny.yaml", demo_dir, *demo_args))
         unchanged.append(run("configs/tiny.yaml", demo_dir, *demo_args))
         beta.append(run("configs/tiny.yaml", demo_dir, *demo_args, f"train.beta={0.2 + 0.1 * k:.1f}"))
-    sizes = [int(n) for n in a.sizes.split(",")]
+    sizes = [int(n) for n in a.sizes.split(",")] if "small" in a.parts else []
     assets = {n: build_assets(out / f"small-{n}", "small", argparse.Namespace(
         dtype="float32", pairs=n, pair_words="10-80,5-150", max_length=512)) for n in sizes}
     small = {n: [] for n in sizes}
     fits = []
-    for _ in range(a.repeat):
+    for _ in range(a.repeat if sizes else 0):
         for n in sizes:
             small[n].append(run("configs/tiny.yaml", out / f"small-run-{n}-{time.time_ns()}",
                                 f"model.path={assets[n]['model']}", f"data.train_files=[{assets[n]['data']}]",
@@ -124,18 +127,20 @@ def main() -> None:
         f"{s} s (start-up / work / shutdown)" for s in STAGES) + " |")
     print("|---|---:|---:|" + "---:|" * len(STAGES))
     print(f"| `python -c 'import torch'` | {torch_import:.1f} | | | | |")
-    print(median_row("demo, first run", first))
-    print(median_row("demo, unchanged rerun", unchanged))
-    print(median_row("demo, train.beta rerun", beta))
+    if first:
+        print(median_row("demo, first run", first))
+        print(median_row("demo, unchanged rerun", unchanged))
+        print(median_row("demo, train.beta rerun", beta))
     for n in sizes:
         print(median_row(f"19M model, {n} pairs", small[n]))
-    print("\nfixed cost fitted from the two sizes, each repetition: "
-          + ", ".join(f"{f:.1f} s + {p:.3f} s a pair" for f, p in fits)
-          + f"; median {statistics.median(f for f, _ in fits):.1f} s")
-    print(f"goals: first run {statistics.median(r['wall'] for r in first):.1f} s (35), unchanged rerun "
-          f"{statistics.median(r['wall'] for r in unchanged):.1f} s ({torch_import + 1.5:.1f}: import torch + 1.5), "
-          f"beta rerun {statistics.median(r['wall'] for r in beta):.1f} s (25), "
-          f"fixed {statistics.median(f for f, _ in fits):.1f} s (20)")
+    if fits:
+        print("\nfixed cost fitted from the two sizes, each repetition: "
+              + ", ".join(f"{f:.1f} s + {p:.3f} s a pair" for f, p in fits)
+              + f"; median {statistics.median(f for f, _ in fits):.1f} s (goal 20)")
+    if first:
+        print(f"goals: first run {statistics.median(r['wall'] for r in first):.1f} s (35), unchanged rerun "
+              f"{statistics.median(r['wall'] for r in unchanged):.1f} s ({torch_import + 1.5:.1f}: import torch + 1.5), "
+              f"beta rerun {statistics.median(r['wall'] for r in beta):.1f} s (25)")
 
 
 if __name__ == "__main__":

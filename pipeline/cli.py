@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         from pipeline import runner
+        from pipeline.core.phases import process_started
 
         if args.command == "plan":
             from pipeline.planning import plan_text
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         stages = args.stages.split(",") if args.stages else None
         results = runner.run_pipeline(cfg, stages=stages, from_stage=args.from_stage, force=args.force,
-                                      use_ray=not args.no_ray, memory_check=not args.skip_memory_check)
+                                      use_ray=not args.no_ray, memory_check=not args.skip_memory_check,
+                                      started=process_started())  # the [run] line counts the imports
         print(runner.format_summary(results))
         return 0
     except (ConfigError, DataError, FileNotFoundError) as e:  # a setting, a path or data to fix: which, no traceback
@@ -121,7 +123,7 @@ def entry() -> int:
     code = main()
     from pipeline.core.placement import settle
 
-    settle()
+    settle(exiting=True)
     return code
 
 

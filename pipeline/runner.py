@@ -22,7 +22,7 @@ from pipeline import planning
 from pipeline.core import models
 from pipeline.core.config import ConfigError, PipelineConfig, as_written
 from pipeline.core.devices import check_ray_cluster_gpus
-from pipeline.core.phases import PhaseClock, phases_line, process_started, run_line
+from pipeline.core.phases import PhaseClock, phases_line, run_line
 from pipeline.core.redaction import redact_text
 from pipeline.core.rundir import HashCache, check_run_dir, fingerprint, read_manifest, stage_state, write_manifest
 from pipeline.core.stage import RunContext, Stage, StagePlan, model_marker
@@ -123,7 +123,10 @@ def run_pipeline(
     use_ray: bool = True,
     log: Callable[[str], None] = print,
     memory_check: bool = True,
+    started: float | None = None,
 ) -> dict[str, dict]:
+    """``started``: when the run began for the ``[run]`` line (the CLI: its process's start)."""
+    started = time.time() if started is None else started
     check_run_dir(cfg.run_dir)
     log = _redacting(log)  # stage directories are printed: a run_dir URI may hold credentials
     selected = select_stages(stages, from_stage)
@@ -147,21 +150,11 @@ def run_pipeline(
                 log(f"[{s.name}] not needed: {s.needed(cfg)}")
             continue
         run.stage(s, written)
-    if run.results:  # drawn while the local cluster, no longer needed, stops
-        from concurrent.futures import ThreadPoolExecutor
-
+    if run.results:
         from pipeline.report import write_report
 
-        with ThreadPoolExecutor(1) as pool:
-            report = pool.submit(write_report, run_dir, run.results)
-            if run.connected:
-                from cluster.ray_cluster import disconnect
-
-                disconnect()  # only a local cluster this run started
-            log(f"[report] {report.result()}")
-    if run.ran:  # where the run's seconds went besides its stages'
-        log(run_line(process_started(), run.ran[0], sum(r["seconds"] for r in run.results.values() if r["ran"]),
-                     run.ran[-1], run.ray_start))
+        log(f"[report] {write_report(run_dir, run.results)}")
+    log(run_line(started, run.ran, sum(r["seconds"] for r in run.results.values() if r["ran"]), run.ray_start))
     return run.results
 
 

@@ -3,16 +3,15 @@ work and shutdown; a run that ran nothing leaves the report alone; the step-0 ev
 ``eval_on_start``; a local Ray cluster the run started is gone when it ends."""
 
 import json
+import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import tiny_config, write_config
+from helpers import run_cli, tiny_config, write_config
 from pipeline import runner
 from pipeline.core.config import config_from_dict, to_dict
 from pipeline.core.phases import PhaseClock, phases_line
@@ -96,6 +95,8 @@ def test_eval_on_start_is_in_the_fingerprint_only_when_turned_off(small):
 
 @pytest.mark.slow  # DeepSpeed starts numactl
 def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tmp_path):
+    import gc
+
     data = tmp_path / "pairs.jsonl"
     write_jsonl(make_pairs(300, seed=2), data)
     records = {}
@@ -104,6 +105,7 @@ def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tm
                           train={"max_steps": 3, "eval_steps": 2, "num_workers": 1, "eval_on_start": on})
         results = runner.run_pipeline(cfg, use_ray=False, log=lambda _: None)
         records[on] = read_metrics(Path(results["train"]["dir"]))
+        assert gc.get_freeze_count() == 0  # the rank ran in this process: its engine can still be freed
         # the stats' step-0 eval loss is step 0's, or none: not the first eval after it
         assert results["train"]["stats"]["eval_step0_loss"] == (records[on][0]["eval_loss"] if on else None)
         phases = read_manifest(Path(results["train"]["dir"]))["phases"]
@@ -117,33 +119,22 @@ def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tm
         [r["eval_loss"] for r in records[True] if "eval_loss" in r][1:]
 
 
-RUN_ON_OWN_CLUSTER = """
-import json, sys, psutil, ray
-from pipeline import runner
-from pipeline.core.config import load_config
-lines = []
-runner.run_pipeline(load_config(sys.argv[1]), stages=["tokenize", "score"], log=lines.append)
-port = ":" + next(l for l in lines if l.startswith("[ray] started")).rsplit(":", 1)[1]
-left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if any(port in a for a in p.info["cmdline"] or [])]
-print(json.dumps({"initialized": ray.is_initialized(), "left": left, "lines": lines}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_the_local_cluster_a_run_started_is_gone_when_its_stages_are(small, tmp_path):
-    """``run`` on Ray with no address starts a private cluster; it is stopped once the stages
-    are done (while the report is drawn), before the process exits, and no process of it is
-    left (its GCS port is in every one's command line). The phases on Ray: start-up until
-    the first actor had its tokenizer or model loaded."""
+def test_no_process_of_the_local_cluster_a_run_started_outlives_it(small, tmp_path):
+    """``python -m pipeline run`` on Ray with no address starts a private cluster; when the
+    run ends, no process of it is left (its GCS port is in every one's command line). The
+    phases on Ray: start-up until the first actor had its tokenizer or model loaded."""
     config = write_config(small, tmp_path / "run.yaml")
-    proc = subprocess.run([sys.executable, "-c", RUN_ON_OWN_CLUSTER, str(config)], capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not out["initialized"] and not out["left"], out
-    assert re.match(r"\[run\] \d+\.\d s since the process started: \d+\.\d s before the first stage "
-                    r"\(imports, checks, fingerprints; Ray's start \d+\.\d s\)", out["lines"][-1]), out["lines"][-1]
+    proc = run_cli(config, "--stages", "tokenize,score", ray=True, timeout=240)
+    started = re.search(r"^\[ray\] started a local cluster at \S+:(\d+)$", proc.stdout, re.M)
+    assert started, proc.stdout[-2000:]
+    port = f":{started.group(1)}"
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if any(port in part for part in (p.info["cmdline"] or []))]
+    assert not left, left
+    assert re.search(r"^\[run\] \d+\.\d s: \d+\.\d s before the first stage \(imports, checks, fingerprints; "
+                     r"Ray's start \d+\.\d s\), \d+\.\d s in the stages", proc.stdout, re.M), proc.stdout[-2000:]
     for stage in ("tokenize", "score"):
         phases = read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
         assert phases["startup"] > 0.5 and phases["work"] > 0, (stage, phases)  # an actor's imports take seconds
@@ -155,3 +146,47 @@ def test_the_process_start_is_the_kernels_to_the_clock_tick():
     # psutil adds the boot time in whole seconds: within 1 s of it, and in the past
     assert abs(process_started() - psutil.Process().create_time()) < 1.0
     assert process_started() < time.time()
+
+
+def test_a_training_stage_phases_start_at_its_first_engine_and_end_at_the_export(tmp_path):
+    from pipeline.training.launch import mark_phases
+    from pipeline.training.loop import PHASES_FILE
+
+    # the stage started at 100; its first attempt's engine was ready at 104 and the attempt
+    # failed; the second's was ready at 130 and exported at 160
+    (tmp_path / PHASES_FILE).write_text(json.dumps({"startup": [104.0, 130.0], "work": [160.0]}))
+    clock = PhaseClock(started=100.0)
+    mark_phases(clock, tmp_path)
+    assert clock.seconds(161.0) == {"startup": 4.0, "work": 56.0, "shutdown": 1.0}  # the failed attempt is work
+    # the first format (one time a phase) reads too
+    (tmp_path / PHASES_FILE).write_text(json.dumps({"startup": 104.0, "work": 160.0}))
+    old = PhaseClock(started=100.0)
+    mark_phases(old, tmp_path)
+    assert old.seconds(161.0) == {"startup": 4.0, "work": 56.0, "shutdown": 1.0}
+
+
+def test_a_driver_that_runs_stages_in_its_own_process_freezes_nothing(small):
+    """Workers take their start-up out of the collector's view (placement.settle), but a
+    driver running the stages itself (--no-ray) must still free one stage's engine before
+    the next: gc.collect skips frozen objects."""
+    import gc
+
+    runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    assert gc.get_freeze_count() == 0
+
+
+def test_ray_train_defaults_hold_for_the_stage_only_and_yield_to_the_users(monkeypatch):
+    from cluster.ray_cluster import ray_train_env
+
+    poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(poll, raising=False)
+    with ray_train_env():
+        assert os.environ[poll] == "0.5"  # the controller sees a stage's end within 0.5 s, not 2
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # no cluster of this process's own
+    assert poll not in os.environ  # not left for a later run in this process
+    with ray_train_env({poll: "3"}):  # the run's cluster.runtime_env gives it: not overridden
+        assert poll not in os.environ
+    monkeypatch.setenv(poll, "1.5")
+    with ray_train_env():
+        assert os.environ[poll] == "1.5"
+    assert os.environ[poll] == "1.5"

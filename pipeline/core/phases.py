@@ -65,9 +65,13 @@ def process_started() -> float:
         return time.time()
 
 
-def run_line(started: float, first_stage: float, stages: float, last_stage_end: float, ray_start: float) -> str:
-    """The run's own seconds around its stages' (the summary's phases line has theirs)."""
+def run_line(started: float, ran: list[float], stages: float, ray_start: float) -> str:
+    """The run's own seconds around its stages' (the summary's phases line has theirs).
+    ``ran``: when the first stage that ran started and the last one ended (empty: none ran);
+    ``stages``: their seconds."""
     now = time.time()
-    return (f"[run] {now - started:.1f} s since the process started: {first_stage - started:.1f} s before the "
-            f"first stage (imports, checks, fingerprints; Ray's start {ray_start:.1f} s), {stages:.1f} s in the "
-            f"stages, {now - last_stage_end:.1f} s after them (the report, while a local Ray cluster stops)")
+    if not ran:
+        return f"[run] {now - started:.1f} s, no stage to run"
+    return (f"[run] {now - started:.1f} s: {ran[0] - started:.1f} s before the first stage (imports, checks, "
+            f"fingerprints; Ray's start {ray_start:.1f} s), {stages:.1f} s in the stages, "
+            f"{ran[1] - ran[0] - stages:.1f} s between them, {now - ran[1]:.1f} s after them (the report)")

@@ -37,13 +37,28 @@ def actor_pool(size: int):
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
-def settle() -> None:
+def settle(exiting: bool = False) -> None:
     """Take what this process allocated so far (the imports of torch, transformers and
     DeepSpeed, the loaded model: millions of objects) out of the garbage collector's view
     (``gc.freeze``): later collections stop rescanning them, and the process exits in 0.1 s
     instead of 0.8 (a process that imported torch and transformers, measured), which on 2
-    cores is taken from the next stage's start-up. Called once a worker is ready to work,
-    and by the CLI when its command is done."""
+    cores is taken from the next stage's start-up.
+
+    Called by every worker once it is ready to work, where it acts only in a Ray actor (a
+    process that holds nothing else and ends with it): after a full collection, so that no
+    garbage of the start-up is kept for good. A driver that runs stages in its own process
+    (``--no-ray``) is left alone until it exits (``exiting``, the CLI's end): it must still
+    free one stage's engine before the next (``gc.collect`` skips frozen objects)."""
     import gc
 
-    gc.freeze()
+    if exiting:
+        gc.freeze()
+    elif in_actor():
+        gc.collect()
+        gc.freeze()
+
+
+def in_actor() -> bool:
+    """This process is a Ray actor's (a Ray Data worker, a Ray Train rank)."""
+    ray = sys.modules.get("ray")  # never imported here: a run without Ray stays without it
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None

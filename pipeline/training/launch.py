@@ -155,6 +155,8 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
     in this process. Every training stage (train, sft) starts its ranks here, after the
     checkpoint they resume from, if written by another worker count, is converted."""
     prepare_resume(train_cfg, out, spec.stage, train_cfg.num_workers if spec.ray_train else 1, spec.ray_train)
+    if (Loc(out) / PHASES_FILE).is_file():  # an earlier launch's: this one's phases are its ranks'
+        (Loc(out) / PHASES_FILE).unlink()
     if not spec.ray_train:
         train_worker({"spec": spec})
         # in-process, the next stage (sft, then score) runs in this process: free the engine's memory
@@ -185,25 +187,22 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
     )
     from cluster.ray_cluster import ray_train_env
 
-    with ray_train_env():  # its controller's poll, and no preemption watcher on a private cluster
+    # its controller's poll, and no preemption watcher on a private cluster, unless the run sets them
+    with ray_train_env(spec.cfg_dict.get("cluster", {}).get("runtime_env", {}).get("env_vars")):
         trainer.fit()
 
 
-def mark_phases(clock: PhaseClock, out: Loc, merged: bool = False) -> None:
-    """A training stage's phases, as its rank 0 recorded them (``PHASES_FILE``): start-up
-    until the first engine of this run was built and resumed, work until the model was
-    exported (a failed attempt, and Ray Train's restart after it, are work). Times before
-    this run's start are an earlier run's, which stopped before the export. ``merged``: the
-    driver merged a LoRA adapter into the base model since: work too, until now."""
+def mark_phases(clock: PhaseClock, out: Loc) -> None:
+    """A training stage's phases, as its rank 0 recorded them in this launch (``PHASES_FILE``,
+    removed before the ranks start): start-up until the first attempt's engine was built and
+    resumed, work until the model was exported (a failed attempt, and Ray Train's restart
+    after it, are work)."""
     path = Loc(out) / PHASES_FILE
     if path.is_file():
-        times = json.loads(path.read_text())
-        ours = [t for t in times.get(STARTUP, []) if t >= clock.started] or times.get(STARTUP, [])[-1:]
-        for phase, at in ((STARTUP, ours[:1]), (WORK, times.get(WORK, [])[-1:])):
+        times = {k: v if isinstance(v, list) else [v] for k, v in json.loads(path.read_text()).items()}
+        for phase, at in ((STARTUP, times.get(STARTUP, [])[:1]), (WORK, times.get(WORK, [])[-1:])):
             if at:
                 clock.end(phase, at[0])
-    if merged:
-        clock.end(WORK)
 
 
 NO_EVAL = "no eval split (data.eval_fraction: 0), so no eval metrics"

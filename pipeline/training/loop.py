@@ -210,6 +210,7 @@ def record_phases(ctx: RankContext, phase: str) -> None:
     if ctx.rank == 0:
         path = ctx.out / PHASES_FILE
         times = json.loads(path.read_text()) if path.is_file() else {}
+        times = {k: v if isinstance(v, list) else [v] for k, v in times.items()}  # one time a phase (the first format)
         times[phase] = times.get(phase, []) + [time.time()]
         path.write_text(json.dumps(times))
 

@@ -27,7 +27,7 @@ from pipeline.core import packing
 from pipeline.core.config import (DataConfig, PipelineConfig, RowSource, SFTDataConfig, for_workers,
                                   resume_location)
 from pipeline.core.models import local_dir
-from pipeline.core.phases import PhaseClock
+from pipeline.core.phases import WORK, PhaseClock
 from pipeline.core.rows import ROW_GROUP_ROWS, assemble_sequences, sequence_table, split_files
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.core.sft_formats import SequenceRows
@@ -208,10 +208,12 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
                       str(out), str(out), export_info, ray_train=use_ray,
                       env=forwarded_env(train_cfg.report_to, os.environ), stage="sft", train_cfg=train_cfg)
     launch(spec, train_cfg, out)
+    if clock is not None:
+        mark_phases(clock, out)
     if train_cfg.peft is not None:
         merge_adapter(cfg, out)
-    if clock is not None:
-        mark_phases(clock, out, merged=train_cfg.peft is not None)
+        if clock is not None:
+            clock.end(WORK)  # the merge is work
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
     summary = summarize(out)
     first = next((r for r in read_metrics(out) if r.get("step") == 0 and "eval_loss" in r), None)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from pipeline.core.config import ConfigError, PipelineConfig, build_loss, for_workers
 from pipeline.core.models import local_dir
 from pipeline.core.rows import split_files
+from pipeline.core.phases import WORK, PhaseClock
 from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint, read_manifest
 from pipeline.core.stage import RunContext, Stage
 from pipeline.core.storage import Loc
@@ -88,11 +89,16 @@ def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_tr
                       ray_train, env=forwarded_env(cfg.train.report_to, os.environ))
 
 
-def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:
-    """The files the manifest commits (metrics and the exported model) and the summary."""
+def outputs(cfg: PipelineConfig, out: Loc, clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
+    """The files the manifest commits (metrics and the exported model) and the summary;
+    ``clock``: the phases, as the ranks recorded them, and a LoRA merge here as work."""
     out = Loc(out)
+    if clock is not None:
+        mark_phases(clock, out)
     if cfg.train.merge_adapter:
         merge_adapter(cfg, out)
+        if clock is not None:
+            clock.end(WORK)
     files = [out / METRICS_FILE] + (out / EXPORT_DIR).files()
     stats = summarize(out)
     if cfg.train.sync_ref_model:  # TR-DPO: when the reference was refreshed, and what that cost
@@ -102,21 +108,21 @@ def outputs(cfg: PipelineConfig, out: Loc) -> tuple[list[ShardInfo], dict]:
     return [ShardInfo.of(f, 0, base=out) for f in files], stats
 
 
-def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
+def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, clock: PhaseClock | None = None):
     """One rank in this process (no Ray): the benchmarks' and the GPU machine's path.
     ``rows_dir``: the scored rows, or the tokenized rows for a reference-free loss."""
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
     check_global_batch(out, info)
     launch(worker_spec(cfg, rows_dir, out, info), cfg.train, out)
-    return outputs(cfg, out)
+    return outputs(cfg, out, clock)
 
 
-def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
+def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, clock: PhaseClock | None = None):
     """``train.num_workers`` ranks placed by Ray Train, restarted ``train.max_failures`` times."""
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
     check_global_batch(out, info)
     launch(worker_spec(cfg, rows_dir, out, info, ray_train=True), cfg.train, out)
-    return outputs(cfg, out)
+    return outputs(cfg, out, clock)
 
 
 # ----------------------------------------------------------------------------- the stage's door
@@ -125,9 +131,7 @@ def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict):
 def _run(ctx: RunContext):
     """On the scored rows, or on the tokenized rows for a reference-free loss."""
     rows = ctx.dir("score") if "score" in ctx.plans else ctx.dir("tokenize")
-    shards, stats = (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"))
-    mark_phases(ctx.clock, ctx.out, merged=ctx.cfg.train.merge_adapter)
-    return shards, stats
+    return (run_on_ray if ctx.use_ray else run_in_process)(ctx.cfg, rows, ctx.out, ctx.info("tokenize"), ctx.clock)
 
 
 def trained_model(cfg: PipelineConfig, out: Loc) -> tuple[Loc, str]:
