@@ -278,7 +278,8 @@ def format_summary(results: dict[str, dict]) -> str:
         for name, r in results.items()
     ]
     lines = [format_table(rows, ["stage", "state", "rows", "tokens", "seconds", "output"])]
+    ran = [phases_line(name, r["phases"]) for name, r in results.items() if r["ran"] and r.get("phases")]
+    lines += ["phases: " + "; ".join(ran)] if ran else []  # under the table: its seconds, split
     for name, r in results.items():
         lines += stage(name).summary(r["stats"])
-    ran = [phases_line(name, r["phases"]) for name, r in results.items() if r["ran"] and r.get("phases")]
-    return "\n".join(lines + (["phases: " + "; ".join(ran)] if ran else []))
+    return "\n".join(lines)
