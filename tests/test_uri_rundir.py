@@ -88,7 +88,7 @@ def test_a_uri_run_dir_works_like_a_plain_path(both_runs):
     assert {f"checkpoints/step-00000005/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files
     assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
     assert {p.name for p in (root / "report").iterdir()} == {"report.md", "loss.png", "accuracy.png", "margins.png",
-                                                             "reference_logps.png"}
+                                                             "reference_logps.png", "_MADE_FROM.json"}
     # the export is a plain HF checkpoint
     from transformers import AutoModelForCausalLM
 
