@@ -2,7 +2,6 @@
 CUDA device), and on the driver before anything is placed (a Ray cluster with no GPU
 resource, where Ray would otherwise wait forever)."""
 
-import os
 import time
 from pathlib import Path
 
@@ -79,19 +78,15 @@ def test_a_ray_cluster_without_gpus_refuses_a_gpu_score_before_placing_anything(
     assert stage_state(runner.plan_stages(cfg)["tokenize"].dir) != "done"
 
 
-def test_a_rank_trains_on_the_gpu_ray_assigned_it(monkeypatch):
-    """Under Ray Train the device is Ray's (CUDA_VISIBLE_DEVICES per worker: LOCAL_RANK 1
-    may be the only GPU this worker sees, cuda:0); in one process it is cuda:LOCAL_RANK."""
-    import ray.train.torch
-
+def test_a_rank_trains_on_cuda_local_rank(monkeypatch):
+    """cuda:LOCAL_RANK, where DeepSpeed and zero.Init place tensors: on Ray the rank group
+    made LOCAL_RANK the index of the rank's GPU among the node's visible ones
+    (tests/test_rank_group.py); in one process it is torchrun's, or 0."""
     from pipeline.training.engine import rank_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:0"))
-    assert rank_device(use_gpu=True, ray_train=True) == torch.device("cuda:0")
-    assert os.environ["LOCAL_RANK"] == "0"  # what DeepSpeed's engine and zero.Init place tensors by
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert rank_device(use_gpu=True, ray_train=False) == torch.device("cuda:1")
-    assert rank_device(use_gpu=False, ray_train=True) == torch.device("cpu")
+    assert rank_device(use_gpu=True) == torch.device("cuda:1")
+    assert rank_device(use_gpu=False) == torch.device("cpu")
     monkeypatch.delenv("LOCAL_RANK")
-    assert rank_device(use_gpu=True, ray_train=False) == torch.device("cuda:0")
+    assert rank_device(use_gpu=True) == torch.device("cuda:0")
+

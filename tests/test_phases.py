@@ -3,7 +3,6 @@ work and shutdown; a run that ran nothing leaves the report alone; the step-0 ev
 ``eval_on_start``; a local Ray cluster the run started is gone when it ends."""
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -173,20 +172,3 @@ def test_a_driver_that_runs_stages_in_its_own_process_freezes_nothing(small):
 
     runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
     assert gc.get_freeze_count() == 0
-
-
-def test_ray_train_defaults_hold_for_the_stage_only_and_yield_to_the_users(monkeypatch):
-    from cluster.ray_cluster import ray_train_env
-
-    poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    monkeypatch.delenv(poll, raising=False)
-    with ray_train_env():
-        assert os.environ[poll] == "0.5"  # the controller sees a stage's end within 0.5 s, not 2
-        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # no cluster of this process's own
-    assert poll not in os.environ  # not left for a later run in this process
-    with ray_train_env({poll: "3"}):  # the run's cluster.runtime_env gives it: not overridden
-        assert poll not in os.environ
-    monkeypatch.setenv(poll, "1.5")
-    with ray_train_env():
-        assert os.environ[poll] == "1.5"
-    assert os.environ[poll] == "1.5"

@@ -168,9 +168,9 @@ def test_cli_with_another_loss_reruns_only_train(first_run, tmp_path, capsys):
         "tokenize done", "sft not", "score done", "train done", "generate not"]  # sft and generate off: not needed
 
 
-def test_a_killed_ray_train_worker_restarts_and_resumes_exactly(first_run, tmp_path):
-    """Kill rank 1 by pid after the first checkpoint: Ray Train restarts the worker group
-    (FailureConfig), training resumes from the checkpoint, and every step's loss equals the
+def test_a_killed_rank_restarts_and_resumes_exactly(first_run, tmp_path):
+    """Kill rank 1 by pid after the first checkpoint: the rank group starts every rank
+    again (train.max_failures), training resumes from the checkpoint, and every step's loss equals the
     straight run's (checkpoint settings do not change the trained numbers)."""
     import os
     import signal

@@ -100,16 +100,6 @@ def test_a_uri_run_dir_works_like_a_plain_path(both_runs):
         assert torch.allclose(p, q, atol=1e-5), name
 
 
-def test_the_complete_checkpoint_is_registered_with_ray_train(both_runs):
-    """Ray Train's run directory is the checkpoints folder; its own record of the run
-    names our complete checkpoint, which lies where the rank files were written."""
-    _, _, uri, _ = both_runs
-    checkpoints = Loc(uri["train"]["dir"]) / "checkpoints"
-    snapshots = [f for f in checkpoints.files() if f.name.endswith(".json") and "step-" not in str(f)]
-    text = "".join(f.read_text() for f in snapshots)
-    assert "step-00000005" in text, sorted(str(f) for f in checkpoints.files())
-
-
 def test_uri_rerun_skips_and_resumes_from_the_uploaded_checkpoint(both_runs):
     _, _, uri, cfg = both_runs
     again = runner.run_pipeline(cfg)

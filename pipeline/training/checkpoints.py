@@ -39,8 +39,7 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
     With a URI run directory each rank writes to its scratch directory and uploads only
     its own files. DeepSpeed's own ``latest`` is written by rank 0 before the other ranks
     finish; ours (``COMPLETE.json``, ``latest_complete``) is written only after the barrier
-    that follows every rank's part, so it never names a partial checkpoint. Under Ray Train
-    the complete checkpoint is then registered (``ray.train.report``, no second copy)."""
+    that follows every rank's part, so it never names a partial checkpoint."""
     import torch.distributed as dist
 
     root = ctx.out_dir / CHECKPOINT_DIR
@@ -74,8 +73,6 @@ def save_checkpoint(engine, ctx, step: int, log) -> None:
             old.rmtree()
     if dist.is_initialized():
         dist.barrier()
-    if ctx.ray_train:
-        register_checkpoint(ctx, step, final)
 
 
 def discard_checkpoint(ctx, step: int) -> None:
@@ -104,18 +101,6 @@ def set_rng_state(client: dict) -> None:
     torch.set_rng_state(client["rng"])
     if client.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(client["cuda_rng"])  # the current device: torch.cuda.set_device(rank's)
-
-
-def register_checkpoint(ctx, step: int, final: Loc) -> None:
-    """Tell Ray Train about a complete checkpoint where it already lies: the Ray Train run
-    directory is ``<train output>/checkpoints``, so no upload happens (NO_UPLOAD). Every
-    rank calls ``report``; rank 0 names the checkpoint."""
-    import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
-
-    checkpoint = Checkpoint(path=final.path, filesystem=final.fs) if ctx.rank == 0 else None
-    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=final.name,
-                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def checkpoint_to_resume(train_cfg, out: Loc, stage: str) -> Loc | None:

@@ -17,7 +17,8 @@ from .objective import Objective
 
 
 def init_distributed(backend: str) -> tuple[int, int]:
-    """The process group (Ray Train sets RANK, WORLD_SIZE ...; one rank in-process)."""
+    """The process group, from torchrun's environment (RANK, WORLD_SIZE ...: the rank group's on Ray,
+    cluster.rank_group), or one rank in this process."""
     import deepspeed
 
     # DeepSpeed's shared-memory comm op is a g++ JIT build (36 s, and it fails without a
@@ -39,22 +40,13 @@ def init_distributed(backend: str) -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def rank_device(use_gpu: bool, ray_train: bool) -> torch.device:
-    """The device a rank trains on. Under Ray Train, the GPU Ray assigned to this worker
-    (``ray.train.torch.get_device``): ``LOCAL_RANK`` is the worker's rank on its node,
-    which need not index that GPU among the visible ones (Ray's GPU ids are not handed out
-    in local-rank order, a node's GPUs may be shared by several jobs, a worker may have 2).
-    DeepSpeed places the engine, and ``zero.Init`` the partitions, on ``cuda:LOCAL_RANK``,
-    so ``LOCAL_RANK`` is set to the assigned device's index. In one process (no Ray),
-    ``cuda:LOCAL_RANK``."""
+def rank_device(use_gpu: bool) -> torch.device:
+    """The device a rank trains on: ``cuda:LOCAL_RANK``, where DeepSpeed places the engine
+    and ``zero.Init`` the partitions. On Ray the rank group made LOCAL_RANK the index of the
+    GPU Ray assigned this rank among the node's CUDA_VISIBLE_DEVICES (``rank_group.rank_envs``:
+    Ray's GPU ids are not handed out in rank order); in one process, torchrun's or 0."""
     if not use_gpu:
         return torch.device("cpu")
-    if ray_train:
-        from ray.train.torch import get_device
-
-        device = get_device()
-        os.environ["LOCAL_RANK"] = str(device.index or 0)
-        return device
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 

@@ -1,6 +1,6 @@
 """A training stage's driver side, shared by every training stage (train, sft): the checks
-before a run, the settings its fingerprint holds, the ranks launched (Ray Train or one rank
-in this process) and the summary of what they trained."""
+before a run, the settings its fingerprint holds, the ranks launched (Ray actors, cluster.rank_group, or one
+rank in this process) and the summary of what they trained."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.core.phases import STARTUP, WORK, PhaseClock
 from pipeline.core.rundir import MANIFEST
 from pipeline.core.storage import Loc
 
-from .checkpoints import CHECKPOINT_DIR, complete_checkpoints
+from .checkpoints import complete_checkpoints
 from .export import EXPORT_DIR
 from .loop import PHASES_FILE, WORKERS_FILE, WorkerSpec, train_worker
 from .metrics import read_metrics
@@ -150,14 +150,14 @@ def summarize(out: Loc) -> dict:
 
 
 def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
-    """Run a training stage's ranks: ``train_cfg.num_workers`` of them placed by Ray Train
-    and restarted ``train_cfg.max_failures`` times when ``spec.ray_train``, else one rank
-    in this process. Every training stage (train, sft) starts its ranks here, after the
+    """Run a training stage's ranks: ``train_cfg.num_workers`` Ray actors, started again
+    after a failure ``train_cfg.max_failures`` times (cluster.rank_group), when
+    ``spec.on_ray``, else one rank in this process. Every training stage (train, sft) starts its ranks here, after the
     checkpoint they resume from, if written by another worker count, is converted."""
-    prepare_resume(train_cfg, out, spec.stage, train_cfg.num_workers if spec.ray_train else 1, spec.ray_train)
+    prepare_resume(train_cfg, out, spec.stage, train_cfg.num_workers if spec.on_ray else 1, spec.on_ray)
     if (Loc(out) / PHASES_FILE).is_file():  # an earlier launch's: this one's phases are its ranks'
         (Loc(out) / PHASES_FILE).unlink()
-    if not spec.ray_train:
+    if not spec.on_ray:
         train_worker({"spec": spec})
         # in-process, the next stage (sft, then score) runs in this process: free the engine's memory
         import gc
@@ -168,34 +168,17 @@ def launch(spec: WorkerSpec, train_cfg: TrainingSettings, out: Loc) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from cluster.rank_group import run_ranks
 
-    resources = {"CPU": train_cfg.cpus_per_worker}
-    if train_cfg.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
-        # Ray Train's run directory is our checkpoints folder, so registering a checkpoint
-        # (register_checkpoint) copies nothing.
-        run_config=RunConfig(storage_path=str(Loc(out)), name=CHECKPOINT_DIR,
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
-    )
-    from cluster.ray_cluster import ray_train_env
-
-    # its controller's poll, and no preemption watcher on a private cluster, unless the run sets them
-    with ray_train_env(spec.cfg_dict.get("cluster", {}).get("runtime_env", {}).get("env_vars")):
-        trainer.fit()
+    resources = {"CPU": train_cfg.cpus_per_worker, "GPU": 1 if train_cfg.use_gpu else 0}
+    run_ranks(train_worker, {"spec": spec}, num_workers=train_cfg.num_workers, resources=resources,
+              max_failures=train_cfg.max_failures, name=spec.stage)
 
 
 def mark_phases(clock: PhaseClock, out: Loc) -> None:
     """A training stage's phases, as its rank 0 recorded them in this launch (``PHASES_FILE``,
     removed before the ranks start): start-up until the first attempt's engine was built and
-    resumed, work until the model was exported (a failed attempt, and Ray Train's restart
+    resumed, work until the model was exported (a failed attempt, and the restart
     after it, are work)."""
     path = Loc(out) / PHASES_FILE
     if path.is_file():

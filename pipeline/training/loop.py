@@ -1,6 +1,6 @@
 """The per-rank training loop, shared by every training stage.
 
-``train_worker`` runs on each Ray Train worker (or in-process as one rank) and reads top
+``train_worker`` runs on each rank's Ray actor (cluster.rank_group; or in-process as one rank) and reads top
 to bottom: set up the rank, build the engine, resume, then for each step of the seeded
 plan: the objective on each micro-batch, ``engine.backward``, ``engine.step``, metrics;
 eval at step 0 (``eval_on_start``), every ``eval_steps`` and at the end; checkpoints; the export. What is
@@ -51,16 +51,16 @@ PHASES_FILE = "_PHASES.json"  # when the attempt that finished ended its start-u
 
 @dataclass
 class WorkerSpec:
-    """What the driver hands every rank (pickled by Ray Train)."""
+    """What the driver hands every rank (pickled to its Ray actor)."""
 
-    # repr=False: Ray Train shows str(train_loop_config) in its dashboard and state API, and
-    # these hold the unredacted config, URIs and the forwarded tracker credentials.
+    # repr=False: these hold the unredacted config, URIs and the forwarded tracker
+    # credentials, which a repr would put in a log line or an error message.
     cfg_dict: dict = field(repr=False)  # the run's config as a dict, local paths made absolute (``config.for_workers``)
     objective: Objective = field(repr=False)  # what is trained
     rows_dir: str = field(repr=False)  # the rows to train on: scored, or tokenized for a reference-free loss
     out_dir: str = field(repr=False)  # the stage's output in the run directory (a local path or a URI)
     info: dict = field(repr=False)  # fingerprints and config, written next to the exported model
-    ray_train: bool = False  # under Ray Train: checkpoints are registered with it
+    on_ray: bool = False  # its ranks are Ray actors (cluster.rank_group); else one rank in this process
     env: dict = field(default_factory=dict, repr=False)  # the driver's tracker settings (``tracking.forwarded_env``)
     stage: str = "train"  # the stage that trains: its name prefixes the progress lines and the tracker run
     train_cfg: TrainingSettings | None = field(default=None, repr=False)  # its settings; None: the config's train group
@@ -83,7 +83,6 @@ class RankContext:
     total_steps: int
     out: Loc  # the stage's output in the run directory (a local path or a URI)
     out_dir: Path  # where this rank writes: ``out`` itself, or local scratch uploaded to it
-    ray_train: bool = False
     stage: str = "train"
     shape: ModelShape | None = None  # the policy's, once the engine is built: a row's FLOPs for mfu
     peak_tflops: float | None = None  # one device's peak (device.peak_tflops, or known): None, no mfu
@@ -109,7 +108,7 @@ def setup(spec: WorkerSpec) -> RankContext:
     require_gpu(train_cfg.use_gpu, f"{spec.stage}.use_gpu")
     use_cuda = train_cfg.use_gpu
     rank, world = init_distributed("nccl" if use_cuda else "gloo")
-    device = rank_device(use_cuda, spec.ray_train)
+    device = rank_device(use_cuda)
     if use_cuda:
         torch.cuda.set_device(device)
     else:
@@ -123,7 +122,7 @@ def setup(spec: WorkerSpec) -> RankContext:
     return RankContext(cfg, train_cfg, spec.objective, rank, world, device, train_rows,
                        RowReader(split_files(spec.rows_dir, "eval"), spec.objective.columns),
                        spec.objective.units_per_row(train_rows), per_epoch, steps, out,
-                       out.local or scratch_dir(train_cfg, out, rank), spec.ray_train, spec.stage)
+                       out.local or scratch_dir(train_cfg, out, rank), spec.stage)
 
 
 def scratch_dir(train_cfg: TrainingSettings, out: Loc, rank: int) -> Path:
@@ -223,7 +222,7 @@ def started_up(ctx: RankContext) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """One rank of training. ``config``: {"spec": WorkerSpec} (Ray Train's loop config)."""
+    """One rank of training. ``config``: {"spec": WorkerSpec}."""
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated.
     warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
     started = time.time()

@@ -160,9 +160,8 @@ def window_record(window: list[dict], counts: tuple[str, ...]) -> dict:
 
 
 def say(line: str) -> None:
-    """A progress line on the rank's stdout, once. Not ``print``: Ray Train v2 replaces it
-    with one that logs to its console handler and, when stdout is wrapped (it is, in the
-    workers), also prints, so the driver showed every line twice."""
+    """A progress line on the rank's stdout, flushed at once (Ray forwards a worker's
+    stdout to the driver line by line)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 

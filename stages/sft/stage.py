@@ -205,7 +205,7 @@ def run(cfg: PipelineConfig, tokenized_dir: Loc, out: Loc, info: dict, use_ray: 
     train_cfg = replace(train_cfg, resume_from_checkpoint=resume_location(train_cfg.resume_from_checkpoint))
     export_info = {k: v for k, v in info.items() if k not in ("inputs", "force")}
     spec = WorkerSpec(for_workers(cfg), SFTObjective(cfg.model.logp_chunk_tokens, train_cfg.router_aux_loss_coef),
-                      str(out), str(out), export_info, ray_train=use_ray,
+                      str(out), str(out), export_info, on_ray=use_ray,
                       env=forwarded_env(train_cfg.report_to, os.environ), stage="sft", train_cfg=train_cfg)
     launch(spec, train_cfg, out)
     if clock is not None:

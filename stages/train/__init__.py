@@ -1,4 +1,4 @@
-"""train: the policy against the precomputed reference columns, DeepSpeed ZeRO-3 on Ray Train.
+"""train: the policy against the precomputed reference columns, DeepSpeed ZeRO-3 on Ray actors.
 
 The stage's own rooms: ``driver`` (its fingerprint, the row check, its door) and
 ``preference`` (the DPO objective). The loop, engine, checkpoints, metrics and export are

@@ -1,6 +1,6 @@
 """The train stage's driver side: its fingerprint, the check that the rows to train on are
 the tokenized rows, the objective built from the config, and the two ways to run the
-ranks: Ray Train (``run_on_ray``) or one rank in this process (``run_in_process``)."""
+ranks: Ray actors (``run_on_ray``, cluster.rank_group) or one rank in this process (``run_in_process``)."""
 
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def verify_rows(rows_dir: Loc, tokenized_dir: Loc, fingerprints: dict) -> None:
                                    f"but {ids_b[k] if ids_b else None} in the tokenized rows {tokenized_dir}")
 
 
-def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, ray_train: bool = False) -> WorkerSpec:
+def worker_spec(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, on_ray: bool = False) -> WorkerSpec:
     from pipeline.core.tracking import forwarded_env
 
     info = {k: v for k, v in info.items() if k not in ("inputs", "force")}  # the export records the rest
     return WorkerSpec(for_workers(cfg), preference_objective(cfg), str(Loc(rows_dir)), str(Loc(out)), info,
-                      ray_train, env=forwarded_env(cfg.train.report_to, os.environ))
+                      on_ray, env=forwarded_env(cfg.train.report_to, os.environ))
 
 
 def outputs(cfg: PipelineConfig, out: Loc, clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
@@ -118,10 +118,10 @@ def run_in_process(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, clo
 
 
 def run_on_ray(cfg: PipelineConfig, rows_dir: Loc, out: Loc, info: dict, clock: PhaseClock | None = None):
-    """``train.num_workers`` ranks placed by Ray Train, restarted ``train.max_failures`` times."""
+    """``train.num_workers`` ranks on Ray (cluster.rank_group), restarted ``train.max_failures`` times."""
     verify_rows(rows_dir, Loc(info["tokenized_dir"]), info["fingerprints"])
     check_global_batch(out, info)
-    launch(worker_spec(cfg, rows_dir, out, info, ray_train=True), cfg.train, out)
+    launch(worker_spec(cfg, rows_dir, out, info, on_ray=True), cfg.train, out)
     return outputs(cfg, out, clock)
 
 

@@ -1,0 +1,167 @@
+"""A training stage's ranks on Ray: ``num_workers`` actors in one placement group, each given
+the process group's environment as torchrun gives it (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT; on GPUs the node's
+CUDA_VISIBLE_DEVICES), running one function; after a failure (a rank raised, or its process
+or node died) all of them are stopped and started again, ``max_failures`` times (-1: without
+limit), and the function resumes from what it saved.
+
+Why not Ray Train's ``TorchTrainer`` (the pipeline's launcher until issue #37): the job is
+the same, and Ray Train starts a controller, an autoscaling coordinator, a synchronisation
+actor and a placement-group cleaner one after another before the ranks: on the 2-core
+machine the train function began 10.5 to 12.4 s after ``fit()``, while this group's ranks
+begin it 1.6 s after the call (bench/RESULTS.md). What it gave beyond this module: its
+dashboard page and the registry of reported checkpoints (the pipeline's own checkpoints
+folder and ``workers.json`` say the same), its preemption watcher and NCCL hang detector.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one rank's actor landed: its bundle in the placement group, node and GPUs."""
+
+    bundle: int
+    node_id: str
+    node_ip: str
+    gpu_ids: tuple[str, ...] = ()
+    port: int = 0  # a free port on its host (MASTER_PORT when it holds rank 0)
+
+
+def rank_envs(slots: list[Slot]) -> list[dict[str, str]]:
+    """The environment of each slot's rank (in the order of ``slots``). Ranks run node by node
+    (nodes in the order of their first bundle), so a node's ranks are consecutive, and within
+    a node in the order of their GPU (then bundle): LOCAL_RANK is then the index of the
+    rank's GPU in the node's CUDA_VISIBLE_DEVICES (every GPU Ray gave this group's ranks on
+    that node), which is where DeepSpeed and ``zero.Init`` place its tensors (``cuda:LOCAL_RANK``);
+    Ray hands GPU ids out in no particular order. Rank 0's host is MASTER_ADDR, with the
+    port its actor found free."""
+    nodes = list(dict.fromkeys(s.node_id for s in sorted(slots, key=lambda s: s.bundle)))
+
+    def order(s: Slot):
+        return nodes.index(s.node_id), [int(g) if g.isdigit() else g for g in s.gpu_ids], s.bundle
+
+    ranked = sorted(slots, key=order)
+    master = ranked[0]
+    envs = {}
+    for rank, slot in enumerate(ranked):
+        mates = [s for s in ranked if s.node_id == slot.node_id]
+        env = {"RANK": str(rank), "WORLD_SIZE": str(len(slots)), "LOCAL_RANK": str(mates.index(slot)),
+               "LOCAL_WORLD_SIZE": str(len(mates)), "NODE_RANK": str(nodes.index(slot.node_id)),
+               "MASTER_ADDR": master.node_ip, "MASTER_PORT": str(master.port)}
+        if slot.gpu_ids:
+            visible = list(dict.fromkeys(g for s in mates for g in s.gpu_ids))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+            env["LOCAL_RANK"] = str(visible.index(slot.gpu_ids[0]))
+        envs[slot.bundle] = env
+    return [envs[s.bundle] for s in slots]
+
+
+class TrainingRank:
+    """One rank's actor: says where it is, then runs the function in its environment."""
+
+    def where(self, bundle: int) -> Slot:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return Slot(bundle, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+                    tuple(str(g) for g in ray.get_gpu_ids()), port)
+
+    def run(self, fn: Callable[[dict], None], config: dict, env: dict) -> None:
+        os.environ.update(env)
+        fn(config)
+
+
+class RanksFailed(RuntimeError):
+    """A rank's process or node died, and no restart was left."""
+
+
+def run_ranks(fn: Callable[[dict], None], config: dict, *, num_workers: int, resources: dict[str, float],
+              max_failures: int = 0, name: str = "train", log=print, wait_log_s: float = 30.0) -> None:
+    """``fn(config)`` on ``num_workers`` ranks, each with ``resources`` (``{"CPU": 1, "GPU": 1}``),
+    placed by one PACK placement group (Ray Train's default); started again after a failure
+    ``max_failures`` times. The last failure is raised: a rank's exception as itself (Ray's
+    ``RayTaskError`` subclass of it, with the rank's traceback), a dead rank as ``RanksFailed``."""
+    failures = 0
+    while True:
+        failure = _attempt(fn, config, num_workers, resources, name, log, wait_log_s)
+        if failure is None:
+            return
+        failures += 1
+        rank, error = failure
+        if max_failures != -1 and failures > max_failures:
+            if isinstance(error, Exception) and hasattr(error, "as_instanceof_cause"):  # the rank raised
+                raise error.as_instanceof_cause() from None
+            raise RanksFailed(f"{name}: rank {rank} died, and no restart is left ({name}.max_failures: "
+                              f"{max_failures}): {error}") from None
+        left = "without limit" if max_failures == -1 else f"{failures} of {max_failures}"
+        log(f"[{name}] rank {rank} failed ({type(error).__name__}): starting the {num_workers} ranks again "
+            f"(restart {left}); they resume from the newest complete checkpoint")
+
+
+def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple[int, BaseException] | None:
+    """One start of the group: None when every rank returned, else (rank, error) of the first
+    that failed. Every actor and the placement group are gone when it returns."""
+    import ray
+    from ray.exceptions import RayError
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {k: float(v) for k, v in resources.items() if v}
+    pg = placement_group([dict(bundle)] * num_workers, strategy="PACK", name=f"{name}-ranks")
+    actors = []
+    try:
+        waited = 0.0
+        while not ray.wait([pg.ready()], timeout=wait_log_s)[0]:
+            waited += wait_log_s
+            log(f"[{name}] waiting {waited:.0f} s for {num_workers} x {bundle} (the cluster has "
+                f"{ray.available_resources()} free): {name}.num_workers, cpus_per_worker and use_gpu ask for them")
+        options = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
+                   "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
+                   "max_restarts": 0}
+        actors = [ray.remote(TrainingRank).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **options).remote()
+            for i in range(num_workers)]
+        try:
+            slots = ray.get([a.where.remote(i) for i, a in enumerate(actors)])
+        except RayError as e:  # an actor that could not start: rank unknown yet
+            return 0, e
+        envs = rank_envs(slots)
+        rank_of = {i: int(env["RANK"]) for i, env in enumerate(envs)}
+        refs = {a.run.remote(fn, config, env): i for i, (a, env) in enumerate(zip(actors, envs))}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except RayError as e:  # the rank raised (RayTaskError) or died (RayActorError)
+                return rank_of[refs[done[0]]], e
+        return None
+    finally:
+        for a in actors:  # the others, blocked in a collective with the one that failed, are stopped too
+            ray.kill(a, no_restart=True)
+        remove_placement_group(pg)
+        _wait_gone(actors)
+
+
+def _wait_gone(actors, timeout: float = 10.0) -> None:
+    """Return once the killed actors are dead (their processes exit), so that the next start
+    of the group, or the next stage, does not find their CPUs still held."""
+    import ray
+
+    deadline = time.time() + timeout
+    for a in actors:
+        while time.time() < deadline:
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=0.5)
+            except Exception:  # noqa: BLE001 - dead: what we wait for
+                break
+            time.sleep(0.05)
