@@ -75,8 +75,13 @@ class TrainingRank:
         return Slot(bundle, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
                     tuple(str(g) for g in ray.get_gpu_ids()), port)
 
-    def run(self, fn: Callable[[dict], None], config: dict, env: dict) -> None:
+    def environ(self, env: dict) -> None:
+        """Set before ``run`` is called: its arguments (the function, its config) are unpickled
+        only then, so nothing they import can read the environment, CUDA_VISIBLE_DEVICES
+        above all (CUDA reads it once, when first initialised), before it is set."""
         os.environ.update(env)
+
+    def run(self, fn: Callable[[dict], None], config: dict) -> None:
         fn(config)
 
 
@@ -97,17 +102,18 @@ def run_ranks(fn: Callable[[dict], None], config: dict, *, num_workers: int, res
             return
         failures += 1
         rank, error = failure
+        who = "an actor that was to hold a rank" if rank is None else f"rank {rank}"
         if max_failures != -1 and failures > max_failures:
             if isinstance(error, Exception) and hasattr(error, "as_instanceof_cause"):  # the rank raised
                 raise error.as_instanceof_cause() from None
-            raise RanksFailed(f"{name}: rank {rank} died, and no restart is left ({name}.max_failures: "
+            raise RanksFailed(f"{name}: {who} died, and no restart is left ({name}.max_failures: "
                               f"{max_failures}): {error}") from None
         left = "without limit" if max_failures == -1 else f"{failures} of {max_failures}"
-        log(f"[{name}] rank {rank} failed ({type(error).__name__}): starting the {num_workers} ranks again "
+        log(f"[{name}] {who} failed ({type(error).__name__}): starting the {num_workers} ranks again "
             f"(restart {left}); they resume from the newest complete checkpoint")
 
 
-def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple[int, BaseException] | None:
+def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple[int | None, BaseException] | None:
     """One start of the group: None when every rank returned, else (rank, error) of the first
     that failed. Every actor and the placement group are gone when it returns."""
     import ray
@@ -119,10 +125,10 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
     pg = placement_group([dict(bundle)] * num_workers, strategy="PACK", name=f"{name}-ranks")
     actors = []
     try:
-        waited = 0.0
-        while not ray.wait([pg.ready()], timeout=wait_log_s)[0]:
+        waited, ready = 0.0, pg.ready()
+        while not ray.wait([ready], timeout=wait_log_s)[0]:  # a line every wait_log_s, never a silent wait
             waited += wait_log_s
-            log(f"[{name}] waiting {waited:.0f} s for {num_workers} x {bundle} (the cluster has "
+            log(f"[{name}] waiting {waited:g} s for {num_workers} x {bundle} (the cluster has "
                 f"{ray.available_resources()} free): {name}.num_workers, cpus_per_worker and use_gpu ask for them")
         options = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
                    "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
@@ -131,12 +137,12 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **options).remote()
             for i in range(num_workers)]
         try:
-            slots = ray.get([a.where.remote(i) for i, a in enumerate(actors)])
-        except RayError as e:  # an actor that could not start: rank unknown yet
-            return 0, e
-        envs = rank_envs(slots)
+            envs = rank_envs(ray.get([a.where.remote(i) for i, a in enumerate(actors)]))
+            ray.get([a.environ.remote(env) for a, env in zip(actors, envs)])
+        except RayError as e:  # an actor that could not start, or died before its rank ran: no rank yet
+            return None, e
         rank_of = {i: int(env["RANK"]) for i, env in enumerate(envs)}
-        refs = {a.run.remote(fn, config, env): i for i, (a, env) in enumerate(zip(actors, envs))}
+        refs = {a.run.remote(fn, config): i for i, a in enumerate(actors)}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -128,3 +128,34 @@ def test_a_dead_rank_names_the_rank_and_the_setting(ray_cluster):
     with pytest.raises(RanksFailed, match=r"train: rank 0 died, and no restart is left \(train.max_failures: 0\)"):
         run_ranks(_die, {}, num_workers=2, resources={"CPU": 1}, log=lambda _: None)
     assert not _alive_ranks()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_group_waiting_for_cpus_says_so_and_starts_when_they_free(ray_cluster, tmp_path):
+    """An actor holds one of the cluster's 2 CPUs: the 2 ranks' placement group waits, and
+    says what for, every wait_log_s; once the CPU is free the group starts and finishes."""
+    import threading
+
+    import ray
+
+    holder = ray.remote(num_cpus=1)(_Holder).remote()
+    ray.get(holder.ping.remote())
+    logged = []
+
+    def free_after_the_first_line():
+        while not logged:
+            time.sleep(0.05)
+        ray.kill(holder)
+
+    threading.Thread(target=free_after_the_first_line, daemon=True).start()
+    run_ranks(_all_reduce, {"out": str(tmp_path)}, num_workers=2, resources={"CPU": 1}, log=logged.append,
+              wait_log_s=0.5)
+    assert logged[0].startswith("[train] waiting 0.5 s for 2 x {'CPU': 1.0} (the cluster has "), logged
+    assert "train.num_workers, cpus_per_worker and use_gpu ask for them" in logged[0]
+    assert sorted((tmp_path / f"rank-{r}.txt").read_text().split()[0] for r in range(2)) == ["3.0", "3.0"]
+
+
+class _Holder:
+    def ping(self) -> bool:
+        return True

@@ -117,3 +117,59 @@ def test_tr_dpo_scores_the_rows_it_is_given_and_leaves_nulls(tokenized):
             assert row["ref_logps"] is None and row["ref_seq_logps"] is None
             assert {k: v for k, v in row.items() if not k.startswith("ref_")} == \
                 {k: v for k, v in all_row.items() if not k.startswith("ref_")}
+
+
+def test_split_rows_splits_only_when_there_are_few_shards_an_actor():
+    from stages.score.stage import split_rows
+
+    # 3 shards on 2 actors (fewer than 4 an actor): pieces of ceil(70 / (4 x 2)) = 9 rows
+    assert split_rows([32, 32, 6], actors=2, rows_per_task=None) == [
+        [(0, 9), (9, 18), (18, 27), (27, 32)], [(0, 9), (9, 18), (18, 27), (27, 32)], [(0, 6)]]
+    assert split_rows([5] * 8, actors=2, rows_per_task=None) == [[(0, 5)]] * 8  # 4 an actor: whole
+    assert split_rows([32, 6], actors=None, rows_per_task=None) == [[(0, 32)], [(0, 6)]]  # one scorer in-process
+    assert split_rows([25, 0], actors=None, rows_per_task=10) == [[(0, 10), (10, 20), (20, 25)], [(0, 0)]]
+    assert split_rows([25], actors=8, rows_per_task=30) == [[(0, 25)]]
+
+
+def test_a_split_score_writes_the_shards_of_a_whole_one_byte_for_byte(assets, tmp_path):
+    """The same run scored whole, and in pieces of 3 rows (score.rows_per_task): every
+    scored shard is the same file, and no part file is left. Then a piece already written
+    by an earlier attempt is not scored again, and a shard whose every piece was written is
+    joined without scoring anything."""
+    import copy
+    import json
+
+    from pipeline.core.storage import Loc
+    from stages.score.scorer import PARTS_DIR, join_parts, part_path
+    from stages.score.stage import _todo
+
+    cfg = tiny_config(assets, tmp_path / "whole", tokenize={"max_tokens_per_row": 256, "rows_per_shard": 8})
+    runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    split = copy.deepcopy(cfg)
+    split.run_dir, split.score.rows_per_task = str(tmp_path / "split"), 3
+    runner.run_pipeline(split, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
+    whole_dir, split_dir = runner.plan_stages(cfg)["score"].dir, runner.plan_stages(split)["score"].dir
+    assert whole_dir.name == split_dir.name  # rows_per_task does not change what is scored
+    names = [s["name"] for s in read_manifest(whole_dir)["shards"]]
+    assert len(names) >= 2 and any(read_manifest(whole_dir)["shards"][i]["rows"] > 3 for i in range(len(names)))
+    for name in names:
+        assert (split_dir / name).read_bytes() == (whole_dir / name).read_bytes(), name
+    assert not (split_dir / PARTS_DIR).exists()
+
+    # an earlier attempt wrote piece 0 of the first shard: the next attempt scores the rest only
+    tok_dir = runner.plan_stages(split)["tokenize"].dir
+    manifest = read_manifest(tok_dir)
+    first = next(s for s in manifest["shards"] if s["name"].startswith("train"))
+    dst = Loc(split_dir) / first["name"]
+    table = pq.read_table(str(dst))
+    dst.unlink()
+    part_path(dst, 0, 3).write_parquet(table.slice(0, 3))
+    todo, shards = _todo(Loc(tok_dir), manifest, Loc(split_dir), {}, None, 3)
+    assert [(i["dst"], i["piece"]) for i in todo] == [(str(dst), p) for p in range(1, len(shards[str(dst)]))]
+    assert shards[str(dst)][0] == (0, 3) and json.loads(todo[0]["bounds"])[0] == [0, 3]
+    # every piece written: joined, the same bytes as scored whole
+    for start, stop in shards[str(dst)][1:]:
+        part_path(dst, start, stop).write_parquet(table.slice(start, stop - start))
+    assert join_parts(dst, shards[str(dst)])
+    assert dst.read_bytes() == (whole_dir / first["name"]).read_bytes()
+    assert not (Loc(split_dir) / PARTS_DIR / first["name"]).exists()

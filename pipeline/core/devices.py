@@ -8,7 +8,7 @@ request pending forever.
 - ``require_gpu``: in the process that computes (a score actor, a train rank, or the
   ``--no-ray`` driver).
 - ``check_cluster_gpus``: on the driver, before anything is placed, against what the Ray
-  cluster has now or can add (an autoscaler's node types, as Ray Train itself checks).
+  cluster has now or can add (an autoscaler's node types).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def check_cluster_gpus(cfg: PipelineConfig, stages: list[Stage], now: dict, at_m
 def check_ray_cluster_gpus(cfg: PipelineConfig, stages: list[Stage]) -> None:
     import ray
 
-    try:  # the autoscaler's node types, as Ray Train's worker group reads them
+    try:  # the autoscaler's node types
         from ray._private.state import state
 
         at_most = state.get_max_resources_from_cluster_config()

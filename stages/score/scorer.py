@@ -1,6 +1,8 @@
 """The score stage's actor: the reference model loaded once, each call one shard of packed
-rows scored and committed whole (``ShardScorer``), with what the rows cost (its FLOPs and
-seconds, for the stage's mfu)."""
+rows scored and committed whole, or a piece of one (``ShardScorer``), with what the rows
+cost (its FLOPs and seconds, for the stage's mfu). A split shard's pieces are written under
+``_parts/<shard>/`` and joined into the shard by the actor that finds them all written
+(``join_parts``)."""
 
 from __future__ import annotations
 
@@ -117,22 +119,72 @@ class ShardScorer:
             SCORE_FIELDS[0], pa.array([r and r[0] for r in rows], type=SCORE_FIELDS[0].type)
         ).append_column(SCORE_FIELDS[1], pa.array([r and r[1] for r in rows], type=SCORE_FIELDS[1].type))
 
-    def score_shard(self, src: str, dst: str, wanted: list[int] | None = None) -> dict:
+    def score_shard(self, src: str, dst: str, wanted: list[int] | None = None,
+                    bounds: list[tuple[int, int]] | None = None, piece: int = 0) -> dict:
+        """Score shard ``src`` into ``dst``; ``wanted``: its rows to score (None: all). With
+        ``bounds`` (the shard's pieces, [start, stop) row ranges), only piece ``piece``: written
+        to its part file, and the shard joined once every piece is written."""
         src_loc, final = Loc(src), Loc(dst)
         with src_loc.open_input() as f:
             table = pq.read_table(f)
-        start = time.perf_counter()
+        start, stop = bounds[piece] if bounds else (0, table.num_rows)
+        table = table.slice(start, stop - start)
+        if wanted is not None:
+            wanted = [i - start for i in wanted if start <= i < stop]
+        began = time.perf_counter()
         scored = self.score_table(table, wanted)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         rows = range(table.num_rows) if wanted is None else wanted
         seq, prm = table.column("seq_lens").to_pylist(), table.column("prompt_lens").to_pylist()
         flops = sum(forward_flops(self.shape, row_work(seq[i], prm[i])) for i in rows) if self.peak else 0
-        final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
+        if bounds:
+            part_path(final, start, stop).write_parquet(scored)
+            join_parts(final, bounds)
+        else:
+            final.write_parquet(scored, row_group_size=ROW_GROUP_ROWS)
         return {"name": final.name, "rows": scored.num_rows, "flops": flops, "seconds": seconds,
                 "peak_tflops": self.peak, "ready_at": self.ready_at, **placement.here()}
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.score_shard(s, d, json.loads(w))
-                   for s, d, w in zip(batch["src"], batch["dst"], batch["wanted"])]
+        results = [self.score_shard(s, d, json.loads(w), json.loads(b), p)
+                   for s, d, w, b, p in zip(batch["src"], batch["dst"], batch["wanted"], batch["bounds"],
+                                            batch["piece"])]
         return {k: [r[k] for r in results] for k in ("name", "rows", "flops", "seconds", "peak_tflops", "ready_at",
                                                       "node_id", "hostname")}
+
+
+PARTS_DIR = "_parts"  # a split shard's scored pieces, until joined into the shard
+
+
+def part_path(final: Loc, start: int, stop: int) -> Loc:
+    return final.parent / PARTS_DIR / final.name / f"rows-{start:08d}-{stop:08d}.parquet"
+
+
+def join_parts(final: Loc, bounds: list[tuple[int, int]]) -> bool:
+    """Join a split shard's pieces, in row order, into the shard once every piece is written
+    (each part file is written whole, under a temporary name first). Two actors finishing the
+    last two pieces may both join it: the same bytes, each write atomic; the one that finds
+    the parts already removed finds the shard written. False while a piece is missing."""
+    parts = [part_path(final, a, b) for a, b in bounds]
+    if not all(p.is_file() for p in parts):
+        return False
+    try:
+        tables = []
+        for p in parts:
+            with p.open_input() as f:
+                tables.append(pq.read_table(f))
+    except (OSError, pa.ArrowInvalid):
+        if final.is_file():  # joined by the other actor, which removed the parts
+            return True
+        raise
+    table = pa.concat_tables(tables).combine_chunks()
+    # the scores' list type as scored (Parquet reads a list's item back as "element")
+    by_name = {f.name: f for f in SCORE_FIELDS}
+    table = table.cast(pa.schema([by_name.get(f.name, f) for f in table.schema], metadata=table.schema.metadata))
+    final.write_parquet(table, row_group_size=ROW_GROUP_ROWS)
+    folder = final.parent / PARTS_DIR / final.name
+    try:
+        folder.rmtree()
+    except OSError:  # the other actor joining it removed them first
+        pass
+    return True

@@ -18,7 +18,7 @@ from pipeline.core.rundir import HashCache, ShardInfo, hash_checkpoint
 from pipeline.core.storage import Loc
 from pipeline.training.plan import first_segment_rows, first_segment_settings
 
-from .scorer import ShardScorer
+from .scorer import PARTS_DIR, ShardScorer, join_parts, part_path
 
 STAGE_VERSION = 1
 
@@ -69,17 +69,48 @@ def _is_complete(path: Loc, rows: int) -> bool:
         return False
 
 
-def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc, wanted: dict[str, list[int]]) -> list[dict]:
-    """The shards to score, each with the rows of it to score (JSON; null: all)."""
-    todo = []
-    for shard in in_manifest["shards"]:
-        if shard["name"] == "quarantine.parquet":
-            continue
+WHOLE_SHARDS_AN_ACTOR = 4  # at least this many shards an actor to score: whole shards (score.rows_per_task null)
+
+
+def split_rows(shard_rows: list[int], actors: int | None, rows_per_task: int | None) -> list[list[tuple[int, int]]]:
+    """Each shard's pieces, [start, stop) row ranges. ``rows_per_task`` null: whole shards when
+    there are at least ``WHOLE_SHARDS_AN_ACTOR`` an actor (the last round of shards leaves
+    some actors idle, a quarter of the stage at most), else pieces of (rows / 4 x actors), so
+    that the actors finish together; ``actors`` None (one scorer in this process): whole."""
+    if rows_per_task is None:
+        if actors is None or len(shard_rows) >= WHOLE_SHARDS_AN_ACTOR * actors:
+            return [[(0, n)] for n in shard_rows]
+        rows_per_task = max(1, math.ceil(sum(shard_rows) / (WHOLE_SHARDS_AN_ACTOR * actors)))
+    return [[(a, min(a + rows_per_task, n)) for a in range(0, n, rows_per_task)] or [(0, 0)] for n in shard_rows]
+
+
+def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc, wanted: dict[str, list[int]], actors: int | None,
+          rows_per_task: int | None) -> tuple[list[dict], dict[str, list]]:
+    """What to score: one item a shard not yet committed, or a piece of it (``split_rows``) not
+    yet written by an earlier attempt; each with the shard's rows to score (JSON; null: all)
+    and its pieces' bounds (JSON; null: whole). And the split shards: {dst: bounds}."""
+    shards = [s for s in in_manifest["shards"]
+              if s["name"] != "quarantine.parquet" and not _is_complete(out_dir / s["name"], s["rows"])]
+    todo, split = [], {}
+    for shard, bounds in zip(shards, split_rows([s["rows"] for s in shards], actors, rows_per_task)):
         dst = out_dir / shard["name"]
-        if not _is_complete(dst, shard["rows"]):
+        if len(bounds) > 1:
+            split[str(dst)] = bounds
+        for piece, (start, stop) in enumerate(bounds):
+            if len(bounds) > 1 and _is_complete(part_path(dst, start, stop), stop - start):
+                continue
             todo.append({"src": str(in_dir / shard["name"]), "dst": str(dst),
-                         "wanted": json.dumps(wanted.get(shard["name"]))})
-    return todo
+                         "wanted": json.dumps(wanted.get(shard["name"])),
+                         "bounds": json.dumps(bounds if len(bounds) > 1 else None), "piece": piece})
+    return todo, split
+
+
+def _join_left(split: dict[str, list]) -> None:
+    """After the actors: join the split shards no actor joined (every piece written by an
+    earlier attempt, or the joining actor killed)."""
+    for dst, bounds in split.items():
+        if not Loc(dst).is_file() and not join_parts(Loc(dst), bounds):
+            raise RuntimeError(f"score: {dst}: a piece was not scored (pieces {bounds}; see {PARTS_DIR}/)")
 
 
 def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[ShardInfo], dict]:
@@ -88,6 +119,7 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
     for leftover in out_dir.iterdir():  # half-written files of actors that were killed
         if ".tmp-" in leftover.name:
             leftover.unlink()
+    (out_dir / PARTS_DIR).rmtree()  # pieces of an earlier attempt's other split
     shards, rows, scored_rows, tokens, completion_tokens, logp_sum = [], 0, 0, 0, 0, 0.0
     for shard in in_manifest["shards"]:
         if shard["name"] == "quarantine.parquet":
@@ -110,7 +142,7 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
         "tokens": tokens,
         "completion_tokens": completion_tokens,
         "mean_ref_logp_per_token": logp_sum / completion_tokens if completion_tokens else math.nan,
-        "workers": placement.by_node(scored, "shards"),
+        "workers": _workers(scored),
         "shards_from_earlier_attempts": len(shards) - len({s["name"] for s in scored}),
     }
     counted = [s for s in scored if s["peak_tflops"]]  # actors with a known peak (and a dense model)
@@ -118,6 +150,15 @@ def _finish(in_manifest: dict, out_dir: Loc, scored: list[dict]) -> tuple[list[S
     if capacity:
         stats["mfu"] = sum(s["flops"] for s in counted) / capacity
     return shards, stats
+
+
+def _workers(scored: list[dict]) -> list[dict]:
+    """Each node that scored: its shards (a split shard counted on each node that scored a
+    piece of it) and its rows."""
+    workers = placement.by_node({(s["node_id"], s["name"]): s for s in scored}.values(), "shards")
+    for w in workers:
+        w["rows"] = sum(s["rows"] for s in scored if s["node_id"] == w["node_id"])
+    return workers
 
 
 def _mark(clock: PhaseClock | None, scored: list[dict]) -> None:
@@ -129,11 +170,13 @@ def _mark(clock: PhaseClock | None, scored: list[dict]) -> None:
 
 def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc, clock: PhaseClock | None = None):
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
-    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
+    todo, split = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest), None, cfg.score.rows_per_task)
     scored = []
     if todo:
         scorer = ShardScorer(to_dict(cfg))
-        scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"])) for item in todo]
+        scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"]), json.loads(item["bounds"]),
+                                     item["piece"]) for item in todo]
+    _join_left(split)
     _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)
 
@@ -142,7 +185,8 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
     import ray
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
-    todo = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest))
+    todo, split = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest), cfg.score.actors,
+                        cfg.score.rows_per_task)
     scored = []
     if todo:
         score_cfg = cfg.score
@@ -155,6 +199,7 @@ def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc
             num_gpus=score_cfg.num_gpus_per_actor,
         )
         scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
+    _join_left(split)
     _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)
 

@@ -149,7 +149,11 @@ class ModelActors:
 
 @dataclass
 class ScoreConfig(ModelActors):
-    pass
+    # Rows an actor scores in one call. null: whole shards, unless there are fewer than 4
+    # shards an actor to score: then pieces of (their rows / 4 x actors), so the actors finish
+    # together instead of one scoring the last shard alone. A split shard's pieces are joined
+    # into it; the scored rows are the same bytes either way.
+    rows_per_task: Optional[int] = None
 
 
 @dataclass

@@ -211,7 +211,7 @@ def resume_location(spec: Optional[str]) -> Optional[str]:
 
 def for_workers(cfg: PipelineConfig) -> dict:
     """The config as a dict with local paths made absolute: Ray workers do not share the
-    driver's working directory (Ray Train runs them in its storage directory)."""
+    driver's working directory (nor, on another node, its files)."""
     out = to_dict(cfg)
     out["run_dir"] = _absolute(cfg.run_dir)
     for group in ("train", "sft"):

@@ -84,7 +84,8 @@ class TrainingSettings:
     # null: resume from the newest complete checkpoint of this run's output if there is one;
     # a tag ("step-00000100") or a checkpoint directory: resume from it, or fail.
     resume_from_checkpoint: Optional[str] = None
-    # Ray Train restarts the workers this many times after a failure (FailureConfig).
+    # After a rank fails (raises, or its process or node dies), every rank is started again
+    # this many times (-1: without limit); they resume from the newest complete checkpoint.
     max_failures: int = 0
     # Metrics go to metrics.jsonl always, and to these trackers (TRL's report_to):
     # tensorboard, wandb, mlflow. W&B and MLflow read their settings from the environment.
@@ -96,11 +97,11 @@ class TrainingSettings:
     local_dir: Optional[str] = None
     # LoRA instead of full fine-tuning: {r, alpha, dropout, target_modules}.
     peft: Optional[LoraSettings] = None
-    # Ray Train workers (ranks).
+    # Ranks: one Ray actor each (one process on the driver with --no-ray).
     num_workers: int = 2
     # One GPU per worker and NCCL; gloo on CPU.
     use_gpu: bool = False
-    # CPUs per Ray Train worker (torch threads on CPU).
+    # CPUs per rank (torch threads on CPU).
     cpus_per_worker: float = 1.0
     # DeepSpeed ZeRO stage; auto: the lowest whose plan (`pipeline plan`) fits
     # device.memory_gib, resolved from the config alone before any stage (3 with the memory

@@ -58,6 +58,8 @@ def _validate(cfg: PipelineConfig, handed_on: bool = False) -> None:
     need(tokenize_cfg.actors >= 1, "tokenize.actors: must be >= 1")
     need(0.0 <= tokenize_cfg.max_bad_fraction <= 1.0, "tokenize.max_bad_fraction: must be in [0, 1]")
     need(cfg.score.actors >= 1, "score.actors: must be >= 1")
+    need(cfg.score.rows_per_task is None or cfg.score.rows_per_task >= 1,
+         f"score.rows_per_task: must be >= 1 (or null: whole shards, split when few), got {cfg.score.rows_per_task}")
     for key in ("memory_gib", "peak_tflops"):
         value = getattr(cfg.device, key)
         need(value is None or value > 0, f"device.{key}: must be > 0 (or null: unknown), got {value}")
