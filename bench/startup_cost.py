@@ -69,6 +69,7 @@ def run(config: str, run_dir: Path, *overrides: str) -> dict:
             m = json.loads(path.read_text())
             out[m["stage"]] = {"seconds": m["seconds"], **m.get("phases", {})}
     out["outside"] = wall - sum(v["seconds"] for k, v in out.items() if k in STAGES)
+    print(f"# {run_dir.name} {' '.join(overrides)[-60:]}: {json.dumps(out)}", file=sys.stderr, flush=True)  # kept if cut short
     return out
 
 
