@@ -90,3 +90,16 @@ def test_a_rank_trains_on_cuda_local_rank(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert rank_device(use_gpu=True) == torch.device("cuda:0")
 
+
+
+@pytest.mark.slow
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed's autotuner imports mlflow where it is installed (0.9 s of every rank's
+    start-up); the ranks import DeepSpeed without it, and mlflow still imports after."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.training.engine import import_deepspeed; import_deepspeed(); "
+            "print('mlflow' in sys.modules); import mlflow; print(mlflow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-2:] == ["False", "mlflow"], out  # after DeepSpeed's accelerator line
