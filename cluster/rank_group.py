@@ -103,13 +103,14 @@ def run_ranks(fn: Callable[[dict], None], config: dict, *, num_workers: int, res
         failures += 1
         rank, error = failure
         who = "an actor that was to hold a rank" if rank is None else f"rank {rank}"
+        said = next((line for line in reversed(str(error).splitlines()) if line.strip()), "")[:300]
         if max_failures != -1 and failures > max_failures:
             if isinstance(error, Exception) and hasattr(error, "as_instanceof_cause"):  # the rank raised
                 raise error.as_instanceof_cause() from None
             raise RanksFailed(f"{name}: {who} died, and no restart is left ({name}.max_failures: "
                               f"{max_failures}): {error}") from None
         left = "without limit" if max_failures == -1 else f"{failures} of {max_failures}"
-        log(f"[{name}] {who} failed ({type(error).__name__}): starting the {num_workers} ranks again "
+        log(f"[{name}] {who} failed ({type(error).__name__}: {said}): starting the {num_workers} ranks again "
             f"(restart {left}); they resume from the newest complete checkpoint")
 
 
@@ -146,10 +147,8 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except RayError as e:  # the rank raised (RayTaskError) or died (RayActorError)
-                return rank_of[refs[done[0]]], e
+            if (error := _error(done[0])) is not None:
+                return _first_cause((done[0], error), refs, rank_of, pending)
         return None
     finally:
         for a in actors:  # the others, blocked in a collective with the one that failed, are stopped too
@@ -158,16 +157,51 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
         _wait_gone(actors)
 
 
+def _error(ref) -> BaseException | None:
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        ray.get(ref)
+    except RayError as e:  # the rank raised (RayTaskError) or died (RayActorError)
+        return e
+    return None
+
+
+# How long the other ranks are given, after one failed, to show the cause: a rank whose
+# process died makes its peers' collectives fail too, often before Ray reports the death.
+SETTLE_S = 2.0
+
+
+def _first_cause(failed: tuple, refs: dict, rank_of: dict, pending: list) -> tuple[int, BaseException]:
+    """The failure to report once one rank failed: a rank whose process died, if one did
+    within ``SETTLE_S`` (its peers' "connection closed" errors are its consequence), else
+    the first rank that raised. ``failed``: (ref, error) of the first."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    errors = [failed]
+    if not isinstance(failed[1], RayActorError) and pending:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=SETTLE_S)
+        errors += [(ref, e) for ref in done if (e := _error(ref)) is not None]
+    ref, error = next(((r, e) for r, e in errors if isinstance(e, RayActorError)), errors[0])
+    return rank_of[refs[ref]], error
+
+
 def _wait_gone(actors, timeout: float = 10.0) -> None:
     """Return once the killed actors are dead (their processes exit), so that the next start
-    of the group, or the next stage, does not find their CPUs still held."""
+    of the group, or the next stage, does not find their CPUs and GPUs still held; at most
+    ``timeout`` seconds."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.time() + timeout
     for a in actors:
         while time.time() < deadline:
             try:
                 ray.get(a.__ray_ready__.remote(), timeout=0.5)
-            except Exception:  # noqa: BLE001 - dead: what we wait for
+            except RayActorError:  # dead: what we wait for
                 break
+            except GetTimeoutError:  # still busy in its function: not dead yet
+                pass
             time.sleep(0.05)

@@ -107,7 +107,7 @@ def test_a_conversion_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path)
 
 
 def test_a_resume_path_is_the_same_checkpoint_for_the_driver_and_the_ranks(tmp_path, monkeypatch):
-    """Ray Train runs the ranks in another working directory: a relative path is made
+    """The ranks run in another working directory (Ray's, or another node's): a relative path is made
     absolute for them, a tag or a URI is left as it is."""
     from pipeline.core.config import for_workers
 

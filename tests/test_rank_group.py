@@ -81,10 +81,25 @@ def _die(config: dict) -> None:
     time.sleep(60)
 
 
+def _die_in_a_collective(config: dict) -> None:
+    """Rank 0's process dies while rank 1 waits for it in an all-reduce: rank 1's gloo error
+    ("connection closed") is the consequence, rank 0's death the cause."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if os.environ["RANK"] == "0":
+        time.sleep(0.5)
+        os._exit(3)
+    dist.all_reduce(torch.ones(1))
+
+
 def _alive_ranks() -> list:
+    import ray
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("class_name", "=", "TrainingRank"), ("state", "=", "ALIVE")])]
+    return list_actors(address=ray.get_runtime_context().gcs_address,  # this session's cluster, not another
+                       filters=[("class_name", "=", "TrainingRank"), ("state", "=", "ALIVE")])
 
 
 @pytest.mark.slow
@@ -107,8 +122,9 @@ def test_a_failed_attempt_starts_every_rank_again_once(ray_cluster, tmp_path):
     run_ranks(_fail_first, {"out": str(tmp_path)}, num_workers=2, resources={"CPU": 1}, max_failures=1,
               name="sft", log=logged.append)
     assert [(tmp_path / f"attempts-{r}").read_text() for r in range(2)] == ["2", "2"]
-    assert len(logged) == 1 and logged[0].startswith("[sft] rank 1 failed (RayTaskError(ValueError)): "
-                                                     "starting the 2 ranks again (restart 1 of 1)"), logged
+    assert len(logged) == 1 and logged[0].startswith(
+        "[sft] rank 1 failed (RayTaskError(ValueError): ValueError: rank 1: a bad row): "
+        "starting the 2 ranks again (restart 1 of 1)"), logged
     assert not _alive_ranks()
 
 
@@ -159,3 +175,25 @@ def test_a_group_waiting_for_cpus_says_so_and_starts_when_they_free(ray_cluster,
 class _Holder:
     def ping(self) -> bool:
         return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_rank_dying_in_a_collective_is_blamed_not_the_peer_it_left_waiting(ray_cluster):
+    with pytest.raises(RanksFailed, match=r"train: rank 0 died"):
+        run_ranks(_die_in_a_collective, {}, num_workers=2, resources={"CPU": 1}, log=lambda _: None)
+    assert not _alive_ranks()
+
+
+@pytest.mark.slow
+def test_the_process_group_waits_30_minutes_for_the_slowest_rank():
+    """DeepSpeed's own default is 10 minutes; the ranks' group keeps Ray Train's 30 (a
+    resume's per-node checkpoint load must fit in it), or DEEPSPEED_TIMEOUT's minutes."""
+    import subprocess
+
+    code = ("import torch, torch.distributed as dist; from pipeline.training.engine import init_distributed; "
+            "init_distributed('gloo'); print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)")
+    for env, want in (({}, "0:30:00"), ({"DEEPSPEED_TIMEOUT": "45"}, "0:45:00")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "DEEPSPEED_TIMEOUT"}, **env}).stdout
+        assert out.splitlines()[-1] == want, out

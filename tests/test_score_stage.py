@@ -141,9 +141,10 @@ def test_a_split_score_writes_the_shards_of_a_whole_one_byte_for_byte(assets, tm
 
     from pipeline.core.storage import Loc
     from stages.score.scorer import PARTS_DIR, join_parts, part_path
-    from stages.score.stage import _todo
+    from stages.score.stage import _todo, split_rows
 
-    cfg = tiny_config(assets, tmp_path / "whole", tokenize={"max_tokens_per_row": 256, "rows_per_shard": 8})
+    # shards of 40 rows: 3 row groups of ROW_GROUP_ROWS (16), pieces of 3 rows across their edges
+    cfg = tiny_config(assets, tmp_path / "whole", tokenize={"max_tokens_per_row": 256, "rows_per_shard": 40})
     runner.run_pipeline(cfg, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
     split = copy.deepcopy(cfg)
     split.run_dir, split.score.rows_per_task = str(tmp_path / "split"), 3
@@ -151,7 +152,7 @@ def test_a_split_score_writes_the_shards_of_a_whole_one_byte_for_byte(assets, tm
     whole_dir, split_dir = runner.plan_stages(cfg)["score"].dir, runner.plan_stages(split)["score"].dir
     assert whole_dir.name == split_dir.name  # rows_per_task does not change what is scored
     names = [s["name"] for s in read_manifest(whole_dir)["shards"]]
-    assert len(names) >= 2 and any(read_manifest(whole_dir)["shards"][i]["rows"] > 3 for i in range(len(names)))
+    assert len(names) >= 2 and max(s["rows"] for s in read_manifest(whole_dir)["shards"]) > 16
     for name in names:
         assert (split_dir / name).read_bytes() == (whole_dir / name).read_bytes(), name
     assert not (split_dir / PARTS_DIR).exists()
@@ -173,3 +174,12 @@ def test_a_split_score_writes_the_shards_of_a_whole_one_byte_for_byte(assets, tm
     assert join_parts(dst, shards[str(dst)])
     assert dst.read_bytes() == (whole_dir / first["name"]).read_bytes()
     assert not (Loc(split_dir) / PARTS_DIR / first["name"]).exists()
+
+    # auto split (rows_per_task null): the pieces are those of the whole stage, however many
+    # shards an earlier attempt committed, so that its pieces are found again
+    dst.unlink()
+    _, before = _todo(Loc(tok_dir), manifest, Loc(split_dir), {}, 4, None)
+    assert len(before[str(dst)]) > 1 and len(before) == 1  # only the first shard is left: still split
+    shards = [s for s in manifest["shards"] if s["name"] != "quarantine.parquet"]
+    every = split_rows([s["rows"] for s in shards], 4, None)  # as when no shard was committed
+    assert before[str(dst)] == every[[s["name"] for s in shards].index(first["name"])]

@@ -117,7 +117,7 @@ def test_train_refuses_columns_scored_from_another_sft_model(sft_run):
 
 
 def test_a_killed_sft_worker_resumes_with_the_same_losses(sft_run):
-    """Rank 1 SIGKILLed after the first sft checkpoint: Ray Train restarts the ranks, they
+    """Rank 1 SIGKILLed after the first sft checkpoint: every rank is started again, they
     resume from it, and every step's loss is the straight run's."""
     cfg, results = sft_run
     cfg = copy.deepcopy(cfg)

@@ -232,7 +232,7 @@ def test_a_kill_during_the_second_refresh_resumes_bit_for_bit(assets, data):
 
 
 def test_two_ranks_on_ray_in_a_bucket_and_a_resume_on_one(assets, data, tmp_path, ray_cluster, s3_bucket):
-    """TR-DPO on 2 ZeRO-3 ranks under Ray Train, buckets and optimizer sub-groups far smaller
+    """TR-DPO on 2 ZeRO-3 ranks on Ray, buckets and optimizer sub-groups far smaller
     than the weights, on an S3 run directory (then 1 rank x 2 accumulation): each rank mixes
     and rescores its half, and the steps equal one rank's with twice the accumulation
     (the same rows a step). Then the run, lost after step 3's checkpoint, resumes on 1

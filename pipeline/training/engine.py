@@ -51,11 +51,21 @@ def init_distributed(backend: str) -> tuple[int, int]:
     if own_port:
         os.environ["MASTER_PORT"] = str(free_port())
     try:
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=process_group_timeout())
     finally:
         if own_port:
             del os.environ["MASTER_PORT"]
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def process_group_timeout():
+    """How long a collective waits for the slowest rank: 30 minutes (what Ray Train gave the
+    pipeline's ranks; DeepSpeed's own default is 10), or ``DEEPSPEED_TIMEOUT`` minutes where
+    the user sets it. A resume on another worker count has every node download and load its
+    universal checkpoint before the ranks meet (docs/reliability.md): this bounds the spread."""
+    from datetime import timedelta
+
+    return timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", "30")))
 
 
 def rank_device(use_gpu: bool) -> torch.device:

@@ -124,11 +124,10 @@ class ShardScorer:
         """Score shard ``src`` into ``dst``; ``wanted``: its rows to score (None: all). With
         ``bounds`` (the shard's pieces, [start, stop) row ranges), only piece ``piece``: written
         to its part file, and the shard joined once every piece is written."""
-        src_loc, final = Loc(src), Loc(dst)
-        with src_loc.open_input() as f:
-            table = pq.read_table(f)
-        start, stop = bounds[piece] if bounds else (0, table.num_rows)
-        table = table.slice(start, stop - start)
+        final = Loc(dst)
+        start, stop = bounds[piece] if bounds else (0, None)
+        table = read_rows(Loc(src), start, stop)
+        stop = start + table.num_rows
         if wanted is not None:
             wanted = [i - start for i in wanted if start <= i < stop]
         began = time.perf_counter()
@@ -154,6 +153,24 @@ class ShardScorer:
 
 
 PARTS_DIR = "_parts"  # a split shard's scored pieces, until joined into the shard
+
+
+def read_rows(src: Loc, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet file (stop None: to the end), reading only the row
+    groups that hold them: a piece of a shard in a bucket downloads its part of the shard."""
+    with src.open_input() as f:
+        if start == 0 and stop is None:
+            return pq.read_table(f)
+        pf = pq.ParquetFile(f)
+        groups, first, at = [], 0, 0
+        for i in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(i).num_rows
+            if at < stop and at + rows > start:
+                first = first if groups else at
+                groups.append(i)
+            at += rows
+        table = pf.read_row_groups(groups)
+    return table.slice(start - first, stop - start)
 
 
 def part_path(final: Loc, start: int, stop: int) -> Loc:

@@ -89,11 +89,14 @@ def _todo(in_dir: Loc, in_manifest: dict, out_dir: Loc, wanted: dict[str, list[i
     """What to score: one item a shard not yet committed, or a piece of it (``split_rows``) not
     yet written by an earlier attempt; each with the shard's rows to score (JSON; null: all)
     and its pieces' bounds (JSON; null: whole). And the split shards: {dst: bounds}."""
-    shards = [s for s in in_manifest["shards"]
-              if s["name"] != "quarantine.parquet" and not _is_complete(out_dir / s["name"], s["rows"])]
+    shards = [s for s in in_manifest["shards"] if s["name"] != "quarantine.parquet"]
     todo, split = [], {}
+    # split over every shard, done or not: the same pieces in every attempt (with the same
+    # score.actors), so that pieces an interrupted attempt wrote are found again
     for shard, bounds in zip(shards, split_rows([s["rows"] for s in shards], actors, rows_per_task)):
         dst = out_dir / shard["name"]
+        if _is_complete(dst, shard["rows"]):
+            continue
         if len(bounds) > 1:
             split[str(dst)] = bounds
         for piece, (start, stop) in enumerate(bounds):
