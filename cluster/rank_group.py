@@ -184,8 +184,14 @@ def _first_cause(failed: tuple, refs: dict, rank_of: dict, pending: list) -> tup
     if not isinstance(failed[1], RayActorError) and pending:
         done, _ = ray.wait(pending, num_returns=len(pending), timeout=SETTLE_S)
         errors += [(ref, e) for ref in done if (e := _error(ref)) is not None]
-    ref, error = next(((r, e) for r, e in errors if isinstance(e, RayActorError)), errors[0])
-    return rank_of[refs[ref]], error
+    return cause([(rank_of[refs[ref]], e) for ref, e in errors])
+
+
+def cause(errors: list[tuple[int, BaseException]]) -> tuple[int, BaseException]:
+    """Of the ranks' failures, in the order seen: the first rank whose process died, else the first."""
+    from ray.exceptions import RayActorError
+
+    return next(((r, e) for r, e in errors if isinstance(e, RayActorError)), errors[0])
 
 
 def _wait_gone(actors, timeout: float = 10.0) -> None:
@@ -193,15 +199,15 @@ def _wait_gone(actors, timeout: float = 10.0) -> None:
     of the group, or the next stage, does not find their CPUs and GPUs still held; at most
     ``timeout`` seconds."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import GetTimeoutError
 
     deadline = time.time() + timeout
     for a in actors:
         while time.time() < deadline:
             try:
                 ray.get(a.__ray_ready__.remote(), timeout=0.5)
-            except RayActorError:  # dead: what we wait for
-                break
             except GetTimeoutError:  # still busy in its function: not dead yet
                 pass
+            except Exception:  # noqa: BLE001 - dead, or never started (a runtime env that failed): gone
+                break
             time.sleep(0.05)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-from cluster.rank_group import RanksFailed, Slot, rank_envs, run_ranks
+from cluster.rank_group import RanksFailed, Slot, cause, rank_envs, run_ranks
 
 # The ranks' functions below travel by value: the workers cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -44,6 +44,17 @@ def test_rank_envs_on_cpus_number_a_nodes_ranks_by_bundle_and_set_no_devices():
     gpus = rank_envs([Slot(0, "n", "h", ("10",), 1), Slot(1, "n", "h", ("9",), 2)])
     assert [e["RANK"] for e in gpus] == ["1", "0"] and gpus[0]["CUDA_VISIBLE_DEVICES"] == "9,10"
     assert [e["LOCAL_RANK"] for e in gpus] == ["1", "0"]
+
+
+def test_a_dead_rank_is_the_cause_before_the_peers_whose_collectives_it_broke():
+    from ray.exceptions import RayActorError, RayTaskError
+
+    peer = RayTaskError("run", "RuntimeError: Connection closed by peer", RuntimeError("Connection closed by peer"))
+    dead = RayActorError()
+    raised = RayTaskError("run", "ValueError: a bad row", ValueError("a bad row"))
+    assert cause([(1, peer), (0, dead)]) == (0, dead)  # seen second, named first
+    assert cause([(1, peer), (0, raised)]) == (1, peer)  # no process died: the first seen
+    assert cause([(0, raised)]) == (0, raised)
 
 
 def _all_reduce(config: dict) -> None:

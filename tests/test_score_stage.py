@@ -183,3 +183,26 @@ def test_a_split_score_writes_the_shards_of_a_whole_one_byte_for_byte(assets, tm
     shards = [s for s in manifest["shards"] if s["name"] != "quarantine.parquet"]
     every = split_rows([s["rows"] for s in shards], 4, None)  # as when no shard was committed
     assert before[str(dst)] == every[[s["name"] for s in shards].index(first["name"])]
+    assert before[str(dst)] != split_rows([first["rows"]], 4, None)[0]  # what a split of the shards left gives
+
+
+def test_a_piece_reads_only_the_row_groups_that_hold_its_rows(tmp_path, monkeypatch):
+    """45 rows in row groups of 16 (0-15, 16-31, 32-44): each piece reads the groups it
+    overlaps, and gets exactly its rows."""
+    import pyarrow as pa
+
+    from pipeline.core.storage import Loc
+    from stages.score.scorer import read_rows
+
+    path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"row_id": list(range(45))}), path, row_group_size=16)
+    read = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: read.append(list(groups))
+                        or real(self, groups, **kw))
+    for (start, stop), groups in (((15, 18), [0, 1]), ((16, 19), [1]), ((39, 45), [2]), ((0, 16), [0]),
+                                  ((40, None), [2])):
+        read.clear()
+        rows = read_rows(Loc(path), start, stop).column("row_id").to_pylist()
+        assert rows == list(range(start, 45 if stop is None else stop)) and read == [groups], (start, stop)
+    assert read_rows(Loc(path)).num_rows == 45

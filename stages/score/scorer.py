@@ -127,7 +127,11 @@ class ShardScorer:
         final = Loc(dst)
         start, stop = bounds[piece] if bounds else (0, None)
         table = read_rows(Loc(src), start, stop)
-        stop = start + table.num_rows
+        if stop is None:
+            stop = table.num_rows
+        elif table.num_rows != stop - start:
+            raise ValueError(f"score: {src} holds {start + table.num_rows} rows, fewer than its manifest's: "
+                             f"rows {start}-{stop} of it are missing; rerun tokenize (--stages tokenize --force)")
         if wanted is not None:
             wanted = [i - start for i in wanted if start <= i < stop]
         began = time.perf_counter()
@@ -162,6 +166,7 @@ def read_rows(src: Loc, start: int = 0, stop: int | None = None) -> pa.Table:
         if start == 0 and stop is None:
             return pq.read_table(f)
         pf = pq.ParquetFile(f)
+        stop = pf.metadata.num_rows if stop is None else stop
         groups, first, at = [], 0, 0
         for i in range(pf.metadata.num_row_groups):
             rows = pf.metadata.row_group(i).num_rows
