@@ -16,11 +16,12 @@ folder and ``workers.json`` say the same), its preemption watcher and NCCL hang 
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from cluster import workers
+from cluster.workers import Host
 
 
 @dataclass(frozen=True)
@@ -63,28 +64,6 @@ def rank_envs(slots: list[Slot]) -> list[dict[str, str]]:
     return [envs[s.bundle] for s in slots]
 
 
-class TrainingRank:
-    """One rank's actor: says where it is, then runs the function in its environment."""
-
-    def where(self, bundle: int) -> Slot:
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return Slot(bundle, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
-                    tuple(str(g) for g in ray.get_gpu_ids()), port)
-
-    def environ(self, env: dict) -> None:
-        """Set before ``run`` is called: its arguments (the function, its config) are unpickled
-        only then, so nothing they import can read the environment, CUDA_VISIBLE_DEVICES
-        above all (CUDA reads it once, when first initialised), before it is set."""
-        os.environ.update(env)
-
-    def run(self, fn: Callable[[dict], None], config: dict) -> None:
-        fn(config)
-
-
 class RanksFailed(RuntimeError):
     """A rank's process or node died, and no restart was left."""
 
@@ -119,31 +98,28 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
     that failed. Every actor and the placement group are gone when it returns."""
     import ray
     from ray.exceptions import RayError
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.placement_group import remove_placement_group
 
     bundle = {k: float(v) for k, v in resources.items() if v}
-    pg = placement_group([dict(bundle)] * num_workers, strategy="PACK", name=f"{name}-ranks")
-    actors = []
+    pg, actors, envs = None, _warm(num_workers, bundle), None
     try:
-        waited, ready = 0.0, pg.ready()
-        while not ray.wait([ready], timeout=wait_log_s)[0]:  # a line every wait_log_s, never a silent wait
-            waited += wait_log_s
-            log(f"[{name}] waiting {waited:g} s for {num_workers} x {bundle} (the cluster has "
-                f"{ray.available_resources()} free): {name}.num_workers, cpus_per_worker and use_gpu ask for them")
-        options = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
-                   "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
-                   "max_restarts": 0}
-        actors = [ray.remote(TrainingRank).options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **options).remote()
-            for i in range(num_workers)]
-        try:
-            envs = rank_envs(ray.get([a.where.remote(i) for i, a in enumerate(actors)]))
-            ray.get([a.environ.remote(env) for a, env in zip(actors, envs)])
-        except RayError as e:  # an actor that could not start, or died before its rank ran: no rank yet
-            return None, e
+        if actors:
+            try:
+                envs = _environ(actors)
+            except RayError as e:  # a warm actor gone meanwhile (its node lost): new ones, no failure counted
+                log(f"[{name}] the warm actors could not hold the ranks ({type(e).__name__}): starting new ones")
+                _stop(actors)
+                actors = []
+        if not actors:
+            pg = _placement_group(num_workers, bundle, name, log, wait_log_s)
+            actors = _new_ranks(pg, num_workers, bundle)
+            try:
+                envs = _environ(actors)
+            except RayError as e:  # an actor that could not start, or died before its rank ran: no rank yet
+                return None, e
         rank_of = {i: int(env["RANK"]) for i, env in enumerate(envs)}
-        refs = {a.run.remote(fn, config): i for i, a in enumerate(actors)}
+        title = f"TrainingRank.{getattr(fn, '__name__', 'run')}"
+        refs = {a.run.remote(fn, config, title=title): i for i, a in enumerate(actors)}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -151,10 +127,63 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
                 return _first_cause((done[0], error), refs, rank_of, pending)
         return None
     finally:
-        for a in actors:  # the others, blocked in a collective with the one that failed, are stopped too
-            ray.kill(a, no_restart=True)
-        remove_placement_group(pg)
-        _wait_gone(actors)
+        _stop(actors)  # the others, blocked in a collective with the one that failed, are stopped too
+        if pg is not None:
+            remove_placement_group(pg)
+
+
+def _placement_group(num_workers: int, bundle: dict, name: str, log, wait_log_s: float):
+    """One PACK placement group of ``num_workers`` bundles, once placed (a line every
+    ``wait_log_s`` until then, never a silent wait)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group([dict(bundle)] * num_workers, strategy="PACK", name=f"{name}-ranks")
+    waited, ready = 0.0, pg.ready()
+    while not ray.wait([ready], timeout=wait_log_s)[0]:
+        waited += wait_log_s
+        log(f"[{name}] waiting {waited:g} s for {num_workers} x {bundle} (the cluster has "
+            f"{ray.available_resources()} free): {name}.num_workers, cpus_per_worker and use_gpu ask for them")
+    return pg
+
+
+def _new_ranks(pg, num_workers: int, bundle: dict) -> list:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
+               "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None, "max_restarts": 0}
+    return [ray.remote(Host).options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=i), **options).remote() for i in range(num_workers)]
+
+
+def _environ(actors: list) -> list[dict]:
+    """Each actor's rank environment, set in it (``rank_envs``, from where each one is)."""
+    import ray
+
+    envs = rank_envs([Slot(i, **where) for i, where in enumerate(ray.get([a.where.remote() for a in actors]))])
+    ray.get([a.environ.remote(env) for a, env in zip(actors, envs)])
+    return envs
+
+
+def _stop(actors: list) -> None:
+    import ray
+
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    _wait_gone(actors)
+
+
+def _warm(num_workers: int, bundle: dict[str, float]) -> list:
+    """The run's warm actors (tokenize's and score's, ``cluster.workers``) as the ranks, when
+    there are ``num_workers`` of the ranks' shape: their processes have torch and
+    transformers imported. CPU ranks only: a GPU actor has initialised CUDA with its own GPU
+    visible, and a rank needs its node's GPUs visible (``rank_envs``). Any other warm actor is
+    stopped: its CPUs and GPUs would keep the ranks' placement group waiting."""
+    if set(bundle) - {"CPU"}:
+        workers.release()
+        return []
+    return workers.take(num_workers, bundle.get("CPU", 0), 0)
 
 
 def _error(ref) -> BaseException | None:

@@ -12,16 +12,14 @@ from pipeline.core.config import ClusterConfig
 
 
 # A local cluster this process starts stops when the process exits (Ray's atexit
-# shutdown): a ray.shutdown() called earlier races the driver's Ray Data threads, one of
-# which then finds the core worker gone and Ray ends the process with exit code 1 (seen
-# once in 9 runs of bench/startup_cost.py).
+# shutdown): a ray.shutdown() called earlier raced the driver's Ray Data threads (when
+# tokenize and score ran on Ray Data), one of which then found the core worker gone and Ray
+# ended the process with exit code 1 (seen once in 9 runs of bench/startup_cost.py).
 
 
 def connect(cfg: ClusterConfig, log=print) -> str:
     import ray
 
-    # Ray Data's progress bars for tokenize and score (rows done, rows/s, per operator).
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -34,8 +32,8 @@ def connect(cfg: ClusterConfig, log=print) -> str:
             address="local",
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory,
-            # The dashboard serves the state API that Ray Train's placement-group cleaner
-            # polls (without it, it logs a warning every second); loopback only.
+            # The dashboard, on loopback only: a local run's actors and logs to look at (off, a
+            # demo run was no faster on 2 cores: 27.9-30.3 s against 29.6-31.6, #37).
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             **kwargs,

@@ -18,6 +18,7 @@ from typing import Callable
 
 import yaml
 
+from cluster.workers import warm_pool
 from pipeline import planning
 from pipeline.core import models
 from pipeline.core.config import ConfigError, PipelineConfig, as_written
@@ -144,12 +145,13 @@ def run_pipeline(
     (run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
 
     run = _Run(cfg, pinned, plans, selected, use_ray, force, log)
-    for s in registered():
-        if s.name not in plans:
-            if s.name in selected and (not s.optional or stages or from_stage):  # an optional stage's absence is the default
-                log(f"[{s.name}] not needed: {s.needed(cfg)}")
-            continue
-        run.stage(s, written)
+    with warm_pool(log, cfg.cluster.progress_bars):  # actors one stage leaves warm for the next; all gone after
+        for s in registered():
+            if s.name not in plans:
+                if s.name in selected and (not s.optional or stages or from_stage):  # an optional stage's absence is the default
+                    log(f"[{s.name}] not needed: {s.needed(cfg)}")
+                continue
+            run.stage(s, written)
     if run.results:
         from pipeline.report import write_report
 

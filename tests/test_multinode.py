@@ -62,11 +62,6 @@ def ray_json(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *cmd], env=env, capture_output=True, text=True, timeout=120)
 
 
-# Ray Data starts a pool's work as soon as one actor is up; the tiny model's shards are all
-# scored before an actor on the second node (which first unpacks the job's working dir) is
-# ready. Waiting for the pool (a Ray Data setting, read by the job's driver) makes the
-# placement what this test checks; it applies when a stage starts, not after a node is lost.
-JOB_ENV = json.dumps({"env_vars": {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}})
 
 
 def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900) -> str:
@@ -74,7 +69,7 @@ def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900)
     while True:
         proc = subprocess.run(
             [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             f"--runtime-env-json={JOB_ENV}", "--", sys.executable, "-m", "pipeline", "run", str(config), *args],
+             "--", sys.executable, "-m", "pipeline", "run", str(config), *args],
             env=env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         if "No available agent to submit job" not in out or time.time() > deadline:  # the agent was not up yet
@@ -146,7 +141,9 @@ def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp
     assert len({w["node_id"] for w in train["workers"]}) == 2  # the two ranks ran on different nodes
     assert all(w["hostname"] for w in train["workers"])
     score = done["score"]["stats"]
-    assert len({w["node_id"] for w in score["workers"]}) == 2  # score actors on both nodes
+    # score actors on both nodes: tokenize's two, warm, which Ray's default (hybrid) scheduling put one a
+    # node (a node holding half its CPUs is no longer preferred), and the third
+    assert len({w["node_id"] for w in score["workers"]}) == 2
     assert len(done["score"]["shards"]) > 10
     assert sum(w["rows"] for w in score["workers"]) == done["tokenize"]["stats"]["rows"]  # every row once
     assert abs(train["step0_loss"] - 0.693147) < 1e-6

@@ -123,7 +123,8 @@ def test_eval_on_start_false_skips_the_step0_eval_and_trains_the_same(assets, tm
 def test_no_process_of_the_local_cluster_a_run_started_outlives_it(small, tmp_path):
     """``python -m pipeline run`` on Ray with no address starts a private cluster; when the
     run ends, no process of it is left (its GCS port is in every one's command line). The
-    phases on Ray: start-up until the first actor had its tokenizer or model loaded."""
+    phases on Ray: start-up until the first actor had its tokenizer or model loaded; score's
+    actors are tokenize's, kept warm."""
     config = write_config(small, tmp_path / "run.yaml")
     proc = run_cli(config, "--stages", "tokenize,score", ray=True, timeout=240)
     started = re.search(r"^\[ray\] started a local cluster at \S+:(\d+)$", proc.stdout, re.M)
@@ -134,9 +135,12 @@ def test_no_process_of_the_local_cluster_a_run_started_outlives_it(small, tmp_pa
     assert not left, left
     assert re.search(r"^\[run\] \d+\.\d s: \d+\.\d s before the first stage \(imports, checks, fingerprints; "
                      r"Ray's start \d+\.\d s\), \d+\.\d s in the stages", proc.stdout, re.M), proc.stdout[-2000:]
-    for stage in ("tokenize", "score"):
-        phases = read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
-        assert phases["startup"] > 0.5 and phases["work"] > 0, (stage, phases)  # an actor's imports take seconds
+    phases = {stage: read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
+              for stage in ("tokenize", "score")}
+    assert phases["tokenize"]["startup"] > 0.5 and phases["tokenize"]["work"] > 0, phases  # new actors' imports
+    # score's first actor is tokenize's (one read unit), warm (cluster.workers): its start-up is the model's load
+    assert "[score] 16 items on 2 actors (0.5 CPU each; 1 warm from an earlier stage)" in proc.stdout, proc.stdout
+    assert 0 < phases["score"]["startup"] < phases["tokenize"]["startup"] and phases["score"]["work"] > 0, phases
 
 
 def test_the_process_start_is_the_kernels_to_the_clock_tick():

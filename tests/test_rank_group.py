@@ -110,7 +110,7 @@ def _alive_ranks() -> list:
     from ray.util.state import list_actors
 
     return list_actors(address=ray.get_runtime_context().gcs_address,  # this session's cluster, not another
-                       filters=[("class_name", "=", "TrainingRank"), ("state", "=", "ALIVE")])
+                       filters=[("class_name", "=", "Host"), ("state", "=", "ALIVE")])
 
 
 @pytest.mark.slow

@@ -26,17 +26,6 @@ def by_node(entries: Iterable[dict], what: str) -> list[dict]:
             for (node, host), n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0][0])))]
 
 
-def actor_pool(size: int):
-    """A Ray Data pool of ``size`` actors, each given one block at a time. A block here is a
-    shard or a read unit (seconds to minutes of work): with Ray Data's default of 4 in
-    flight an actor, the first actor ready queues them while the others still load their
-    model, and works through them alone (the 19M model's score stage, 3 shards on 2 actors:
-    52 s with one actor doing all, 35 s with both)."""
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
-
-
 def settle(exiting: bool = False) -> None:
     """Take what this process allocated so far (the imports of torch, transformers and
     DeepSpeed, the loaded model: millions of objects) out of the garbage collector's view

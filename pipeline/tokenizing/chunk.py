@@ -67,7 +67,7 @@ def unit_file(units_dir: Loc, unit: int) -> Loc:
 
 
 class TokenizeChunk:
-    """Callable over a batch of read units; loads the tokenizer once (per Ray actor).
+    """Tokenises read units; loads the tokenizer once (per Ray actor).
 
     ``units_dir`` (a path or URI every worker can write) receives each unit's token lists;
     without it only ``tokenize_chunk`` (records in memory) is available."""
@@ -85,17 +85,14 @@ class TokenizeChunk:
         self.ready_at = time.time()  # the stage's start-up ends when its first actor gets here
         placement.settle()
 
-    def __call__(self, batch: pa.Table | dict) -> pa.Table:
-        chunks = batch.to_pylist() if isinstance(batch, pa.Table) else [
-            dict(zip(batch, vals)) for vals in zip(*batch.values())
-        ]
+    def tokenize_item(self, chunk: dict) -> pa.Table:
+        """``tokenize_unit`` on an actor: its per-pair columns, and where and when its actor
+        was ready (one row of these a pair, dropped before packing)."""
         where = placement.here()
-        tables = [self.tokenize_unit(chunk) for chunk in chunks]
-        # where each unit was tokenised: one row of these per unit, dropped before packing
-        return pa.concat_tables([t.append_column("node_id", pa.array([where["node_id"]] * t.num_rows, pa.string()))
-                                 .append_column("hostname", pa.array([where["hostname"]] * t.num_rows, pa.string()))
-                                 .append_column("ready_at", pa.array([self.ready_at] * t.num_rows, pa.float64()))
-                                 for t in tables])
+        t = self.tokenize_unit(chunk)
+        return (t.append_column("node_id", pa.array([where["node_id"]] * t.num_rows, pa.string()))
+                .append_column("hostname", pa.array([where["hostname"]] * t.num_rows, pa.string()))
+                .append_column("ready_at", pa.array([self.ready_at] * t.num_rows, pa.float64())))
 
     def tokenize_unit(self, chunk: dict) -> pa.Table:
         """Tokenise read unit ``chunk["unit"]``: its token lists are written to its unit

@@ -9,8 +9,8 @@ Its rooms work on plain files and tables and run without Ray:
 * ``pack.pack_and_write``: the dataset-wide checks (``checks``), the split, the packing,
   the shuffle and the plan of shards; ``pack.write_shard_group`` writes a group of them.
 
-``run_on_ray`` places ``TokenizeChunk`` on a Ray Data actor pool and the shard groups on Ray
-tasks; ``run_in_process`` runs the same code in-process. The driver never holds a token list.
+``run_on_ray`` places ``TokenizeChunk`` and the shard groups' writes on the run's warm actors
+(``cluster.workers``); ``run_in_process`` runs the same code in-process. The driver never holds a token list.
 """
 
 from __future__ import annotations
@@ -139,28 +139,21 @@ def run_in_process(cfg: PipelineConfig, out_dir: Loc, rows=None,
 
 def run_on_ray(cfg: PipelineConfig, out_dir: Loc, rows=None,
                clock: PhaseClock | None = None) -> tuple[list[ShardInfo], dict]:
-    import ray
-
+    from cluster import workers
     from pipeline.core.config import for_workers
 
     tokenize_cfg = cfg.tokenize
+    shape = dict(actors=tokenize_cfg.actors, num_cpus=tokenize_cfg.num_cpus_per_actor)
 
     def tokenize_units(chunks, units_dir):
-        if not chunks:
-            return []
-        ds = ray.data.from_items(chunks).map_batches(
-            TokenizeChunk,
-            fn_constructor_kwargs={"cfg_dict": for_workers(cfg), "units_dir": str(units_dir), "rows": rows},
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=placement.actor_pool(min(tokenize_cfg.actors, len(chunks))),
-            num_cpus=tokenize_cfg.num_cpus_per_actor,
-        )
-        return ray.get(ds.to_arrow_refs())  # per-pair columns only: the token lists stay in files
+        with workers.current() as pool:  # per-pair columns only: the token lists stay in files
+            return pool.map("tokenize", TokenizeChunk,
+                            {"cfg_dict": for_workers(cfg), "units_dir": str(units_dir), "rows": rows},
+                            "tokenize_item", chunks, **shape)
 
     def write_groups(groups):
-        task = ray.remote(num_cpus=tokenize_cfg.num_cpus_per_actor)(write_shard_group)
-        return ray.get([task.remote(**group) for group in groups])
+        with workers.current() as pool:  # on the same actors, warm
+            return pool.run("tokenize", write_shard_group, groups, **shape)
 
     return tokenize_all(cfg, out_dir, tokenize_units, write_groups, sequences=isinstance(rows, SequenceRows),
                         clock=clock)

@@ -58,6 +58,9 @@ def prepare_resume(train_cfg, out: Loc, stage: str, world: int, on_ray: bool) ->
     if on_ray:
         import ray
 
+        from cluster.workers import release
+
+        release()  # the run's warm actors hold CPUs this task asks for
         workers = conversion_workers(info["world_size"], train_cfg.cpus_per_worker, largest_node_cpus(),
                                      optimizer_state_bytes(path))
         # max_calls=1: the worker process exits after it, with the conversion's memory

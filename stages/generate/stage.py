@@ -132,9 +132,8 @@ class ShardGenerator:
         Loc(dst).write_parquet(self.answer(prompts.slice(shard * per, per), shard))
         return {"name": Loc(dst).name, "engine": self.engine, "ready_at": self.ready_at, **placement.here()}
 
-    def __call__(self, batch: dict) -> dict:
-        results = [self.generate_shard(p, int(k), d) for p, k, d in zip(batch["prompts"], batch["shard"], batch["dst"])]
-        return {k: [r[k] for r in results] for k in ("name", "engine", "ready_at", "node_id", "hostname")}
+    def generate_item(self, item: dict) -> dict:
+        return self.generate_shard(item["prompts"], item["shard"], item["dst"])
 
 
 # ----------------------------------------------------------------------------- the driver side
@@ -266,16 +265,14 @@ def run(cfg: PipelineConfig, tokenized: Loc, out: Loc, use_ray: bool, clock: Pha
     todo = _todo(out, prompts, g.prompts_per_shard)
     done = []
     if todo and use_ray:
-        import ray
+        from cluster import workers
 
-        ds = ray.data.from_items(todo).map_batches(
-            ShardGenerator, fn_constructor_kwargs={"cfg_dict": for_workers(cfg)}, batch_size=1,
-            compute=placement.actor_pool(min(g.actors, len(todo))),
-            num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor)
-        done = ds.take_all()  # the actors commit the shards; this drives them and says where
+        with workers.current() as pool:  # the actors commit the shards; this drives them and says where
+            done = pool.map("generate", ShardGenerator, {"cfg_dict": for_workers(cfg)}, "generate_item", todo,
+                            actors=g.actors, num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor)
     elif todo:
         generator = ShardGenerator(to_dict(cfg))
-        done = [generator.generate_shard(item["prompts"], item["shard"], item["dst"]) for item in todo]
+        done = [generator.generate_item(item) for item in todo]
     if clock is not None and done:  # start-up: until the first actor had its models loaded
         clock.end(STARTUP, min(d["ready_at"] for d in done))
         clock.end(WORK)

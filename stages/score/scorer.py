@@ -148,12 +148,10 @@ class ShardScorer:
         return {"name": final.name, "rows": scored.num_rows, "flops": flops, "seconds": seconds,
                 "peak_tflops": self.peak, "ready_at": self.ready_at, **placement.here()}
 
-    def __call__(self, batch: dict) -> dict:
-        results = [self.score_shard(s, d, json.loads(w), json.loads(b), p)
-                   for s, d, w, b, p in zip(batch["src"], batch["dst"], batch["wanted"], batch["bounds"],
-                                            batch["piece"])]
-        return {k: [r[k] for r in results] for k in ("name", "rows", "flops", "seconds", "peak_tflops", "ready_at",
-                                                      "node_id", "hostname")}
+    def score_item(self, item: dict) -> dict:
+        """One item of the stage's list (``stage._todo``: its rows and pieces as JSON)."""
+        return self.score_shard(item["src"], item["dst"], json.loads(item["wanted"]), json.loads(item["bounds"]),
+                                item["piece"])
 
 
 PARTS_DIR = "_parts"  # a split shard's scored pieces, until joined into the shard

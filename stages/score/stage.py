@@ -177,31 +177,24 @@ def run_in_process(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir:
     scored = []
     if todo:
         scorer = ShardScorer(to_dict(cfg))
-        scored = [scorer.score_shard(item["src"], item["dst"], json.loads(item["wanted"]), json.loads(item["bounds"]),
-                                     item["piece"]) for item in todo]
+        scored = [scorer.score_item(item) for item in todo]
     _join_left(split)
     _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)
 
 
 def run_on_ray(cfg: PipelineConfig, in_dir: Loc, in_manifest: dict, out_dir: Loc, clock: PhaseClock | None = None):
-    import ray
+    from cluster import workers
 
     in_dir, out_dir = Loc(in_dir), Loc(out_dir)
     todo, split = _todo(in_dir, in_manifest, out_dir, rows_to_score(cfg, in_manifest), cfg.score.actors,
                         cfg.score.rows_per_task)
     scored = []
-    if todo:
-        score_cfg = cfg.score
-        ds = ray.data.from_items(todo).map_batches(
-            ShardScorer,
-            fn_constructor_kwargs={"cfg_dict": for_workers(cfg)},
-            batch_size=1,
-            compute=placement.actor_pool(min(score_cfg.actors, len(todo))),
-            num_cpus=score_cfg.num_cpus_per_actor,
-            num_gpus=score_cfg.num_gpus_per_actor,
-        )
-        scored = ds.take_all()  # shards are committed by the actors; this drives them and says where
+    if todo:  # shards are committed by the actors; this drives them and says where
+        with workers.current() as pool:
+            scored = pool.map("score", ShardScorer, {"cfg_dict": for_workers(cfg)}, "score_item", todo,
+                              actors=cfg.score.actors, num_cpus=cfg.score.num_cpus_per_actor,
+                              num_gpus=cfg.score.num_gpus_per_actor)
     _join_left(split)
     _mark(clock, scored)
     return _finish(in_manifest, out_dir, scored)

@@ -121,10 +121,11 @@ class TokenizeConfig:
     # pairs stay in files written by the tokenize workers; the rows are written in groups
     # of shards, each group reading those files once. Peak memory, not output, depends on it.
     pack_buffer_tokens: int = 1 << 27
-    # Ray actors that tokenize. Fractional CPUs each: on a small cluster, actors of one CPU
-    # leave none for Ray Data's read task, which then hangs without an error (docs/design.md).
+    # Ray actors that tokenize; they also write the rows. Kept warm for the next stage that
+    # asks for actors of the same CPUs and GPUs: score, or (on CPUs) train's ranks when they
+    # are as many as train.num_workers with train.cpus_per_worker each (cluster/workers.py).
     actors: int = 1
-    # CPUs per tokenize actor and per row-writing task.
+    # CPUs per tokenize actor (a fraction lets two share a CPU).
     num_cpus_per_actor: float = 0.5
     # Stage fails when more than this fraction of the records (pairs, each rejected
     # completion of a row counted) is quarantined as bad (dropped duplicates do not count).
@@ -141,7 +142,8 @@ class ModelActors:
     actors: int = 1
     # 1 on GPU workers (generate with vLLM: its tensor_parallel_size).
     num_gpus_per_actor: float = 0.0
-    # Fractional on CPU (see tokenize.actors).
+    # CPUs per actor; the same as tokenize's keeps tokenize's actors for this stage (see
+    # tokenize.actors).
     num_cpus_per_actor: float = 0.5
     # torch intra-op threads per actor on CPU.
     cpu_threads: int = 1
@@ -214,5 +216,6 @@ class ClusterConfig:
     object_store_memory: int = 512 * 1024**2
     # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
     runtime_env: dict[str, Any] = field(default_factory=dict)
-    # Ray Data progress bars for the tokenize and score stages.
+    # A progress line (items done of all) every 30 s while tokenize, score or generate work on
+    # their actors (Ray Data's progress bars until #37: the name is kept).
     progress_bars: bool = True
