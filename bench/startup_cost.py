@@ -69,6 +69,8 @@ def run(config: str, run_dir: Path, *overrides: str) -> dict:
             m = json.loads(path.read_text())
             out[m["stage"]] = {"seconds": m["seconds"], **m.get("phases", {})}
     out["outside"] = wall - sum(v["seconds"] for k, v in out.items() if k in STAGES)
+    said = re.search(r"^\[run\] (.*)$", stdout, re.M)  # the run's own split of what is outside the stages
+    out["run_line"] = said.group(1) if said else None
     print(f"# {run_dir.name} {' '.join(overrides)[-60:]}: {json.dumps(out)}", file=sys.stderr, flush=True)  # kept if cut short
     return out
 

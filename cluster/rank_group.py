@@ -1,4 +1,5 @@
-"""A training stage's ranks on Ray: ``num_workers`` actors in one placement group, each given
+"""A training stage's ranks on Ray: ``num_workers`` actors in one PACK placement group (on
+CPUs: the run's warm actors of the ranks' shape, when there are as many), each given
 the process group's environment as torchrun gives it (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT; on GPUs the node's
 CUDA_VISIBLE_DEVICES), running one function; after a failure (a rank raised, or its process
@@ -16,12 +17,11 @@ folder and ``workers.json`` say the same), its preemption watcher and NCCL hang 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 from cluster import workers
-from cluster.workers import Host
+from cluster.host import Host, stop
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class RanksFailed(RuntimeError):
 def run_ranks(fn: Callable[[dict], None], config: dict, *, num_workers: int, resources: dict[str, float],
               max_failures: int = 0, name: str = "train", log=print, wait_log_s: float = 30.0) -> None:
     """``fn(config)`` on ``num_workers`` ranks, each with ``resources`` (``{"CPU": 1, "GPU": 1}``),
-    placed by one PACK placement group (Ray Train's default); started again after a failure
+    placed by one PACK placement group (Ray Train's default), or on CPUs the run's warm actors
+    of that shape (``_warm``: no placement group; they lie where the stages before placed
+    them, which on one node is the same); started again after a failure
     ``max_failures`` times. The last failure is raised: a rank's exception as itself (Ray's
     ``RayTaskError`` subclass of it, with the rank's traceback), a dead rank as ``RanksFailed``."""
     failures = 0
@@ -108,7 +110,7 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
                 envs = _environ(actors)
             except RayError as e:  # a warm actor gone meanwhile (its node lost): new ones, no failure counted
                 log(f"[{name}] the warm actors could not hold the ranks ({type(e).__name__}): starting new ones")
-                _stop(actors)
+                stop(actors)
                 actors = []
         if not actors:
             pg = _placement_group(num_workers, bundle, name, log, wait_log_s)
@@ -127,7 +129,7 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
                 return _first_cause((done[0], error), refs, rank_of, pending)
         return None
     finally:
-        _stop(actors)  # the others, blocked in a collective with the one that failed, are stopped too
+        stop(actors)  # the others, blocked in a collective with the one that failed, are stopped too
         if pg is not None:
             remove_placement_group(pg)
 
@@ -164,14 +166,6 @@ def _environ(actors: list) -> list[dict]:
     envs = rank_envs([Slot(i, **where) for i, where in enumerate(ray.get([a.where.remote() for a in actors]))])
     ray.get([a.environ.remote(env) for a, env in zip(actors, envs)])
     return envs
-
-
-def _stop(actors: list) -> None:
-    import ray
-
-    for a in actors:
-        ray.kill(a, no_restart=True)
-    _wait_gone(actors)
 
 
 def _warm(num_workers: int, bundle: dict[str, float]) -> list:
@@ -223,20 +217,3 @@ def cause(errors: list[tuple[int, BaseException]]) -> tuple[int, BaseException]:
     return next(((r, e) for r, e in errors if isinstance(e, RayActorError)), errors[0])
 
 
-def _wait_gone(actors, timeout: float = 10.0) -> None:
-    """Return once the killed actors are dead (their processes exit), so that the next start
-    of the group, or the next stage, does not find their CPUs and GPUs still held; at most
-    ``timeout`` seconds."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    deadline = time.time() + timeout
-    for a in actors:
-        while time.time() < deadline:
-            try:
-                ray.get(a.__ray_ready__.remote(), timeout=0.5)
-            except GetTimeoutError:  # still busy in its function: not dead yet
-                pass
-            except Exception:  # noqa: BLE001 - dead, or never started (a runtime env that failed): gone
-                break
-            time.sleep(0.05)

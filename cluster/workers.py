@@ -23,82 +23,30 @@ when the run ends (``warm_pool``).
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from cluster.host import Host, stop
+
 ITEM_TRIES = 4  # an item whose actor died is given again: at most this many tries in all
-WAIT_LOG_S = 30.0  # a line every this many seconds while no actor has started
-
-
-class Host:
-    """One warm worker process: builds a worker object, runs items on it, drops it."""
-
-    def __init__(self):
-        self.worker = None
-
-    def build(self, factory: Callable, kwargs: dict) -> float:
-        """Drop the last worker object, build this one; returns when it was ready."""
-        self.drop()
-        self.worker = factory(**kwargs)
-        return time.time()
-
-    def call(self, method: str, item: Any, title: str) -> Any:
-        _title(title)
-        return getattr(self.worker, method)(item)
-
-    def run(self, fn: Callable, *args, title: str = "", **kwargs) -> Any:
-        _title(title or getattr(fn, "__name__", "function"))
-        return fn(*args, **kwargs)
-
-    def where(self) -> dict:
-        """Its node, the node's address, the GPUs Ray gave it, and a port free on its host."""
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()), "port": port}
-
-    def environ(self, env: dict) -> None:
-        """Set before a later call: its arguments (a function, its config) are unpickled only
-        then, so nothing they import can read the environment before it is set
-        (CUDA_VISIBLE_DEVICES above all: CUDA reads it once, when first initialised)."""
-        os.environ.update(env)
-
-    def drop(self) -> None:
-        """Free the worker object (a model: gigabytes). It was frozen out of the collector's
-        view once built (``placement.settle``): taken back first, or its cycles stay."""
-        if self.worker is not None:
-            self.worker = None
-            gc.unfreeze()
-            gc.collect()
-
-
-def _title(title: str) -> None:
-    """The process's title while it works on an item (``ps``, ``top``): ``ray::ShardScorer.score_item``
-    rather than the generic ``ray::Host.call``; Ray sets it back after the call."""
-    import ray
-
-    set_title = getattr(getattr(ray, "_raylet", None), "setproctitle", None)
-    if set_title is not None:
-        set_title(f"ray::{title}")
+WAIT_LOG_S = 30.0  # a line every this many seconds while no actor is up, and of progress
 
 
 class WorkerDied(RuntimeError):
-    """An item's actor died ``ITEM_TRIES`` times while working on it."""
+    """An item's actor died ``ITEM_TRIES`` times while working on it, or the actors kept dying
+    while they built their worker."""
 
 
 class WorkerPool:
-    """Warm ``Host`` actors, by shape (CPUs, GPUs). ``stage``: the name its lines carry."""
+    """Warm ``Host`` actors, by shape (CPUs, GPUs); ``up``: those that have built a worker;
+    ``building``: {ref: actor} of builds a stage left running (it ended first)."""
 
     def __init__(self, log: Callable[[str], None] = print, progress: bool = True):
         self.log, self.progress = log, progress  # progress: a line every WAIT_LOG_S while a stage maps
         self.hosts: dict[tuple[float, float], list] = {}
+        self.up: set = set()
+        self.building: dict = {}
 
     def map(self, stage: str, factory: Callable, kwargs: dict, method: str, items: list, *, actors: int,
             num_cpus: float, num_gpus: float = 0) -> list:
@@ -117,36 +65,53 @@ class WorkerPool:
                            build=lambda host: host.__ray_ready__.remote(),
                            call=lambda host, kwargs: host.run.remote(fn, **kwargs))
 
-    def take(self, n: int, shape: tuple[float, float], ready_s: float = 2.0) -> list:
+    def take(self, n: int, shape: tuple[float, float], ready_s: float = 60.0) -> list:
         """``n`` warm actors of ``shape`` that are up, out of the pool (the caller stops them when
-        done with them), or none when there are fewer; every other actor is stopped."""
+        done with them), or none when there are fewer; every other actor is stopped. Each is
+        waited for while it drops its last worker (a collection: seconds for a big model)."""
         import ray
 
-        hosts = self.hosts.pop(shape, [])
+        self._refresh()
+        hosts = [h for h in self.hosts.pop(shape, []) if h in self.up]
         self.release()
         refs = [h.__ray_ready__.remote() for h in hosts]
         answered = set(ray.wait(refs, num_returns=len(refs), timeout=ready_s)[0]) if refs else set()
-        ready = [i for i, ref in enumerate(refs) if ref in answered and _alive(ref)][:n]
-        if len(ready) < n:
-            ready = []
-        self._stop([h for i, h in enumerate(hosts) if i not in ready])
-        return [hosts[i] for i in ready]
+        alive = [h for h, ref in zip(hosts, refs) if ref in answered and _alive(ref)]
+        taken = alive[:n] if len(alive) >= n else []
+        stop([h for h in hosts if h not in taken])
+        self.up -= set(hosts)
+        return taken
 
     def release(self) -> None:
         """Stop every actor (their CPUs and GPUs are wanted elsewhere, or the run is over)."""
         for shape in list(self.hosts):
-            self._stop(self.hosts.pop(shape))
+            stop(self.hosts.pop(shape))
+        self.up.clear()
+        self.building.clear()
+
+    def _refresh(self) -> None:
+        """The builds a stage left running that have finished since: those actors are up."""
+        import ray
+
+        if self.building:
+            for ref in ray.wait(list(self.building), num_returns=len(self.building), timeout=0)[0]:
+                host = self.building.pop(ref)
+                if _alive(ref):
+                    self.up.add(host)
 
     # ------------------------------------------------------------------------------------------
 
     def _take(self, shape: tuple[float, float], n: int) -> tuple[list, int]:
-        """``n`` actors of ``shape``, the warm ones first (more warm ones are kept, idle: the
-        next stage may want them); actors of other shapes stopped. And how many were warm."""
+        """``n`` actors of ``shape``: the warm ones that are up first, then the others, then new
+        ones (more warm ones are kept, idle: the next stage may want them); actors of other
+        shapes stopped. And how many of the ``n`` were up already."""
         for other in [s for s in self.hosts if s != shape]:
-            self._stop(self.hosts.pop(other))
-        warm = self.hosts.get(shape, [])
+            stop(self.hosts.pop(other))
+        self._refresh()
+        warm = sorted(self.hosts.get(shape, []), key=lambda h: h not in self.up)
         self.hosts[shape] = warm + [self._new(shape) for _ in range(n - len(warm))]
-        return self.hosts[shape][:n], min(n, len(warm))
+        hosts = self.hosts[shape][:n]
+        return hosts, sum(h in self.up for h in hosts)
 
     @staticmethod
     def _new(shape: tuple[float, float]):
@@ -154,16 +119,17 @@ class WorkerPool:
 
         return ray.remote(Host).options(num_cpus=shape[0], num_gpus=shape[1], max_restarts=0).remote()
 
-    @staticmethod
-    def _stop(hosts: list) -> None:
-        import ray
-
-        for host in hosts:
-            ray.kill(host, no_restart=True)
+    def _replace(self, shape, dead):
+        """A new actor in place of ``dead`` (stopped, in case only its task failed)."""
+        stop([dead], timeout=0)
+        self.up.discard(dead)
+        new = self._new(shape)
+        self.hosts[shape] = [new if h is dead else h for h in self.hosts.get(shape, [])]
+        return new
 
     def _drive(self, stage, items, actors, shape, progress, build, call) -> list:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ObjectLostError, RayActorError
 
         if not items:
             return []
@@ -173,7 +139,8 @@ class WorkerPool:
                  f" each; {warm} warm from an earlier stage)")
         results: list = [None] * len(items)
         todo = list(range(len(items)))  # items not yet given, or to be given again
-        tries = [0] * len(items)
+        tries, build_deaths = [0] * len(items), 0
+        self.building = {r: h for r, h in self.building.items() if h not in hosts}  # built again now
         starting = {build(h): h for h in hosts}  # an actor gets items once its worker is built
         running: dict = {}  # ref -> (actor, item index)
         idle: list = []  # built, with nothing to do (until an item is given again)
@@ -186,33 +153,41 @@ class WorkerPool:
                 ready, _ = ray.wait(list(starting) + list(running), num_returns=1, timeout=WAIT_LOG_S)
                 if not ready:
                     waited += WAIT_LOG_S
-                    if not running:  # no actor has started yet: say what it waits for
+                    if not running:  # no actor is up: say what it waits for
                         self.log(f"[{stage}] waiting {waited:g} s for actors of {cpus:g} CPU, {gpus:g} GPU (the "
                                  f"cluster has {ray.available_resources()} free)")
                     continue
-                ref = ready[0]
+                waited, ref = 0.0, ready[0]
                 if ref in starting:
                     host = starting.pop(ref)
                     try:
                         ray.get(ref)
-                    except RayActorError:  # died while starting: another in its place
+                    except RayActorError as e:  # died while building its worker: another in its place
+                        build_deaths += 1
+                        if build_deaths >= ITEM_TRIES * len(hosts):
+                            raise WorkerDied(f"{stage}: actors died {build_deaths} times while building their "
+                                             f"worker (out of memory? a runtime env that fails?): {e}") from None
+                        self.log(f"[{stage}] an actor died building its worker ({type(e).__name__}); another "
+                                 f"in its place")
                         new = self._replace(shape, host)
                         starting[build(new)] = new
                         continue
+                    self.up.add(host)
                 else:
                     host, i = running.pop(ref)
                     try:
                         results[i] = ray.get(ref)
                         done += 1
-                    except RayActorError as e:  # its process or node died: the item again, elsewhere
+                    except (RayActorError, ObjectLostError) as e:  # its process or node died: the item again
                         tries[i] += 1
                         if tries[i] >= ITEM_TRIES:
                             raise WorkerDied(f"{stage}: an actor died {tries[i]} times working on item {i} "
                                              f"({_describe(items[i])}): {e}") from None
                         self.log(f"[{stage}] an actor died working on item {i} ({type(e).__name__}); given again")
                         todo.insert(0, i)
-                        new = self._replace(shape, host)
-                        starting[build(new)] = new
+                        for dead in [host] + self._dead(idle):  # the idle ones on a lost node too
+                            new = self._replace(shape, dead)
+                            starting[build(new)] = new
                         continue
                     if progress and time.time() > next_line:
                         next_line = time.time() + WAIT_LOG_S
@@ -221,16 +196,22 @@ class WorkerPool:
         except Exception:
             self.release()  # a failed stage's actors hold what it half did: not reused
             raise
+        self.building.update(starting)  # still building when the items ran out
         for host in self.hosts.get(shape, []):
             host.drop.remote()  # the worker object freed now; the process kept for the next stage
         return results
 
-    def _replace(self, shape, dead):
-        """A new actor in place of ``dead`` (stopped, in case only its task failed)."""
-        self._stop([dead])
-        new = self._new(shape)
-        self.hosts[shape] = [new if h is dead else h for h in self.hosts.get(shape, [])]
-        return new
+    @staticmethod
+    def _dead(idle: list, timeout: float = 2.0) -> list:
+        """The idle actors that turn out dead (taken out of ``idle``): after one died, those on
+        the same node would otherwise each be given its item and die with it, using its tries."""
+        import ray
+
+        refs = [h.__ray_ready__.remote() for h in idle]
+        answered = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) if refs else set()
+        dead = [h for h, ref in zip(idle, refs) if ref in answered and not _alive(ref)]
+        idle[:] = [h for h in idle if h not in dead]
+        return dead
 
 
 def _alive(ready_ref) -> bool:

@@ -1,4 +1,4 @@
-"""End to end on the session's Ray cluster: real Ray Data, the real rank group, real DeepSpeed
+"""End to end on the session's Ray cluster: the run's warm actors, the real rank group, real DeepSpeed
 ZeRO-3 on 2 CPU workers. Kept few: each run costs about a minute."""
 
 import copy

@@ -1,5 +1,5 @@
-"""A score actor killed mid-stage (SIGKILL, by pid): Ray Data restarts it and retries its
-shard within the same run; the output has every row exactly once, bit for bit equal to a
+"""A score actor killed mid-stage (SIGKILL, by pid): the pool replaces it and gives its
+shard again within the same run; the output has every row exactly once, bit for bit equal to a
 clean run."""
 
 from pathlib import Path

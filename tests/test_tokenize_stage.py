@@ -231,8 +231,8 @@ def test_assemble_rows_worked_example():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_tokenize_actor_is_retried_with_the_same_shards(assets, tmp_path, ray_cluster):
-    """A tokenize actor killed (SIGKILL) once the first unit file is written: Ray Data
-    restarts it and retries its unit; the unit files it rewrites are the same, so the shards
+    """A tokenize actor killed (SIGKILL) once the first unit file is written: the pool
+    replaces it and gives its unit again; the unit files it rewrites are the same, so the shards
     equal an in-process run's, and no unit file or half file is left."""
     cfg = tiny_config(assets, tmp_path / "run", tokenize={"max_tokens_per_row": 256, "rows_per_task": 60})
     local, ray_out = tmp_path / "local", tmp_path / "ray"

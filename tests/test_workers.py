@@ -6,11 +6,11 @@ an item's exception is raised as itself, and no actor is left after the run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
 
-import psutil
 import pytest
 from ray import cloudpickle
 
@@ -37,7 +37,7 @@ class Square:
 
 class Faulty:
     def __init__(self, out: str):
-        self.out = out
+        self.out, self.built = out, time.time()
 
     def work(self, x: int) -> int:
         if x == 3:
@@ -46,13 +46,19 @@ class Faulty:
 
     def die_once(self, x: int) -> tuple:
         marker = f"{self.out}/died-{x}"
-        if x == 2 and not os.path.exists(marker):  # the first try of item 2 kills its process, a second in
+        if x == 2 and not os.path.exists(marker):  # the first try of item 2 kills its process, 3 s in
             open(marker, "w").close()
-            time.sleep(1.0)
+            time.sleep(3.0)
             os.kill(os.getpid(), signal.SIGKILL)
-        return x, os.getpid()
+        return x, self.built
+
 
     def die(self, x: int) -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiesBuilding:
+    def __init__(self):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -104,10 +110,11 @@ def test_an_actor_killed_during_an_item_is_replaced_and_the_item_given_again(ray
     logged = []
     with warm_pool(logged.append) as pool:
         got = pool.map("score", Faulty, {"out": str(tmp_path)}, "die_once", list(range(3)), actors=2, num_cpus=0.5)
-        ran_again = psutil.Process(got[2][1]).create_time()
     assert [x for x, _ in got] == list(range(3))
-    # given again to the other actor, free since before the death, not kept for the new one
-    assert ran_again < (tmp_path / "died-2").stat().st_mtime
+    # given again to the other actor, built before the death (and free: its items were done),
+    # not kept for the one started in place of the dead
+    death = (tmp_path / "died-2").stat().st_mtime + 3.0
+    assert got[2][1] < death, (got, death)
     assert [line for line in logged if "died" in line] == [
         "[score] an actor died working on item 2 (ActorDiedError); given again"]
     assert not _alive_hosts()
@@ -118,6 +125,16 @@ def test_an_item_that_kills_every_actor_it_is_given_to_stops_the_stage(ray_clust
         with pytest.raises(WorkerDied, match=f"score: an actor died {ITEM_TRIES} times working on item 0"):
             pool.map("score", Faulty, {"out": str(tmp_path)}, "die", [0], actors=1, num_cpus=0.5)
         assert not pool.hosts
+    assert not _alive_hosts()
+
+
+def test_actors_that_die_building_their_worker_stop_the_stage_after_a_few_tries(ray_cluster):
+    logged = []
+    with warm_pool(logged.append) as pool:
+        with pytest.raises(WorkerDied, match=f"score: actors died {ITEM_TRIES} times while building their worker"):
+            pool.map("score", DiesBuilding, {}, "work", [0, 1], actors=1, num_cpus=0.5)
+        assert not pool.hosts
+    assert len([line for line in logged if "died building" in line]) == ITEM_TRIES - 1
     assert not _alive_hosts()
 
 
@@ -164,6 +181,36 @@ def test_a_warm_actor_dead_before_the_ranks_start_is_no_failure_of_theirs(ray_cl
         assert list(ranks) == ["rank-0", "rank-1"] and not set(ranks.values()) & warm
         assert not pool.hosts and _gone(warm)
     assert not [line for line in logged if "restart" in line or "failed" in line], logged
+
+
+def test_a_warm_actor_that_dies_once_taken_leaves_the_ranks_to_new_actors(ray_cluster, tmp_path, monkeypatch):
+    """Taken as a rank, then dead before the ranks' environment is set (its node lost between
+    the two): new actors in a placement group hold the ranks, with no restart used."""
+    import ray
+
+    from cluster import workers
+
+    taken = workers.take
+
+    def take_then_lose_one(*args):
+        hosts = taken(*args)
+        pid = ray.get(hosts[0].run.remote(os.getpid))
+        os.kill(pid, signal.SIGKILL)
+        assert _gone({pid})
+        return hosts
+
+    monkeypatch.setattr(workers, "take", take_then_lose_one)
+    logged = []
+    with warm_pool(logged.append) as pool:
+        pool.map("score", Square, {}, "work", [1, 2], actors=2, num_cpus=1)
+        warm = _pids(pool, (1.0, 0.0))
+        run_ranks(_ranks_ran, {"out": str(tmp_path)}, num_workers=2, resources={"CPU": 1}, max_failures=0,
+                  log=logged.append)
+        ranks = _rank_pids(tmp_path)
+        assert list(ranks) == ["rank-0", "rank-1"] and not set(ranks.values()) & warm and _gone(warm)
+    said = [line for line in logged if line.startswith("[train]")]
+    assert len(said) == 1 and re.fullmatch(r"\[train\] the warm actors could not hold the ranks \(Actor\w+Error\): "
+                                           r"starting new ones", said[0]), said
 
 
 def test_the_ranks_placement_group_is_not_kept_waiting_by_warm_actors(ray_cluster, tmp_path):

@@ -48,6 +48,6 @@ def settle(exiting: bool = False) -> None:
 
 
 def in_actor() -> bool:
-    """This process is a Ray actor's (a Ray Data worker, a training rank)."""
+    """This process is a Ray actor's (a warm worker of tokenize, score or generate, a training rank)."""
     ray = sys.modules.get("ray")  # never imported here: a run without Ray stays without it
     return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None

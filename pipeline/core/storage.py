@@ -33,7 +33,7 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 def open_input(path: str):
     """A binary file object for a local path or a pyarrow-filesystem URI (s3://, gs://,
-    hdfs://, file://), as Ray Data reads them."""
+    hdfs://, file://), as pyarrow opens them."""
     if is_uri(path):
         from pyarrow import fs
 

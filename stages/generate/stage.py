@@ -4,7 +4,7 @@ prompts, side by side, and a reward model (``generate.reward_model``) may judge 
 The prompts (``prompts.py``) are written first as ``prompts.parquet``; then each output
 shard, ``samples-NNNNN.parquet``, holds the completions for ``generate.prompts_per_shard``
 prompts, committed whole as score commits its shards, so a killed run resumes shard by
-shard. Actors (Ray Data's actor pool, as score's) each load the policy (train's export,
+shard. Actors (the run's warm actors, cluster/workers.py, as score's) each load the policy (train's export,
 which the runner hands on as ``model.path``), the reference (``model.reference_path``, the
 sft export, or the model train started from) and the reward model once, then answer a shard
 a call: the policy's completions, the reference's, and the rewards of both and of the
