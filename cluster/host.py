@@ -74,9 +74,9 @@ def _title(title: str) -> None:
 def stop(actors: list, timeout: float = 10.0) -> None:
     """Kill the actors, and return once they are dead (their processes exit), so that what
     is placed next does not find their CPUs and GPUs (and a GPU's memory) still held; at
-    most ``timeout`` seconds."""
+    most ``timeout`` seconds (0: kill only, as for an actor that died already)."""
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
 
     for a in actors:
         ray.kill(a, no_restart=True)
@@ -85,7 +85,7 @@ def stop(actors: list, timeout: float = 10.0) -> None:
         while time.time() < deadline:
             try:
                 ray.get(a.__ray_ready__.remote(), timeout=0.5)
-            except GetTimeoutError:  # still busy in its function: not dead yet
+            except (GetTimeoutError, ActorUnavailableError):  # busy in its function, or dying: not dead yet
                 pass
             except Exception:  # noqa: BLE001 - dead, or never started (a runtime env that failed): gone
                 break

@@ -68,26 +68,34 @@ class WorkerPool:
     def take(self, n: int, shape: tuple[float, float], ready_s: float = 60.0) -> list:
         """``n`` warm actors of ``shape`` that are up, out of the pool (the caller stops them when
         done with them), or none when there are fewer; every other actor is stopped. Each is
-        waited for while it drops its last worker (a collection: seconds for a big model)."""
+        waited for while it drops its last worker (a collection: seconds for a big model), and
+        while it builds one a stage left building, when the others are too few."""
         import ray
 
         self._refresh()
-        hosts = [h for h in self.hosts.pop(shape, []) if h in self.up]
+        every = self.hosts.pop(shape, [])
+        up = [h for h in every if h in self.up]
+        pending = {} if len(up) >= n else {r: h for r, h in self.building.items() if h in every}
         self.release()
-        refs = [h.__ray_ready__.remote() for h in hosts]
+        refs = [h.__ray_ready__.remote() for h in up] + list(pending)
         answered = set(ray.wait(refs, num_returns=len(refs), timeout=ready_s)[0]) if refs else set()
-        alive = [h for h, ref in zip(hosts, refs) if ref in answered and _alive(ref)]
+        alive = [h for h, ref in zip(up + list(pending.values()), refs) if ref in answered and _alive(ref)]
         taken = alive[:n] if len(alive) >= n else []
-        stop([h for h in hosts if h not in taken])
-        self.up -= set(hosts)
+        stop([h for h in every if h not in taken])
         return taken
 
     def release(self) -> None:
         """Stop every actor (their CPUs and GPUs are wanted elsewhere, or the run is over)."""
         for shape in list(self.hosts):
-            stop(self.hosts.pop(shape))
+            self._stop_shape(shape)
         self.up.clear()
         self.building.clear()
+
+    def _stop_shape(self, shape: tuple[float, float]) -> None:
+        hosts = self.hosts.pop(shape)
+        stop(hosts)
+        self.up -= set(hosts)
+        self.building = {r: h for r, h in self.building.items() if h not in hosts}
 
     def _refresh(self) -> None:
         """The builds a stage left running that have finished since: those actors are up."""
@@ -106,7 +114,7 @@ class WorkerPool:
         ones (more warm ones are kept, idle: the next stage may want them); actors of other
         shapes stopped. And how many of the ``n`` were up already."""
         for other in [s for s in self.hosts if s != shape]:
-            stop(self.hosts.pop(other))
+            self._stop_shape(other)
         self._refresh()
         warm = sorted(self.hosts.get(shape, []), key=lambda h: h not in self.up)
         self.hosts[shape] = warm + [self._new(shape) for _ in range(n - len(warm))]
@@ -169,8 +177,9 @@ class WorkerPool:
                                              f"worker (out of memory? a runtime env that fails?): {e}") from None
                         self.log(f"[{stage}] an actor died building its worker ({type(e).__name__}); another "
                                  f"in its place")
-                        new = self._replace(shape, host)
-                        starting[build(new)] = new
+                        for dead in [host] + self._dead(idle):  # the idle ones on a lost node too
+                            new = self._replace(shape, dead)
+                            starting[build(new)] = new
                         continue
                     self.up.add(host)
                 else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from typing import Callable
 
 import numpy as np
 import pyarrow.compute as pc
@@ -196,3 +198,28 @@ def write_report(run_dir: Loc, results: dict[str, dict]) -> Loc:
     md.write_text("\n".join(lines) + "\n")
     (out / MADE_FROM).write_text(json.dumps(made_from))
     return md
+
+
+def report_aside(run_dir, results: dict, log) -> Callable[[], None]:
+    """``write_report`` in a thread (files only, no Ray), while the runner's thread stops the
+    local cluster (Ray's stop belongs in the thread that uses Ray); returns the wait for it,
+    which raises what drawing raised. Nothing is drawn when no stage ran or was skipped."""
+    failed: list[BaseException] = []
+
+    def draw():
+        try:
+            log(f"[report] {write_report(run_dir, results)}")
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(e)
+
+    drawing = threading.Thread(target=draw, name="report")
+    if results:
+        drawing.start()
+
+    def wait() -> None:
+        if results:
+            drawing.join()
+        if failed:
+            raise failed[0]
+
+    return wait

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from typing import Callable
 
@@ -154,21 +153,14 @@ def run_pipeline(
                     log(f"[{s.name}] not needed: {s.needed(cfg)}")
                 continue
             run.stage(s, written)
-    stopping = _stop_local_cluster(run.connected)  # beside the report: no stage needs it any more
-    if run.results:
-        from pipeline.report import write_report
+    from pipeline.report import report_aside
 
-        log(f"[report] {write_report(run_dir, run.results)}")
-    stopping.join()
+    report = report_aside(run_dir, run.results, log)
+    if run.connected:
+        stop_local()  # beside the report: no stage needs the cluster any more
+    report()
     log(run_line(started, run.ran, sum(r["seconds"] for r in run.results.values() if r["ran"]), run.ray_start))
     return run.results
-
-
-def _stop_local_cluster(connected: bool) -> threading.Thread:
-    """A local cluster this run started, stopped in a thread (``ray_cluster.stop_local``)."""
-    stopping = threading.Thread(target=stop_local if connected else (lambda: None), name="stop-local-ray")
-    stopping.start()
-    return stopping
 
 
 class _Run:

@@ -176,3 +176,25 @@ def test_a_driver_that_runs_stages_in_its_own_process_freezes_nothing(small):
 
     runner.run_pipeline(small, stages=["tokenize", "score"], use_ray=False, log=lambda _: None)
     assert gc.get_freeze_count() == 0
+
+
+def test_the_report_drawn_beside_the_clusters_stop_says_what_it_drew_and_raises_what_failed(tmp_path, monkeypatch):
+    """The runner draws the report in a thread while it stops the local cluster: the line it
+    logs is the report's path, and an error in drawing is raised in the runner's thread (a
+    run never ends without its report and without saying why)."""
+    from pipeline import report
+
+    logged = []
+    monkeypatch.setattr(report, "write_report", lambda run_dir, results: f"{run_dir}/report/report.md")
+    report.report_aside(tmp_path, {"train": {}}, logged.append)()
+    assert logged == [f"[report] {tmp_path}/report/report.md"]
+
+    def broken(run_dir, results):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    wait = report.report_aside(tmp_path, {"train": {}}, logged.append)
+    with pytest.raises(OSError, match="disk full"):
+        wait()
+    report.report_aside(tmp_path, {}, logged.append)()  # nothing ran or was skipped: nothing drawn
+    assert len(logged) == 1

@@ -57,6 +57,20 @@ class Faulty:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SlowSecond:
+    """The first actor to build it is ready at once, the second 3 s later."""
+
+    def __init__(self, out: str):
+        try:
+            os.close(os.open(f"{out}/first", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(3.0)
+        open(f"{out}/built-{os.getpid()}", "w").close()
+
+    def work(self, x: int) -> int:
+        return x
+
+
 class DiesBuilding:
     def __init__(self):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -211,6 +225,20 @@ def test_a_warm_actor_that_dies_once_taken_leaves_the_ranks_to_new_actors(ray_cl
     said = [line for line in logged if line.startswith("[train]")]
     assert len(said) == 1 and re.fullmatch(r"\[train\] the warm actors could not hold the ranks \(Actor\w+Error\): "
                                            r"starting new ones", said[0]), said
+
+
+def test_a_warm_actor_still_building_when_its_stage_ended_is_waited_for_as_a_rank(ray_cluster, tmp_path):
+    """The first actor did both items while the second still built its worker: the ranks take
+    both once it is built (lost instead, it would hold a CPU the ranks' placement group waits
+    for)."""
+    (tmp_path / "ranks").mkdir()
+    with warm_pool(lambda _: None) as pool:
+        pool.map("score", SlowSecond, {"out": str(tmp_path)}, "work", [1, 2], actors=2, num_cpus=1)
+        assert len(pool.up) == 1 and len(pool.building) == 1
+        run_ranks(_ranks_ran, {"out": str(tmp_path / "ranks")}, num_workers=2, resources={"CPU": 1}, log=print)
+        assert not pool.hosts
+    built = {int(p.name.split("-")[1]) for p in tmp_path.glob("built-*")}
+    assert set(_rank_pids(tmp_path / "ranks").values()) == built and len(built) == 2
 
 
 def test_the_ranks_placement_group_is_not_kept_waiting_by_warm_actors(ray_cluster, tmp_path):

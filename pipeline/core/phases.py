@@ -74,4 +74,4 @@ def run_line(started: float, ran: list[float], stages: float, ray_start: float) 
         return f"[run] {now - started:.1f} s, no stage to run"
     return (f"[run] {now - started:.1f} s: {ran[0] - started:.1f} s before the first stage (imports, checks, "
             f"fingerprints; Ray's start {ray_start:.1f} s), {stages:.1f} s in the stages, "
-            f"{ran[1] - ran[0] - stages:.1f} s between them, {now - ran[1]:.1f} s after them (the report)")
+            f"{ran[1] - ran[0] - stages:.1f} s between them, {now - ran[1]:.1f} s after them (the report; Ray's stop)")
