@@ -87,31 +87,56 @@ def manifests(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def start_node(args: list[str], env: dict, log: Path, tries: int = 3) -> Node:
+    """A node whose ``ray start`` said "Ray runtime started."; started again (``tries`` in
+    all) when it gave up instead: on a loaded 2-core machine a raylet can miss Ray's fixed
+    30 s to register ("The current node timed out during startup"), once seen in CI."""
+    for attempt in range(1, tries + 1):
+        node = Node(args, env, log)
+        deadline = time.time() + 180
+        while node.proc.poll() is None and "Ray runtime started." not in log.read_text():
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        if node.proc.poll() is None:
+            return node
+        said = log.read_text()[-3000:]
+        node.stop()  # what its start left behind (a GCS without its raylet)
+        assert attempt < tries, said
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    temp = Path("/tmp") / f"ray2n{gcs}"  # ray's socket paths must stay short
-    head = Node(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"head_node": 1}',
-                 "--object-store-memory=400000000", f"--temp-dir={temp}", *agent_ports()], env, tmp_path / "head.log")
-    nodes = [head]
+    nodes = []
     try:
+        gcs, dash = free_port(), free_port()
+        temp = Path("/tmp") / f"ray2n{gcs}"  # ray's socket paths must stay short
+        head = start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dash}", "--num-cpus=2", '--resources={"head_node": 1}',
+                           "--object-store-memory=400000000", f"--temp-dir={temp}", *agent_ports()],
+                          env, tmp_path / "head.log")
+        nodes.append(head)
         deadline = time.time() + 180
         while ray_json(["job", "list", f"--address=http://127.0.0.1:{dash}"], env).returncode != 0:
             assert head.proc.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(2)
         # the second node: its own ports for the per-node agents (two nodes share one machine)
-        second = Node(["--address=127.0.0.1:%d" % gcs, "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                       '--resources={"second_node": 1}', "--object-store-memory=400000000", *agent_ports()],
-                      env, tmp_path / "second.log")
+        second = start_node(["--address=127.0.0.1:%d" % gcs, "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             '--resources={"second_node": 1}', "--object-store-memory=400000000", *agent_ports()],
+                            env, tmp_path / "second.log")
         nodes.append(second)
         probe = ("import ray, json; ray.init(address='127.0.0.1:%d'); "
                  "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % gcs)
         while True:
-            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-            alive = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+            try:
+                out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                     timeout=120)
+            except subprocess.TimeoutExpired:  # the GCS too busy to answer yet: ask again
+                out = None
+            alive = json.loads(out.stdout.strip().splitlines()[-1]) if out and out.returncode == 0 \
+                and out.stdout.strip() else []
             if len(alive) == 2:
                 break
             assert second.proc.poll() is None and time.time() < deadline, (tmp_path / "second.log").read_text()[-3000:]
