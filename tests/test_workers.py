@@ -252,3 +252,25 @@ def test_the_ranks_placement_group_is_not_kept_waiting_by_warm_actors(ray_cluste
         assert list(ranks) == ["rank-0", "rank-1"] and not set(ranks.values()) & warm
         assert not pool.hosts and _gone(warm)
         release()  # nothing left to stop: a no-op
+
+
+@pytest.mark.timeout(600)
+def test_ranks_in_warm_actors_train_as_ranks_in_new_ones(assets, tmp_path, ray_cluster):
+    """The whole pipeline, 2 ranks with accumulation 2: tokenize's and score's actors of the
+    ranks' shape (1 CPU) hold the ranks, against actors of another shape (0.5 CPU: new rank
+    processes); every logged loss and eval the same, bit for bit."""
+    from helpers import tiny_config
+    from pipeline import runner
+    from pipeline.training.metrics import read_metrics
+
+    records = {}
+    for cpus in (1, 0.5):
+        logged = []
+        cfg = tiny_config(assets, tmp_path / f"run-{cpus}", tokenize={"num_cpus_per_actor": cpus},
+                          score={"num_cpus_per_actor": cpus},
+                          train={"max_steps": 4, "eval_steps": 2, "gradient_accumulation_steps": 2})
+        results = runner.run_pipeline(cfg, log=logged.append)
+        assert f"[score] 9 items on 2 actors ({cpus:g} CPU each; 2 warm from an earlier stage)" in logged, logged
+        records[cpus] = [{k: v for k, v in r.items() if "loss" in k or "rewards" in k}
+                         for r in read_metrics(results["train"]["dir"])]
+    assert records[1] == records[0.5] and len(records[1]) >= 6
