@@ -123,9 +123,12 @@ class WorkerPool:
 
     @staticmethod
     def _new(shape: tuple[float, float]):
+        """A new actor, spread (Ray Data's default for its pools: a stage's actors over the
+        nodes, rather than on the first until it is half full)."""
         import ray
 
-        return ray.remote(Host).options(num_cpus=shape[0], num_gpus=shape[1], max_restarts=0).remote()
+        return ray.remote(Host).options(num_cpus=shape[0], num_gpus=shape[1], max_restarts=0,
+                                        scheduling_strategy="SPREAD").remote()
 
     def _replace(self, shape, dead):
         """A new actor in place of ``dead`` (stopped, in case only its task failed)."""

@@ -75,7 +75,9 @@ def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900)
         if "No available agent to submit job" not in out or time.time() > deadline:  # the agent was not up yet
             break
         time.sleep(3)
-    assert proc.returncode == 0 and "succeeded" in out, out[-5000:]
+    # the job's own lines (Ray streams its raylets' info lines into the log too: they would fill the tail)
+    assert proc.returncode == 0 and "succeeded" in out, "\n".join(
+        line for line in out.splitlines() if "(raylet)" not in line)[-8000:]
     return out
 
 
@@ -166,9 +168,9 @@ def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp
     assert len({w["node_id"] for w in train["workers"]}) == 2  # the two ranks ran on different nodes
     assert all(w["hostname"] for w in train["workers"])
     score = done["score"]["stats"]
-    # score actors on both nodes: tokenize's two, warm, which Ray's default (hybrid) scheduling put one a
-    # node (a node holding half its CPUs is no longer preferred), and the third
-    assert len({w["node_id"] for w in score["workers"]}) == 2
+    # Which nodes tokenize's and score's actors worked on is not asserted: their actors are spread
+    # over the nodes (SPREAD, as Ray Data's pools), but an actor gets items once it is up, and on a
+    # loaded machine the head's actors did every item before the second node's were up (seen).
     assert len(done["score"]["shards"]) > 10
     assert sum(w["rows"] for w in score["workers"]) == done["tokenize"]["stats"]["rows"]  # every row once
     assert abs(train["step0_loss"] - 0.693147) < 1e-6
