@@ -16,6 +16,13 @@ from typing import Any, Callable
 class Host:
     def __init__(self):
         self.worker = None
+        self.raylet = os.getppid()  # the raylet that started this process (exec'd by it)
+
+    def alive(self) -> bool:
+        """Whether its node is: the raylet that started this process is still its parent. A
+        worker whose raylet died (its node lost) still answers calls until its own check,
+        once a second, ends it; the raylet's death reparents it at once."""
+        return os.getppid() == self.raylet
 
     def build(self, factory: Callable, kwargs: dict) -> float:
         """Drop the last worker object, build this one; returns when it was ready."""

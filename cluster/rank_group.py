@@ -108,6 +108,7 @@ def _attempt(fn, config, num_workers, resources, name, log, wait_log_s) -> tuple
         if actors:
             try:
                 envs = _environ(actors)
+                log(f"[{name}] the {num_workers} ranks in the run's warm actors of {bundle}")
             except RayError as e:  # a warm actor gone meanwhile (its node lost): new ones, no failure counted
                 log(f"[{name}] the warm actors could not hold the ranks ({type(e).__name__}): starting new ones")
                 stop(actors)

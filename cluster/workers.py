@@ -77,9 +77,10 @@ class WorkerPool:
         up = [h for h in every if h in self.up]
         pending = {} if len(up) >= n else {r: h for r, h in self.building.items() if h in every}
         self.release()
-        refs = [h.__ray_ready__.remote() for h in up] + list(pending)
-        answered = set(ray.wait(refs, num_returns=len(refs), timeout=ready_s)[0]) if refs else set()
-        alive = [h for h, ref in zip(up + list(pending.values()), refs) if ref in answered and _alive(ref)]
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending), timeout=ready_s)
+            up += [h for r, h in pending.items() if _alive(r, timeout=0)]
+        alive = _ask_alive(up, ready_s)[0]  # not one whose node was lost a moment ago: it would die as a rank
         taken = alive[:n] if len(alive) >= n else []
         stop([h for h in every if h not in taken])
         return taken
@@ -215,26 +216,34 @@ class WorkerPool:
 
     @staticmethod
     def _dead(idle: list, timeout: float = 2.0) -> list:
-        """The idle actors that turn out dead (taken out of ``idle``): after one died, those on
-        the same node would otherwise each be given its item and die with it, using its tries."""
-        import ray
-
-        refs = [h.__ray_ready__.remote() for h in idle]
-        answered = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) if refs else set()
-        dead = [h for h, ref in zip(idle, refs) if ref in answered and not _alive(ref)]
+        """The idle actors that turn out dead, or on a lost node (taken out of ``idle``): after
+        one died, those on the same node would otherwise each be given its item and die with
+        it, using its tries. One that does not answer in ``timeout`` stays."""
+        dead = _ask_alive(idle, timeout)[1]
         idle[:] = [h for h in idle if h not in dead]
         return dead
 
 
-def _alive(ready_ref) -> bool:
-    """An actor's ``__ray_ready__`` answered, and not with its death."""
+def _ask_alive(hosts: list, timeout: float) -> tuple[list, list]:
+    """Those of ``hosts`` that answer ``Host.alive`` in ``timeout`` seconds that their node is
+    (their raylet is still their parent), and those that answer it is not, or died."""
+    import ray
+
+    refs = [h.alive.remote() for h in hosts]
+    answered = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) if refs else set()
+    said = {h: _alive(ref) for h, ref in zip(hosts, refs) if ref in answered}
+    return [h for h in hosts if said.get(h)], [h for h in hosts if said.get(h) is False]
+
+
+def _alive(ref, timeout: float | None = None) -> bool:
+    """An actor's call answered (``Host.alive``: True; a build: anything) in ``timeout``
+    seconds, and not with its death."""
     import ray
     from ray.exceptions import RayError
 
     try:
-        ray.get(ready_ref)
-        return True
-    except RayError:
+        return ray.get(ref, timeout=timeout) is not False
+    except (RayError, TimeoutError):
         return False
 
 
