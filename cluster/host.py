@@ -16,13 +16,20 @@ from typing import Any, Callable
 class Host:
     def __init__(self):
         self.worker = None
-        self.raylet = os.getppid()  # the raylet that started this process (exec'd by it)
+        pid = os.environ.get("RAY_RAYLET_PID", "")  # set by Ray for the processes a raylet starts
+        self.raylet = int(pid) if pid.isdigit() else None
+        self.child = self.raylet == os.getppid()  # exec'd by it (not under uv, a container, a wrapper)
 
     def alive(self) -> bool:
-        """Whether its node is: the raylet that started this process is still its parent. A
-        worker whose raylet died (its node lost) still answers calls until its own check,
-        once a second, ends it; the raylet's death reparents it at once."""
-        return os.getppid() == self.raylet
+        """Whether the raylet that started this process is: a worker whose raylet died (its
+        node lost, say) still answers calls until its own check of it, once a second, ends it.
+        Its child is reparented the moment it dies; otherwise its pid is looked up. (Only the
+        raylet's death: a node cut off from the network looks alive, or does not answer.)"""
+        if self.raylet is None:
+            return True
+        if self.child:
+            return os.getppid() == self.raylet
+        return _running(self.raylet)
 
     def build(self, factory: Callable, kwargs: dict) -> float:
         """Drop the last worker object, build this one; returns when it was ready."""
@@ -66,6 +73,23 @@ class Host:
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # gone since
+        return False
+    except (OSError, IndexError):  # no /proc here: it exists
+        return True
 
 
 def _title(title: str) -> None:

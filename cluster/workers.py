@@ -80,7 +80,9 @@ class WorkerPool:
         if pending:
             ray.wait(list(pending), num_returns=len(pending), timeout=ready_s)
             up += [h for r, h in pending.items() if _alive(r, timeout=0)]
-        alive = _ask_alive(up, ready_s)[0]  # not one whose node was lost a moment ago: it would die as a rank
+        alive, lost = _ask_alive(up, ready_s)  # not one whose raylet just died: it would die as a rank
+        if lost:
+            self.log(f"[workers] {len(lost)} warm actor(s) whose raylet is gone (a node lost?): not taken")
         taken = alive[:n] if len(alive) >= n else []
         stop([h for h in every if h not in taken])
         return taken
@@ -124,8 +126,7 @@ class WorkerPool:
 
     @staticmethod
     def _new(shape: tuple[float, float]):
-        """A new actor, spread (Ray Data's default for its pools: a stage's actors over the
-        nodes, rather than on the first until it is half full)."""
+        """A new actor, spread over the nodes (as Ray Data's pools; Ray's default fills one first)."""
         import ray
 
         return ray.remote(Host).options(num_cpus=shape[0], num_gpus=shape[1], max_restarts=0,
@@ -216,17 +217,16 @@ class WorkerPool:
 
     @staticmethod
     def _dead(idle: list, timeout: float = 2.0) -> list:
-        """The idle actors that turn out dead, or on a lost node (taken out of ``idle``): after
-        one died, those on the same node would otherwise each be given its item and die with
-        it, using its tries. One that does not answer in ``timeout`` stays."""
+        """The idle actors dead, or whose raylet is (taken out of ``idle``): after one died,
+        those on its node would each be given its item and die with it, using its tries."""
         dead = _ask_alive(idle, timeout)[1]
         idle[:] = [h for h in idle if h not in dead]
         return dead
 
 
 def _ask_alive(hosts: list, timeout: float) -> tuple[list, list]:
-    """Those of ``hosts`` that answer ``Host.alive`` in ``timeout`` seconds that their node is
-    (their raylet is still their parent), and those that answer it is not, or died."""
+    """Those of ``hosts`` that answer ``Host.alive`` in ``timeout`` seconds that their raylet
+    runs, and those that answer it does not, or died (one that does not answer: neither)."""
     import ray
 
     refs = [h.alive.remote() for h in hosts]
