@@ -82,6 +82,31 @@ def submit(dash: int, env: dict, config: Path, *args: str, timeout: float = 900)
     return out
 
 
+def kill_at_first_shard(node: Node, score_dir: Path) -> tuple[list, threading.Thread]:
+    """A thread that SIGKILLs ``node``'s raylet once a score shard newer than now is written
+    (``--force`` removes the older ones when the job starts); it records (the raylet's pid,
+    the shards there were then)."""
+    killed, submitted = [], time.time()
+
+    def kill_when_scoring():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                fresh = [p for p in score_dir.glob("*.parquet") if p.stat().st_mtime > submitted]
+            except FileNotFoundError:  # removed between the glob and the stat
+                fresh = []
+            if fresh:
+                pid = node.raylet_pid()
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, len(list(score_dir.glob("*.parquet")))))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_scoring, daemon=True)
+    killer.start()
+    return killed, killer
+
+
 def manifests(run_dir: Path) -> dict[str, dict]:
     """Each stage's newest manifest (with its directory)."""
     out = {}
@@ -191,25 +216,7 @@ def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp
     # written after the submission counts.
     score_dir = done["score"]["dir"]
     shutil.copytree(score_dir, tmp_path / "score-before")
-    killed = []
-    submitted = time.time()
-
-    def kill_when_scoring():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                fresh = [p for p in score_dir.glob("*.parquet") if p.stat().st_mtime > submitted]
-            except FileNotFoundError:  # removed between the glob and the stat
-                fresh = []
-            if fresh:
-                pid = two_nodes["second"].raylet_pid()
-                os.kill(pid, signal.SIGKILL)
-                killed.append((pid, len(list(score_dir.glob("*.parquet")))))
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_when_scoring, daemon=True)
-    killer.start()
+    killed, killer = kill_at_first_shard(two_nodes["second"], score_dir)
     out = submit(dash, env, config, "--from", "score", "--force", "train.cpus_per_worker=1")
     killer.join(timeout=10)
     assert killed, "the second node was not killed during score"
@@ -242,23 +249,7 @@ def test_the_pipeline_spreads_over_two_nodes_and_survives_losing_one(assets, tmp
                        dict(env, RAY_raylet_death_check_interval_milliseconds="600000"), tmp_path / "third.log")
     two_nodes["nodes"].append(third)
     wait_alive(two_nodes["gcs"], env, third, tmp_path / "third.log")
-    lost, submitted = [], time.time()
-
-    def kill_when_scoring_on_three():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                fresh = [p for p in score_dir.glob("*.parquet") if p.stat().st_mtime > submitted]
-            except FileNotFoundError:  # removed between the glob and the stat
-                fresh = []
-            if fresh:
-                lost.append(third.raylet_pid())
-                os.kill(lost[0], signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_when_scoring_on_three, daemon=True)
-    killer.start()
+    lost, killer = kill_at_first_shard(third, score_dir)
     out = submit(dash, env, config, "--from", "score", "--force", "train.cpus_per_worker=1", "score.actors=2")
     killer.join(timeout=10)
     assert lost, "the third node was not killed"
