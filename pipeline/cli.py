@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.core.config import ConfigError, DataError, load_config
+from pipeline.core.config import ConfigError, DataError, config_from_dict, read_config, unchecked
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             paths = make_assets(args.dir)
             print(f"demo data: {paths['data']}\ndemo model and tokenizer: {paths['model']}")
             return 0
-        cfg = load_config(args.config, args.overrides)
+        raw = read_config(args.config, args.overrides)
+        if args.command == "run" and not args.no_ray and new_run_dir(raw):
+            from cluster.ray_cluster import connect_early
+
+            connect_early(unchecked(raw).cluster)  # beside the imports and checks below (cluster/ray_cluster.py)
+        cfg = config_from_dict(raw)
         from pipeline import runner
         from pipeline.core.phases import process_started
 
@@ -84,6 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # a setting, a path or data to fix: which, no traceback
         print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
+    finally:  # a local cluster started early for a run its checks refused, or for one that failed
+        if "cluster.ray_cluster" in sys.modules:
+            sys.modules["cluster.ray_cluster"].stop_local()
+
+
+def new_run_dir(raw: dict) -> bool:
+    """Whether ``run`` certainly starts a stage, so that Ray may start before the checks: its
+    run directory is local and holds no stage's directory yet. (An unchanged rerun never
+    starts Ray; any other rerun checks and fingerprints first, then starts it if a stage runs.)"""
+    from pathlib import Path
+
+    from pipeline.core.storage import is_uri
+    from pipeline.registry import names
+
+    try:
+        run_dir = unchecked(raw).run_dir
+    except ConfigError:  # the checks say it, next
+        return False
+    return not is_uri(run_dir) and not any((Path(run_dir).expanduser() / name).exists() for name in names())
 
 
 def plan_of(cfg, mfu: float = 0.4):

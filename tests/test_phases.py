@@ -134,7 +134,7 @@ def test_no_process_of_the_local_cluster_a_run_started_outlives_it(small, tmp_pa
             if any(port in part for part in (p.info["cmdline"] or []))]
     assert not left, left
     assert re.search(r"^\[run\] \d+\.\d s: \d+\.\d s before the first stage \(imports, checks, fingerprints; "
-                     r"Ray's start \d+\.\d s\), \d+\.\d s in the stages", proc.stdout, re.M), proc.stdout[-2000:]
+                     r"waiting for Ray \d+\.\d s\), \d+\.\d s in the stages", proc.stdout, re.M), proc.stdout[-2000:]
     phases = {stage: read_manifest(next(Path(small.run_dir).glob(f"{stage}/*")))["phases"]
               for stage in ("tokenize", "score")}
     assert phases["tokenize"]["startup"] > 0.5 and phases["tokenize"]["work"] > 0, phases  # new actors' imports

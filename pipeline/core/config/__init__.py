@@ -12,8 +12,8 @@ settings, the preference loss, the train and sft groups), ``run`` (``PipelineCon
 
 from .groups import (ClusterConfig, ConfigError, DataConfig, DataError, DeviceConfig, GenerateConfig, ModelConfig, RowSource,
                      ScoreConfig, TokenizeConfig)
-from .load import (apply_overrides, as_written, config_from_dict, dump_yaml, for_workers, load_config, redact,
-                   resume_location, to_dict)
+from .load import (apply_overrides, as_written, config_from_dict, dump_yaml, for_workers, load_config, read_config, redact,
+                   resume_location, to_dict, unchecked)
 from .run import PipelineConfig
 from .training import (SFT_FROM_TRAIN, TRAIN_ONLY_KEYS, LoraSettings, PreferenceSettings, SFTConfig, SFTDataConfig,
                        TrainConfig, TrainingSettings)
@@ -22,5 +22,5 @@ from .validate import PROMPT_SHARING_ATTENTION, build_loss, rename_group, shares
 __all__ = ["ClusterConfig", "ConfigError", "DataConfig", "DataError", "DeviceConfig", "GenerateConfig", "LoraSettings", "ModelConfig",
            "PROMPT_SHARING_ATTENTION", "PipelineConfig", "PreferenceSettings", "RowSource", "SFTConfig", "SFTDataConfig", "SFT_FROM_TRAIN",
            "ScoreConfig", "TRAIN_ONLY_KEYS", "TokenizeConfig", "TrainConfig", "TrainingSettings", "apply_overrides",
-           "as_written", "build_loss", "config_from_dict", "dump_yaml", "for_workers", "load_config", "redact",
-           "rename_group", "resume_location", "shares_prompt", "to_dict"]
+           "as_written", "build_loss", "config_from_dict", "dump_yaml", "for_workers", "load_config", "read_config", "redact",
+           "rename_group", "resume_location", "shares_prompt", "to_dict", "unchecked"]

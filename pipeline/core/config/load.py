@@ -141,6 +141,11 @@ def _read_files(cfg: PipelineConfig) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    return config_from_dict(read_config(path, overrides))
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The config file's mapping with the overrides applied, not yet checked."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -150,8 +155,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw)
+    return apply_overrides(raw, overrides or [])
+
+
+def unchecked(raw: dict) -> PipelineConfig:
+    """The config's typed values, before the checks (which import torch, for the losses):
+    what must begin before them (Ray's start, ``cluster.ray_cluster.connect_early``) reads
+    it. ``config_from_dict`` of the same mapping still decides whether the run goes on."""
+    return _build(PipelineConfig, _inherit_train(raw), "")
 
 
 def _inherit_train(raw: dict) -> dict:
