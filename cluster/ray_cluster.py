@@ -3,9 +3,9 @@
 A bare ``ray.init()`` joins whatever cluster is running on the machine; the pipeline never
 does that by accident. The address in use is printed.
 
-On a run that certainly needs Ray (``pipeline.cli``: a new run directory), the connection
-begins in a thread at the process's start (``connect_early``), beside the driver's imports
-and config checks: a local cluster's start spends most of its 4-5 s waiting (for its API
+On a run that certainly needs Ray (``pipeline.cli``: a new run directory), a private local
+cluster begins in a thread at the process's start (``connect_early``), beside the driver's
+imports and config checks: a local cluster's start spends most of its 4-5 s waiting (for its API
 server, in 0.1 s sleeps, then for its raylet, in a 1 s poll), not computing. ``connect``
 then waits for it, and raises what it raised.
 """
@@ -49,17 +49,22 @@ def stop_local() -> None:
 
 
 def connect_early(cfg: ClusterConfig) -> None:
-    """Begin ``connect`` in a thread now; ``connect`` waits for it.
+    """Begin starting a private local cluster in a thread now; ``connect`` waits for it. Only
+    that: joining a cluster by its address is quick, and one that does not answer would
+    keep ``stop_local`` waiting; nor where Ray is connected already, or off the main thread.
 
     - The thread lives until ``stop_local``: Ray starts the cluster's processes with
       PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends.
     - Ray sets its SIGTERM handler (exit, so that its exit hook stops the cluster) only from
       the main thread: it is set here."""
-    if _early:
+    if (_early or (cfg.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+            or threading.current_thread() is not threading.main_thread()
+            or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    # its warning, from the thread, that it could not set the handler itself
-    logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
+    worker_log = logging.getLogger("ray._private.worker")  # its warning, from the thread, that it did not set it
+    if not any(isinstance(f, _NoSigtermWarning) for f in worker_log.filters):
+        worker_log.addFilter(_NoSigtermWarning())
     ready, stop = threading.Event(), threading.Event()
 
     def start():
@@ -75,13 +80,18 @@ def connect_early(cfg: ClusterConfig) -> None:
     _early["thread"].start()
 
 
+class _NoSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler" not in record.getMessage()
+
+
 def connect(cfg: ClusterConfig, log=print) -> str:
     import ray
 
     if _early and not _early.get("connected"):  # begun early: wait for it
         _early["ready"].wait()
         if "error" in _early:
-            raise _early.pop("error")
+            raise _early["error"]
         _early["connected"] = True
     elif ray.is_initialized():
         return ray.get_runtime_context().gcs_address

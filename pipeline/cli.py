@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo data: {paths['data']}\ndemo model and tokenizer: {paths['model']}")
             return 0
         raw = read_config(args.config, args.overrides)
-        if args.command == "run" and not args.no_ray and new_run_dir(raw):
+        if args.command == "run" and not (args.no_ray or args.stages or args.from_stage) and new_run_dir(raw):
             from cluster.ray_cluster import connect_early
 
             connect_early(unchecked(raw).cluster)  # beside the imports and checks below (cluster/ray_cluster.py)
@@ -91,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:  # a local cluster started early for a run its checks refused, or for one that failed
         if "cluster.ray_cluster" in sys.modules:
-            sys.modules["cluster.ray_cluster"].stop_local()
+            try:
+                sys.modules["cluster.ray_cluster"].stop_local()
+            except Exception as e:  # noqa: BLE001 - the run's own outcome is what the user must see
+                print(f"warning: stopping the local Ray cluster: {e!r}", file=sys.stderr)
 
 
 def new_run_dir(raw: dict) -> bool:
-    """Whether ``run`` certainly starts a stage, so that Ray may start before the checks: its
-    run directory is local and holds no stage's directory yet. (An unchanged rerun never
-    starts Ray; any other rerun checks and fingerprints first, then starts it if a stage runs.)"""
+    """Whether ``run`` (every stage: no --stages or --from) certainly starts a stage, so that
+    Ray may start before the checks: its run directory is local and holds no stage's
+    directory yet. (An unchanged rerun never starts Ray; any other run checks and
+    fingerprints first, then starts it if a stage runs.)"""
     from pathlib import Path
 
     from pipeline.core.storage import is_uri

@@ -159,7 +159,8 @@ def run_pipeline(
     if run.connected:
         stop_local()  # beside the report: no stage needs the cluster any more
     report()
-    log(run_line(started, run.ran, sum(r["seconds"] for r in run.results.values() if r["ran"]), run.ray_start))
+    log(run_line(started, run.ran, sum(r["seconds"] for r in run.results.values() if r["ran"]),
+                 run.ray_start if run.connected else None))
     return run.results
 
 

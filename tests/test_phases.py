@@ -143,6 +143,18 @@ def test_no_process_of_the_local_cluster_a_run_started_outlives_it(small, tmp_pa
     assert 0 < phases["score"]["startup"] < phases["tokenize"]["startup"] and phases["score"]["work"] > 0, phases
 
 
+def test_the_run_line_names_ray_only_for_a_run_on_ray():
+    from pipeline.core.phases import run_line
+
+    now = time.time()
+    alone = run_line(now - 10.0, [now - 8.0, now - 1.0], 7.0, None)  # --no-ray
+    assert re.fullmatch(r"\[run\] 10\.0 s: 2\.0 s before the first stage \(imports, checks, fingerprints\), "
+                        r"7\.0 s in the stages, 0\.0 s between them, 1\.0 s after them \(the report\)", alone), alone
+    on_ray = run_line(now - 10.0, [now - 8.0, now - 1.0], 7.0, 1.5)
+    assert "(imports, checks, fingerprints; waiting for Ray 1.5 s)" in on_ray and "(the report; Ray's stop)" in on_ray
+    assert run_line(now - 3.0, [], 0.0, None) == "[run] 3.0 s, no stage to run"
+
+
 def test_the_process_start_is_the_kernels_to_the_clock_tick():
     from pipeline.core.phases import process_started
 

@@ -39,13 +39,14 @@ def ray_tmp():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cluster_processes(tmp: str) -> list[str]:
-    """Processes of the cluster started with RAY_TMPDIR=tmp: its environment is every one's,
-    workers included (their command line is Ray's process title)."""
+def cluster_processes(tmp: str, driver: int | None = None) -> list[str]:
+    """Processes of the cluster started with RAY_TMPDIR=tmp, but the ``driver`` that started
+    it: its environment is every one's, workers included (their command line is Ray's
+    process title)."""
     found = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if p.environ().get("RAY_TMPDIR") == tmp:
+            if p.environ().get("RAY_TMPDIR") == tmp and p.pid != driver:
                 found.append(" ".join(p.cmdline())[:100])
         except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or a zombie
             pass
@@ -85,11 +86,32 @@ def test_a_sigterm_while_ray_starts_leaves_no_process_of_it(assets, tmp_path, ra
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_TMPDIR=ray_tmp))
     deadline = time.time() + 60
-    while not started(ray_tmp) and proc.poll() is None and time.time() < deadline:
+    while not cluster_processes(ray_tmp, proc.pid) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert started(ray_tmp) and proc.poll() is None
+    assert cluster_processes(ray_tmp, proc.pid) and proc.poll() is None  # Ray's first processes are up (the GCS)
     proc.send_signal(signal.SIGTERM)  # as `ray job stop` or a scheduler ends a job
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == signal.SIGTERM, err[-3000:]  # the handler's exit: the cluster stopped first
     assert "Traceback" not in err, err[-3000:]
     assert not left_after(ray_tmp)
+
+
+def test_only_a_private_local_cluster_on_the_main_thread_begins_early(monkeypatch):
+    """Joining a cluster by its address is quick (one that does not answer would keep the
+    run's end waiting for it), and Ray's SIGTERM handler can be set from the main thread only."""
+    import threading
+
+    from cluster import ray_cluster
+    from pipeline.core.config import ClusterConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_cluster.connect_early(ClusterConfig(address="10.0.0.1:6379"))
+    assert not ray_cluster._early
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ray_cluster.connect_early(ClusterConfig())
+    assert not ray_cluster._early
+    monkeypatch.delenv("RAY_ADDRESS")
+    off_main = threading.Thread(target=ray_cluster.connect_early, args=(ClusterConfig(),))
+    off_main.start()
+    off_main.join()
+    assert not ray_cluster._early

@@ -65,14 +65,16 @@ def process_started() -> float:
         return time.time()
 
 
-def run_line(started: float, ran: list[float], stages: float, ray_start: float) -> str:
+def run_line(started: float, ran: list[float], stages: float, ray_start: float | None) -> str:
     """The run's own seconds around its stages' (the summary's phases line has theirs).
     ``ran``: when the first stage that ran started and the last one ended (empty: none ran);
     ``stages``: their seconds; ``ray_start``: how long the driver waited for Ray's start (all
-    of it, or what was left of one begun with the process: ``cluster.ray_cluster``)."""
+    of it, or what was left of one begun with the process: ``cluster.ray_cluster``), None
+    for a run without Ray."""
     now = time.time()
     if not ran:
         return f"[run] {now - started:.1f} s, no stage to run"
+    ray = ("", "") if ray_start is None else (f"; waiting for Ray {ray_start:.1f} s", "; Ray's stop")
     return (f"[run] {now - started:.1f} s: {ran[0] - started:.1f} s before the first stage (imports, checks, "
-            f"fingerprints; waiting for Ray {ray_start:.1f} s), {stages:.1f} s in the stages, "
-            f"{ran[1] - ran[0] - stages:.1f} s between them, {now - ran[1]:.1f} s after them (the report; Ray's stop)")
+            f"fingerprints{ray[0]}), {stages:.1f} s in the stages, "
+            f"{ran[1] - ran[0] - stages:.1f} s between them, {now - ran[1]:.1f} s after them (the report{ray[1]})")

@@ -216,8 +216,8 @@ class ClusterConfig:
     object_store_memory: int = 512 * 1024**2
     # Passed to ray.init(runtime_env=...): env_vars, pip, working_dir ...
     runtime_env: dict[str, Any] = field(default_factory=dict)
-    # Local cluster only: Ray's dashboard on 127.0.0.1:8265, to look at a run's actors and
-    # logs. Off by default: its head modules used about 2.5 of the 42 core-seconds of a demo
+    # Local cluster only: Ray's dashboard on 127.0.0.1 (port 8265, or the next free one Ray
+    # prints), to look at a run's actors and logs. Off by default: its head modules used about 2.5 of the 42 core-seconds of a demo
     # run on 2 cores (#37); the cluster a job is submitted to has its own.
     dashboard: bool = False
     # A progress line (items done of all) every 30 s while tokenize, score or generate work on
