@@ -33,8 +33,11 @@ class Host:
 
     def build(self, factory: Callable, kwargs: dict) -> float:
         """Drop the last worker object, build this one; returns when it was ready."""
+        from pipeline.core.placement import starting
+
         self.drop()
-        self.worker = factory(**kwargs)
+        with starting():  # no automatic collection while it builds (it settles once, when built)
+            self.worker = factory(**kwargs)
         return time.time()
 
     def call(self, method: str, item: Any, title: str) -> Any:

@@ -103,3 +103,29 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
             "print('mlflow' in sys.modules); import mlflow; print(mlflow.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-2:] == ["False", "mlflow"], out  # after DeepSpeed's accelerator line
+
+
+@pytest.mark.slow
+def test_the_engine_is_built_without_deepspeeds_muon_which_stays_importable():
+    """DeepSpeed's engine imports its Muon optimizer while it is built (about 1 s of every
+    rank's start-up) only to ask whether the optimizer is one; the pipeline's never is. In
+    the build the question gets the same answers from a class of the pipeline's own, and the
+    real optimizer imports after."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from pipeline.training.engine import MUON, _without_muon, init_distributed
+from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+init_distributed("gloo")
+adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+with _without_muon():
+    stand_in = sys.modules[MUON].MuonWithAuxAdam
+    print(is_zero_supported_optimizer(adamw), isinstance(adamw, stand_in))
+print(MUON in sys.modules)
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+print(MuonWithAuxAdam is not stand_in and issubclass(MuonWithAuxAdam, torch.optim.Optimizer))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-3:] == ["True False", "False", "True"], out

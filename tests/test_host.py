@@ -68,3 +68,31 @@ def test_a_worker_not_started_by_its_raylet_looks_its_pid_up(monkeypatch):
 def test_a_worker_outside_ray_is_alive(monkeypatch):
     monkeypatch.delenv("RAY_RAYLET_PID", raising=False)
     assert Host().alive()
+
+
+def test_a_worker_builds_with_the_collector_paused_and_on_again_after_even_when_it_fails():
+    import gc
+
+    from pipeline.core.placement import starting
+
+    seen = []
+
+    class Worker:
+        def __init__(self, fail: bool):
+            seen.append(gc.isenabled())
+            if fail:
+                raise ValueError("no tokenizer")
+
+    host = Host()
+    assert gc.isenabled()
+    host.build(Worker, {"fail": False})
+    with pytest.raises(ValueError, match="no tokenizer"):
+        host.build(Worker, {"fail": True})
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()  # a process that had it off keeps it off
+    try:
+        with starting():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

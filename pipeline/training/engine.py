@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -32,6 +33,33 @@ def import_deepspeed():
         if hide:
             del sys.modules["mlflow"]
     return deepspeed
+
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _without_muon():
+    """DeepSpeed's engine imports its Muon optimizer while it is built, to ask whether the
+    optimizer is one (ZeRO's support check, ZeRO-1/2/3's set-up), and with it torch._dynamo
+    and Muon's compiled kernels: 1.6 to 1.9 s of a core in every rank's start-up. The
+    pipeline builds its optimizer itself and never a Muon one (``build_optimizer``): while
+    the engine is built, the module's ``MuonWithAuxAdam`` is a class of its own, of which
+    nothing is an instance, so every answer is the same. Importable afterwards; a module
+    already imported is left as it is."""
+    import sys
+    import types
+
+    hide = MUON not in sys.modules
+    if hide:
+        stand_in = types.ModuleType(MUON, "DeepSpeed's Muon optimizer, not imported (pipeline/training/engine.py)")
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[MUON] = stand_in
+    try:
+        yield
+    finally:
+        if hide:
+            del sys.modules[MUON]
 
 
 def init_distributed(backend: str) -> tuple[int, int]:
@@ -182,12 +210,13 @@ def build_engine(train_cfg: TrainingSettings, model_cfg: ModelConfig, world: int
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warmup = train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
     schedule = lr_lambda(train_cfg.lr_scheduler_type, warmup, total_steps, train_cfg.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(model, train_cfg, on_cpu=offload_device(ds_config, "offload_optimizer") is not None),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config,
-    )
+    with _without_muon():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(model, train_cfg, on_cpu=offload_device(ds_config, "offload_optimizer") is not None),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_config,
+        )
     from .safe_load import install
 
     install(engine)  # checkpoints are loaded with weights_only=True (pipeline/training/safe_load.py)

@@ -227,18 +227,18 @@ def train_worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated", category=FutureWarning)
     started = time.time()
     spec: WorkerSpec = config["spec"]
-    ctx = setup(spec)
-    write_pid(ctx)
-    record_workers(ctx, started)
-    engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
-    measure_model(ctx, engine)
-    log = MetricsLog(ctx)
+    with placement.starting():  # no automatic collection until started up (it settles once)
+        ctx = setup(spec)
+        write_pid(ctx)
+        record_workers(ctx, started)
+        engine = build_engine(ctx.train_cfg, ctx.cfg.model, ctx.world, ctx.total_steps, ctx.objective, ctx.device)
+        measure_model(ctx, engine)
+        log = MetricsLog(ctx)
+        done = resume(engine, ctx, log)
+        for hook in ctx.objective.hooks:  # the objective's state between steps, resumed at this step
+            hook.start(engine, ctx, done)
+        started_up(ctx)
     train_cfg = ctx.train_cfg
-
-    done = resume(engine, ctx, log)
-    for hook in ctx.objective.hooks:  # the objective's state between steps, resumed at this step
-        hook.start(engine, ctx, done)
-    started_up(ctx)
     if done == 0 and train_cfg.eval_on_start:
         log_eval(engine, ctx, log, 0)
     for step, step_plan in planned_steps(ctx.train_rows.num_rows, ctx.world, train_cfg.gradient_accumulation_steps,
