@@ -10,13 +10,16 @@ table gives the median of each column:
 - the same pipeline on the 19M model at two sizes of generated pairs (prompts 10-80 words,
   completions 5-150: a length mix like HH-RLHF's), and the fixed cost fitted from the two
   sizes of each repetition: fixed = (t1·n2 - t2·n1) / (n2 - n1), per pair = (t2 - t1) / (n2 - n1).
+  Small sizes by default (40 and 120 pairs): the fit is 1.5·t1 - 0.5·t2, so a run's noise
+  (this machine's speed moves by 10 to 15% between minutes) moves it by that share of t1,
+  which grows with the sizes (at 100 and 300 pairs three fits spread over 21 s).
 
 Each stage's seconds and phases (start-up, work, shutdown) are its manifest's; "outside
 the stages" is the process's wall time less their sum: imports, Ray's start and stop, the
 checks, fingerprints and pins, the report. After each run, no process of the cluster it
 started may be left (checked by the GCS port in command lines).
 
-    .venv/bin/python bench/startup_cost.py [--sizes 200,400] [--repeat 3] [--parts demo,small] [--out runs/bench-startup]
+    .venv/bin/python bench/startup_cost.py [--sizes 40,120] [--repeat 3] [--parts demo,small] [--out runs/bench-startup]
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def median_row(name: str, runs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="200,400", help="pairs of the two 19M-model runs")
+    ap.add_argument("--sizes", default="40,120", help="pairs of the two 19M-model runs")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--parts", default="demo,small", help="demo (the demo's runs), small (the 19M model's fit)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-startup"))

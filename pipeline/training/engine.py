@@ -40,15 +40,18 @@ MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 @contextlib.contextmanager
 def _without_muon():
-    """DeepSpeed's engine imports its Muon optimizer while it is built, to ask whether the
-    optimizer is one (ZeRO's support check, ZeRO-1/2/3's set-up), and with it torch._dynamo
-    and Muon's compiled kernels: 1.6 to 1.9 s of a core in every rank's start-up. The
+    """A ZeRO-3 engine imports DeepSpeed's Muon optimizer while it is built, only to ask
+    whether the optimizer is one (ZeRO's support check, ZeRO-3's set-up; never after), and
+    with it Muon's compiled kernels: about 1 s of a core in every rank's start-up. The
     pipeline builds its optimizer itself and never a Muon one (``build_optimizer``): while
     the engine is built, the module's ``MuonWithAuxAdam`` is a class of its own, of which
     nothing is an instance, so every answer is the same. Importable afterwards; a module
-    already imported is left as it is."""
+    already imported is left as it is. (ZeRO-1/2 import it again at every gradient
+    reduction: for them this would only move the import into the first step.)"""
     import sys
     import types
+
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
     hide = MUON not in sys.modules
     if hide:
@@ -60,6 +63,8 @@ def _without_muon():
     finally:
         if hide:
             del sys.modules[MUON]
+            while stand_in.MuonWithAuxAdam in ZERO_SUPPORTED_OPTIMIZERS:  # the support check added it
+                ZERO_SUPPORTED_OPTIMIZERS.remove(stand_in.MuonWithAuxAdam)
 
 
 def init_distributed(backend: str) -> tuple[int, int]:
@@ -210,7 +215,7 @@ def build_engine(train_cfg: TrainingSettings, model_cfg: ModelConfig, world: int
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warmup = train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total_steps)
     schedule = lr_lambda(train_cfg.lr_scheduler_type, warmup, total_steps, train_cfg.min_lr_ratio)
-    with _without_muon():
+    with _without_muon() if train_cfg.zero_stage == 3 else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, train_cfg, on_cpu=offload_device(ds_config, "offload_optimizer") is not None),
