@@ -57,7 +57,7 @@ def connect_early(cfg: ClusterConfig) -> None:
       PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends.
     - Ray sets its SIGTERM handler (exit, so that its exit hook stops the cluster) only from
       the main thread: it is set here."""
-    if (_early or (cfg.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+    if (_early or _address(cfg) != "local"
             or threading.current_thread() is not threading.main_thread()
             or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
         return
@@ -102,12 +102,17 @@ def connect(cfg: ClusterConfig, log=print) -> str:
     return address
 
 
+def _address(cfg: ClusterConfig) -> str:
+    """The cluster to join, or "local": a private one of this process's own."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def _init(cfg: ClusterConfig) -> str:
     import ray
 
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = _address(cfg)
     kwargs = dict(runtime_env=cfg.runtime_env or None, log_to_driver=True)
-    if address and address != "local":
+    if address != "local":
         ray.init(address=address, **kwargs)
     else:
         ray.init(
